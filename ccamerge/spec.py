@@ -1,0 +1,184 @@
+"""Merge points as data: which hidden units several parameters share, and where to read them.
+
+An :class:`AlignmentSpec` lists :class:`MergePoint` s. Each names
+
+* ``features``: the modules whose outputs (channel axis 1) are the point's features; a residual
+  stream lists every block writing into it, and their samples are pooled;
+* ``producers``: parameter axes that create the features (rows of a weight, a bias, BatchNorm
+  vectors): a transform ``T`` acts on them as ``T^T @ p`` along that axis;
+* ``consumers``: parameter axes that read them (columns of the next weight): ``p @ T^-T``.
+
+``Axis.repeat`` handles a Linear after the flatten of a ``[C, H, W]`` map: its input axis has
+``C * H * W`` entries, channel-major, so the transform acts on blocks of ``repeat = H * W``.
+One generic function (``transform.apply_transforms``) applies any spec; nothing else in the
+library knows an architecture's wiring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ccamerge.errors import CcamergeError
+
+BN_VECTORS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of one state-dict entry that indexes a merge point's features."""
+
+    param: str
+    axis: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class MergePoint:
+    name: str
+    width: int
+    features: tuple[str, ...]
+    producers: tuple[Axis, ...]
+    consumers: tuple[Axis, ...]
+
+
+@dataclass(frozen=True)
+class AlignmentSpec:
+    points: tuple[MergePoint, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.points]
+
+    def point(self, name: str) -> MergePoint:
+        for point in self.points:
+            if point.name == name:
+                return point
+        raise CcamergeError(f"no merge point {name!r}; the spec has {self.names}")
+
+    def axes_by_param(self) -> dict[str, list[tuple[Axis, MergePoint, str]]]:
+        """``param -> [(axis, merge point, "producer" | "consumer"), ...]``."""
+        table: dict[str, list[tuple[Axis, MergePoint, str]]] = {}
+        for point in self.points:
+            for role, axes in (("producer", point.producers), ("consumer", point.consumers)):
+                for axis in axes:
+                    table.setdefault(axis.param, []).append((axis, point, role))
+        return table
+
+    def to_dict(self) -> dict:
+        return {"points": [asdict(p) for p in self.points]}
+
+    @staticmethod
+    def from_dict(data: dict) -> AlignmentSpec:
+        points = []
+        for p in data["points"]:
+            points.append(MergePoint(
+                name=p["name"], width=int(p["width"]), features=tuple(p["features"]),
+                producers=tuple(Axis(**a) for a in p["producers"]),
+                consumers=tuple(Axis(**a) for a in p["consumers"])))
+        return AlignmentSpec(tuple(points))
+
+
+def _linear_or_conv_producers(prefix: str, module: nn.Module) -> list[Axis]:
+    axes = [Axis(f"{prefix}.weight", 0)]
+    if getattr(module, "bias", None) is not None:
+        axes.append(Axis(f"{prefix}.bias", 0))
+    return axes
+
+
+def _bn_producers(prefix: str) -> list[Axis]:
+    return [Axis(f"{prefix}.{v}", 0) for v in BN_VECTORS]
+
+
+def _sequential_spec(model: nn.Module, containers: list[str], repeats: dict[str, int]) -> AlignmentSpec:
+    """Spec for a plain chain (MLP, VGG): every Linear/Conv followed by an activation opens a merge
+    point that its [BatchNorm ->] ReLU defines and the next Linear/Conv consumes.
+    ``repeats`` gives the flatten block size seen by a consumer module, by module name."""
+    chain = [(f"{c}.{n}", m) for c in containers for n, m in getattr(model, c).named_children()]
+    points: list[MergePoint] = []
+    pending: tuple[str, int, list[Axis]] | None = None  # (feature module, width, producers)
+    kind = "fc"
+    for name, module in chain:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if pending is not None:
+                feat, width, producers = pending
+                consumer = Axis(f"{name}.weight", 1, repeats.get(name, 1))
+                points.append(MergePoint(f"{kind}{len(points) + 1}", width, (feat,),
+                                         tuple(producers), (consumer,)))
+                pending = None
+            current = _linear_or_conv_producers(name, module)
+            kind = "fc" if isinstance(module, nn.Linear) else "conv"
+            width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        elif isinstance(module, nn.BatchNorm2d):
+            current += _bn_producers(name)
+        elif isinstance(module, nn.ReLU):
+            pending = (name, width, current)
+    return AlignmentSpec(tuple(points))
+
+
+def _mlp_spec(model) -> AlignmentSpec:
+    return _sequential_spec(model, ["layers"], {})
+
+
+def _vgg_spec(model) -> AlignmentSpec:
+    first_fc = next(n for n, m in model.classifier.named_children() if isinstance(m, nn.Linear))
+    return _sequential_spec(model, ["features", "classifier"],
+                            {f"classifier.{first_fc}": model.flat_size})
+
+
+def _resnet_spec(model) -> AlignmentSpec:
+    """Stream merge point per stage (stem/shortcuts/conv2 write it, conv1/shortcuts/fc read it),
+    plus one internal merge point per block between conv1 and conv2."""
+    points: list[MergePoint] = []
+    stream_producers = [Axis("conv.weight", 0)] + _bn_producers("bn")
+    stream_features = ["relu"]
+    stream_consumers: list[Axis] = []
+    width = model.conv.out_channels
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage):
+            pre = f"stages.{s}.{b}"
+            has_shortcut = not isinstance(block.shortcut, nn.Identity)
+            if has_shortcut:  # the block reads the previous stream and opens a new one
+                stream_consumers += [Axis(f"{pre}.conv1.weight", 1), Axis(f"{pre}.shortcut.0.weight", 1)]
+                points.append(MergePoint("stream", width, tuple(stream_features),
+                                         tuple(stream_producers), tuple(stream_consumers)))
+                width = block.conv2.out_channels
+                stream_producers = [Axis(f"{pre}.shortcut.0.weight", 0)] + _bn_producers(f"{pre}.shortcut.1")
+                stream_features, stream_consumers = [], []
+            else:
+                stream_consumers.append(Axis(f"{pre}.conv1.weight", 1))
+            points.append(MergePoint(
+                f"block{s + 1}.{b + 1}", block.conv1.out_channels, (f"{pre}.relu1",),
+                tuple([Axis(f"{pre}.conv1.weight", 0)] + _bn_producers(f"{pre}.bn1")),
+                (Axis(f"{pre}.conv2.weight", 1),)))
+            stream_producers += [Axis(f"{pre}.conv2.weight", 0)] + _bn_producers(f"{pre}.bn2")
+            stream_features.append(f"{pre}.relu2")
+    stream_consumers.append(Axis("fc.weight", 1))
+    points.append(MergePoint("stream", width, tuple(stream_features), tuple(stream_producers),
+                             tuple(stream_consumers)))
+    return _name_streams(points)
+
+
+def _name_streams(points: list[MergePoint]) -> AlignmentSpec:
+    """Stream points were collected in stage order; name them stream1..3 and sort by depth."""
+    renamed, stage = [], 0
+    for point in points:
+        if point.name.startswith("stream"):
+            stage += 1
+            point = MergePoint(f"stream{stage}", point.width, point.features, point.producers,
+                               point.consumers)
+        renamed.append(point)
+    return AlignmentSpec(tuple(renamed))
+
+
+_BUILDERS = {"mlp": _mlp_spec, "vgg": _vgg_spec, "resnet20": _resnet_spec}
+
+
+def build_spec(model: nn.Module) -> AlignmentSpec:
+    """The hand-written alignment spec of a ccamerge architecture (``model.arch``)."""
+    arch = getattr(model, "arch", None)
+    if arch not in _BUILDERS:
+        raise CcamergeError(f"no alignment spec for {type(model).__name__}; "
+                            f"built-in families are {sorted(_BUILDERS)}")
+    return _BUILDERS[arch](model)
