@@ -1,0 +1,5 @@
+import sys
+
+from ccamerge.cli import main
+
+sys.exit(main())

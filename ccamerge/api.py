@@ -1,0 +1,232 @@
+"""The Python API: align and merge N models, interpolate between two. The CLI and the dashboard
+are built on these functions.
+
+    >>> result = merge([model_a, model_b], load_dataset("digits"), "cca", gamma=0.1)
+    >>> result.model, result.alignment.details["fc1"][1]["rho"], result.recipe
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ccamerge.alignment import AlignContext, Alignment, hungarian
+from ccamerge.cca import cca
+from ccamerge.errors import CcamergeError
+from ccamerge.evaluate import barrier, evaluate_model
+from ccamerge.methods import Method, get_method
+from ccamerge.models import same_architecture
+from ccamerge.spec import AlignmentSpec, build_spec
+from ccamerge.stats import Statistics, collect_statistics
+from ccamerge.transform import apply_transforms, average_states, reset_batchnorm, with_state
+
+Progress = Callable[[float, str], None]
+MIN_SAMPLES_PER_FEATURE = 10.0
+
+
+def _silent(_fraction: float, _message: str) -> None:
+    pass
+
+
+def train_inputs(data) -> torch.Tensor:
+    """Inputs ``[B, C, S, S]`` for statistics and BatchNorm reset: a Dataset's training images
+    or a tensor / array given directly."""
+    x = getattr(data, "x_train", data)
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise CcamergeError(f"expected a Dataset or an array of inputs, got {type(data).__name__}")
+    return x.float()
+
+
+def check_compatible(models: Sequence[nn.Module], x: torch.Tensor, reference: int) -> None:
+    """Fail with a clear message for < 2 models, mismatched models, a bad reference index or
+    inputs of the wrong shape."""
+    if len(models) < 2:
+        raise CcamergeError(f"merging needs at least 2 models, got {len(models)}")
+    same_architecture(list(models))
+    if not 0 <= reference < len(models):
+        raise CcamergeError(f"reference must be in 0..{len(models) - 1}, got {reference}")
+    config = getattr(models[0], "config", {})
+    expected = (config.get("in_channels"), config.get("image_size"), config.get("image_size"))
+    if None not in expected and tuple(x.shape[1:]) != expected:
+        raise CcamergeError(f"the models expect inputs of shape {list(expected)} but the data has "
+                            f"{list(x.shape[1:])}; pick the dataset they were trained on")
+
+
+def subsample(x: torch.Tensor, samples: int | None, seed: int) -> torch.Tensor:
+    """``samples`` rows of ``x`` chosen at random with ``seed`` (all rows when None)."""
+    if samples is None or samples >= len(x):
+        return x
+    if samples < 2:
+        raise CcamergeError(f"need at least 2 statistics samples, got {samples}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[order[:samples]]
+
+
+@dataclass
+class AlignResult:
+    alignment: Alignment
+    statistics: Statistics | None
+    spec: AlignmentSpec
+    options: dict
+
+
+def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
+          stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
+          progress: Progress = _silent, **options) -> AlignResult:
+    """Transforms bringing every model into the reference's basis (jointly for ZipIt)."""
+    spec_method: Method = get_method(method)
+    resolved = spec_method.resolve(options)
+    x = train_inputs(data)
+    check_compatible(models, x, reference)
+    spec = build_spec(models[0])
+    stats = None
+    if spec_method.statistics:
+        progress(0.0, "collecting activation statistics")
+        stats = collect_statistics(models, spec, subsample(x, stats_samples, seed), reference=reference,
+                                   pairs=spec_method.statistics, batch_size=batch_size,
+                                   progress=lambda f: progress(0.6 * f, "collecting activation statistics"))
+    progress(0.6, f"solving {method}")
+    ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed)
+    return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved)
+
+
+def combine(models: Sequence[nn.Module], aligned: AlignResult,
+            weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """Weighted average (default 1/N) of every model's state after its transforms."""
+    states = [apply_transforms(m.state_dict(), aligned.spec, t)
+              for m, t in zip(models, aligned.alignment.transforms, strict=True)]
+    return average_states(states, weights)
+
+
+@dataclass
+class MergeResult:
+    """The merged model and everything that produced it (``recipe`` replays it)."""
+
+    model: nn.Module
+    alignment: Alignment
+    statistics: Statistics | None
+    spec: AlignmentSpec
+    recipe: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def correlations(self) -> dict[str, dict[int, np.ndarray]]:
+        """Per merge point and model: canonical (CCA) or matched (permutations) correlations."""
+        out = {}
+        for point, per_model in self.alignment.details.items():
+            out[point] = {i: d.get("rho", d.get("matched_corr")) for i, d in per_model.items()
+                          if d.get("rho", d.get("matched_corr")) is not None}
+        return out
+
+
+def sample_warnings(stats: Statistics | None) -> list[str]:
+    if stats is None:
+        return []
+    out = []
+    for name, info in stats.summary().items():
+        if info["samples_per_feature"] < MIN_SAMPLES_PER_FEATURE:
+            out.append(f"merge point {name}: only {info['samples_per_feature']:.1f} samples per "
+                       f"feature ({info['samples']} samples, width {info['width']}); covariances "
+                       "are unreliable, use more statistics data")
+        if any(info["dead_units"]):
+            out.append(f"merge point {name}: dead units per model {info['dead_units']}")
+    return out
+
+
+def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
+          bn_reset: bool = True, weights: Sequence[float] | None = None,
+          stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
+          progress: Progress = _silent, **options) -> MergeResult:
+    """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
+
+    ``data``: a Dataset (its training images give the statistics and the BatchNorm reset) or an
+    input tensor ``[B, C, S, S]``. Options are the method's (see ``METHODS``), keyword-only.
+    Returns the merged model (eval mode) in the reference's basis, with details and a recipe.
+    """
+    aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
+                    batch_size=batch_size, seed=seed, progress=progress, **options)
+    progress(0.8, "averaging")
+    merged = with_state(models[reference], combine(models, aligned, weights))
+    if bn_reset:
+        progress(0.9, "resetting BatchNorm statistics")
+        reset_batchnorm(merged, train_inputs(data), batch_size=batch_size)
+    progress(1.0, "done")
+    recipe = {"method": method, "options": aligned.options, "reference": reference,
+              "bn_reset": bn_reset, "weights": list(weights) if weights else None,
+              "stats_samples": stats_samples, "seed": seed,
+              "data": data.describe() if hasattr(data, "describe") else None,
+              "models": [getattr(m, "source", None) for m in models]}
+    merged.info = {"merge": recipe}
+    return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
+                       sample_warnings(aligned.statistics))
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "average", *,
+                steps: int = 11, bn_reset: bool = True, stats_samples: int | None = None,
+                seed: int = 0, progress: Progress = _silent, **options) -> dict:
+    """Test accuracy and loss along ``(1 - l) A + l B'`` for ``l`` on a grid of ``steps``.
+
+    B' is B aligned to A. For methods whose transforms are not exact (CCA), the second half uses
+    A aligned to B instead, so both endpoints are the true models (the paper's protocol).
+    Returns ``{"method", "lambdas", "accuracy", "loss", "barrier"}``.
+    """
+    spec_method = get_method(method)
+    if spec_method.joint:
+        raise CcamergeError(f"{method} aligns all models jointly and defines no path between two "
+                            "models; use it with merge")
+    if steps < 2:
+        raise CcamergeError(f"steps must be >= 2, got {steps}")
+    pair = [model_a, model_b]
+    common = dict(stats_samples=stats_samples, seed=seed, **options)
+    to_a = align(pair, data, method, reference=0, **common)
+    to_b = to_a if spec_method.exact else align(pair, data, method, reference=1, **common)
+    lambdas = np.linspace(0.0, 1.0, steps)
+    curve = {"method": method, "lambdas": lambdas.tolist(), "accuracy": [], "loss": []}
+    for k, lam in enumerate(lambdas):
+        aligned, base = (to_a, model_a) if lam <= 0.5 else (to_b, model_b)
+        model = with_state(base, combine(pair, aligned, [1.0 - lam, lam]))
+        if bn_reset:
+            reset_batchnorm(model, train_inputs(data))
+        scores = evaluate_model(model, data.x_test, data.y_test)
+        curve["accuracy"].append(scores["accuracy"])
+        curve["loss"].append(scores["loss"])
+        progress((k + 1) / steps, f"lambda = {lam:.2f}")
+    curve["barrier"] = barrier(lambdas, curve["loss"])
+    return curve
+
+
+def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: float = 0.1,
+             relative: bool = True, stats_samples: int | None = None, seed: int = 0,
+             statistics: Statistics | None = None) -> list[dict]:
+    """Per merge point and non-reference model: canonical correlations at ``gamma`` and nearly
+    unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the Hungarian-matched unit
+    correlations sorted descending (``matched``), their means, and numerical health."""
+    x = train_inputs(data)
+    check_compatible(models, x, reference)
+    spec = build_spec(models[0])
+    stats = statistics or collect_statistics(models, spec, subsample(x, stats_samples, seed),
+                                             reference=reference)
+    rows = []
+    for point in spec.points:
+        p = stats[point.name]
+        for i in (k for k in range(len(models)) if k != reference):
+            rows.append(_spectrum_row(p, reference, i, gamma, relative))
+    return rows
+
+
+def _spectrum_row(p, ref: int, i: int, gamma: float, relative: bool) -> dict:
+    fit = cca(p.cov(ref, ref), p.cov(i, i), p.cov(ref, i), gamma=gamma, relative=relative)
+    exact = cca(p.cov(ref, ref), p.cov(i, i), p.cov(ref, i), gamma=1e-6, relative=True)
+    corr = p.corr(ref, i)
+    matched = np.sort(corr[np.arange(p.width), hungarian(corr)])[::-1]
+    return {"name": p.name, "model": i, "width": p.width, "samples": p.count,
+            "samples_per_feature": p.count / p.width,
+            "rho": fit.rho.tolist(), "rho_exact": exact.rho.tolist(), "matched": matched.tolist(),
+            "mean_rho": float(fit.rho.mean()), "mean_matched": float(matched.mean()),
+            "cond_xx": fit.cond_xx, "cond_yy": fit.cond_yy,
+            "dead_reference": int(len(p.dead_units(ref))), "dead_model": int(len(p.dead_units(i)))}

@@ -1,0 +1,115 @@
+"""The CCA solve for one merge point: covariances in, canonical correlations and the map T out.
+
+Reference X = model 0 features, Y = model i features (rows are samples, width n)::
+
+    S_xx = C_xx + g_x I,  S_yy = C_yy + g_y I,  S_xy = C_xy
+    M = S_xx^-1/2 S_xy S_yy^-1/2 = U diag(rho) V^T
+    T = S_yy^-1/2 V U^T S_xx^1/2        (a feature row y goes to y @ T in X's basis)
+    T_inv = S_xx^-1/2 U V^T S_yy^1/2
+
+Units with zero variance ("dead") carry no information and make the problem degenerate, so they
+are paired dead-to-dead by identity outside the SVD and CCA is solved on the live units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ccamerge.errors import CcamergeError
+
+EIG_FLOOR = 1e-12
+
+
+def sym_powers(s: np.ndarray, powers: tuple[float, ...], floor: float = EIG_FLOOR) -> list[np.ndarray]:
+    """``[S^p for p in powers]`` of a symmetric PSD matrix ``[n, n]``: symmetrise, float64
+    ``eigh``, clamp eigenvalues at ``floor * max(eig)`` (an SVD of a slightly indefinite matrix
+    gives wrong roots)."""
+    s = 0.5 * (s + s.T).astype(np.float64)
+    eig, q = np.linalg.eigh(s)
+    eig = np.clip(eig, floor * max(float(eig.max()), 1e-300), None)
+    return [(q * eig**p) @ q.T for p in powers]
+
+
+def condition_number(s: np.ndarray) -> float:
+    eig = np.linalg.eigvalsh(0.5 * (s + s.T))
+    return float(np.inf) if eig[0] <= 0 else float(eig[-1] / eig[0])
+
+
+@dataclass(frozen=True)
+class CCAResult:
+    """Fitted quantities; ``rho`` ``[n]`` descending (dead pairs last, as 0)."""
+
+    rho: np.ndarray
+    T: np.ndarray
+    T_inv: np.ndarray
+    U: np.ndarray          # [live, live] canonical directions of X (whitened), sign-fixed
+    V: np.ndarray          # [live, live] canonical directions of Y (whitened)
+    gamma_x: float         # absolute regularisation actually added
+    gamma_y: float
+    live_x: np.ndarray     # indices of live units
+    live_y: np.ndarray
+    dead_x: np.ndarray
+    dead_y: np.ndarray
+    cond_xx: float         # condition numbers of the regularised live blocks
+    cond_yy: float
+
+
+def regulariser(c: np.ndarray, gamma: float, relative: bool) -> float:
+    """Absolute ridge for covariance ``c`` ``[n, n]``: ``gamma`` or ``gamma * tr(c) / n``."""
+    if gamma < 0:
+        raise CcamergeError(f"gamma must be >= 0, got {gamma}")
+    return gamma * float(np.trace(c)) / max(len(c), 1) if relative else gamma
+
+
+def _dead(c: np.ndarray, rel_tol: float) -> np.ndarray:
+    var = np.diag(c)
+    return var <= rel_tol * max(float(var.max()), 1e-30)
+
+
+def _live_split(c_xx, c_yy, rel_tol):
+    """Live units of each side; the k = min(#dead) dead pairs are matched by identity, any extra
+    dead units stay in the solve (the ridge keeps it well posed)."""
+    dead_x, dead_y = np.flatnonzero(_dead(c_xx, rel_tol)), np.flatnonzero(_dead(c_yy, rel_tol))
+    k = min(len(dead_x), len(dead_y))
+    paired_x, paired_y = dead_x[len(dead_x) - k:], dead_y[len(dead_y) - k:]
+    live_x = np.setdiff1d(np.arange(len(c_xx)), paired_x)
+    live_y = np.setdiff1d(np.arange(len(c_yy)), paired_y)
+    return live_x, live_y, paired_x, paired_y, dead_x, dead_y
+
+
+def _fix_signs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Make the largest-magnitude entry of each column of U positive (flipping V alike); T is
+    unchanged, plots are reproducible."""
+    signs = np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])
+    signs[signs == 0] = 1.0
+    return u * signs, v * signs
+
+
+def cca(c_xx: np.ndarray, c_yy: np.ndarray, c_xy: np.ndarray, *, gamma: float = 0.0,
+        relative: bool = False, dead_tol: float = 1e-9) -> CCAResult:
+    """Regularised CCA between covariances ``c_xx`` ``[n, n]``, ``c_yy`` ``[n, n]`` and
+    cross-covariance ``c_xy`` ``[n, n]``. Returns T mapping Y's features into X's basis."""
+    n = len(c_xx)
+    if not (np.isfinite(c_xx).all() and np.isfinite(c_yy).all() and np.isfinite(c_xy).all()):
+        raise CcamergeError("covariances contain NaN/inf; the activations were not finite")
+    live_x, live_y, px, py, dead_x, dead_y = _live_split(c_xx, c_yy, dead_tol)
+    sxx = c_xx[np.ix_(live_x, live_x)]
+    syy = c_yy[np.ix_(live_y, live_y)]
+    gx, gy = regulariser(sxx, gamma, relative), regulariser(syy, gamma, relative)
+    sxx, syy = sxx + gx * np.eye(len(live_x)), syy + gy * np.eye(len(live_y))
+    sxx_h, sxx_ih = sym_powers(sxx, (0.5, -0.5))
+    syy_h, syy_ih = sym_powers(syy, (0.5, -0.5))
+    m = sxx_ih @ c_xy[np.ix_(live_x, live_y)] @ syy_ih
+    u, rho, vt = np.linalg.svd(m)
+    u, v = _fix_signs(u, vt.T)
+    T = np.zeros((n, n))
+    T_inv = np.zeros((n, n))
+    T[np.ix_(live_y, live_x)] = syy_ih @ v @ u.T @ sxx_h
+    T_inv[np.ix_(live_x, live_y)] = sxx_ih @ u @ v.T @ syy_h
+    T[py, px] = 1.0
+    T_inv[px, py] = 1.0
+    rho_full = np.concatenate([np.clip(rho, 0.0, 1.0), np.zeros(n - len(rho))])
+    return CCAResult(rho_full, T, T_inv, u, v, gx, gy, live_x, live_y, dead_x, dead_y,
+                     condition_number(sxx), condition_number(syy))

@@ -1,0 +1,213 @@
+"""Activation statistics at merge points: streaming float64 moments that merge exactly.
+
+Features are read by forward hooks (:func:`capture_features`, a context manager). A conv map
+``[B, C, H, W]`` gives ``B*H*W`` samples of ``C`` features; a linear activation ``[B, C]`` gives
+``B`` samples. Each batch is centred and multiplied in the model's float32, then merged into float64
+accumulators with Chan's update, so results do not depend on the batch size and two shards combine
+exactly (:meth:`CrossMoments.merge`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ccamerge.errors import CcamergeError
+from ccamerge.spec import AlignmentSpec
+
+
+class CrossMoments:
+    """Running count, means and co-moment ``sum (x - mx)^T (y - my)`` of paired samples."""
+
+    def __init__(self, p: int, q: int):
+        self.count = 0
+        self.mean_x = np.zeros(p)
+        self.mean_y = np.zeros(q)
+        self.comoment = np.zeros((p, q))
+
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add samples ``x`` ``[S, p]`` paired with ``y`` ``[S, q]`` (``y=None``: ``y = x``)."""
+        mx = x.mean(0)
+        xc = x - mx
+        if y is None:
+            my, yc = mx, xc
+        else:
+            my = y.mean(0)
+            yc = y - my
+        batch = CrossMoments.__new__(CrossMoments)
+        batch.count = x.shape[0]
+        batch.mean_x = mx.double().numpy()
+        batch.mean_y = my.double().numpy()
+        batch.comoment = (xc.T @ yc).double().numpy()  # float32 product, float64 accumulation
+        self.merge(batch)
+
+    def merge(self, other: CrossMoments) -> None:
+        """Fold in the moments of another disjoint set of samples (Chan et al.)."""
+        if other.count == 0:
+            return
+        n = self.count + other.count
+        dx = other.mean_x - self.mean_x
+        dy = other.mean_y - self.mean_y
+        self.comoment += other.comoment + np.outer(dx, dy) * (self.count * other.count / n)
+        self.mean_x += dx * (other.count / n)
+        self.mean_y += dy * (other.count / n)
+        self.count = n
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Unbiased covariance ``[p, q]``."""
+        if self.count < 2:
+            raise CcamergeError("need at least 2 samples to estimate a covariance")
+        return self.comoment / (self.count - 1)
+
+
+@dataclass
+class PointStatistics:
+    """Moments of one merge point for N models: ``mean[i]`` ``[n]``, ``cov(i, j)`` ``[n, n]``."""
+
+    name: str
+    width: int
+    count: int
+    mean: list[np.ndarray]
+    covs: dict[tuple[int, int], np.ndarray] = field(repr=False)
+
+    def cov(self, i: int, j: int) -> np.ndarray:
+        if (i, j) in self.covs:
+            return self.covs[(i, j)]
+        if (j, i) in self.covs:
+            return self.covs[(j, i)].T
+        raise CcamergeError(f"covariance block ({i}, {j}) of {self.name} was not collected; "
+                            "collect statistics with pairs='all'")
+
+    def std(self, i: int) -> np.ndarray:
+        return np.sqrt(np.clip(np.diag(self.cov(i, i)), 0.0, None))
+
+    def corr(self, i: int, j: int) -> np.ndarray:
+        """Pearson correlation ``[n, n]`` between units of models i (rows) and j; dead units give 0."""
+        outer = np.outer(self.std(i), self.std(j))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = np.where(outer > 0, self.cov(i, j) / np.where(outer > 0, outer, 1.0), 0.0)
+        return np.clip(c, -1.0, 1.0)
+
+    def second_moment(self, i: int, j: int) -> np.ndarray:
+        """Uncentred ``E[x_i x_j^T]`` ``[n, n]`` (for Euclidean distances between units)."""
+        return self.cov(i, j) * (self.count - 1) / self.count + np.outer(self.mean[i], self.mean[j])
+
+    def dead_units(self, i: int, rel_tol: float = 1e-9) -> np.ndarray:
+        """Indices of units whose variance is (numerically) zero, e.g. ReLUs that never fire."""
+        var = np.diag(self.cov(i, i))
+        return np.flatnonzero(var <= rel_tol * max(float(var.max()), 1e-30))
+
+
+@dataclass
+class Statistics:
+    """Per merge point statistics of N models; ``reference`` is the model others are paired with."""
+
+    points: dict[str, PointStatistics]
+    num_models: int
+    reference: int
+    pairs: str
+
+    def __getitem__(self, name: str) -> PointStatistics:
+        return self.points[name]
+
+    def summary(self) -> dict:
+        """JSON-able per point: width, samples, samples per feature, dead units per model."""
+        return {name: {"width": p.width, "samples": p.count,
+                       "samples_per_feature": p.count / p.width,
+                       "dead_units": [len(p.dead_units(i)) for i in range(self.num_models)]}
+                for name, p in self.points.items()}
+
+
+def _as_samples(out: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` -> ``[B, C]``; ``[B, C, H, W]`` -> ``[B*H*W, C]``."""
+    if out.dim() == 2:
+        return out
+    return out.movedim(1, -1).reshape(-1, out.shape[1])
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module, spec: AlignmentSpec) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record each merge point's features while the block runs. Yields ``{point: [samples, ...]}``
+    (one ``[S, n]`` entry per feature module per forward; clear it between batches)."""
+    modules = dict(model.named_modules())
+    captured: dict[str, list[torch.Tensor]] = {p.name: [] for p in spec.points}
+    handles = []
+    for point in spec.points:
+        for feature in point.features:
+            if feature not in modules:
+                raise CcamergeError(f"merge point {point.name} reads module {feature!r}, which the "
+                                    "model does not have")
+            hook = (lambda name: lambda _m, _i, out: captured[name].append(_as_samples(out.detach())))(point.name)
+            handles.append(modules[feature].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _batch_features(model, spec, xb) -> dict[str, torch.Tensor]:
+    with capture_features(model, spec) as captured, torch.no_grad():
+        model(xb)
+    return {name: torch.cat(chunks) for name, chunks in captured.items()}
+
+
+def _check_finite(features: dict[str, torch.Tensor], model_index: int) -> None:
+    for name, f in features.items():
+        if not torch.isfinite(f).all():
+            raise CcamergeError(f"model {model_index} produced NaN/inf activations at merge point "
+                                f"{name}; check its weights and the input data (nothing was zeroed)")
+
+
+def _pairs_for(num_models: int, reference: int, pairs: str) -> list[tuple[int, int]]:
+    others = [i for i in range(num_models) if i != reference]
+    if pairs == "reference":
+        return [(reference, i) for i in others]
+    if pairs == "all":
+        return [(i, j) for i in range(num_models) for j in range(i + 1, num_models)]
+    raise CcamergeError(f"pairs must be 'reference' or 'all', not {pairs!r}")
+
+
+def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torch.Tensor, *,
+                       reference: int = 0, pairs: str = "reference", batch_size: int = 256,
+                       progress: Callable[[float], None] | None = None) -> Statistics:
+    """One pass of all ``models`` over inputs ``x`` ``[B, ...]``.
+
+    Collects, per merge point, every model's mean and covariance and the cross-covariances of
+    ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
+    """
+    cross = _pairs_for(len(models), reference, pairs)
+    acc: dict[tuple[str, int, int], CrossMoments] = {}
+    for m in models:
+        m.eval()
+    for start in range(0, len(x), batch_size):
+        feats = []
+        for index, model in enumerate(models):
+            f = _batch_features(model, spec, x[start:start + batch_size])
+            _check_finite(f, index)
+            feats.append(f)
+        for point in spec.points:
+            for i, j in [(i, i) for i in range(len(models))] + cross:
+                key = (point.name, i, j)
+                if key not in acc:
+                    acc[key] = CrossMoments(point.width, point.width)
+                acc[key].update(feats[i][point.name], None if i == j else feats[j][point.name])
+        if progress:
+            progress(min(1.0, (start + batch_size) / len(x)))
+    return _finish(acc, spec, len(models), reference, pairs)
+
+
+def _finish(acc, spec, num_models, reference, pairs) -> Statistics:
+    points = {}
+    for point in spec.points:
+        autos = [acc[(point.name, i, i)] for i in range(num_models)]
+        covs = {(i, j): m.covariance for (name, i, j), m in acc.items() if name == point.name}
+        points[point.name] = PointStatistics(point.name, point.width, autos[0].count,
+                                             [a.mean_x for a in autos], covs)
+    return Statistics(points, num_models, reference, pairs)

@@ -1,0 +1,148 @@
+"""Apply per-merge-point transforms to weights, average models, reset BatchNorm.
+
+A :class:`Transform` at a merge point of width ``n`` maps a feature row ``y`` (``[n]``) of model i
+to ``y @ T`` in the target basis. Producers of the point become ``T^T @ W`` and consumers
+``W @ T_inv^T`` along the point's axis (``method.md`` section 4). For CCA and permutations
+``T_inv`` is ``T^-1``; for ZipIt it is the unmerge matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ccamerge.spec import AlignmentSpec, Axis
+
+
+@dataclass(frozen=True)
+class Transform:
+    """``T`` and ``T_inv``, both ``[n, n]`` float64."""
+
+    T: np.ndarray
+    T_inv: np.ndarray
+
+    @staticmethod
+    def identity(n: int) -> Transform:
+        return Transform(np.eye(n), np.eye(n))
+
+    @staticmethod
+    def from_permutation(perm: Sequence[int]) -> Transform:
+        """``perm[j]`` is the unit of model i placed at position j (matched to reference unit j)."""
+        perm = np.asarray(perm)
+        T = np.zeros((len(perm), len(perm)))
+        T[perm, np.arange(len(perm))] = 1.0
+        return Transform(T, T.T.copy())
+
+    @property
+    def width(self) -> int:
+        return self.T.shape[0]
+
+
+Transforms = dict[str, Transform]  # merge point name -> transform, for one model
+
+
+def _apply_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.Tensor:
+    """``matrix @ tensor`` along ``axis.axis`` where that axis holds ``n`` blocks of ``repeat``."""
+    moved = tensor.movedim(axis.axis, 0).to(torch.float64)
+    shape = moved.shape
+    n = matrix.shape[0]
+    flat = moved.reshape(n, -1)  # [n, repeat * rest]; channel-major flatten keeps blocks together
+    out = torch.from_numpy(matrix) @ flat
+    return out.reshape(shape).movedim(0, axis.axis).to(tensor.dtype)
+
+
+def apply_transforms(state: dict[str, torch.Tensor], spec: AlignmentSpec,
+                     transforms: Transforms) -> dict[str, torch.Tensor]:
+    """New state dict with every merge point's transform applied to its producers and consumers.
+
+    Merge points missing from ``transforms`` are left as they are (identity).
+    """
+    out = dict(state)
+    for point in spec.points:
+        if point.name not in transforms:
+            continue
+        t = transforms[point.name]
+        for axis in point.producers:
+            out[axis.param] = _apply_along(out[axis.param], axis, t.T.T)
+        for axis in point.consumers:
+            out[axis.param] = _apply_along(out[axis.param], axis, t.T_inv)
+    return out
+
+
+def average_states(states: Sequence[dict[str, torch.Tensor]],
+                   weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """Weighted average of floating-point entries (default 1/N each); integer buffers such as
+    BatchNorm's ``num_batches_tracked`` are taken from the first state."""
+    if weights is None:
+        weights = [1.0 / len(states)] * len(states)
+    out = {}
+    for key, first in states[0].items():
+        if not first.is_floating_point():
+            out[key] = first.clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for w, state in zip(weights, states, strict=True):
+            acc += w * state[key].to(torch.float64)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def with_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``model`` carrying ``state``."""
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state)
+    return clone
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def reset_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
+                    progress: Callable[[float], None] | None = None) -> nn.Module:
+    """Recompute every BatchNorm's running statistics in place with one train-mode pass over
+    ``x`` ``[B, ...]`` (cumulative average, no gradients). No-op without BatchNorm."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.train()
+    for start in range(0, len(x), batch_size):
+        model(x[start:start + batch_size])
+        if progress:
+            progress(min(1.0, (start + batch_size) / len(x)))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()
+
+
+def random_permutations(spec: AlignmentSpec, seed: int = 0) -> Transforms:
+    """A random permutation for every merge point (for tests and spec verification)."""
+    rng = np.random.default_rng(seed)
+    return {p.name: Transform.from_permutation(rng.permutation(p.width)) for p in spec.points}
+
+
+@torch.no_grad()
+def verify_spec(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor, *,
+                seed: int = 0) -> dict[str, float]:
+    """Max absolute output difference ``[B, classes]`` after permuting each merge point alone
+    through ``spec`` (and ``"all"`` of them together). A correct spec gives ~0 everywhere."""
+    model.eval()
+    reference = model(x)
+    perms = random_permutations(spec, seed)
+    state = model.state_dict()
+    report = {}
+    for name in [*spec.names, "all"]:
+        chosen = perms if name == "all" else {name: perms[name]}
+        twin = with_state(model, apply_transforms(state, spec, chosen)).eval()
+        report[name] = float((twin(x) - reference).abs().max())
+    return report

@@ -1,0 +1,83 @@
+"""ZipIt! (Stoica et al., 2024): merge all models' features jointly by greedy matching.
+
+All ``N * n`` features of a merge point are nodes; the most correlated pair of groups is merged
+until ``n`` groups remain. Features of one model may merge with each other, within a budget:
+``beta`` (fraction of a model's ``n`` units). After a merge the new group's similarity to any other
+is ``alpha * min(old similarities) + (1 - alpha) * (-1)``: ``alpha = 1`` keeps it, ``alpha = 0``
+makes a merged group the last choice. Each merged feature averages its group; each original
+feature is "unmerged" as a copy of its group's feature.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ccamerge.transform import Transform
+
+
+def _blocked(group_models: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """``[G, G]`` mask of group pairs that share a model whose same-model budget is spent."""
+    spent = group_models[:, budget <= 0].astype(np.int64)
+    return (spent @ spent.T) > 0
+
+
+def greedy_groups(corr: np.ndarray, n_models: int, width: int, *, alpha: float,
+                  beta: float) -> list[list[int]]:
+    """Partition the ``N*width`` features (rows of ``corr`` ``[N*width, N*width]``, model-major)
+    into ``width`` groups by greedy agglomeration."""
+    total = n_models * width
+    sim = corr.astype(np.float64).copy()
+    np.fill_diagonal(sim, -np.inf)
+    active = np.ones(total, bool)
+    group_models = np.zeros((total, n_models), bool)
+    group_models[np.arange(total), np.arange(total) // width] = True
+    budget = np.full(n_models, int(np.floor(beta * width)))
+    members = [[k] for k in range(total)]
+    blocked = _blocked(group_models, budget)
+    for _ in range(total - width):
+        scores = np.where(blocked, -np.inf, sim)  # merged-away groups are -inf in sim already
+        if not np.isfinite(scores).any():  # budget exhausted everywhere: merge the best pair anyway
+            scores = sim
+        a, b = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        spent_before = budget <= 0
+        budget -= (group_models[a] & group_models[b]).astype(int)
+        members[a] += members[b]
+        group_models[a] |= group_models[b]
+        active[b] = False
+        merged = alpha * np.minimum(sim[a], sim[b]) + (1.0 - alpha) * -1.0
+        sim[a, :], sim[:, a] = merged, merged
+        sim[b, :], sim[:, b] = -np.inf, -np.inf
+        sim[a, a] = -np.inf
+        if (budget <= 0).any() and not (spent_before == (budget <= 0)).all():
+            blocked = _blocked(group_models, budget)
+        else:
+            blocked[a, :] = blocked[:, a] = (group_models[:, budget <= 0].astype(np.int64)
+                                             @ group_models[a, budget <= 0]) > 0
+    return [sorted(members[g]) for g in np.flatnonzero(active)]
+
+
+def _order(groups: list[list[int]], width: int, reference: int) -> list[list[int]]:
+    """Groups holding reference units first, in the reference's unit order (so that merging a
+    model with itself is the identity), then the rest."""
+    def key(group):
+        ref_units = [k % width for k in group if k // width == reference]
+        return (0, min(ref_units)) if ref_units else (1, min(group))
+    return sorted(groups, key=key)
+
+
+def zipit_transforms(corr: np.ndarray, n_models: int, width: int, *, alpha: float, beta: float,
+                     reference: int = 0) -> tuple[list[Transform], list[int]]:
+    """Per-model transforms for uniform averaging, and the group sizes.
+
+    For model m, ``T = N * M_m^T`` (``M_m`` ``[width, width]`` averages each group) and
+    ``T_inv = U_m^T`` (``U_m`` copies a group's feature back to each of its members).
+    """
+    groups = _order(greedy_groups(corr, n_models, width, alpha=alpha, beta=beta), width, reference)
+    merge = np.zeros((n_models, width, width))
+    unmerge = np.zeros((n_models, width, width))
+    for f, group in enumerate(groups):
+        for k in group:
+            merge[k // width, f, k % width] = 1.0 / len(group)
+            unmerge[k // width, k % width, f] = 1.0
+    transforms = [Transform(n_models * merge[m].T, unmerge[m].T.copy()) for m in range(n_models)]
+    return transforms, [len(g) for g in groups]
