@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--split", default="same", choices=["same", "skewed", "dirichlet"])
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=20)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[common], help="accuracy and loss of models")

@@ -158,11 +158,14 @@ def _batch_features(model, spec, xb) -> dict[str, torch.Tensor]:
     return {name: torch.cat(chunks) for name, chunks in captured.items()}
 
 
-def _check_finite(features: dict[str, torch.Tensor], model_index: int) -> None:
-    for name, f in features.items():
-        if not torch.isfinite(f).all():
-            raise CcamergeError(f"model {model_index} produced NaN/inf activations at merge point "
-                                f"{name}; check its weights and the input data (nothing was zeroed)")
+def _check_finite(acc: dict, spec: AlignmentSpec, num_models: int) -> None:
+    """NaN/inf in any activation reaches the batch means (cheap to check every batch)."""
+    for point in spec.points:
+        for i in range(num_models):
+            if not np.isfinite(acc[(point.name, i, i)].mean_x).all():
+                raise CcamergeError(f"model {i} produced NaN/inf activations at merge point "
+                                    f"{point.name}; check its weights and the input data "
+                                    "(nothing was zeroed)")
 
 
 def _pairs_for(num_models: int, reference: int, pairs: str) -> list[tuple[int, int]]:
@@ -188,16 +191,15 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
         m.eval()
     for start in range(0, len(x), batch_size):
         feats = []
-        for index, model in enumerate(models):
-            f = _batch_features(model, spec, x[start:start + batch_size])
-            _check_finite(f, index)
-            feats.append(f)
+        for model in models:
+            feats.append(_batch_features(model, spec, x[start:start + batch_size]))
         for point in spec.points:
             for i, j in [(i, i) for i in range(len(models))] + cross:
                 key = (point.name, i, j)
                 if key not in acc:
                     acc[key] = CrossMoments(point.width, point.width)
                 acc[key].update(feats[i][point.name], None if i == j else feats[j][point.name])
+        _check_finite(acc, spec, len(models))
         if progress:
             progress(min(1.0, (start + batch_size) / len(x)))
     return _finish(acc, spec, len(models), reference, pairs)

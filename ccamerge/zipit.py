@@ -1,11 +1,11 @@
 """ZipIt! (Stoica et al., 2024): merge all models' features jointly by greedy matching.
 
-All ``N * n`` features of a merge point are nodes; the most correlated pair of groups is merged
-until ``n`` groups remain. Features of one model may merge with each other, within a budget:
-``beta`` (fraction of a model's ``n`` units). After a merge the new group's similarity to any other
-is ``alpha * min(old similarities) + (1 - alpha) * (-1)``: ``alpha = 1`` keeps it, ``alpha = 0``
-makes a merged group the last choice. Each merged feature averages its group; each original
-feature is "unmerged" as a copy of its group's feature.
+All ``N * n`` features of a merge point are nodes; the most similar pair of groups is merged until
+``n`` groups remain. The similarity of two groups is the lowest correlation between their members.
+A merge of two groups that already share a model is a *same-model* merge: it spends that model's
+budget (``beta * n`` merges) and its similarity is discounted to ``alpha * s + (1 - alpha) * (-1)``
+(``alpha = 1``: no discount, ``alpha = 0``: last resort). Each merged feature averages its group;
+each original feature is "unmerged" as a copy of its group's feature.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 from ccamerge.transform import Transform
 
 
-def _blocked(group_models: np.ndarray, budget: np.ndarray) -> np.ndarray:
-    """``[G, G]`` mask of group pairs that share a model whose same-model budget is spent."""
+def _shares_spent_model(group_models: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """``[G, G]`` pairs of groups sharing a model whose same-model budget is spent."""
     spent = group_models[:, budget <= 0].astype(np.int64)
     return (spent @ spent.T) > 0
 
@@ -28,32 +28,34 @@ def greedy_groups(corr: np.ndarray, n_models: int, width: int, *, alpha: float,
     total = n_models * width
     sim = corr.astype(np.float64).copy()
     np.fill_diagonal(sim, -np.inf)
-    active = np.ones(total, bool)
     group_models = np.zeros((total, n_models), bool)
     group_models[np.arange(total), np.arange(total) // width] = True
+    gm = group_models.astype(np.int64)
+    shared = (gm @ gm.T) > 0
     budget = np.full(n_models, int(np.floor(beta * width)))
-    members = [[k] for k in range(total)]
-    blocked = _blocked(group_models, budget)
+    blocked = _shares_spent_model(group_models, budget)
+    members = {k: [k] for k in range(total)}
     for _ in range(total - width):
-        scores = np.where(blocked, -np.inf, sim)  # merged-away groups are -inf in sim already
-        if not np.isfinite(scores).any():  # budget exhausted everywhere: merge the best pair anyway
+        scores = np.where(shared, alpha * sim + (alpha - 1.0), sim)
+        scores[blocked] = -np.inf
+        if not np.isfinite(scores).any():  # every budget spent: merge the best pair anyway
             scores = sim
         a, b = np.unravel_index(int(np.argmax(scores)), scores.shape)
-        spent_before = budget <= 0
+        was_spent = budget <= 0
         budget -= (group_models[a] & group_models[b]).astype(int)
-        members[a] += members[b]
+        members[a] += members.pop(b)
         group_models[a] |= group_models[b]
-        active[b] = False
-        merged = alpha * np.minimum(sim[a], sim[b]) + (1.0 - alpha) * -1.0
+        merged = np.minimum(sim[a], sim[b])
         sim[a, :], sim[:, a] = merged, merged
         sim[b, :], sim[:, b] = -np.inf, -np.inf
         sim[a, a] = -np.inf
-        if (budget <= 0).any() and not (spent_before == (budget <= 0)).all():
-            blocked = _blocked(group_models, budget)
+        shared[a, :] = shared[:, a] = (group_models.astype(np.int64) @ group_models[a]) > 0
+        if (was_spent != (budget <= 0)).any():
+            blocked = _shares_spent_model(group_models, budget)
         else:
             blocked[a, :] = blocked[:, a] = (group_models[:, budget <= 0].astype(np.int64)
                                              @ group_models[a, budget <= 0]) > 0
-    return [sorted(members[g]) for g in np.flatnonzero(active)]
+    return [sorted(group) for group in members.values()]
 
 
 def _order(groups: list[list[int]], width: int, reference: int) -> list[list[int]]:

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+from ccamerge.errors import CcamergeError
+from ccamerge.models import build_model
+from ccamerge.spec import build_spec
+from ccamerge.stats import CrossMoments, capture_features, collect_statistics
+
+
+def _uneven_batches(n, sizes=(1, 7, 3, 50, 2)):
+    start = 0
+    while start < n:
+        for size in sizes:
+            yield slice(start, min(n, start + size))
+            start += size
+            if start >= n:
+                return
+
+
+def test_streaming_moments_match_numpy_cov_on_uneven_batches():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5)) * [1, 2, 3, 4, 5] + 10.0
+    y = x[:, ::-1] @ rng.normal(size=(5, 4)) + rng.normal(size=(300, 4))
+    auto, cross = CrossMoments(5, 5), CrossMoments(5, 4)
+    for s in _uneven_batches(len(x)):
+        xb, yb = torch.tensor(x[s], dtype=torch.float64), torch.tensor(y[s], dtype=torch.float64)
+        auto.update(xb)
+        cross.update(xb, yb)
+    joint = np.cov(np.hstack([x, y]).T)
+    np.testing.assert_allclose(auto.covariance, joint[:5, :5], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(cross.covariance, joint[:5, 5:], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(cross.mean_y, y.mean(0), rtol=1e-12)
+
+
+def test_shards_merge_exactly():
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(size=(200, 3)))
+    whole, a, b = CrossMoments(3, 3), CrossMoments(3, 3), CrossMoments(3, 3)
+    whole.update(x)
+    a.update(x[:37])
+    b.update(x[37:])
+    a.merge(b)
+    assert a.count == 200
+    np.testing.assert_allclose(a.covariance, whole.covariance, rtol=1e-12)
+    np.testing.assert_allclose(a.mean_x, whole.mean_x, rtol=1e-12)
+
+
+def test_collected_statistics_match_direct_computation(digits):
+    torch.manual_seed(0)
+    models = [build_model("vgg", width=0.5), build_model("vgg", width=0.5)]
+    spec = build_spec(models[0])
+    x = digits.x_train[:100]
+    stats = collect_statistics(models, spec, x, batch_size=33)
+    point = spec.points[0]
+    feats = []
+    for m in models:
+        with capture_features(m, spec) as captured, torch.no_grad():
+            m(x)
+        feats.append(captured[point.name][0].double().numpy())  # [100*8*8, C]
+    joint = np.cov(np.hstack(feats).T)
+    n = point.width
+    p = stats[point.name]
+    assert p.count == 100 * 8 * 8
+    np.testing.assert_allclose(p.cov(0, 0), joint[:n, :n], atol=1e-5)
+    np.testing.assert_allclose(p.cov(0, 1), joint[:n, n:], atol=1e-5)
+    np.testing.assert_allclose(p.cov(1, 0), joint[n:, :n], atol=1e-5)
+
+
+def test_resnet_stream_pools_every_block_output(digits):
+    model = build_model("resnet20", width=0.5)
+    spec = build_spec(model)
+    stats = collect_statistics([model, model], spec, digits.x_train[:10])
+    stream1 = spec.point("stream1")
+    assert len(stream1.features) == 4  # stem + three blocks write the first stream
+    assert stats["stream1"].count == 4 * 10 * 8 * 8
+
+
+def test_non_finite_activations_are_rejected(digits):
+    model = build_model("mlp")
+    with torch.no_grad():
+        model.layers[1].weight[0, 0] = float("nan")
+    with pytest.raises(CcamergeError, match="NaN"):
+        collect_statistics([model, model], build_spec(model), digits.x_train[:20])
+
+
+def test_missing_pair_is_a_clear_error(digits):
+    models = [build_model("mlp") for _ in range(3)]
+    stats = collect_statistics(models, build_spec(models[0]), digits.x_train[:20])
+    with pytest.raises(CcamergeError, match="pairs='all'"):
+        stats["fc1"].cov(1, 2)
+    full = collect_statistics(models, build_spec(models[0]), digits.x_train[:20], pairs="all")
+    assert full["fc1"].cov(1, 2).shape == (128, 128)
