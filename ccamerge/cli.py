@@ -242,7 +242,10 @@ def _short(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: argparse already printed
+        return int(exc.code or 0)
     try:
         result = args.func(args)
     except CcamergeError as exc:

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from ccamerge.api import interpolate, merge, spectrum
+from ccamerge.errors import CcamergeError
+from ccamerge.evaluate import barrier, evaluate_model
+from ccamerge.models import build_model
+
+
+def test_mismatched_models_are_refused(mlps, digits):
+    with pytest.raises(CcamergeError, match="architecture"):
+        merge([mlps[0], build_model("vgg")], digits, "cca")
+    with pytest.raises(CcamergeError, match="hidden"):
+        merge([mlps[0], build_model("mlp", hidden=[32, 32])], digits, "permute")
+    with pytest.raises(CcamergeError, match="num_classes"):
+        merge([mlps[0], build_model("mlp", hidden=[64, 64], num_classes=3)], digits, "permute")
+
+
+def test_bad_calls_fail_with_clear_messages(mlps, digits):
+    with pytest.raises(CcamergeError, match="at least 2"):
+        merge(mlps[:1], digits, "cca")
+    with pytest.raises(CcamergeError, match="reference"):
+        merge(mlps[:2], digits, "cca", reference=5)
+    with pytest.raises(CcamergeError, match="shape"):
+        merge(mlps[:2], digits.x_train[:, :, :4, :4], "cca")
+    with pytest.raises(CcamergeError, match="no option"):
+        merge(mlps[:2], digits, "average", gamma=1.0)
+
+
+def test_merge_result_carries_its_recipe_and_details(mlps, digits):
+    result = merge(mlps[:3], digits, "cca", gamma=0.5, relative=False, reference=1)
+    assert result.recipe["method"] == "cca"
+    assert result.recipe["options"] == {"gamma": 0.5, "relative": False}
+    assert result.recipe["reference"] == 1
+    assert result.recipe["data"]["name"] == "digits"
+    assert set(result.alignment.details["fc1"]) == {0, 2}  # every model but the reference
+    rho = result.correlations()["fc1"][0]
+    assert rho.shape == (64,) and np.all(np.diff(rho[rho > 0]) <= 1e-12)
+    assert result.statistics.summary()["fc1"]["samples"] == len(digits.x_train)
+
+
+def test_too_few_samples_produce_a_warning(mlps, digits):
+    result = merge(mlps[:2], digits, "cca", stats_samples=100)
+    assert any("samples per feature" in w for w in result.warnings)
+
+
+def test_interpolation_endpoints_are_the_true_models(mlps, digits):
+    a, b = mlps[:2]
+    for method in ("average", "permute", "cca"):
+        curve = interpolate(a, b, digits, method, steps=5)
+        assert curve["lambdas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        assert curve["accuracy"][0] == pytest.approx(evaluate_model(a, digits.x_test, digits.y_test)["accuracy"])
+        assert curve["loss"][-1] == pytest.approx(evaluate_model(b, digits.x_test, digits.y_test)["loss"], rel=1e-4)
+        assert curve["barrier"] == pytest.approx(barrier(curve["lambdas"], curve["loss"]))
+    with pytest.raises(CcamergeError, match="jointly"):
+        interpolate(a, b, digits, "zipit")
+
+
+def test_alignment_lowers_the_barrier(mlps, digits):
+    a, b = mlps[:2]
+    plain = interpolate(a, b, digits, "average", steps=5)["barrier"]
+    aligned = interpolate(a, b, digits, "cca", steps=5)["barrier"]
+    assert aligned < plain
+
+
+def test_barrier_of_a_straight_line_is_zero_and_of_a_bump_is_its_height():
+    assert barrier([0, 0.5, 1], [1.0, 1.5, 2.0]) == pytest.approx(0.0)
+    assert barrier([0, 0.5, 1], [1.0, 3.0, 1.0]) == pytest.approx(2.0)
+
+
+def test_spectrum_reports_every_point_with_health(mlps, digits):
+    rows = spectrum(mlps[:2], digits)
+    assert [r["name"] for r in rows] == ["fc1", "fc2"]
+    for row in rows:
+        assert len(row["rho"]) == len(row["matched"]) == row["width"] == 64
+        # a linear map captures at least as much correlation as a one-to-one map
+        assert row["rho_exact"][0] >= row["matched"][0] - 1e-6
+        assert row["samples_per_feature"] == pytest.approx(len(digits.x_train) / 64)
+        assert row["cond_xx"] >= 1.0
