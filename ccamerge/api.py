@@ -20,6 +20,7 @@ from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model
 from ccamerge.methods import Method, get_method
 from ccamerge.models import same_architecture
+from ccamerge.repair import repair as repair_units
 from ccamerge.spec import AlignmentSpec, build_spec
 from ccamerge.stats import Statistics, collect_statistics
 from ccamerge.transform import apply_transforms, average_states, reset_batchnorm, with_state
@@ -74,6 +75,7 @@ class AlignResult:
     statistics: Statistics | None
     spec: AlignmentSpec
     options: dict
+    method: str = "cca"
 
 
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
@@ -93,15 +95,19 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                                    progress=lambda f: progress(0.6 * f, "collecting activation statistics"))
     progress(0.6, f"solving {method}")
     ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed)
-    return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved)
+    return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved, method)
+
+
+def aligned_states(models: Sequence[nn.Module], aligned: AlignResult) -> list[dict[str, torch.Tensor]]:
+    """Every model's state dict after its transforms."""
+    return [apply_transforms(m.state_dict(), aligned.spec, t)
+            for m, t in zip(models, aligned.alignment.transforms, strict=True)]
 
 
 def combine(models: Sequence[nn.Module], aligned: AlignResult,
             weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """Weighted average (default 1/N) of every model's state after its transforms."""
-    states = [apply_transforms(m.state_dict(), aligned.spec, t)
-              for m, t in zip(models, aligned.alignment.transforms, strict=True)]
-    return average_states(states, weights)
+    return average_states(aligned_states(models, aligned), weights)
 
 
 @dataclass
@@ -139,31 +145,52 @@ def sample_warnings(stats: Statistics | None) -> list[str]:
 
 
 def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
-          bn_reset: bool = True, weights: Sequence[float] | None = None,
+          bn_reset: bool = True, repair: bool = False, weights: Sequence[float] | None = None,
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
           progress: Progress = _silent, **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
     ``data``: a Dataset (its training images give the statistics and the BatchNorm reset) or an
     input tensor ``[B, C, S, S]``. Options are the method's (see ``METHODS``), keyword-only.
+    ``repair``: rescale units towards the endpoints' statistics (nets without BatchNorm).
     Returns the merged model (eval mode) in the reference's basis, with details and a recipe.
     """
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     batch_size=batch_size, seed=seed, progress=progress, **options)
     progress(0.8, "averaging")
-    merged = with_state(models[reference], combine(models, aligned, weights))
+    states = aligned_states(models, aligned)
+    weights = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
+    merged = with_state(models[reference], average_states(states, weights))
+    notes = sample_warnings(aligned.statistics)
+    if repair:
+        progress(0.85, "REPAIR: rescaling units")
+        notes += _repair(merged, models, states, weights, aligned, data, stats_samples, seed)
     if bn_reset:
         progress(0.9, "resetting BatchNorm statistics")
         reset_batchnorm(merged, train_inputs(data), batch_size=batch_size)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
-              "bn_reset": bn_reset, "weights": list(weights) if weights else None,
+              "bn_reset": bn_reset, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
               "data": data.describe() if hasattr(data, "describe") else None,
               "models": [getattr(m, "source", None) for m in models]}
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
-                       sample_warnings(aligned.statistics))
+                       notes)
+
+
+def _repair(merged, models, states, weights, aligned, data, stats_samples, seed) -> list[str]:
+    """Apply REPAIR; returns warnings when it cannot act."""
+    if get_method(aligned.method).joint:
+        raise CcamergeError("REPAIR needs each model aligned to the reference; a joint method "
+                            "such as zipit has no aligned endpoints")
+    endpoints = [with_state(m, s) for m, s in zip(models, states, strict=True)]
+    x = subsample(train_inputs(data), stats_samples, seed)
+    fixed = repair_units(merged, endpoints, weights, aligned.spec, x)
+    if fixed:
+        return []
+    return ["REPAIR found no merge point fed by a single Linear/Conv with a bias (BatchNorm nets "
+            "are corrected by the BatchNorm reset instead); nothing was rescaled"]
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "average", *,

@@ -64,6 +64,7 @@ def cmd_evaluate(args) -> dict:
 
 def _merge_from(models, data, args, method, options, reference) -> dict:
     result = api.merge(models, data, method, reference=reference, bn_reset=not args.no_bn_reset,
+                       repair=getattr(args, "repair", False),
                        stats_samples=args.stats_samples, seed=args.seed,
                        progress=_progress(args.quiet), **options)
     scores = evaluate_model(result.model, data.x_test, data.y_test)
@@ -75,7 +76,8 @@ def _merge_from(models, data, args, method, options, reference) -> dict:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": method, **scores, "out": str(args.out), "options": result.recipe["options"],
-            "reference": reference, "bn_reset": not args.no_bn_reset, "warnings": result.warnings}
+            "reference": reference, "bn_reset": not args.no_bn_reset,
+            "repair": result.recipe["repair"], "warnings": result.warnings}
 
 
 def cmd_merge(args) -> dict:
@@ -90,6 +92,7 @@ def cmd_replay(args) -> dict:
     args.models = recipe["models"]
     args.data, args.data_dir = recipe["data"]["name"], recipe["data"].get("data_dir")
     args.no_bn_reset = not recipe.get("bn_reset", True)
+    args.repair = recipe.get("repair", False)
     args.stats_samples, args.seed = recipe.get("stats_samples"), recipe.get("seed", 0)
     return _merge_from(_models(args.models), _data(args), args, recipe["method"],
                        recipe.get("options", {}), recipe.get("reference", 0))
@@ -189,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", required=True)
     p.add_argument("--reference", type=int, default=0)
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR: rescale merged units to the endpoints' statistics (nets without BN)")
     _add_merge_options(p)
     p.set_defaults(func=cmd_merge)
 

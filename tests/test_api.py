@@ -77,3 +77,25 @@ def test_spectrum_reports_every_point_with_health(mlps, digits):
         assert row["rho_exact"][0] >= row["matched"][0] - 1e-6
         assert row["samples_per_feature"] == pytest.approx(len(digits.x_train) / 64)
         assert row["cond_xx"] >= 1.0
+
+
+def test_repair_restores_unit_statistics_of_a_net_without_batchnorm(mlps, digits):
+    from ccamerge.repair import unit_moments
+
+    plain = merge(mlps[:2], digits, "average").model
+    repaired = merge(mlps[:2], digits, "average", repair=True)
+    assert repaired.recipe["repair"] is True and not repaired.warnings
+    x = digits.x_train
+    before = unit_moments(plain, ["layers.3"], x)["layers.3"][1]
+    after = unit_moments(repaired.model, ["layers.3"], x)["layers.3"][1]
+    target = sum(0.5 * unit_moments(m, ["layers.3"], x)["layers.3"][1] for m in mlps[:2])
+    # averaging unaligned units collapses their spread; REPAIR puts it back on target
+    assert (after - target).abs().max() < 0.05 * target.mean()
+    assert (before - target).abs().mean() > (after - target).abs().mean()
+
+
+def test_repair_on_batchnorm_nets_says_it_did_nothing(vgg_bn, digits):
+    result = merge(vgg_bn, digits.x_train[:200], "permute", repair=True)
+    assert any("REPAIR found no merge point" in w for w in result.warnings)
+    with pytest.raises(CcamergeError, match="REPAIR"):
+        merge(vgg_bn, digits.x_train[:200], "zipit", repair=True)
