@@ -129,47 +129,41 @@ def _vgg_spec(model) -> AlignmentSpec:
 
 def _resnet_spec(model) -> AlignmentSpec:
     """Stream merge point per stage (stem/shortcuts/conv2 write it, conv1/shortcuts/fc read it),
-    plus one internal merge point per block between conv1 and conv2."""
+    plus one internal merge point per block between conv1 and conv2. Points are in depth order:
+    each stream before the blocks that read and write it."""
     points: list[MergePoint] = []
-    stream_producers = [Axis("conv.weight", 0)] + _bn_producers("bn")
-    stream_features = ["relu"]
-    stream_consumers: list[Axis] = []
-    width = model.conv.out_channels
+    stream = _Stream(model.conv.out_channels, [Axis("conv.weight", 0)] + _bn_producers("bn"), ["relu"])
     for s, stage in enumerate(model.stages):
         for b, block in enumerate(stage):
             pre = f"stages.{s}.{b}"
-            has_shortcut = not isinstance(block.shortcut, nn.Identity)
-            if has_shortcut:  # the block reads the previous stream and opens a new one
-                stream_consumers += [Axis(f"{pre}.conv1.weight", 1), Axis(f"{pre}.shortcut.0.weight", 1)]
-                points.append(MergePoint("stream", width, tuple(stream_features),
-                                         tuple(stream_producers), tuple(stream_consumers)))
-                width = block.conv2.out_channels
-                stream_producers = [Axis(f"{pre}.shortcut.0.weight", 0)] + _bn_producers(f"{pre}.shortcut.1")
-                stream_features, stream_consumers = [], []
+            if not isinstance(block.shortcut, nn.Identity):  # reads the old stream, opens a new one
+                stream.consumers += [Axis(f"{pre}.conv1.weight", 1), Axis(f"{pre}.shortcut.0.weight", 1)]
+                points.insert(stream.slot, stream.close(f"stream{s}"))
+                stream = _Stream(block.conv2.out_channels, [Axis(f"{pre}.shortcut.0.weight", 0)]
+                                 + _bn_producers(f"{pre}.shortcut.1"), [], slot=len(points))
             else:
-                stream_consumers.append(Axis(f"{pre}.conv1.weight", 1))
+                stream.consumers.append(Axis(f"{pre}.conv1.weight", 1))
             points.append(MergePoint(
                 f"block{s + 1}.{b + 1}", block.conv1.out_channels, (f"{pre}.relu1",),
                 tuple([Axis(f"{pre}.conv1.weight", 0)] + _bn_producers(f"{pre}.bn1")),
                 (Axis(f"{pre}.conv2.weight", 1),)))
-            stream_producers += [Axis(f"{pre}.conv2.weight", 0)] + _bn_producers(f"{pre}.bn2")
-            stream_features.append(f"{pre}.relu2")
-    stream_consumers.append(Axis("fc.weight", 1))
-    points.append(MergePoint("stream", width, tuple(stream_features), tuple(stream_producers),
-                             tuple(stream_consumers)))
-    return _name_streams(points)
+            stream.producers += [Axis(f"{pre}.conv2.weight", 0)] + _bn_producers(f"{pre}.bn2")
+            stream.features.append(f"{pre}.relu2")
+    stream.consumers.append(Axis("fc.weight", 1))
+    points.insert(stream.slot, stream.close(f"stream{len(model.stages)}"))
+    return AlignmentSpec(tuple(points))
 
 
-def _name_streams(points: list[MergePoint]) -> AlignmentSpec:
-    """Stream points were collected in stage order; name them stream1..3 and sort by depth."""
-    renamed, stage = [], 0
-    for point in points:
-        if point.name.startswith("stream"):
-            stage += 1
-            point = MergePoint(f"stream{stage}", point.width, point.features, point.producers,
-                               point.consumers)
-        renamed.append(point)
-    return AlignmentSpec(tuple(renamed))
+class _Stream:
+    """A residual stream being collected while walking the blocks."""
+
+    def __init__(self, width: int, producers: list[Axis], features: list[str], slot: int = 0):
+        self.width, self.producers, self.features, self.slot = width, producers, features, slot
+        self.consumers: list[Axis] = []
+
+    def close(self, name: str) -> MergePoint:
+        return MergePoint(name, self.width, tuple(self.features), tuple(self.producers),
+                          tuple(self.consumers))
 
 
 _BUILDERS = {"mlp": _mlp_spec, "vgg": _vgg_spec, "resnet20": _resnet_spec}
