@@ -80,15 +80,20 @@ class AlignResult:
 
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
-          progress: Progress = _silent, **options) -> AlignResult:
-    """Transforms bringing every model into the reference's basis (jointly for ZipIt)."""
+          statistics: Statistics | None = None, progress: Progress = _silent,
+          **options) -> AlignResult:
+    """Transforms bringing every model into the reference's basis (jointly for ZipIt).
+
+    ``statistics``: reuse statistics collected earlier (same models and reference, and every
+    pair when the method is joint) instead of a new pass over the data.
+    """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
     x = train_inputs(data)
     check_compatible(models, x, reference)
     spec = build_spec(models[0])
-    stats = None
-    if spec_method.statistics:
+    stats = statistics if spec_method.statistics else None
+    if spec_method.statistics and stats is None:
         progress(0.0, "collecting activation statistics")
         stats = collect_statistics(models, spec, subsample(x, stats_samples, seed), reference=reference,
                                    pairs=spec_method.statistics, batch_size=batch_size,

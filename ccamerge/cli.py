@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ccamerge import api
 from ccamerge.data import DATASETS, load_dataset
+from ccamerge.diagnose import diagnose
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.io import load_model, save_model
@@ -129,6 +130,12 @@ def cmd_spectrum(args) -> dict:
     return {"gamma": args.gamma, "relative": args.relative, "merge_points": rows}
 
 
+def cmd_diagnose(args) -> dict:
+    return diagnose(_models(args.models), _data(args), args.method, reference=args.reference,
+                    bn_reset=not args.no_bn_reset, stats_samples=args.stats_samples, seed=args.seed,
+                    with_sweep=args.sweep, progress=_progress(args.quiet), **_method_options(args))
+
+
 def cmd_methods(_args) -> dict:
     return {"methods": describe_methods()}
 
@@ -220,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_spectrum)
+
+    p = sub.add_parser("diagnose", parents=[common], help="why a merge works or fails: per-layer "
+                       "health, partial merges, a checklist")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--method", default="cca", help=f"one of {', '.join(METHODS)}")
+    _add_data(p)
+    p.add_argument("--reference", type=int, default=0)
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep gamma (cca) or alpha/beta (zipit) on held-out training data")
+    _add_merge_options(p)
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("methods", parents=[common], help="the registry of merge methods")
     p.set_defaults(func=cmd_methods)

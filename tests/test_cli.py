@@ -82,6 +82,13 @@ def test_interpolate_and_spectrum(zoo, capsys):
     assert len(spec["merge_points"][0]["rho"]) == 128
 
 
+def test_diagnose_prints_a_checklist(zoo, capsys):
+    code, report, _ = run(capsys, "diagnose", *zoo, "--method", "permute")
+    assert code == 0
+    assert report["method"] == "permute" and report["findings"]
+    assert {p["name"] for p in report["points"]} == set(report["ranking"]) == {"fc1", "fc2"}
+
+
 def test_methods_lists_the_registry(capsys):
     code, result, _ = run(capsys, "methods")
     assert code == 0

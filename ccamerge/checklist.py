@@ -1,0 +1,162 @@
+"""A plain-language checklist computed from a :func:`ccamerge.diagnose.diagnose` report.
+
+Each finding: ``id``, ``severity`` ("failure" explains a broken merge, "warning" weakens it, "info"),
+``title`` (one sentence with the numbers), ``next_step`` (what to try) and ``chart`` (the view that
+shows the evidence: "summary", "partial", "spectra", "health", "collapse" or "sweep").
+"""
+
+from __future__ import annotations
+
+MIN_SAMPLES_PER_FEATURE = 10.0
+FAR_APART_RHO = 0.35  # two digits MLP seeds: ~0.6; random first layers still ~0.5
+DEAD_FRACTION = 0.25
+COLLAPSE_RATIO = 0.5
+UNDERTRAINED_GAP = 20.0  # accuracy points below the best model
+RARE_SHARE, COMMON_SHARE = 0.001, 0.02
+
+
+def _finding(id_, severity, title, next_step, chart) -> dict:
+    return {"id": id_, "severity": severity, "title": title, "next_step": next_step, "chart": chart}
+
+
+def _batchnorm(r) -> list[dict]:
+    if not (r["has_batchnorm"] and not r["bn_reset"]):
+        return []
+    return [_finding("bn_not_reset", "failure",
+                     f"BatchNorm statistics were not reset: the merged net normalises with averaged "
+                     f"running statistics that match none of its units (merged "
+                     f"{r['merged']['accuracy']:.1f}% vs ensemble {r['ensemble']['accuracy']:.1f}%).",
+                     "Merge with the BatchNorm reset on (drop --no-bn-reset / tick 'Reset BatchNorm').",
+                     "summary")]
+
+
+def _undertrained(r) -> tuple[list[dict], set[int]]:
+    accs = [b["accuracy"] for b in r["base"]]
+    chance = 100.0 / r["num_classes"]
+    floor = max(2 * chance, max(accs) - UNDERTRAINED_GAP)
+    weak = {i for i, a in enumerate(accs) if a < floor}
+    out = [_finding("undertrained", "failure",
+                    f"Model {i} is under-trained: {accs[i]:.1f}% test accuracy against {max(accs):.1f}% "
+                    "for the best model; its features are not worth aligning.",
+                    f"Train model {i} longer, or leave it out of the merge.", "summary")
+           for i in sorted(weak)]
+    return out, weak
+
+
+def _label_spaces(r, skip: set[int]) -> list[dict]:
+    shares = r["predicted_classes"]
+    classes = max(len(s) for s in shares)
+    padded = [list(s) + [0.0] * (classes - len(s)) for s in shares]
+    out = []
+    for i, mine in enumerate(padded):
+        if i in skip:
+            continue
+        missing = [c for c in range(classes) if mine[c] < RARE_SHARE
+                   and any(other[c] > COMMON_SHARE for j, other in enumerate(padded) if j != i)]
+        if missing:
+            out.append(_finding("label_spaces", "failure",
+                                f"Model {i} never predicts classes {missing} that the other models "
+                                "use: the models were trained on different label spaces.",
+                                "Merge models trained on the same classes (a class-skewed split is "
+                                "fine, a missing class is not), or compare with the ensemble.",
+                                "summary"))
+    return out
+
+
+def _samples(r) -> list[dict]:
+    thin = [p for p in r["points"] if p["samples_per_feature"] < MIN_SAMPLES_PER_FEATURE]
+    if not thin:
+        return []
+    worst = min(thin, key=lambda p: p["samples_per_feature"])
+    severity = "failure" if worst["samples_per_feature"] < 2 else "warning"
+    return [_finding("few_samples", severity,
+                     f"Too few statistics samples: {worst['samples_per_feature']:.1f} per feature at "
+                     f"{worst['name']} ({worst['samples']} samples for {worst['width']} units); the "
+                     f"covariances there are noise ({len(thin)} merge point(s) below "
+                     f"{MIN_SAMPLES_PER_FEATURE:.0f}).",
+                     "Collect statistics on more data (raise --stats-samples, or use the whole "
+                     "training set).", "health")]
+
+
+def _far_apart(r) -> list[dict]:
+    first = r["points"][0]
+    if first["mean_rho"] >= FAR_APART_RHO:
+        return []
+    return [_finding("far_apart_early", "warning",
+                     f"The models are far apart already at the first merge point {first['name']} "
+                     f"(mean canonical correlation {first['mean_rho']:.2f}): they did not learn the "
+                     "same low-level features.",
+                     "Check that they saw the same inputs and preprocessing; models from a shared "
+                     "initialisation or more similar data merge better.", "spectra")]
+
+
+def _dead(r) -> list[dict]:
+    worst = max(r["points"], key=lambda p: p["dead_fraction"])
+    if worst["dead_fraction"] <= DEAD_FRACTION:
+        return []
+    return [_finding("dead_units", "warning",
+                     f"{worst['dead_fraction']:.0%} of the units at {worst['name']} never fire "
+                     f"(dead units per model {worst['dead_units']}); they are paired by identity and "
+                     "carry nothing.",
+                     "Train with a lower learning rate or better initialisation; a narrower layer "
+                     "would lose nothing.", "health")]
+
+
+def _collapse(r) -> list[dict]:
+    low = [p for p in r["points"] if p["variance_ratio"] < COLLAPSE_RATIO]
+    if not low:
+        return []
+    worst = min(low, key=lambda p: p["variance_ratio"])
+    fix = ("BatchNorm reset is on, so look at the partial merges for the layer that breaks"
+           if r["has_batchnorm"] else "Merge with REPAIR (--repair) to rescale the merged units")
+    return [_finding("variance_collapse", "warning",
+                     f"Activations collapse in the merged model: variance at {worst['name']} is "
+                     f"{worst['variance_ratio']:.2f}x the endpoints' ({len(low)} point(s) below "
+                     f"{COLLAPSE_RATIO}).", fix + ".", "collapse")]
+
+
+def _gamma(r) -> list[dict]:
+    sweep = r.get("sweep")
+    if sweep and sweep.get("best_at_edge"):
+        return [_finding("gamma_extreme", "warning",
+                         f"The best {sweep['parameter']} ({sweep['best']:g}) is at the edge of the "
+                         "grid searched; the optimum may lie beyond it.",
+                         "Extend the sweep grid in that direction.", "sweep")]
+    options = r["options"]
+    if r["method"] != "cca" or not options.get("relative", False):
+        return []
+    gamma = options["gamma"]
+    if 1e-5 <= gamma <= 1e3:
+        return []
+    what = "nearly exact CCA, which overfits noise" if gamma < 1e-5 else "nearly a pure rotation"
+    return [_finding("gamma_extreme", "warning", f"gamma = {gamma:g} is at an extreme ({what}).",
+                     "Run the gamma sweep and use the best value on held-out data.", "sweep")]
+
+
+def _summary(r, failures: bool) -> list[dict]:
+    base = sum(b["accuracy"] for b in r["base"]) / len(r["base"])
+    merged = r["merged"]["accuracy"]
+    if failures:
+        return []
+    if merged >= base - 2.0:
+        return [_finding("healthy", "info",
+                         f"The merge is healthy: {merged:.1f}% against {base:.1f}% for the mean base "
+                         f"model and {r['ensemble']['accuracy']:.1f}% for the ensemble.",
+                         "Nothing to fix; try more models or another method to compare.", "summary")]
+    return [_finding("merge_gap", "info",
+                     f"The merge loses {base - merged:.1f} points against the mean base model; most "
+                     f"loss is added at {r['ranking'][0]} (partial merges).",
+                     "Inspect that layer's spectrum and feature matching; try another method or gamma.",
+                     "partial")]
+
+
+SEVERITY_ORDER = {"failure": 0, "warning": 1, "info": 2}
+
+
+def findings_for(report: dict) -> list[dict]:
+    """Every finding that applies, most severe first."""
+    undertrained, weak = _undertrained(report)
+    found = (_batchnorm(report) + undertrained + _label_spaces(report, weak) + _samples(report)
+             + _far_apart(report) + _dead(report) + _collapse(report) + _gamma(report))
+    found += _summary(report, any(f["severity"] == "failure" for f in found))
+    return sorted(found, key=lambda f: SEVERITY_ORDER[f["severity"]])

@@ -1,0 +1,196 @@
+"""Why did this merge fail? Per-layer health, partial merges and a plain-language checklist.
+
+:func:`diagnose` aligns and merges once, then measures per merge point
+
+* similarity of the endpoints: mean canonical correlation (nearly unregularised) and mean
+  Hungarian-matched correlation;
+* numerical health: condition numbers, dead units, samples per feature;
+* collapse: total activation variance of the merged model over the endpoints' mean;
+* damage: accuracy and loss of the partial merge that merges the first k points only and keeps the
+  reference's remaining layers (they are in the reference basis already); the loss added at point
+  k ranks the layers.
+
+The findings of :mod:`ccamerge.checklist` turn these numbers into causes and next steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ccamerge.alignment import hungarian
+from ccamerge.api import align, aligned_states, subsample, train_inputs
+from ccamerge.cca import cca
+from ccamerge.checklist import findings_for
+from ccamerge.data import holdout_split
+from ccamerge.errors import CcamergeError
+from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
+from ccamerge.methods import get_method
+from ccamerge.models import logits
+from ccamerge.spec import AlignmentSpec, build_spec
+from ccamerge.stats import collect_statistics
+from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
+
+
+def merged_prefix(spec: AlignmentSpec, k: int) -> set[str]:
+    """Parameters merged when only the first ``k`` merge points are: those whose every merge
+    point (as producer or consumer) is among the first ``k``; the logits layer joins at k = all."""
+    inside = set(spec.names[:k])
+    table = spec.axes_by_param()
+    return {param for param, entries in table.items()
+            if all(point.name in inside for _axis, point, _role in entries)}
+
+
+def partial_state(reference_state: dict[str, torch.Tensor], merged_state: dict[str, torch.Tensor],
+                  spec: AlignmentSpec, k: int) -> dict[str, torch.Tensor]:
+    """Merged values for the first ``k`` points' parameters, the reference's elsewhere. Parameters
+    outside every merge point (the logits bias) follow the last layer."""
+    chosen = merged_prefix(spec, k)
+    covered = set(spec.axes_by_param())
+    everything = k == len(spec.points)
+    return {key: merged_state[key] if key in chosen or (everything and key not in covered)
+            else reference_state[key] for key in reference_state}
+
+
+def partial_curve(reference: nn.Module, merged_state: dict[str, torch.Tensor], spec: AlignmentSpec,
+                  data, bn_reset: bool) -> list[dict]:
+    """Test accuracy and loss of the partial merges k = 0 (the reference) .. all points."""
+    x_train = train_inputs(data)
+    rows = []
+    for k in range(len(spec.points) + 1):
+        model = with_state(reference, partial_state(reference.state_dict(), merged_state, spec, k))
+        if bn_reset:
+            reset_batchnorm(model, x_train)
+        rows.append(evaluate_model(model, data.x_test, data.y_test))
+    return rows
+
+
+def _collapse(merged: nn.Module, spec: AlignmentSpec, stats, x: torch.Tensor) -> dict[str, float]:
+    """Per point: total variance of the merged model's features / mean over the endpoints."""
+    merged_stats = collect_statistics([merged], spec, x)
+    ratios = {}
+    for point in spec.points:
+        endpoint = np.mean([np.trace(stats[point.name].cov(i, i)) for i in range(stats.num_models)])
+        ratios[point.name] = float(np.trace(merged_stats[point.name].cov(0, 0)) / max(endpoint, 1e-30))
+    return ratios
+
+
+def _similarity(stats, point: str, ref: int, others: Sequence[int]) -> dict:
+    p = stats[point]
+    rho, matched, cond_x, cond_y = [], [], [], []
+    for i in others:
+        fit = cca(p.cov(ref, ref), p.cov(i, i), p.cov(ref, i), gamma=1e-4, relative=True)
+        corr = p.corr(ref, i)
+        rho.append(fit.rho.mean())
+        matched.append(corr[np.arange(p.width), hungarian(corr)].mean())
+        cond_x.append(fit.cond_xx)
+        cond_y.append(fit.cond_yy)
+    dead = [len(p.dead_units(i)) for i in range(stats.num_models)]
+    return {"mean_rho": float(np.mean(rho)), "mean_matched": float(np.mean(matched)),
+            "cond_reference": float(np.max(cond_x)), "cond_models": float(np.max(cond_y)),
+            "dead_units": dead, "dead_fraction": float(max(dead) / p.width),
+            "samples": p.count, "samples_per_feature": p.count / p.width}
+
+
+def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
+             bn_reset: bool = True, stats_samples: int | None = None, seed: int = 0,
+             with_sweep: bool = False, progress=None, **options) -> dict:
+    """A JSON-able report: base, ensemble and merged scores; per point similarity, health,
+    collapse and damage (``points``, in depth order); ``ranking`` (points by loss added);
+    ``sweep`` (with ``with_sweep``, for cca and zipit); ``findings`` (checklist, most severe
+    first) and ``healthy``."""
+    report = progress or (lambda _f, _m: None)
+    aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
+                    seed=seed, **options)
+    # statistics of every model against the reference are needed even for data-free methods
+    x = train_inputs(data)
+    x_stats = subsample(x, stats_samples, seed)
+    stats = aligned.statistics or collect_statistics(models, aligned.spec, x_stats, reference=reference)
+    report(0.3, "merging")
+    merged_state = average_states(aligned_states(models, aligned))
+    merged = with_state(models[reference], merged_state)
+    if bn_reset:
+        reset_batchnorm(merged, x)
+    base = [evaluate_model(with_bn_reset(m, x), data.x_test, data.y_test) for m in models]
+    report(0.5, "partial merges")
+    partial = partial_curve(models[reference], merged_state, aligned.spec, data, bn_reset)
+    collapse = _collapse(merged, aligned.spec, stats, x_stats)
+    others = [i for i in range(len(models)) if i != reference]
+    points = []
+    for k, point in enumerate(aligned.spec.points, start=1):
+        row = {"name": point.name, "width": point.width, **_similarity(stats, point.name, reference, others),
+               "variance_ratio": collapse[point.name],
+               "partial_accuracy": partial[k]["accuracy"], "partial_loss": partial[k]["loss"],
+               "damage_loss": partial[k]["loss"] - partial[k - 1]["loss"],
+               "damage_accuracy": partial[k - 1]["accuracy"] - partial[k]["accuracy"]}
+        points.append(row)
+    result = {
+        "method": method, "options": aligned.options, "reference": reference, "bn_reset": bn_reset,
+        "has_batchnorm": has_batchnorm(models[0]), "num_classes": int(data.y_test.max()) + 1,
+        "base": base, "ensemble": evaluate_ensemble(models, data.x_test, data.y_test),
+        "merged": evaluate_model(merged, data.x_test, data.y_test),
+        "reference_only": partial[0], "points": points,
+        "ranking": [p["name"] for p in sorted(points, key=lambda p: -p["damage_loss"])],
+        "predicted_classes": [_predicted_classes(m, data.x_test) for m in models],
+    }
+    if with_sweep and method in ("cca", "zipit"):
+        report(0.7, f"sweeping {method} hyperparameters")
+        result["sweep"] = sweep(models, data, method, reference=reference, bn_reset=bn_reset,
+                                stats_samples=stats_samples, seed=seed)
+    report(0.9, "checklist")
+    result["findings"] = findings_for(result)
+    result["healthy"] = not any(f["severity"] == "failure" for f in result["findings"])
+    report(1.0, "done")
+    return result
+
+
+def _predicted_classes(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Share of test inputs predicted as each class (which labels a model actually uses)."""
+    pred = logits(model, x).argmax(1)
+    counts = torch.bincount(pred, minlength=int(pred.max()) + 1).double()
+    return (counts / counts.sum()).tolist()
+
+
+def default_grid(method: str) -> list[dict]:
+    """Log grid of relative gamma for CCA; alpha x beta for ZipIt."""
+    if method == "cca":
+        return [{"gamma": g, "relative": True} for g in np.logspace(-4, 3, 8).tolist()]
+    if method == "zipit":
+        return [{"alpha": a, "beta": b} for a in (0.1, 0.3, 0.5, 1.0) for b in (0.0, 0.125, 0.25)]
+    raise CcamergeError(f"no hyperparameters to sweep for {method}; sweep cca or zipit")
+
+
+def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[dict] | None = None,
+          holdout: float = 0.2, reference: int = 0, bn_reset: bool = True,
+          stats_samples: int | None = None, seed: int = 0, progress=None) -> dict:
+    """Merged accuracy over a grid of option settings, measured on a held-out slice of the
+    training set (never the test set); statistics and BatchNorm reset use the rest.
+    Returns ``{"method", "grid", "accuracy", "loss", "best", "best_index", "best_at_edge",
+    "selected_on"}``."""
+    report = progress or (lambda _f, _m: None)
+    grid = grid or default_grid(method)
+    fit_idx, val_idx = holdout_split(len(data.y_train), holdout, seed)
+    x_fit = data.x_train[fit_idx]
+    x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+    method_info = get_method(method)
+    stats = collect_statistics(models, build_spec(models[0]), subsample(x_fit, stats_samples, seed),
+                               reference=reference, pairs=method_info.statistics or "reference")
+    scores = []
+    for k, options in enumerate(grid):
+        aligned = align(models, x_fit, method, reference=reference, statistics=stats, **options)
+        merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
+        if bn_reset:
+            reset_batchnorm(merged, x_fit)
+        scores.append(evaluate_model(merged, x_val, y_val))
+        report((k + 1) / len(grid), f"{method} {options}")
+    best = int(np.argmax([s["accuracy"] - 1e-9 * s["loss"] for s in scores]))
+    varied = [key for key in grid[0] if len({str(g[key]) for g in grid}) > 1]
+    edge = any(grid[best][key] in (grid[0][key], grid[-1][key]) for key in varied
+               if isinstance(grid[best][key], (int, float)) and len(varied) == 1)
+    return {"method": method, "grid": grid, "accuracy": [s["accuracy"] for s in scores],
+            "loss": [s["loss"] for s in scores], "best": grid[best], "best_index": best,
+            "best_at_edge": bool(edge), "parameter": ", ".join(varied),
+            "selected_on": f"held-out {holdout:.0%} of the training set ({len(val_idx)} images)"}

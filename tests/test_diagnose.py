@@ -1,0 +1,89 @@
+import dataclasses
+
+import pytest
+import torch
+
+from ccamerge.api import merge
+from ccamerge.diagnose import diagnose, merged_prefix, partial_state, sweep
+from ccamerge.evaluate import evaluate_model
+from ccamerge.models import build_model
+from ccamerge.spec import build_spec
+
+
+def _ids(report, severity="failure"):
+    return [f["id"] for f in report["findings"] if f["severity"] == severity]
+
+
+def test_healthy_merge_of_two_seeds_reports_no_failure(mlps, digits):
+    report = diagnose(mlps[:2], digits, "cca")
+    assert report["healthy"] and _ids(report) == []
+    assert report["findings"][-1]["id"] in ("healthy", "merge_gap")
+    assert [p["name"] for p in report["points"]] == ["fc1", "fc2"]
+    assert sorted(report["ranking"]) == ["fc1", "fc2"]
+    for finding in report["findings"]:
+        assert finding["title"] and finding["next_step"] and finding["chart"]
+
+
+def test_merge_with_an_untrained_model_names_it(mlps, digits):
+    torch.manual_seed(0)
+    untrained = build_model("mlp", **mlps[0].config)
+    report = diagnose([mlps[0], untrained], digits, "cca")
+    assert not report["healthy"]
+    assert _ids(report)[0] == "undertrained"
+    assert "Model 1" in report["findings"][0]["title"]
+
+
+def test_batchnorm_reset_switched_off_is_reported(vgg_bn, digits):
+    report = diagnose(vgg_bn, digits, "permute", bn_reset=False, stats_samples=300)
+    assert "bn_not_reset" in _ids(report)
+    assert diagnose(vgg_bn, digits, "permute", stats_samples=300)["findings"][0]["id"] != "bn_not_reset"
+
+
+def test_far_too_few_statistic_samples_are_reported(mlps, digits):
+    report = diagnose(mlps[:2], digits, "cca", stats_samples=60)
+    assert "few_samples" in _ids(report)
+    assert "per feature" in next(f for f in report["findings"] if f["id"] == "few_samples")["title"]
+
+
+def test_plain_averaging_shows_collapse(mlps, digits):
+    report = diagnose(mlps[:2], digits, "average")
+    ratios = [p["variance_ratio"] for p in report["points"]]
+    aligned = [p["variance_ratio"] for p in diagnose(mlps[:2], digits, "permute")["points"]]
+    assert ratios[-1] < aligned[-1]  # unaligned averaging shrinks the deep layer's variance more
+
+
+def test_partial_merges_run_from_the_reference_to_the_merge(mlps, digits):
+    spec = build_spec(mlps[0])
+    assert merged_prefix(spec, 0) == set()
+    assert merged_prefix(spec, 1) == {"layers.1.weight", "layers.1.bias"}
+    result = merge(mlps[:2], digits, "permute")
+    ref_state = mlps[0].state_dict()
+    merged_state = result.model.state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in partial_state(ref_state, merged_state, spec, 0).items())
+    full = partial_state(ref_state, merged_state, spec, len(spec.points))
+    assert all(torch.equal(v, merged_state[k]) for k, v in full.items())
+    report = diagnose(mlps[:2], digits, "permute")
+    assert report["points"][-1]["partial_accuracy"] == pytest.approx(report["merged"]["accuracy"])
+
+
+def test_sweep_selects_on_held_out_training_data_not_the_test_set(mlps, digits):
+    grid = [{"gamma": g, "relative": True} for g in (1e-3, 1e-1, 10.0)]
+    result = sweep(mlps[:2], digits, "cca", grid=grid)
+    assert result["best"] in grid and len(result["accuracy"]) == 3
+    assert "held-out" in result["selected_on"]
+    scrambled = dataclasses.replace(digits, y_test=digits.y_test.flip(0), x_test=digits.x_test * 0)
+    assert sweep(mlps[:2], scrambled, "cca", grid=grid)["accuracy"] == result["accuracy"]
+
+
+def test_diagnose_with_sweep_flags_an_edge_optimum(mlps, digits):
+    report = diagnose(mlps[:2], digits, "cca", with_sweep=True)
+    assert len(report["sweep"]["grid"]) == 8
+    if report["sweep"]["best_at_edge"]:
+        assert "gamma_extreme" in _ids(report, "warning")
+
+
+def test_diagnosed_merge_is_the_merge(mlps, digits):
+    report = diagnose(mlps[:2], digits, "cca")
+    merged = merge(mlps[:2], digits, "cca").model
+    assert report["merged"]["accuracy"] == pytest.approx(
+        evaluate_model(merged, digits.x_test, digits.y_test)["accuracy"])
