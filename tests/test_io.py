@@ -1,0 +1,193 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ccamerge.errors import CcamergeError
+from ccamerge.io import (
+    load_model,
+    load_model_bytes,
+    load_models,
+    model_summary,
+    read_info,
+    save_model,
+)
+from ccamerge.models import build_model
+
+CONFIGS = {
+    "mlp": {"in_channels": 1, "image_size": 8, "num_classes": 10, "hidden": [16, 16]},
+    "vgg": {"in_channels": 1, "image_size": 8, "num_classes": 10, "width": 0.5},
+    "resnet20": {"in_channels": 1, "image_size": 8, "num_classes": 10, "width": 0.5, "blocks": 1},
+}
+
+
+def _model(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = build_model(arch, **{**CONFIGS[arch], **overrides})
+    model.train()
+    with torch.no_grad():  # move BatchNorm running statistics away from their defaults
+        model(torch.randn(16, 1, 8, 8))
+    return model.eval()
+
+
+class RunsCode:
+    """Pickles to ``os.system(command)``: unpickling it with plain pickle would run the command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_round_trip_is_bitwise(tmp_path, arch):
+    model = _model(arch)
+    info = {"dataset": "digits", "seed": 0, "test_accuracy": np.float64(97.5), "split": ("same",)}
+    path = save_model(model, tmp_path / "sub" / f"{arch}.safetensors", info=info)
+    loaded = load_model(path)
+    assert loaded.arch == arch and loaded.config == model.config and not loaded.training
+    assert loaded.info == {"dataset": "digits", "seed": 0, "test_accuracy": 97.5, "split": ["same"]}
+    assert loaded.source == str(path)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_metadata_layout(tmp_path):
+    path = save_model(_model("resnet20"), tmp_path / "r.safetensors", info={"recipe": {"g": 1}})
+    header = read_info(path)
+    assert header["format"] == 1 and header["arch"] == "resnet20"
+    assert header["config"]["blocks"] == 1 and header["info"] == {"recipe": {"g": 1}}
+    assert "stages.0.0.bn1.num_batches_tracked" in load_model(path).state_dict()
+    summary = model_summary(load_model(path))
+    assert summary["arch"] == "resnet20" and summary["parameters"] > 0 and summary["accuracy"] is None
+    json.dumps(summary)
+
+
+def test_save_rejects_bad_info_and_suffix(tmp_path):
+    with pytest.raises(CcamergeError, match="not JSON-able"):
+        save_model(_model("mlp"), tmp_path / "m.safetensors", info={"x": object()})
+    with pytest.raises(CcamergeError, match="safetensors"):
+        save_model(_model("mlp"), tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    path = save_model(_model("vgg", width=1.0), tmp_path / "v.safetensors")
+    config = dict(CONFIGS["vgg"], width=0.5)
+    with pytest.raises(CcamergeError) as caught:
+        load_model(path, arch="vgg", config=config)
+    assert str(caught.value).startswith(
+        "tensor features.0.weight has shape [16, 1, 3, 3] but a vgg with width 0.5 expects "
+        "[8, 1, 3, 3]")
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    path = save_model(_model("mlp"), tmp_path / "m.safetensors")
+    with pytest.raises(CcamergeError, match="missing .*unexpected"):
+        load_model(path, arch="vgg", config=CONFIGS["vgg"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"\xff" * 64, "not a valid safetensors file"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", "not a valid safetensors file"),
+])
+def test_corrupt_files(tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CcamergeError, match=message):
+        load_model(path)
+    with pytest.raises(CcamergeError, match=message):
+        load_model_bytes(content, "bad.safetensors")
+
+
+def test_truncated_oversize_and_extension(tmp_path):
+    path = save_model(_model("mlp"), tmp_path / "m.safetensors")
+    whole = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CcamergeError, match="truncated or corrupt"):
+        load_model(cut)
+    with pytest.raises(CcamergeError, match="over the 100-byte limit"):
+        load_model(path, max_bytes=100)
+    other = tmp_path / "m.bin"
+    other.write_bytes(whole)
+    with pytest.raises(CcamergeError, match=r"expected a \.safetensors, \.pt or \.pth"):
+        load_model(other)
+    with pytest.raises(CcamergeError, match="does not exist"):
+        load_model(tmp_path / "absent.safetensors")
+
+
+def test_missing_metadata_needs_description(tmp_path):
+    model = _model("mlp")
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(CcamergeError, match="no ccamerge metadata.*architecture description"):
+        load_model(path)
+    loaded = load_model(path, arch="mlp", config=CONFIGS["mlp"])
+    assert loaded.info == {}
+
+
+def test_non_finite_weights_refused(tmp_path):
+    model = _model("mlp")
+    with torch.no_grad():
+        model.layers[1].weight[0, 0] = float("nan")
+    path = save_model(model, tmp_path / "nan.safetensors")
+    with pytest.raises(CcamergeError, match="layers.1.weight .*NaN or infinite"):
+        load_model(path)
+
+
+def test_pt_state_dict_needs_description(tmp_path):
+    model = _model("vgg")
+    plain, wrapped = tmp_path / "plain.pt", tmp_path / "wrapped.pth"
+    torch.save(model.state_dict(), plain)
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, wrapped)
+    with pytest.raises(CcamergeError, match="architecture description"):
+        load_model(plain)
+    for path in (plain, wrapped):
+        loaded = load_model(path, arch="vgg", config=CONFIGS["vgg"])
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    from_bytes = load_model_bytes(plain.read_bytes(), "up.pt", arch="vgg", config=CONFIGS["vgg"])
+    assert from_bytes.source == "up.pt"
+    not_state = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], not_state)
+    with pytest.raises(CcamergeError, match="does not hold a state dict"):
+        load_model(not_state, arch="vgg", config=CONFIGS["vgg"])
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    state = dict(_model("mlp").state_dict())
+    state["layers.1.bias"] = RunsCode(f"touch {marker}")
+    path = tmp_path / "evil.pt"
+    torch.save(state, path)
+    with pytest.raises(CcamergeError, match=r"refused to unpickle evil\.pt.*only plain tensors"):
+        load_model(path, arch="mlp", config=CONFIGS["mlp"])
+    with pytest.raises(CcamergeError, match="refused to unpickle"):
+        load_model_bytes(path.read_bytes(), "evil.pt", arch="mlp", config=CONFIGS["mlp"])
+    assert not marker.exists()
+
+
+def test_corrupt_pt(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"PK\x03\x04 definitely not a torch archive")
+    with pytest.raises(CcamergeError, match="cannot read junk.pt"):
+        load_model(path, arch="mlp", config=CONFIGS["mlp"])
+
+
+def test_bytes_and_many(tmp_path):
+    paths = [save_model(_model("mlp", seed=s), tmp_path / f"m{s}.safetensors",
+                        info={"test_accuracy": 90.0 + s}) for s in range(2)]
+    models = load_models(paths)
+    assert [model_summary(m)["accuracy"] for m in models] == [90.0, 91.0]
+    uploaded = load_model_bytes(paths[1].read_bytes(), "m1.safetensors")
+    assert uploaded.info == {"test_accuracy": 91.0} and uploaded.source == "m1.safetensors"
+    assert torch.equal(uploaded.layers[1].weight, models[1].layers[1].weight)
