@@ -10,6 +10,8 @@ An :class:`AlignmentSpec` lists :class:`MergePoint` s. Each names
 
 ``Axis.repeat`` handles a Linear after the flatten of a ``[C, H, W]`` map: its input axis has
 ``C * H * W`` entries, channel-major, so the transform acts on blocks of ``repeat = H * W``.
+``Axis.offset`` handles a layer reading a channel concatenation: the point's ``width * repeat``
+entries start at ``offset`` along the axis.
 One generic function (``transform.apply_transforms``) applies any spec; nothing else in the
 library knows an architecture's wiring.
 """
@@ -32,6 +34,11 @@ class Axis:
     param: str
     axis: int
     repeat: int = 1
+    offset: int = 0
+
+    def span(self, width: int) -> slice:
+        """The entries of this axis that belong to a merge point of ``width`` units."""
+        return slice(self.offset, self.offset + width * self.repeat)
 
 
 @dataclass(frozen=True)

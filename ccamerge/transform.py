@@ -47,13 +47,14 @@ Transforms = dict[str, Transform]  # merge point name -> transform, for one mode
 
 
 def _apply_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.Tensor:
-    """``matrix @ tensor`` along ``axis.axis`` where that axis holds ``n`` blocks of ``repeat``."""
-    moved = tensor.movedim(axis.axis, 0).to(torch.float64)
-    shape = moved.shape
+    """``matrix @ tensor`` along ``axis.axis``, on the point's entries (``n`` blocks of
+    ``repeat``, from ``offset``); other entries of the axis are left as they are."""
+    moved = tensor.movedim(axis.axis, 0).to(torch.float64)  # a copy: float64
     n = matrix.shape[0]
-    flat = moved.reshape(n, -1)  # [n, repeat * rest]; channel-major flatten keeps blocks together
-    out = torch.from_numpy(matrix) @ flat
-    return out.reshape(shape).movedim(0, axis.axis).to(tensor.dtype)
+    block = moved[axis.span(n)]
+    # channel-major flatten keeps each unit's `repeat` entries together: [n, repeat * rest]
+    moved[axis.span(n)] = (torch.from_numpy(matrix) @ block.reshape(n, -1)).reshape(block.shape)
+    return moved.movedim(0, axis.axis).to(tensor.dtype)
 
 
 def apply_transforms(state: dict[str, torch.Tensor], spec: AlignmentSpec,

@@ -19,14 +19,15 @@ NOT_WEIGHTS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _rows(tensor: np.ndarray, axis: Axis, n: int) -> np.ndarray:
-    """``[n, rest]`` view of ``tensor`` with ``axis`` (n blocks of ``repeat``) in front."""
-    return np.moveaxis(tensor, axis.axis, 0).reshape(n, -1)
+    """``[n, rest]`` view of the point's entries of ``axis`` (n blocks of ``repeat``) in front."""
+    return np.moveaxis(tensor, axis.axis, 0)[axis.span(n)].reshape(n, -1)
 
 
 def _permute_axis(tensor: np.ndarray, axis: Axis, perm: np.ndarray) -> np.ndarray:
-    moved = np.moveaxis(tensor, axis.axis, 0)
-    blocks = moved.reshape(len(perm), -1)[perm].reshape(moved.shape)
-    return np.moveaxis(blocks, 0, axis.axis)
+    moved = np.moveaxis(tensor, axis.axis, 0).copy()
+    block = moved[axis.span(len(perm))]
+    moved[axis.span(len(perm))] = block.reshape(len(perm), -1)[perm].reshape(block.shape)
+    return np.moveaxis(moved, 0, axis.axis)
 
 
 def _permuted_except(b: np.ndarray, entries, perms: dict[str, np.ndarray], skip: Axis) -> np.ndarray:
