@@ -19,10 +19,11 @@ from ccamerge.cca import cca
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model
 from ccamerge.methods import Method, get_method
-from ccamerge.models import same_architecture
+from ccamerge.models import ARCHITECTURES, same_architecture
 from ccamerge.repair import repair as repair_units
 from ccamerge.spec import AlignmentSpec, build_spec
 from ccamerge.stats import Statistics, collect_statistics
+from ccamerge.trace import derive_and_verify
 from ccamerge.transform import apply_transforms, average_states, reset_batchnorm, with_state
 
 Progress = Callable[[float, str], None]
@@ -44,19 +45,56 @@ def train_inputs(data) -> torch.Tensor:
     return x.float()
 
 
+def is_builtin(model: nn.Module) -> bool:
+    return getattr(model, "arch", None) in ARCHITECTURES
+
+
 def check_compatible(models: Sequence[nn.Module], x: torch.Tensor, reference: int) -> None:
     """Fail with a clear message for < 2 models, mismatched models, a bad reference index or
     inputs of the wrong shape."""
     if len(models) < 2:
         raise CcamergeError(f"merging needs at least 2 models, got {len(models)}")
-    same_architecture(list(models))
     if not 0 <= reference < len(models):
         raise CcamergeError(f"reference must be in 0..{len(models) - 1}, got {reference}")
-    config = getattr(models[0], "config", {})
-    expected = (config.get("in_channels"), config.get("image_size"), config.get("image_size"))
-    if None not in expected and tuple(x.shape[1:]) != expected:
-        raise CcamergeError(f"the models expect inputs of shape {list(expected)} but the data has "
-                            f"{list(x.shape[1:])}; pick the dataset they were trained on")
+    if all(is_builtin(m) for m in models):
+        same_architecture(list(models))
+        config = models[0].config
+        expected = (config.get("in_channels"), config.get("image_size"), config.get("image_size"))
+        if tuple(x.shape[1:]) != expected:
+            raise CcamergeError(f"the models expect inputs of shape {list(expected)} but the data "
+                                f"has {list(x.shape[1:])}; pick the dataset they were trained on")
+        return
+    _same_state_shapes(models)
+    try:
+        with torch.no_grad():
+            models[0].eval()(x[:2])
+    except Exception as exc:
+        raise CcamergeError(f"model 0 cannot run on inputs of shape {list(x.shape[1:])}: {exc}; "
+                            "pick the dataset it was trained on") from exc
+
+
+def _same_state_shapes(models: Sequence[nn.Module]) -> None:
+    first = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
+    for index, model in enumerate(models[1:], start=1):
+        other = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise CcamergeError(f"model {index} does not match model 0 at {key} "
+                                    f"({other.get(key)} vs {first.get(key)}); only models of one "
+                                    "architecture and size merge")
+
+
+def resolve_spec(models: Sequence[nn.Module], x: torch.Tensor) -> AlignmentSpec:
+    """The hand-written spec of a built-in family, else one derived by tracing and verified
+    with a random permutation (points that fail verification are not used)."""
+    if is_builtin(models[0]):
+        return build_spec(models[0])
+    derived = derive_and_verify(models[0], x[:64])
+    if not derived.spec.points:
+        reasons = "; ".join(derived.unmerged[:3]) or "no Linear/Conv layer feeds another"
+        raise CcamergeError(f"found no merge point that can be aligned safely ({reasons}); "
+                            "run `ccamerge spec MODEL` for details")
+    return derived.spec
 
 
 def subsample(x: torch.Tensor, samples: int | None, seed: int) -> torch.Tensor:
@@ -80,18 +118,19 @@ class AlignResult:
 
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
-          statistics: Statistics | None = None, progress: Progress = _silent,
-          **options) -> AlignResult:
+          statistics: Statistics | None = None, spec: AlignmentSpec | None = None,
+          progress: Progress = _silent, **options) -> AlignResult:
     """Transforms bringing every model into the reference's basis (jointly for ZipIt).
 
     ``statistics``: reuse statistics collected earlier (same models and reference, and every
-    pair when the method is joint) instead of a new pass over the data.
+    pair when the method is joint) instead of a new pass over the data. ``spec``: the merge
+    points (default: the family's spec, or one derived by tracing for other models).
     """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
     x = train_inputs(data)
     check_compatible(models, x, reference)
-    spec = build_spec(models[0])
+    spec = spec or resolve_spec(models, x)
     stats = statistics if spec_method.statistics else None
     if spec_method.statistics and stats is None:
         progress(0.0, "collecting activation statistics")
@@ -152,7 +191,8 @@ def sample_warnings(stats: Statistics | None) -> list[str]:
 def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
           bn_reset: bool = True, repair: bool = False, weights: Sequence[float] | None = None,
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
-          progress: Progress = _silent, **options) -> MergeResult:
+          spec: AlignmentSpec | None = None, progress: Progress = _silent,
+          **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
     ``data``: a Dataset (its training images give the statistics and the BatchNorm reset) or an
@@ -161,7 +201,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     Returns the merged model (eval mode) in the reference's basis, with details and a recipe.
     """
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
-                    batch_size=batch_size, seed=seed, progress=progress, **options)
+                    batch_size=batch_size, seed=seed, spec=spec, progress=progress, **options)
     progress(0.8, "averaging")
     states = aligned_states(models, aligned)
     weights = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
@@ -240,7 +280,7 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     correlations sorted descending (``matched``), their means, and numerical health."""
     x = train_inputs(data)
     check_compatible(models, x, reference)
-    spec = build_spec(models[0])
+    spec = resolve_spec(models, x)
     stats = statistics or collect_statistics(models, spec, subsample(x, stats_samples, seed),
                                              reference=reference)
     rows = []

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ccamerge import api
 from ccamerge.data import DATASETS, load_dataset
 from ccamerge.diagnose import diagnose
@@ -16,6 +18,15 @@ from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.io import load_model, save_model
 from ccamerge.methods import METHODS, describe_methods, get_method
+from ccamerge.spec import build_spec
+from ccamerge.trace import derive_and_verify
+from ccamerge.trace_explain import explain
+from ccamerge.trace_script import (
+    is_torchscript_archive,
+    load_torchscript,
+    script_to_module,
+    with_script_state,
+)
 from ccamerge.train import train_zoo
 
 METHOD_FLAGS = {"gamma": float, "alpha": float, "beta": float, "max_sweeps": int}
@@ -32,8 +43,35 @@ def _data(args):
     return load_dataset(args.data, data_dir=args.data_dir)
 
 
-def _models(paths):
-    return [load_model(p) for p in paths]
+def _load(path: str, args, data=None):
+    """A model file: safetensors / weights-only .pt, or (with --trust-code) a TorchScript
+    archive replayed as a hookable module that keeps the archive in ``.script``."""
+    if not is_torchscript_archive(path):
+        return load_model(path)
+    if not getattr(args, "trust_code", False):
+        raise CcamergeError(f"{path} is a TorchScript archive: its code runs when the model runs; "
+                            "pass --trust-code only if you trust where it came from")
+    script = load_torchscript(path)
+    x = (data or _data(args)).x_train[:8]
+    model = script_to_module(script, x)
+    object.__setattr__(model, "script", script)  # kept out of the module tree and state dict
+    model.source, model.info = str(path), {}
+    return model
+
+
+def _models(paths, args, data=None):
+    return [_load(p, args, data) for p in paths]
+
+
+def _save_merged(model, reference, path, info) -> None:
+    """safetensors for the built-in families; a TorchScript archive (recipe in its extra file
+    ccamerge.json) when the inputs were archives."""
+    script = getattr(reference, "script", None)
+    if script is None:
+        save_model(model, path, info=info)
+        return
+    archive = with_script_state(script, model.state_dict())
+    torch.jit.save(archive, str(path), _extra_files={"ccamerge.json": json.dumps(info, default=str)})
 
 
 def _method_options(args) -> dict:
@@ -53,7 +91,7 @@ def cmd_train(args) -> dict:
 
 def cmd_evaluate(args) -> dict:
     data = _data(args)
-    models = _models(args.models)
+    models = _models(args.models, args, data)
     if not args.no_bn_reset:
         models = [with_bn_reset(m, data.x_train) for m in models]
     out = {"models": [{"path": str(p), **evaluate_model(m, data.x_test, data.y_test)}
@@ -73,7 +111,7 @@ def _merge_from(models, data, args, method, options, reference) -> dict:
     result.recipe["data"] = {"name": args.data, "data_dir": args.data_dir}
     info = {"merge": result.recipe, "dataset": args.data, "test_accuracy": scores["accuracy"],
             "test_loss": scores["loss"]}
-    save_model(result.model, args.out, info=info)
+    _save_merged(result.model, models[reference], args.out, info)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": method, **scores, "out": str(args.out), "options": result.recipe["options"],
@@ -83,8 +121,8 @@ def _merge_from(models, data, args, method, options, reference) -> dict:
 
 def cmd_merge(args) -> dict:
     data = _data(args)
-    return _merge_from(_models(args.models), data, args, args.method, _method_options(args),
-                       args.reference)
+    return _merge_from(_models(args.models, args, data), data, args, args.method,
+                       _method_options(args), args.reference)
 
 
 def cmd_replay(args) -> dict:
@@ -95,7 +133,8 @@ def cmd_replay(args) -> dict:
     args.no_bn_reset = not recipe.get("bn_reset", True)
     args.repair = recipe.get("repair", False)
     args.stats_samples, args.seed = recipe.get("stats_samples"), recipe.get("seed", 0)
-    return _merge_from(_models(args.models), _data(args), args, recipe["method"],
+    data = _data(args)
+    return _merge_from(_models(args.models, args, data), data, args, recipe["method"],
                        recipe.get("options", {}), recipe.get("reference", 0))
 
 
@@ -117,7 +156,7 @@ def _read_recipe(path: str) -> dict:
 
 def cmd_interpolate(args) -> dict:
     data = _data(args)
-    a, b = _models([args.model_a, args.model_b])
+    a, b = _models([args.model_a, args.model_b], args, data)
     return api.interpolate(a, b, data, args.method, steps=args.steps, bn_reset=not args.no_bn_reset,
                            stats_samples=args.stats_samples, seed=args.seed,
                            progress=_progress(args.quiet), **_method_options(args))
@@ -125,15 +164,34 @@ def cmd_interpolate(args) -> dict:
 
 def cmd_spectrum(args) -> dict:
     data = _data(args)
-    rows = api.spectrum(_models([args.model_a, args.model_b]), data, gamma=args.gamma,
+    rows = api.spectrum(_models([args.model_a, args.model_b], args, data), data, gamma=args.gamma,
                         relative=args.relative, stats_samples=args.stats_samples, seed=args.seed)
     return {"gamma": args.gamma, "relative": args.relative, "merge_points": rows}
 
 
 def cmd_diagnose(args) -> dict:
-    return diagnose(_models(args.models), _data(args), args.method, reference=args.reference,
+    data = _data(args)
+    return diagnose(_models(args.models, args, data), data, args.method, reference=args.reference,
                     bn_reset=not args.no_bn_reset, stats_samples=args.stats_samples, seed=args.seed,
                     with_sweep=args.sweep, progress=_progress(args.quiet), **_method_options(args))
+
+
+def cmd_spec(args) -> dict:
+    """Every merge point of a model (traced and verified), unsupported operations, diagrams."""
+    data = _data(args)
+    model = _load(args.model, args, data)
+    derived = derive_and_verify(model, data.x_train[:64])
+    report = explain(derived, diagrams=args.diagrams)
+    if api.is_builtin(model):
+        report["matches_hand_written"] = _same_points(derived.spec, build_spec(model))
+    return report
+
+
+def _same_points(a, b) -> bool:
+    def key(spec):
+        return {(p.width, frozenset(p.features), frozenset(p.producers), frozenset(p.consumers))
+                for p in spec.points}
+    return key(a) == key(b)
 
 
 def cmd_methods(_args) -> dict:
@@ -174,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     common.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    common.add_argument("--trust-code", action="store_true",
+                        help="accept TorchScript archives (their code runs when the model runs)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", parents=[common], help="train several seeds, one file each")
@@ -238,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also sweep gamma (cca) or alpha/beta (zipit) on held-out training data")
     _add_merge_options(p)
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("spec", parents=[common], help="merge points of a model, derived by tracing "
+                       "and verified, with unsupported operations and a diagram")
+    p.add_argument("model")
+    _add_data(p)
+    p.add_argument("--no-diagrams", dest="diagrams", action="store_false",
+                   help="leave out the DOT and Mermaid diagrams")
+    p.set_defaults(func=cmd_spec)
 
     p = sub.add_parser("methods", parents=[common], help="the registry of merge methods")
     p.set_defaults(func=cmd_methods)

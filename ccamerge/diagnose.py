@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ccamerge.alignment import hungarian
-from ccamerge.api import align, aligned_states, subsample, train_inputs
+from ccamerge.api import align, aligned_states, resolve_spec, subsample, train_inputs
 from ccamerge.cca import cca
 from ccamerge.checklist import findings_for
 from ccamerge.data import holdout_split
@@ -30,7 +30,7 @@ from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.methods import get_method
 from ccamerge.models import logits
-from ccamerge.spec import AlignmentSpec, build_spec
+from ccamerge.spec import AlignmentSpec
 from ccamerge.stats import collect_statistics
 from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
 
@@ -176,7 +176,7 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
     x_fit = data.x_train[fit_idx]
     x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
     method_info = get_method(method)
-    stats = collect_statistics(models, build_spec(models[0]), subsample(x_fit, stats_samples, seed),
+    stats = collect_statistics(models, resolve_spec(models, x_fit), subsample(x_fit, stats_samples, seed),
                                reference=reference, pairs=method_info.statistics or "reference")
     scores = []
     for k, options in enumerate(grid):

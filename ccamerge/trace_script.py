@@ -23,6 +23,7 @@ import copy
 import io
 import operator
 import os
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -49,6 +50,16 @@ def load_torchscript(source: str | os.PathLike | bytes | BinaryIO, *,
     except Exception as exc:
         raise CcamergeError(f"not a TorchScript archive (torch.jit.save): {exc}") from exc
     return module.eval()
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """True for a ``torch.jit.save`` archive (a zip holding compiled code), False for anything
+    else, ``torch.save`` pickles included."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 class CannotReplay(Exception):

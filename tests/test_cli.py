@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ccamerge.cli import main
 from ccamerge.io import load_model
@@ -119,3 +120,66 @@ def test_module_entry_point_prints_json():
     proc = subprocess.run([sys.executable, "-m", "ccamerge", "methods", "--json"],
                           capture_output=True, text=True, check=True)
     assert "cca" in json.loads(proc.stdout)["methods"]
+
+
+class _GeluNet(torch.nn.Module):
+    """Not a built-in family: LayerNorm, GELU, a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(64, 48)
+        self.norm = torch.nn.LayerNorm(48)
+        self.act = torch.nn.GELU()
+        self.hidden = torch.nn.Linear(48, 48)
+        self.act2 = torch.nn.GELU()
+        self.out = torch.nn.Linear(48, 10)
+
+    def forward(self, x):
+        h = self.act(self.norm(self.inp(x.flatten(1))))
+        return self.out(self.act2(self.hidden(h)) + h)
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    from ccamerge.data import load_dataset
+
+    digits = load_dataset("digits")
+    out = tmp_path_factory.mktemp("archives")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = _GeluNet()
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        for _ in range(60):
+            idx = torch.randint(0, len(digits.x_train), (128,))
+            loss = torch.nn.functional.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        path = out / f"gelu_s{seed}.ts"
+        torch.jit.save(torch.jit.script(model.eval()), str(path))
+        paths.append(str(path))
+    return paths
+
+
+def test_torchscript_archives_need_trust_then_trace_verify_and_merge(archives, tmp_path, capsys):
+    out = tmp_path / "merged.ts"
+    assert "--trust-code" in run_error(capsys, "merge", *archives, "--out", str(out))
+    code, spec, _ = run(capsys, "spec", archives[0], "--trust-code")
+    assert code == 0 and spec["verified"]
+    (stream,) = spec["points"]  # the residual add ties inp, norm and hidden into one stream
+    assert {"inp", "norm", "hidden", "out"} <= set(stream["layers"])
+    assert "digraph" in spec["dot"]
+    for method in ("cca", "permute"):
+        code, result, _ = run(capsys, "merge", *archives, "--method", method, "--out", str(out),
+                              "--trust-code")
+        assert code == 0 and result["accuracy"] > 50
+        merged = torch.jit.load(str(out))  # a TorchScript archive again
+        code, scores, _ = run(capsys, "evaluate", str(out), "--trust-code")
+        assert scores["models"][0]["accuracy"] == pytest.approx(result["accuracy"])
+        assert merged is not None
+
+
+def test_spec_of_a_builtin_model_matches_the_hand_written_one(zoo, capsys):
+    code, spec, _ = run(capsys, "spec", zoo[0], "--no-diagrams")
+    assert code == 0 and spec["matches_hand_written"] and "dot" not in spec
