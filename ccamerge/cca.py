@@ -79,6 +79,20 @@ def _live_split(c_xx, c_yy, rel_tol):
     return live_x, live_y, paired_x, paired_y, dead_x, dead_y
 
 
+def _align_null_space(u: np.ndarray, rho: np.ndarray, v: np.ndarray, tol: float = 1e-9) -> np.ndarray:
+    """For canonical pairs with rho ~ 0 (rank-deficient but live features) the SVD may rotate U's
+    columns arbitrarily against V's; replace them by the rotation of that block closest to V's,
+    so that U V^T there is the projector when the two sides span the same space (a model merged
+    with itself gets T = I)."""
+    null = rho <= tol * max(float(rho[0]) if len(rho) else 0.0, 1e-30)
+    if not null.any():
+        return u
+    a, _, bt = np.linalg.svd(u[:, null].T @ v[:, null])
+    u = u.copy()
+    u[:, null] = u[:, null] @ (a @ bt)
+    return u
+
+
 def _fix_signs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Make the largest-magnitude entry of each column of U positive (flipping V alike); T is
     unchanged, plots are reproducible."""
@@ -103,7 +117,7 @@ def cca(c_xx: np.ndarray, c_yy: np.ndarray, c_xy: np.ndarray, *, gamma: float = 
     syy_h, syy_ih = sym_powers(syy, (0.5, -0.5))
     m = sxx_ih @ c_xy[np.ix_(live_x, live_y)] @ syy_ih
     u, rho, vt = np.linalg.svd(m)
-    u, v = _fix_signs(u, vt.T)
+    u, v = _fix_signs(_align_null_space(u, rho, vt.T), vt.T)
     T = np.zeros((n, n))
     T_inv = np.zeros((n, n))
     T[np.ix_(live_y, live_x)] = syy_ih @ v @ u.T @ sxx_h

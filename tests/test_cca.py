@@ -89,3 +89,13 @@ def test_bad_inputs_are_rejected(xy):
     cxy[0, 0] = np.nan
     with pytest.raises(CcamergeError, match="NaN"):
         cca(cxx, cyy, cxy)
+
+
+def test_self_cca_is_identity_with_rank_deficient_live_units():
+    rng = np.random.default_rng(4)
+    base = np.maximum(rng.normal(size=(500, 3)), 0.0)
+    x = np.hstack([base, base @ rng.uniform(0.5, 1.5, size=(3, 5))])  # 8 live units, rank 3
+    fit = cca(*_covs(x, x), gamma=0.1, relative=True)
+    assert len(fit.dead_x) == 0
+    np.testing.assert_allclose(fit.T, np.eye(8), atol=1e-6)
+    np.testing.assert_allclose(fit.T @ fit.T_inv, np.eye(8), atol=1e-8)
