@@ -21,6 +21,12 @@ from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec
 
 
+def centred(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [p], x - mean [S, p])`` of samples ``x`` ``[S, p]``."""
+    mean = x.mean(0)
+    return mean, x - mean
+
+
 class CrossMoments:
     """Running count, means and co-moment ``sum (x - mx)^T (y - my)`` of paired samples."""
 
@@ -32,18 +38,18 @@ class CrossMoments:
 
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Add samples ``x`` ``[S, p]`` paired with ``y`` ``[S, q]`` (``y=None``: ``y = x``)."""
-        mx = x.mean(0)
-        xc = x - mx
-        if y is None:
-            my, yc = mx, xc
-        else:
-            my = y.mean(0)
-            yc = y - my
+        cx = centred(x)
+        self.add_centred(cx, cx if y is None else centred(y))
+
+    def add_centred(self, cx: tuple[torch.Tensor, torch.Tensor],
+                    cy: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Add a batch given as ``(mean [p], centred samples [S, p])`` pairs (see :func:`centred`);
+        the product runs in the samples' dtype, the accumulation in float64."""
         batch = CrossMoments.__new__(CrossMoments)
-        batch.count = x.shape[0]
-        batch.mean_x = mx.double().numpy()
-        batch.mean_y = my.double().numpy()
-        batch.comoment = (xc.T @ yc).double().numpy()  # float32 product, float64 accumulation
+        batch.count = cx[1].shape[0]
+        batch.mean_x = cx[0].double().numpy()
+        batch.mean_y = cy[0].double().numpy()
+        batch.comoment = (cx[1].T @ cy[1]).double().numpy()
         self.merge(batch)
 
     def merge(self, other: CrossMoments) -> None:
@@ -155,7 +161,8 @@ def capture_features(model: nn.Module, spec: AlignmentSpec) -> Iterator[dict[str
 def _batch_features(model, spec, xb) -> dict[str, torch.Tensor]:
     with capture_features(model, spec) as captured, torch.no_grad():
         model(xb)
-    return {name: torch.cat(chunks) for name, chunks in captured.items()}
+    return {name: chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            for name, chunks in captured.items()}
 
 
 def _check_finite(acc: dict, spec: AlignmentSpec, num_models: int) -> None:
@@ -194,11 +201,12 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
         for model in models:
             feats.append(_batch_features(model, spec, x[start:start + batch_size]))
         for point in spec.points:
+            centre = [centred(f[point.name]) for f in feats]  # once per model, shared by pairs
             for i, j in [(i, i) for i in range(len(models))] + cross:
                 key = (point.name, i, j)
                 if key not in acc:
                     acc[key] = CrossMoments(point.width, point.width)
-                acc[key].update(feats[i][point.name], None if i == j else feats[j][point.name])
+                acc[key].add_centred(centre[i], centre[j])
         _check_finite(acc, spec, len(models))
         if progress:
             progress(min(1.0, (start + batch_size) / len(x)))

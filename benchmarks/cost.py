@@ -1,0 +1,180 @@
+"""What a merge costs, against the limit of the forward passes it cannot avoid.
+
+    python benchmarks/cost.py [--widths 1 2 4] [--samples 2000] [--x8] [--out benchmarks/results]
+
+The unavoidable work of an activation-based merge is N forward passes over the statistics data
+and one BatchNorm-reset pass; everything else (covariance products, the solve, applying
+transforms, averaging) is overhead. For each architecture, width and method this prints and
+writes (``cost.csv``, ``cost.md``):
+
+* the time of each phase: statistics, solve, transforms, averaging, BatchNorm reset;
+* ``ratio`` = total merge time / bare forward time over the same data (target <= 1.3 for cca);
+* how time grows with the width and with N;
+* peak memory (resident set, measured in a fresh process) as the statistics data grows 1x, 4x,
+  16x: statistics are streamed, so it should stay flat;
+* with ``--x8``, whether a VGG x8 merge of two models fits in this machine's memory, and its time.
+
+Models are randomly initialised (cost does not depend on training); inputs are Fashion-MNIST
+training images when the Debian package is installed, else digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ccamerge.alignment import AlignContext
+from ccamerge.api import AlignResult, aligned_states
+from ccamerge.data import available_datasets, load_dataset
+from ccamerge.methods import get_method
+from ccamerge.models import build_model
+from ccamerge.spec import build_spec
+from ccamerge.stats import collect_statistics
+from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
+
+BATCH = 500
+
+
+def inputs(samples: int) -> torch.Tensor:
+    name = "fashion-mnist" if "fashion-mnist" in available_datasets() else "digits"
+    x = load_dataset(name).x_train
+    reps = -(-samples // len(x))
+    return torch.cat([x] * reps)[:samples]
+
+
+def models_for(arch: str, width: float, n: int, image_size: int) -> list[torch.nn.Module]:
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        out.append(build_model(arch, width=width, image_size=image_size).eval())
+    return out
+
+
+@torch.no_grad()
+def bare_forward(models, x) -> float:
+    """N eval passes plus one train-mode pass (the BatchNorm reset) over ``x``, no hooks."""
+    start = time.perf_counter()
+    for m in models:
+        for i in range(0, len(x), BATCH):
+            m(x[i:i + BATCH])
+    if has_batchnorm(models[0]):
+        models[0].train()
+        for i in range(0, len(x), BATCH):
+            models[0](x[i:i + BATCH])
+        models[0].eval()
+    return time.perf_counter() - start
+
+
+def timed_merge(models, x, method: str) -> dict[str, float]:
+    info = get_method(method)
+    spec = build_spec(models[0])
+    phases = {}
+    t = time.perf_counter()
+    stats = None
+    if info.statistics:
+        stats = collect_statistics(models, spec, x, pairs=info.statistics, batch_size=BATCH)
+    phases["statistics"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ctx = AlignContext([m.state_dict() for m in models], spec, stats)
+    options = info.resolve({})
+    aligned = AlignResult(info.solve(ctx, **options), stats, spec, options, method)
+    phases["solve"] = time.perf_counter() - t
+    t = time.perf_counter()
+    states = aligned_states(models, aligned)
+    phases["transforms"] = time.perf_counter() - t
+    t = time.perf_counter()
+    merged = with_state(models[0], average_states(states))
+    phases["averaging"] = time.perf_counter() - t
+    t = time.perf_counter()
+    reset_batchnorm(merged, x, batch_size=BATCH)
+    phases["bn_reset"] = time.perf_counter() - t
+    phases["total"] = sum(phases.values())
+    return phases
+
+
+def time_rows(archs, widths, methods, ns, samples) -> list[dict]:
+    rows = []
+    for arch in archs:
+        for width in widths:
+            for n in ns:
+                x = inputs(samples)
+                models = models_for(arch, width, n, x.shape[-1])
+                limit = min(bare_forward(models, x) for _ in range(2))
+                for method in methods:
+                    phases = timed_merge(models, x, method)
+                    rows.append({"arch": arch, "width": width, "N": n, "method": method,
+                                 "samples": samples, **{k: round(v, 4) for k, v in phases.items()},
+                                 "forward_limit": round(limit, 4),
+                                 "ratio": round(phases["total"] / limit, 3)})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def peak_memory_mb(arch: str, width: float, samples: int, method: str) -> float:
+    """Peak resident set of a fresh process that merges two models on ``samples`` inputs, minus
+    that process's resident set before the merge (imports, data and models)."""
+    code = (
+        "import resource, sys, torch; sys.path.insert(0, 'benchmarks');"
+        "from cost import inputs, models_for, timed_merge;"
+        f"x = inputs({samples}); models = models_for({arch!r}, {width}, 2, x.shape[-1]);"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"timed_merge(models, x, {method!r});"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def memory_rows(arch: str, width: float, base_samples: int) -> list[dict]:
+    rows = []
+    for factor in (1, 4, 16):
+        mb = peak_memory_mb(arch, width, base_samples * factor, "cca")
+        rows.append({"arch": arch, "width": width, "samples": base_samples * factor,
+                     "peak_extra_mb": round(mb, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def write(rows: list[dict], path: Path) -> None:
+    if not rows:
+        return
+    with path.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
+    parser.add_argument("--widths", nargs="+", type=float, default=[1, 2, 4])
+    parser.add_argument("--methods", nargs="+",
+                        default=["average", "permute", "weight_matching", "zipit", "ot", "cca"])
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--x8", action="store_true", help="also merge two VGG x8 models")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write(time_rows(args.archs, args.widths, args.methods, [2], args.samples), out / "cost")
+    write(time_rows(args.archs, [1], ["cca", "permute"], [2, 3, 4, 5], args.samples), out / "cost_n")
+    write(memory_rows("vgg", 1, args.samples // 4) + memory_rows("resnet20", 1, args.samples // 4),
+          out / "cost_memory")
+    if args.x8:
+        write(time_rows(["vgg"], [8], ["cca", "permute"], [2], args.samples), out / "cost_x8")
+    print(f"peak RSS of this run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
