@@ -1,0 +1,152 @@
+"""Turn a reproduction run's CSV files into ``summary.md``, ``plots.html`` and the README's
+"Results" section.
+
+    python benchmarks/report.py benchmarks/results/default [--readme README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+METHOD_ORDER = ["base", "ensemble", "average", "permute", "weight_matching", "zipit", "ot", "cca"]
+TIE = 0.5  # accuracy points within which CCA and permutation matching are called even
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def read(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def grouped(rows: list[dict]) -> dict[tuple, dict[str, list[float]]]:
+    """(arch, width, setting, N) -> method -> accuracies over subsets."""
+    table: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        key = (r["arch"], float(r["width"]), r["setting"], int(r["N"]))
+        table[key][r["method"]].append(float(r["accuracy"]))
+    return table
+
+
+def accuracy_table(table) -> list[str]:
+    methods = [m for m in METHOD_ORDER if any(m in v for v in table.values())]
+    lines = ["| arch | width | setting | N | " + " | ".join(methods) + " |",
+             "|" + "---|" * (4 + len(methods))]
+    for (arch, width, setting, n), scores in sorted(table.items()):
+        cells = [f"{np.mean(scores[m]):.1f} ± {np.std(scores[m]):.1f}" if m in scores else ""
+                 for m in methods]
+        lines.append(f"| {arch} | x{width:g} | {setting} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdict(table) -> list[str]:
+    """Where CCA wins, ties or loses against permutation matching, and by how much."""
+    diffs = {key: np.mean(s["cca"]) - np.mean(s["permute"]) for key, s in table.items()
+             if "cca" in s and "permute" in s}
+    if not diffs:
+        return []
+    wins = [k for k, d in diffs.items() if d > TIE]
+    losses = [k for k, d in diffs.items() if d < -TIE]
+    by_n = defaultdict(list)
+    for (_a, _w, _s, n), d in diffs.items():
+        by_n[n].append(d)
+    lines = [f"CCA Merge against permutation matching over {len(diffs)} settings "
+             f"(arch x width x split x N): ahead by more than {TIE} points in {len(wins)}, "
+             f"within {TIE} in {len(diffs) - len(wins) - len(losses)}, behind in {len(losses)}.",
+             "Mean difference (CCA - permute, accuracy points) by number of merged models: "
+             + ", ".join(f"N={n}: {np.mean(v):+.1f}" for n, v in sorted(by_n.items())) + "."]
+    if losses:
+        worst = min(losses, key=lambda k: diffs[k])
+        lines.append(f"Largest loss: {diffs[worst]:+.1f} points ({worst[0]} x{worst[1]:g}, "
+                     f"{worst[2]}, N={worst[3]}).")
+    if wins:
+        best = max(wins, key=lambda k: diffs[k])
+        lines.append(f"Largest win: {diffs[best]:+.1f} points ({best[0]} x{best[1]:g}, "
+                     f"{best[2]}, N={best[3]}).")
+    return lines
+
+
+def barrier_table(rows: list[dict]) -> list[str]:
+    table: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        table[(r["arch"], float(r["width"]), r["setting"])][r["method"]] = float(r["barrier"])
+    methods = [m for m in METHOD_ORDER if any(m in v for v in table.values())]
+    lines = ["| arch | width | setting | " + " | ".join(methods) + " |",
+             "|" + "---|" * (3 + len(methods))]
+    for (arch, width, setting), b in sorted(table.items()):
+        lines.append(f"| {arch} | x{width:g} | {setting} | "
+                     + " | ".join(f"{b[m]:.3f}" if m in b else "" for m in methods) + " |")
+    return lines
+
+
+def plots(table, barrier_rows: list[dict], path: Path) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    pools = sorted({k[:3] for k in table})
+    fig = make_subplots(rows=len(pools), cols=1, subplot_titles=[
+        f"{a} x{w:g}, {s}: test accuracy vs number of merged models" for a, w, s in pools])
+    for row, pool in enumerate(pools, start=1):
+        ns = sorted(k[3] for k in table if k[:3] == pool)
+        for method in METHOD_ORDER:
+            ys = [np.mean(table[(*pool, n)][method]) for n in ns if method in table[(*pool, n)]]
+            if ys:
+                fig.add_trace(go.Scatter(x=ns, y=ys, mode="lines+markers", name=method,
+                                         legendgroup=method, showlegend=row == 1), row=row, col=1)
+    fig.update_layout(height=320 * len(pools), title="CCA Merge reproduction")
+    curves = go.Figure()
+    for r in barrier_rows:
+        curves.add_trace(go.Scatter(x=json.loads(r["lambdas"]), y=json.loads(r["loss"]),
+                                    mode="lines+markers",
+                                    name=f"{r['arch']} x{float(r['width']):g} {r['setting']} {r['method']}"))
+    curves.update_layout(title="Interpolation loss between two models (N = 2)",
+                         xaxis_title="lambda", yaxis_title="test loss", height=600)
+    path.write_text(fig.to_html(include_plotlyjs="cdn", full_html=True)
+                    + curves.to_html(include_plotlyjs=False, full_html=False))
+
+
+def write_report(out: Path, readme: Path | None = None) -> str:
+    run = json.loads((out / "run.json").read_text())
+    table = grouped(read(out / "accuracy.csv"))
+    barriers = read(out / "barriers.csv")
+    selected = read(out / "selected.csv")
+    command = "python benchmarks/reproduce.py" + {"quick": " --quick", "full": " --full"}.get(run["profile"], "")
+    epochs = ", ".join(f"{arch} {e}" for arch, e in run["epochs"].items())
+    text = [f"Profile `{run['profile']}` on {run['data']}: models trained on {run['train_images']} "
+            f"training images (epochs: {epochs}), {run['held_out_images']} more held out for "
+            f"selecting hyperparameters, {run['test_images']} test images; pools of {run['pool']}, {run['subsets']} random "
+            f"subsets per N, statistics on {run['stats']} training images; hyperparameters "
+            f"selected on a held-out slice of the training set; test accuracy (%) mean ± std over "
+            f"subsets. Run time {run['seconds'] / 60:.0f} min. Regenerate with `{command}`.", "",
+            *verdict(table), "", *accuracy_table(table), "",
+            "Interpolation barriers (test loss) between two models:", "", *barrier_table(barriers), "",
+            "Selected hyperparameters: " + "; ".join(
+                f"{r['arch']} x{float(r['width']):g} {r['setting']} {r['method']} {r['selected']}"
+                for r in selected) + "."]
+    body = "\n".join(text) + "\n"
+    (out / "summary.md").write_text(body)
+    plots(table, barriers, out / "plots.html")
+    if readme is not None and readme.exists():
+        content = readme.read_text()
+        if START in content and END in content:
+            head, rest = content.split(START, 1)
+            _old, tail = rest.split(END, 1)
+            readme.write_text(f"{head}{START}\n{body}{END}{tail}")
+    return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a results folder written by reproduce.py")
+    parser.add_argument("--readme", default=None, help="update this README's Results section")
+    args = parser.parse_args()
+    print(write_report(Path(args.run), Path(args.readme) if args.readme else None))
+
+
+if __name__ == "__main__":
+    main()
