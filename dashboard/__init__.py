@@ -1,0 +1,1 @@
+"""The ccamerge Streamlit dashboard (entry point: dashboard/app.py)."""

@@ -1,0 +1,58 @@
+"""ccamerge dashboard: ``streamlit run dashboard/app.py``.
+
+Opens on the built-in demo (a small zoo trained on ``digits`` on the first start, then cached in
+``$CCAMERGE_CACHE_DIR`` or ``~/.cache/ccamerge/demo``). The sidebar (models, reference, dataset) is
+drawn here, so it stays set on every page; the pages live in ``../pages``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from ccamerge.errors import CcamergeError  # noqa: E402
+from dashboard import data, registry, state, widgets  # noqa: E402
+
+PAGES = [
+    st.Page("../pages/models.py", title="Models and data", icon=":material/inventory_2:", default=True),
+    st.Page("../pages/spectra.py", title="Spectra", icon=":material/ssid_chart:"),
+    st.Page("../pages/features.py", title="Feature matching", icon=":material/grid_on:"),
+    st.Page("../pages/interpolation.py", title="Interpolation", icon=":material/timeline:"),
+    st.Page("../pages/merge.py", title="Merge and compare", icon=":material/merge:"),
+]
+
+
+def load_demo() -> None:
+    """Add the demo zoo to this session once (training it first if it is not on disk yet)."""
+    if st.session_state.get(state.DEMO_LOADED):
+        return
+    if data.demo_ready():
+        rows = data.ensure_demo()
+    else:
+        with st.status("Training the demo models on digits (first start only, about 20 s)...",
+                       expanded=True) as status:
+            bar = st.progress(0.0, text="starting")
+            rows = data.ensure_demo(lambda f, msg: bar.progress(min(1.0, f), text=msg))
+            status.update(label=f"Demo ready: {len(rows)} models in {data.demo_dir()}",
+                          state="complete", expanded=False)
+    models = st.session_state[state.MODELS]
+    ids = registry.add_demo(models, rows)
+    st.session_state[state.W_MODELS] = registry.default_selection(models, ids)
+    st.session_state[state.DEMO_LOADED] = True
+
+
+st.set_page_config(page_title="ccamerge", page_icon=":material/merge:", layout="wide")
+state.init()
+navigation = st.navigation(PAGES)
+try:
+    load_demo()
+except CcamergeError as exc:
+    widgets.error(exc)
+widgets.sidebar()
+navigation.run()

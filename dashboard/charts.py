@@ -1,0 +1,311 @@
+"""Arrays in, plotly figures and pandas tables out. No ``st.*`` here, so plain pytest tests it.
+
+Colours: one per method in registry order (the same on every page), grey for the base models,
+black for the ensemble.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from ccamerge.features import MAX_DISPLAY, block_reduce
+from ccamerge.methods import METHODS
+
+METHOD_COLORS = dict(zip(METHODS, qualitative.D3, strict=False))
+MODEL_COLORS = qualitative.Set2
+BASE_COLOR = "#9e9e9e"
+ENSEMBLE_COLOR = "#222222"
+MIN_SAMPLES_PER_FEATURE = 10.0
+MAX_CONDITION = 1e8
+_MARGIN = dict(l=10, r=10, t=40, b=10)
+
+
+def method_color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#636efa")
+
+
+def _points(rows: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(r["name"] for r in rows))
+
+
+def _grid(count: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(count, max_cols) or 1
+    return math.ceil(count / cols) or 1, cols
+
+
+# ----------------------------------------------------------------------------- spectra
+def spectrum_figure(rows: Sequence[dict], *, model_names: dict[int, str] | None = None) -> go.Figure:
+    """Canonical correlations (solid: at the chosen gamma; dashed: nearly unregularised) and
+    sorted Hungarian-matched correlations (dotted) per merge point, one colour per model."""
+    names = model_names or {}
+    points = _points(rows)
+    n_rows, n_cols = _grid(len(points))
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=points, shared_yaxes=True,
+                        horizontal_spacing=0.04, vertical_spacing=0.12)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for row in rows:
+        k = points.index(row["name"])
+        color = MODEL_COLORS[models.index(row["model"]) % len(MODEL_COLORS)]
+        label = names.get(row["model"], f"model {row['model']}")
+        x = np.arange(1, len(row["rho"]) + 1)
+        for series, dash, kind in (("rho", "solid", "CCA ρ"), ("rho_exact", "dash", "CCA ρ (γ≈0)"),
+                                   ("matched", "dot", "matched corr.")):
+            fig.add_trace(go.Scatter(
+                x=x, y=row[series], mode="lines", line=dict(color=color, dash=dash, width=2),
+                name=f"{kind}: {label}", legendgroup=f"{kind}{row['model']}", showlegend=k == 0,
+                hovertemplate=f"{label}<br>{kind} #%{{x}}: %{{y:.3f}}<extra>{row['name']}</extra>"),
+                row=k // n_cols + 1, col=k % n_cols + 1)
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_yaxes(title_text="correlation", col=1)
+    fig.update_xaxes(title_text="component / unit (sorted)", row=n_rows)
+    fig.update_layout(height=320 * n_rows + 90, margin=_MARGIN,
+                      legend=dict(orientation="h", yanchor="top", y=-0.12 / n_rows - 0.06))
+    return fig
+
+
+def mean_correlations(rows: Sequence[dict]) -> dict[str, float]:
+    """Means over ``rows`` (models) of the mean canonical correlation at gamma (``rho``), nearly
+    unregularised (``rho_exact``) and of the matched unit pairs (``matched``)."""
+    return {"rho": float(np.mean([r["mean_rho"] for r in rows])),
+            "rho_exact": float(np.mean([np.mean(r["rho_exact"]) for r in rows])),
+            "matched": float(np.mean([r["mean_matched"] for r in rows]))}
+
+
+def mean_rho_figure(rows: Sequence[dict]) -> go.Figure:
+    """Per merge point, averaged over the models shown: mean canonical correlation at gamma and
+    nearly unregularised, and mean correlation of the Hungarian-matched unit pairs."""
+    points = _points(rows)
+    means = [mean_correlations([r for r in rows if r["name"] == p]) for p in points]
+    bars = (("rho", "mean ρ (CCA, chosen γ)", method_color("cca"), None),
+            ("rho_exact", "mean ρ (CCA, γ≈0)", method_color("cca"), "/"),
+            ("matched", "mean matched corr. (permutation)", method_color("permute"), None))
+    fig = go.Figure([go.Bar(x=points, y=[m[key] for m in means], name=label, marker_color=color,
+                            marker_pattern_shape=pattern, text=[f"{m[key]:.3f}" for m in means],
+                            textposition="outside") for key, label, color, pattern in bars])
+    fig.update_layout(barmode="group", height=340, margin=_MARGIN, yaxis=dict(range=[0, 1.1],
+                      title="mean correlation"), xaxis_title="merge point",
+                      legend=dict(orientation="h", y=1.12))
+    return fig
+
+
+def health_frame(rows: Sequence[dict], model_names: dict[int, str] | None = None) -> pd.DataFrame:
+    """Numerical health per merge point and model."""
+    names = model_names or {}
+    return pd.DataFrame([{
+        "merge point": r["name"], "model": names.get(r["model"], str(r["model"])), "width": r["width"],
+        "samples": r["samples"], "samples / feature": r["samples_per_feature"],
+        "cond(S_xx)": r["cond_xx"], "cond(S_yy)": r["cond_yy"],
+        "dead (reference)": r["dead_reference"], "dead (model)": r["dead_model"],
+        "mean ρ": r["mean_rho"], "mean matched": r["mean_matched"]} for r in rows])
+
+
+def health_warnings(rows: Sequence[dict], model_names: dict[int, str] | None = None, *,
+                    min_samples: float = MIN_SAMPLES_PER_FEATURE,
+                    max_condition: float = MAX_CONDITION) -> list[str]:
+    """Readable warnings, one per kind: too few samples per feature, dead units, ill-conditioned
+    covariances (each listing the merge points and models concerned)."""
+    names = model_names or {}
+    few, dead, cond = [], [], []
+    for r in rows:
+        who = f"{r['name']} ({names.get(r['model'], 'model ' + str(r['model']))})"
+        if r["samples_per_feature"] < min_samples:
+            few.append(f"{r['name']}: {r['samples_per_feature']:.1f}")
+        if r["dead_reference"] or r["dead_model"]:
+            dead.append(f"{who}: {r['dead_reference']} in the reference, {r['dead_model']} in the model")
+        worst = max(r["cond_xx"], r["cond_yy"])
+        if not np.isfinite(worst) or worst > max_condition:
+            cond.append(f"{who}: {worst:.3g}")
+    out = []
+    if few:
+        out.append(f"Few samples per feature (under {min_samples:g}; covariances are unreliable, "
+                   f"use more statistics data): {'; '.join(dict.fromkeys(few))}")
+    if dead:
+        out.append("Dead units (never active on these images, CCA pairs them aside): "
+                   + "; ".join(dead))
+    if cond:
+        out.append(f"Ill-conditioned covariances (condition number over {max_condition:.0e}; "
+                   f"raise γ): {'; '.join(cond)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- feature matching
+def _heatmap(z: np.ndarray, rows: Sequence[int], cols: Sequence[int], hover: str) -> go.Heatmap:
+    return go.Heatmap(z=z, x=list(cols), y=list(rows), coloraxis="coloraxis", hovertemplate=hover)
+
+
+def matrix_pair_figure(left: np.ndarray, right: np.ndarray, *, titles: tuple[str, str],
+                       x_title: str, y_title: str, rows: Sequence[int] | None = None,
+                       cols: Sequence[int] | None = None, right_cols: Sequence[int] | None = None,
+                       limit: float | None = None, colorbar: str = "corr.",
+                       quantile: float = 0.98) -> go.Figure:
+    """Two matrices side by side on one diverging colour scale centred at 0. ``rows``/``cols``
+    label the axes (unit index or the first unit of each aggregated block). Without ``limit``
+    the scale ends at the ``quantile`` of the absolute entries (at least 1), so a few huge
+    entries saturate instead of washing out the rest."""
+    rows = list(rows) if rows is not None else list(range(left.shape[0]))
+    cols = list(cols) if cols is not None else list(range(left.shape[1]))
+    right_cols = list(right_cols) if right_cols is not None else cols
+    if limit is None:
+        finite = np.abs(np.concatenate([left[np.isfinite(left)], right[np.isfinite(right)]]))
+        limit = float(max(1.0, np.quantile(finite, quantile))) if finite.size else 1.0
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.08)
+    hover = f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>%{{z:.3f}}<extra></extra>"
+    fig.add_trace(_heatmap(left, rows, cols, hover), row=1, col=1)
+    fig.add_trace(_heatmap(right, rows, right_cols, hover), row=1, col=2)
+    fig.update_yaxes(autorange="reversed", title_text=y_title, col=1)
+    fig.update_yaxes(autorange="reversed", col=2)
+    fig.update_xaxes(title_text=x_title)
+    fig.update_layout(coloraxis=dict(colorscale="RdBu", cmid=0, cmin=-limit, cmax=limit,
+                                     colorbar=dict(title=colorbar)),
+                      height=470, margin=_MARGIN)
+    return fig
+
+
+def spread_figure(top1: np.ndarray, participation: np.ndarray, k90: np.ndarray) -> go.Figure:
+    """Histograms over reference units of the top-1 share, participation ratio and k90."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
+        "top-1 share (1 = one unit)", "participation ratio (1 = one unit)", "k90 (units for 90%)"))
+    for k, (values, color) in enumerate(((top1, method_color("cca")),
+                                         (participation, method_color("permute")),
+                                         (k90, method_color("ot")))):
+        values = np.asarray(values, float)
+        fig.add_trace(go.Histogram(x=values[np.isfinite(values)], marker_color=color, nbinsx=30,
+                                   showlegend=False, hovertemplate="%{x}: %{y} units<extra></extra>"),
+                      row=1, col=k + 1)
+    fig.update_yaxes(title_text="reference units", col=1)
+    fig.update_layout(height=300, margin=_MARGIN, bargap=0.05)
+    return fig
+
+
+# ----------------------------------------------------------------------------- interpolation
+def interpolation_figure(curves: Sequence[dict]) -> go.Figure:
+    """Test loss and accuracy along the path from model A (0) to model B (1), one line per method."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("test loss", "test accuracy (%)"),
+                        horizontal_spacing=0.08)
+    for curve in curves:
+        color = method_color(curve["method"])
+        for col, series in ((1, "loss"), (2, "accuracy")):
+            fig.add_trace(go.Scatter(
+                x=curve["lambdas"], y=curve[series], mode="lines+markers", name=curve["method"],
+                legendgroup=curve["method"], showlegend=col == 1, line=dict(color=color, width=2),
+                hovertemplate=f"{curve['method']}<br>λ=%{{x:.2f}}: %{{y:.3f}}<extra></extra>"),
+                row=1, col=col)
+    fig.update_xaxes(title_text="λ  (0 = model A, 1 = model B)")
+    fig.update_layout(height=380, margin=_MARGIN, legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def barrier_frame(curves: Sequence[dict]) -> pd.DataFrame:
+    """Per method: loss barrier, accuracy at the midpoint and the lowest accuracy on the path."""
+    rows = []
+    for c in curves:
+        mid = int(np.argmin(np.abs(np.asarray(c["lambdas"]) - 0.5)))
+        rows.append({"method": c["method"], "loss barrier": c["barrier"],
+                     "accuracy at λ=0.5 (%)": c["accuracy"][mid],
+                     "lowest accuracy (%)": min(c["accuracy"])})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- merge results
+def results_frame(names: Sequence[str], base: dict, merges: Sequence[dict]) -> pd.DataFrame:
+    """Rows: each base model, the logit ensemble, each merge (accuracy %, loss, seconds)."""
+    rows = [{"kind": "base model", "name": n, "accuracy (%)": s["accuracy"], "loss": s["loss"],
+             "seconds": np.nan} for n, s in zip(names, base["models"], strict=True)]
+    rows.append({"kind": "ensemble", "name": "ensemble (mean logits)",
+                 "accuracy (%)": base["ensemble"]["accuracy"], "loss": base["ensemble"]["loss"],
+                 "seconds": np.nan})
+    rows += [{"kind": "merge", "name": m["method"], "accuracy (%)": m["accuracy"], "loss": m["loss"],
+              "seconds": m["seconds"]} for m in merges]
+    return pd.DataFrame(rows)
+
+
+def table_height(frame: pd.DataFrame, row: int = 35) -> int:
+    """Pixels that show every row of a table without an inner scrollbar (capped at 20 rows)."""
+    return row * (min(len(frame), 20) + 1) + 3
+
+
+def merge_warnings(merges: Sequence[dict]) -> dict[str, list[str]]:
+    """Each distinct warning of the merges, with the methods that raised it."""
+    out: dict[str, list[str]] = {}
+    for merge in merges:
+        for warning in merge["warnings"]:
+            out.setdefault(warning, []).append(merge["method"])
+    return out
+
+
+def results_figure(frame: pd.DataFrame) -> go.Figure:
+    """Test accuracy of the base models, the ensemble and each merged model."""
+    colors = [BASE_COLOR if k == "base model" else ENSEMBLE_COLOR if k == "ensemble"
+              else method_color(n) for k, n in zip(frame["kind"], frame["name"], strict=True)]
+    acc = frame["accuracy (%)"]
+    fig = go.Figure(go.Bar(x=frame["name"], y=acc, marker_color=colors,
+                           text=[f"{v:.1f}" for v in acc], textposition="outside",
+                           cliponaxis=False, customdata=frame["kind"],
+                           hovertemplate="%{x} (%{customdata}): %{y:.2f}%<extra></extra>"))
+    low = max(0.0, float(acc.min()) - 10.0)
+    fig.update_layout(height=380, margin=dict(_MARGIN, t=50), xaxis_title=None,
+                      yaxis=dict(title="test accuracy (%)", range=[low, 101]))
+    return fig
+
+
+def accuracy_vs_n_figure(points: Sequence[dict]) -> go.Figure:
+    """Accuracy against the number of merged models, one line per method (and the ensemble).
+    ``points``: ``{"method", "n", "accuracy"}`` (method ``"ensemble"`` for the ensemble)."""
+    frame = pd.DataFrame(points)
+    fig = go.Figure()
+    for method, group in frame.groupby("method", sort=False):
+        group = group.sort_values("n")
+        is_ens = method == "ensemble"
+        fig.add_trace(go.Scatter(
+            x=group["n"], y=group["accuracy"], mode="lines+markers", name=method,
+            line=dict(color=ENSEMBLE_COLOR if is_ens else method_color(method),
+                      dash="dash" if is_ens else "solid", width=2),
+            hovertemplate=f"{method}<br>N=%{{x}}: %{{y:.2f}}%<extra></extra>"))
+    fig.update_layout(height=360, margin=_MARGIN, xaxis=dict(title="number of merged models N",
+                      dtick=1), yaxis_title="test accuracy (%)", legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def window(matrix: np.ndarray, *, view: str = "aggregate", start: int = 0,
+           max_size: int = MAX_DISPLAY) -> tuple[np.ndarray, list[int], list[int]]:
+    """What a heatmap of ``matrix`` ``[r, c]`` shows: all of it when it fits in ``max_size``;
+    else the strongest entry (sign kept) of each block (``view="aggregate"``, labels = first
+    unit of each block; a mean would wash out a diagonal) or the raw ``max_size`` x ``max_size``
+    window from unit ``start`` (``view="zoom"``)."""
+    r, c = matrix.shape
+    if max(r, c) <= max_size:
+        return matrix, list(range(r)), list(range(c))
+    if view == "zoom":
+        start = int(np.clip(start, 0, max(0, min(r, c) - max_size)))
+        stop = start + max_size
+        return (matrix[start:stop, start:stop], list(range(start, min(r, stop))),
+                list(range(start, min(c, stop))))
+    reduced, rows, cols = block_reduce(matrix, max_size, how="absmax")
+    return reduced, rows.tolist(), cols.tolist()
+
+
+def transform_views(t_tilde: np.ndarray, perm_matrix: np.ndarray, perm: np.ndarray, *,
+                    matched_order: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``T~`` and the permutation, both ``[n_x, n_y]`` (rows reference units j, columns model
+    units k, like the correlation heatmaps). With ``matched_order`` the columns are reordered so
+    the match of reference unit j is column j: the permutation becomes the identity and ``T~``
+    shows how far CCA spreads each feature beyond that diagonal."""
+    left, right = t_tilde.T, perm_matrix.T
+    if matched_order:
+        left, right = left[:, perm], right[:, perm]
+    return left, right
+
+
+def spread_frame(top1: np.ndarray, participation: np.ndarray, k90: np.ndarray,
+                 agrees: np.ndarray, perm: np.ndarray) -> pd.DataFrame:
+    """Per reference unit: its match, top-1 share, participation ratio, k90, agreement."""
+    return pd.DataFrame({"reference unit": np.arange(len(perm)), "matched model unit": perm,
+                         "top-1 share": top1, "participation ratio": participation, "k90": k90,
+                         "argmax = match": agrees})

@@ -1,0 +1,338 @@
+"""Every cache around ccamerge calls, and the demo zoo.
+
+Cache keys are content: the sha256 of a model file's bytes, the dataset key (a built-in name or
+``npz:<sha256>`` of the uploaded file) and the options. Sessions therefore share computation on
+identical inputs, but nothing is ever looked up by anything a session could not produce itself
+from its own files; uploaded bytes live only in that session's ``st.session_state``.
+
+Two kinds of cache: ``st.cache_data`` / ``st.cache_resource`` for quick results, and a small
+process-wide LRU (:class:`Memo`) for merges and interpolation curves, which report progress through
+a callback while they run (``st.cache_data`` would replay a progress bar drawn from inside it).
+Computations always run on deep copies of the cached models, so concurrent sessions never share
+forward hooks or mutate a cached network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+import torch
+from torch import nn
+
+from ccamerge import api
+from ccamerge.data import Dataset, load_dataset
+from ccamerge.errors import CcamergeError
+from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
+from ccamerge.features import FeatureMatching, feature_matching
+from ccamerge.io import load_model_bytes, save_model
+from ccamerge.methods import get_method
+from ccamerge.models import build_model
+from ccamerge.spec import build_spec
+from ccamerge.stats import Statistics, collect_statistics
+from ccamerge.train import default_config, train_zoo, zoo_filename
+from ccamerge.transform import has_batchnorm
+
+Progress = Callable[[float, str], None]
+MAX_UPLOAD_BYTES = 200 * 2**20
+SEED = 0
+
+
+def _limit_threads() -> int:
+    """One BLAS/torch thread per two cores (at most 4; ``CCAMERGE_THREADS`` overrides): the
+    models are small, and oversubscribed threads on a shared machine cost 10x, not 2x."""
+    n = int(os.environ.get("CCAMERGE_THREADS") or max(1, min(4, (os.cpu_count() or 1) // 2)))
+    torch.set_num_threads(n)
+    try:
+        import scipy.linalg  # noqa: F401  (load its BLAS before limiting it)
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:
+        pass
+    return n
+
+
+THREADS = _limit_threads()
+
+
+# ----------------------------------------------------------------------------- demo zoo
+@dataclass(frozen=True)
+class ZooGroup:
+    """Models of one architecture trained by ``train_zoo`` with one split; ``overrides`` change
+    the default config (e.g. BatchNorm), ``label`` names them in the UI."""
+
+    label: str
+    arch: str
+    seeds: tuple[int, ...]
+    split: str = "same"
+    epochs: int = 20
+    width: float = 1.0
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+DEMO_DATASET = "digits"
+# About 15 s of training on 2 busy cores; MLPs ~97%, VGGs ~99%, skewed halves ~91% on digits.
+DEMO_ZOO = (ZooGroup("mlp", "mlp", (0, 1, 2, 3)),
+            ZooGroup("vgg+bn", "vgg", (0, 1, 2), epochs=15, overrides=(("batch_norm", True),)),
+            ZooGroup("mlp", "mlp", (0, 1), split="skewed"))
+_DEMO_LOCK = threading.Lock()
+
+
+def demo_dir() -> Path:
+    """Where the demo zoo lives: ``$CCAMERGE_CACHE_DIR`` or ``~/.cache/ccamerge/demo``."""
+    return Path(os.environ.get("CCAMERGE_CACHE_DIR") or "~/.cache/ccamerge/demo").expanduser()
+
+
+def demo_files() -> list[Path]:
+    return [demo_dir() / zoo_filename(g.arch, g.width, g.split, s) for g in DEMO_ZOO for s in g.seeds]
+
+
+def demo_ready() -> bool:
+    """True when every demo file exists (the next start needs no training)."""
+    return all(p.is_file() for p in demo_files())
+
+
+def ensure_demo(progress: Progress | None = None) -> list[dict]:
+    """Train the missing demo models (reuse the others) and return one row per model:
+    ``train_zoo``'s row plus ``label``, ``arch`` and ``split_kind``. One session trains at a time;
+    the others wait and then reuse the files."""
+    total = sum(len(g.seeds) for g in DEMO_ZOO)
+    rows, done = [], 0
+    with _DEMO_LOCK:
+        data = load_dataset(DEMO_DATASET)
+        for group in DEMO_ZOO:
+            def report(fraction: float, message: str, done=done, group=group) -> None:
+                if progress is not None:
+                    progress((done + fraction * len(group.seeds)) / total, f"{group.arch}: {message}")
+            # The full config (defaults the constructor adds included), so that train_zoo
+            # recognises its own files on the next start.
+            config = default_config(group.arch, data, width=group.width) | dict(group.overrides)
+            config = build_model(group.arch, **config).config
+            try:
+                out = train_zoo(group.arch, data, group.seeds, demo_dir(), split=group.split,
+                                width=group.width, epochs=group.epochs, config=config,
+                                progress=report)
+            except OSError as exc:
+                raise CcamergeError(f"cannot write the demo models to {demo_dir()} ({exc}); set "
+                                    "CCAMERGE_CACHE_DIR to a writable folder") from exc
+            rows += [dict(r, label=group.label, arch=group.arch, split_kind=group.split)
+                     for r in out]
+            done += len(group.seeds)
+    return rows
+
+
+# ----------------------------------------------------------------------------- models, data
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _load_model(digest: str, filename: str, arch: str | None, config_json: str,
+                _read: Callable[[], bytes]) -> nn.Module:
+    config = json.loads(config_json) if config_json else None
+    return load_model_bytes(_read(), filename, arch=arch, config=config, max_bytes=MAX_UPLOAD_BYTES)
+
+
+def load_model(digest: str, filename: str, read: Callable[[], bytes], *, arch: str | None = None,
+               config: dict | None = None) -> nn.Module:
+    """The network in a model file, loaded once per content (``digest`` = sha256 of the bytes
+    ``read()`` returns). Shared and read-only: compute on :func:`fresh` copies."""
+    config_json = json.dumps(config, sort_keys=True) if config is not None else ""
+    return _load_model(digest, filename, arch, config_json, read)
+
+
+def fresh(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """Private deep copies (hooks, BatchNorm resets and ``eval()`` never touch the shared ones)."""
+    return [copy.deepcopy(m) for m in models]
+
+
+def dataset(path_or_name: str) -> Dataset:
+    """A built-in dataset by name or an uploaded ``.npz`` by its session-private path (the
+    library caches both in-process)."""
+    return load_dataset(path_or_name)
+
+
+def check_fit(models: Sequence[nn.Module], data: Dataset) -> None:
+    """Fail with a readable message when ``data``'s images or classes do not fit the models."""
+    for index, model in enumerate(models):
+        config = getattr(model, "config", {})
+        want = (config.get("in_channels"), config.get("image_size"), config.get("num_classes"))
+        have = (data.in_channels, data.image_size, data.num_classes)
+        if want != have:
+            raise CcamergeError(
+                f"model {index} expects {want[0]}x{want[1]}x{want[1]} images in {want[2]} classes "
+                f"but dataset {Path(data.name).name} has {have[0]}x{have[1]}x{have[1]} images in "
+                f"{have[2]} classes; pick the dataset the models were trained on")
+
+
+def uses_batchnorm(models: Sequence[nn.Module]) -> bool:
+    return any(has_batchnorm(m) for m in models)
+
+
+# ----------------------------------------------------------------------------- cached analyses
+@st.cache_data(max_entries=256, show_spinner=False)
+def model_scores(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> dict | None:
+    """Test accuracy (percent) and loss of one model, None when the dataset does not fit it."""
+    try:
+        check_fit([_model], _data)
+    except CcamergeError:
+        return None
+    return evaluate_model(copy.deepcopy(_model), _data.x_test, _data.y_test)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def statistics(digests: tuple[str, ...], data_key: str, reference: int, stats_samples: int | None,
+               _models: Sequence[nn.Module], _data: Dataset) -> Statistics:
+    """Activation statistics of every merge point: each model's moments and its cross-covariance
+    with the reference (one pass over the training images)."""
+    models = fresh(_models)
+    check_fit(models, _data)
+    x = api.train_inputs(_data)
+    api.check_compatible(models, x, reference)
+    return collect_statistics(models, build_spec(models[0]), api.subsample(x, stats_samples, SEED),
+                              reference=reference)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float, relative: bool,
+             stats_samples: int | None, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
+    """``api.spectrum`` rows (per merge point and non-reference model) on cached statistics."""
+    stats = statistics(digests, data_key, reference, stats_samples, _models, _data)
+    return api.spectrum(fresh(_models), _data, reference=reference, gamma=gamma, relative=relative,
+                        stats_samples=stats_samples, seed=SEED, statistics=stats)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def features(digests: tuple[str, ...], data_key: str, reference: int, other: int, point: str,
+             gamma: float, relative: bool, stats_samples: int | None, _models: Sequence[nn.Module],
+             _data: Dataset) -> FeatureMatching:
+    """Feature matching between the reference and model ``other`` at merge point ``point``."""
+    stats = statistics(digests, data_key, reference, stats_samples, _models, _data)
+    if point not in stats.points:
+        raise CcamergeError(f"no merge point {point!r}; the models have {list(stats.points)}")
+    return feature_matching(stats[point], reference, other, gamma=gamma, relative=relative)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def base_scores(digests: tuple[str, ...], data_key: str, bn_reset: bool,
+                _models: Sequence[nn.Module], _data: Dataset) -> dict:
+    """``{"models": [{"accuracy", "loss"}], "ensemble": {...}}`` on the test set; BatchNorm
+    statistics recomputed on the training images when ``bn_reset`` (as merged models get)."""
+    models = fresh(_models)
+    check_fit(models, _data)
+    if bn_reset:
+        models = [with_bn_reset(m, _data.x_train) for m in models]
+    return {"models": [evaluate_model(m, _data.x_test, _data.y_test) for m in models],
+            "ensemble": evaluate_ensemble(models, _data.x_test, _data.y_test)}
+
+
+# ----------------------------------------------------------------------------- merges, curves
+class Memo:
+    """A small thread-safe LRU of results that were computed with a progress display."""
+
+    def __init__(self, size: int = 256):
+        self._items: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def get(self, key: str):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: str, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+@st.cache_resource(show_spinner=False)
+def memo() -> Memo:
+    return Memo()
+
+
+def _key(*parts) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def resolve_options(method: str, options: dict) -> dict:
+    """The method's options with defaults filled in (the registry validates them)."""
+    return get_method(method).resolve(options)
+
+
+def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
+          method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool = False,
+          stats_samples: int | None, progress: Progress | None = None) -> dict:
+    """Merge ``models`` (content ``digests``) with ``method``; cached by content and options.
+
+    Returns ``{"method", "options", "accuracy", "loss", "seconds", "warnings", "model"}`` where
+    ``model`` is the merged network (shared: copy before changing it) and ``seconds`` the time the
+    merge took when it was computed.
+    """
+    options = resolve_options(method, options)
+    key = _key("merge", list(digests), data_key, method, options, reference, bn_reset, repair,
+               stats_samples)
+    hit = memo().get(key)
+    if hit is not None:
+        return hit
+    check_fit(models, data)
+    start = time.perf_counter()
+    result = api.merge(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
+                       repair=repair, stats_samples=stats_samples, seed=SEED,
+                       progress=progress or _quiet, **options)
+    seconds = time.perf_counter() - start
+    scores = evaluate_model(result.model, data.x_test, data.y_test)
+    out = {"method": method, "options": options, "accuracy": scores["accuracy"],
+           "loss": scores["loss"], "seconds": seconds, "warnings": list(result.warnings),
+           "model": result.model}
+    memo().put(key, out)
+    return out
+
+
+def interpolation(pair: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
+                  method: str, *, steps: int, bn_reset: bool, stats_samples: int | None,
+                  progress: Progress | None = None) -> dict:
+    """``api.interpolate`` between ``pair`` (method defaults), cached by content and options:
+    ``{"method", "lambdas", "accuracy", "loss", "barrier"}``."""
+    key = _key("interpolate", list(digests), data_key, method, steps, bn_reset, stats_samples)
+    hit = memo().get(key)
+    if hit is not None:
+        return hit
+    check_fit(pair, data)
+    a, b = fresh(pair)
+    curve = api.interpolate(a, b, data, method, steps=steps, bn_reset=bn_reset,
+                            stats_samples=stats_samples, seed=SEED, progress=progress or _quiet)
+    memo().put(key, curve)
+    return curve
+
+
+def _quiet(_fraction: float, _message: str) -> None:
+    pass
+
+
+def recipe(method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool,
+           stats_samples: int | None, model_paths: Sequence[str], data_name: str,
+           model_sha256: Sequence[str] = (), model_names: Sequence[str] = ()) -> dict:
+    """A merge recipe ``ccamerge replay RECIPE --out FILE`` turns into the same weights."""
+    return {"method": method, "options": dict(options), "reference": reference,
+            "bn_reset": bn_reset, "repair": repair, "weights": None,
+            "stats_samples": stats_samples, "seed": SEED,
+            "models": [str(p) for p in model_paths], "data": {"name": data_name, "data_dir": None},
+            "model_sha256": list(model_sha256), "model_names": list(model_names),
+            "replay": "ccamerge replay recipe.json --out merged.safetensors"}
+
+
+def merged_file(model: nn.Module, info: dict) -> bytes:
+    """The merged model as ``.safetensors`` bytes (architecture and ``info`` in the metadata)."""
+    with tempfile.TemporaryDirectory(prefix="ccamerge-") as folder:
+        path = save_model(model, Path(folder) / "merged.safetensors", info=info)
+        return path.read_bytes()

@@ -1,0 +1,101 @@
+"""One "run" of the Merge page: every chosen method on the selection (and on growing subsets for
+the accuracy-vs-N curve), the downloads and recipes. No ``st.*``: progress goes through a
+``step(index, label) -> callback`` object, results come back as a plain dict for session state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+from ccamerge.errors import CcamergeError
+from ccamerge.methods import METHODS
+from dashboard import data
+from dashboard.registry import Inputs
+
+StepFactory = Callable[[int, str], Callable[[float, str], None]]
+
+
+def subset_indices(n_models: int, reference: int, n: int) -> list[int]:
+    """Indices of the first ``n`` models of the selection that include the reference (selection
+    order kept): the reference and the first ``n - 1`` others."""
+    others = [i for i in range(n_models) if i != reference][: n - 1]
+    return sorted([reference, *others])
+
+
+def signature(inputs: Inputs, methods: Sequence[str], options: dict, bn_reset: bool,
+              repair: bool, stats_samples: int | None, curve: bool) -> str:
+    """What a run depends on, to tell whether shown results match the current controls."""
+    return json.dumps([list(inputs.digests), inputs.reference, inputs.data_key, list(methods),
+                       {m: options.get(m, {}) for m in methods}, bn_reset, repair, stats_samples,
+                       curve], sort_keys=True, default=str)
+
+
+def repairs(method: str, repair: bool) -> bool:
+    """REPAIR needs each model aligned to the reference: never for joint methods (ZipIt)."""
+    return repair and not METHODS[method].joint
+
+
+def plan(n_models: int, methods: Sequence[str], curve: bool) -> list[tuple[str, int]]:
+    """``(method, N)`` merges to run: every method on all models first, then the subsets."""
+    tasks = [(m, n_models) for m in methods]
+    if curve:
+        tasks += [(m, n) for n in range(2, n_models) for m in methods]
+    return tasks
+
+
+def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool, repair: bool,
+        stats_samples: int | None, curve: bool, step: StepFactory) -> dict:
+    """Merge with every method; returns ``{"signature", "names", "reference", "data_name",
+    "base", "merges", "errors", "curve", "files", "recipes"}`` (``files``/``recipes``: method ->
+    merged ``.safetensors`` bytes / recipe JSON text)."""
+    n_models = len(inputs.models)
+    tasks = plan(n_models, methods, curve)
+    out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve),
+           "names": [e.name for e in inputs.entries], "reference": inputs.reference,
+           "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
+           "recipes": {}}
+    out["base"] = data.base_scores(inputs.digests, inputs.data_key, bn_reset, inputs.models,
+                                   inputs.data)
+    for k, (method, n) in enumerate(tasks):
+        if method in out["errors"]:
+            continue
+        indices = subset_indices(n_models, inputs.reference, n)
+        models, digests = inputs.pick(indices)
+        try:
+            result = data.merge(models, digests, inputs.data, inputs.data_key, method,
+                                options.get(method, {}), reference=indices.index(inputs.reference),
+                                bn_reset=bn_reset, repair=repairs(method, repair),
+                                stats_samples=stats_samples, progress=step(k, f"{method}, N = {n}"))
+        except CcamergeError as exc:
+            out["errors"][method] = str(exc)
+            continue
+        out["curve"].append({"method": method, "n": n, "accuracy": result["accuracy"]})
+        if n == n_models:
+            out["merges"].append({k2: result[k2] for k2 in
+                                  ("method", "options", "accuracy", "loss", "seconds", "warnings")})
+            _attach_files(out, inputs, result, bn_reset, repairs(method, repair), stats_samples)
+    _ensemble_curve(out, inputs, bn_reset, n_models if curve else None)
+    return out
+
+
+def _attach_files(out: dict, inputs: Inputs, result: dict, bn_reset: bool, repair: bool,
+                  stats_samples: int | None) -> None:
+    method = result["method"]
+    recipe = data.recipe(method, result["options"], reference=inputs.reference, bn_reset=bn_reset,
+                         repair=repair, stats_samples=stats_samples, model_paths=[e.path for e in inputs.entries],
+                         data_name=inputs.data_name, model_sha256=[e.digest for e in inputs.entries],
+                         model_names=[e.name for e in inputs.entries])
+    info = {"merge": recipe, "dataset": inputs.data_name, "test_accuracy": result["accuracy"],
+            "test_loss": result["loss"]}
+    out["files"][method] = data.merged_file(result["model"], info)
+    out["recipes"][method] = json.dumps(recipe, indent=2)
+
+
+def _ensemble_curve(out: dict, inputs: Inputs, bn_reset: bool, n_max: int | None) -> None:
+    """The ensemble of the same subsets, as the reference line of the accuracy-vs-N chart."""
+    n_models = len(inputs.models)
+    for n in range(2, (n_max or n_models) + 1) if n_max else [n_models]:
+        models, digests = inputs.pick(subset_indices(n_models, inputs.reference, n))
+        scores = data.base_scores(digests, inputs.data_key, bn_reset, models, inputs.data)
+        out["curve"].append({"method": "ensemble", "n": n, "accuracy": scores["ensemble"]["accuracy"]})

@@ -1,0 +1,143 @@
+"""Small UI helpers that draw widgets and return plain values; the shared sidebar.
+
+Page widgets keep their values across page switches (``persist_state="session"``); the sidebar is
+drawn on every page, so the selection (models, reference, dataset) stays set everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import streamlit as st
+
+from ccamerge.data import available_datasets
+from ccamerge.errors import CcamergeError
+from ccamerge.methods import METHODS
+from ccamerge.models import same_architecture
+from dashboard import registry, state
+
+KEEP = {"persist_state": "session"}
+GAMMAS = (0.0, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def explain(text: str) -> None:
+    """The short "what am I looking at" note drawn right under a chart."""
+    st.caption(f"**What am I looking at?** {text}")
+
+
+def error(exc: Exception) -> None:
+    st.error(str(exc), icon=":material/error:")
+
+
+def gamma_controls(gamma_key: str, relative_key: str) -> tuple[float, bool]:
+    """The CCA ridge: gamma on a log-spaced slider and its units (relative or absolute); the
+    defaults are the registry's."""
+    options = METHODS["cca"].options
+    default = float(options["gamma"].default)
+    choices = sorted(set(GAMMAS) | {default})
+    left, right = st.columns([3, 2])
+    with left:
+        gamma = st.select_slider("γ (CCA ridge)", choices, value=default, key=gamma_key,
+                                 format_func=lambda g: f"{g:g}", help=options["gamma"].help, **KEEP)
+    with right:
+        relative = st.toggle("γ relative to each layer's mean variance",
+                             value=bool(options["relative"].default), key=relative_key,
+                             help=options["relative"].help, **KEEP)
+    return float(gamma), bool(relative)
+
+
+def method_options(method: str, prefix: str) -> dict:
+    """One widget per option of ``method`` from the registry (defaults, minimum, help);
+    returns ``{option: value}``."""
+    values = {}
+    for name, opt in METHODS[method].options.items():
+        key = state.option_key(prefix, method, name)
+        label = f"{method}: {name}"
+        if opt.kind is bool:
+            values[name] = st.checkbox(label, value=bool(opt.default), key=key, help=opt.help, **KEEP)
+        elif opt.kind is int:
+            values[name] = int(st.number_input(label, value=int(opt.default), step=1, key=key,
+                                               min_value=None if opt.minimum is None else int(opt.minimum),
+                                               help=opt.help, **KEEP))
+        else:
+            values[name] = float(st.number_input(label, value=float(opt.default), key=key,
+                                                 min_value=opt.minimum, format="%g", help=opt.help,
+                                                 **KEEP))
+    return values
+
+
+class ProgressDisplay:
+    """A progress bar for a run of ``total`` steps; :meth:`step` gives the callback of one step."""
+
+    def __init__(self, label: str, total: int):
+        self.total = max(1, total)
+        self.bar = st.progress(0.0, text=label)
+
+    def step(self, index: int, label: str) -> Callable[[float, str], None]:
+        def report(fraction: float, message: str) -> None:
+            overall = min(1.0, (index + max(0.0, min(1.0, fraction))) / self.total)
+            self.bar.progress(overall, text=f"{label}: {message}")
+        report(0.0, "starting")
+        return report
+
+    def done(self) -> None:
+        self.bar.empty()
+
+
+def valid_choice(key: str, options: list, default=None) -> None:
+    """Before selectbox ``key`` is drawn, replace a stored value that is no longer among
+    ``options`` (the selection changed) by ``default`` or the first option."""
+    if options and st.session_state.get(key) not in options:
+        st.session_state[key] = default if default in options else options[0]
+
+
+def model_label(models: dict, model_id: str) -> str:
+    entry = models.get(model_id)
+    return entry.name if entry else model_id
+
+
+def pick_other(label: str, sel: state.Selection, models: dict, key: str) -> int:
+    """A non-reference model of the selection; returns its index in the selection."""
+    others = sel.others
+    valid_choice(key, others)
+    chosen = st.selectbox(label, others, key=key, format_func=lambda i: model_label(models, i), **KEEP)
+    return sel.ids.index(chosen if chosen in others else others[0])
+
+
+def sidebar() -> state.Selection:
+    """Models, reference and dataset; stored as the session's :class:`state.Selection`."""
+    models = st.session_state[state.MODELS]
+    datasets = st.session_state[state.DATASETS]
+    with st.sidebar:
+        st.markdown("### Experiment")
+        ids = st.multiselect("Models", list(models), key=state.W_MODELS,
+                             format_func=lambda i: model_label(models, i),
+                             help="2 or more models of one architecture; the Models page adds uploads")
+        valid_choice(state.W_REFERENCE, ids)
+        reference = st.selectbox("Reference", ids, key=state.W_REFERENCE,
+                                 format_func=lambda i: model_label(models, i),
+                                 help="the model whose basis the others are aligned to")
+        names = available_datasets() + list(datasets)
+        valid_choice(state.W_DATASET, names)
+        dataset = st.selectbox("Dataset", names, key=state.W_DATASET,
+                               format_func=lambda k: registry.dataset_label(k, datasets),
+                               help="statistics use its training images, scores its test images")
+        _selection_notes(models, ids)
+    sel = state.Selection(tuple(ids), ids.index(reference) if reference in ids else 0,
+                          dataset or "digits")
+    st.session_state[state.SELECTION] = sel
+    return sel
+
+
+def _selection_notes(models: dict, ids: list[str]) -> None:
+    if len(ids) < 2:
+        st.warning("Select at least 2 models to compare and merge.")
+        return
+    try:
+        same_architecture([models[i].model() for i in ids])
+    except CcamergeError as exc:
+        st.error(str(exc))
+        return
+    first = models[ids[0]].model()
+    st.caption(f"{len(ids)} × {first.arch}, width {first.config.get('width')}, "
+               f"{first.config.get('num_classes')} classes")

@@ -1,0 +1,85 @@
+"""Interpolation: test loss and accuracy along the straight path between two models, for plain
+averaging and each alignment method, and the barrier of each curve."""
+
+import streamlit as st
+
+from ccamerge.errors import CcamergeError
+from ccamerge.methods import METHODS
+from dashboard import charts, data, registry, state, widgets
+
+st.title("Interpolation")
+st.markdown("Blend two models, (1 − λ)·A + λ·B, after aligning B to A. If the loss stays low "
+            "all along the path, the aligned models sit in one basin and merging them works.")
+
+sel = state.selection()
+models = st.session_state[state.MODELS]
+try:
+    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
+                             st.session_state[state.DATASETS])
+except CcamergeError as exc:
+    widgets.error(exc)
+    st.stop()
+
+pairwise = [m for m, spec in METHODS.items() if not spec.joint]
+joint = [m for m, spec in METHODS.items() if spec.joint]
+c1, c2 = st.columns(2)
+with c1:
+    widgets.valid_choice(state.W_INTERP_A, list(sel.ids), sel.reference_id)
+    a_id = st.selectbox("Model A (λ = 0)", list(sel.ids), key=state.W_INTERP_A,
+                        format_func=lambda i: widgets.model_label(models, i), **widgets.KEEP)
+with c2:
+    b_choices = [i for i in sel.ids if i != a_id]
+    widgets.valid_choice(state.W_INTERP_B, b_choices)
+    b_id = st.selectbox("Model B (λ = 1)", b_choices, key=state.W_INTERP_B,
+                        format_func=lambda i: widgets.model_label(models, i), **widgets.KEEP)
+methods = st.multiselect("Methods", pairwise, default=pairwise, key=state.W_INTERP_METHODS,
+                         **widgets.KEEP)
+st.caption(f"Not offered: {', '.join(joint)} aligns all models jointly and defines no path between "
+           "two models (it is on the Merge page). Methods use their default options.")
+c3, c4 = st.columns(2)
+steps = c3.slider("Points on the path", 3, 21, 11, step=2, key=state.W_INTERP_STEPS, **widgets.KEEP)
+has_bn = data.uses_batchnorm(inputs.models)
+bn_reset = c4.toggle("Reset BatchNorm statistics at each point", value=True, key=state.W_INTERP_BN,
+                     disabled=not has_bn, help="recompute BatchNorm running statistics on the "
+                     "training images (REPAIR-style); only matters for networks with BatchNorm",
+                     **widgets.KEEP)
+if not has_bn:
+    c4.caption("These models have no BatchNorm, so the reset changes nothing.")
+
+if not methods or b_id is None:
+    st.info("Choose two models and at least one method.")
+    st.stop()
+
+indices = [sel.ids.index(a_id), sel.ids.index(b_id)]
+pair, digests = inputs.pick(indices)
+progress = widgets.ProgressDisplay("interpolating", len(methods))
+curves = []
+try:
+    for k, method in enumerate(methods):
+        curves.append(data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
+                                         steps=steps, bn_reset=bn_reset and has_bn,
+                                         stats_samples=None, progress=progress.step(k, method)))
+except CcamergeError as exc:
+    widgets.error(exc)
+    st.stop()
+finally:
+    progress.done()
+
+cols = st.columns(len(curves))
+for col, curve in zip(cols, curves, strict=True):
+    col.metric(f"barrier: {curve['method']}", f"{curve['barrier']:.3f}",
+               help="largest rise of the test loss above the straight line between the endpoints")
+
+st.plotly_chart(charts.interpolation_figure(curves), key="interpolation_chart")
+widgets.explain(f"left, the test loss; right, the test accuracy of the blended model as λ goes "
+                f"from {models[a_id].name} (0) to {models[b_id].name} (1). *average* blends the raw "
+                "weights; the other curves first align B's units to A's. The barrier is the "
+                "highest point of the loss above the straight line joining the two ends: near 0 "
+                "means no barrier between the aligned models. For CCA the second half of the "
+                "path uses A aligned to B so both ends are the real models.")
+st.dataframe(charts.barrier_frame(curves), hide_index=True, column_config={
+    "loss barrier": st.column_config.NumberColumn(format="%.3f"),
+    "accuracy at λ=0.5 (%)": st.column_config.NumberColumn(format="%.1f"),
+    "lowest accuracy (%)": st.column_config.NumberColumn(format="%.1f")})
+st.caption(f"Regenerate: `ccamerge interpolate A.safetensors B.safetensors --method METHOD --data "
+           f"{inputs.data_name} --steps {steps}{'' if bn_reset or not has_bn else ' --no-bn-reset'} --json`")

@@ -1,0 +1,116 @@
+"""Merge and compare: merge the selected models with each method, against the base models and
+their ensemble; accuracy against the number of merged models; download model and recipe."""
+
+import streamlit as st
+
+from ccamerge.errors import CcamergeError
+from ccamerge.methods import METHODS
+from dashboard import charts, data, merging, registry, state, widgets
+
+st.title("Merge and compare")
+st.markdown("Align the selected models to the reference with each method, average their "
+            "weights, and compare the single merged model with the models themselves and with "
+            "their ensemble (which keeps every model and averages their outputs).")
+
+sel = state.selection()
+models = st.session_state[state.MODELS]
+try:
+    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
+                             st.session_state[state.DATASETS])
+except CcamergeError as exc:
+    widgets.error(exc)
+    st.stop()
+
+methods = st.multiselect("Methods", list(METHODS), default=list(METHODS), key=state.W_MERGE_METHODS,
+                         help="  \n".join(f"**{m}**: {s.summary}" for m, s in METHODS.items()),
+                         **widgets.KEEP)
+options = {}
+with st.expander("Method options (defaults from the registry)"):
+    for method in methods:
+        if METHODS[method].options:
+            st.markdown(f"**{method}**: {METHODS[method].summary}")
+            options[method] = widgets.method_options(method, "merge")
+c1, c2, c3, c4 = st.columns(4)
+has_bn = data.uses_batchnorm(inputs.models)
+bn_reset = c1.toggle("Reset BatchNorm statistics", value=True, key=state.W_MERGE_BN,
+                     disabled=not has_bn, help="recompute BatchNorm running statistics of the "
+                     "merged model on the training images; only matters for networks with BatchNorm",
+                     **widgets.KEEP)
+repair = c2.toggle("REPAIR", value=False, key=state.W_MERGE_REPAIR, disabled=has_bn,
+                   help="rescale each merged unit to the mean/std of the endpoints' units (for "
+                   "networks without BatchNorm; not for zipit, which aligns jointly)", **widgets.KEEP)
+samples = c3.number_input("Statistics images (0 = all)", min_value=0, value=0, step=100,
+                          key=state.W_MERGE_SAMPLES, **widgets.KEEP)
+curve = c4.checkbox("Accuracy vs N", value=True, key=state.W_MERGE_CURVE,
+                    help="also merge the reference with the first 1, 2, ... other models, for "
+                    "the chart of accuracy against the number of merged models", **widgets.KEEP)
+stats_samples = int(samples) or None
+bn_reset, repair = bn_reset and has_bn, repair and not has_bn
+
+if st.button("Run merge", type="primary", key=state.W_MERGE_RUN, disabled=not methods):
+    tasks = merging.plan(len(inputs.models), methods, curve)
+    progress = widgets.ProgressDisplay("merging", len(tasks))
+    try:
+        st.session_state[state.MERGE_RESULTS] = merging.run(
+            inputs, methods, options, bn_reset=bn_reset, repair=repair,
+            stats_samples=stats_samples, curve=curve, step=progress.step)
+    except CcamergeError as exc:
+        widgets.error(exc)
+    finally:
+        progress.done()
+
+results = st.session_state.get(state.MERGE_RESULTS)
+if not results:
+    st.info(f"Press **Run merge** to merge the {len(inputs.models)} selected models with "
+            f"{len(methods)} method(s).")
+    st.stop()
+if results["signature"] != merging.signature(inputs, methods, options, bn_reset, repair,
+                                              stats_samples, curve):
+    st.info("These results are for earlier settings; press **Run merge** to update them.")
+for method, message in results["errors"].items():
+    st.error(f"{method}: {message}")
+
+st.subheader(f"Results: {len(results['names'])} models, reference {results['names'][results['reference']]}")
+frame = charts.results_frame(results["names"], results["base"], results["merges"])
+best = max(results["merges"], key=lambda m: m["accuracy"], default=None)
+cols = st.columns(3)
+cols[0].metric("best base model", f"{max(s['accuracy'] for s in results['base']['models']):.1f}%")
+cols[1].metric("ensemble", f"{results['base']['ensemble']['accuracy']:.1f}%")
+if best:
+    cols[2].metric(f"best merge ({best['method']})", f"{best['accuracy']:.1f}%")
+st.plotly_chart(charts.results_figure(frame), key="results_chart")
+widgets.explain("test accuracy of each base model (grey), of their ensemble (black: averages the "
+                "models' outputs, costs N forward passes, the ceiling a merge aims for) and of the "
+                "single model each method produces (colours). Plain *average* without alignment "
+                "usually collapses: units in the same position do different things.")
+st.dataframe(frame, hide_index=True, height=charts.table_height(frame), placeholder="—", column_config={
+    "accuracy (%)": st.column_config.NumberColumn(format="%.2f"),
+    "loss": st.column_config.NumberColumn(format="%.4f"),
+    "seconds": st.column_config.NumberColumn("merge time (s)", format="%.2f")})
+for warning, methods_with in charts.merge_warnings(results["merges"]).items():
+    st.warning(f"{warning} ({', '.join(methods_with)})")
+
+if len({p["n"] for p in results["curve"]}) > 1:
+    st.subheader("Accuracy against the number of merged models")
+    st.plotly_chart(charts.accuracy_vs_n_figure(results["curve"]), key="n_chart")
+    widgets.explain("the reference merged with the first 1, 2, … other selected models. Merging "
+                    "more models usually costs accuracy; the better the alignment, the slower "
+                    "the decline. The dashed line is the ensemble of the same models.")
+
+if results["files"]:
+    st.subheader("Download")
+    accuracy = {r["method"]: r["accuracy"] for r in results["merges"]}
+    ranked = sorted(results["files"], key=accuracy.get, reverse=True)
+    widgets.valid_choice(state.W_MERGE_DOWNLOAD_METHOD, ranked)
+    chosen = st.selectbox("Merged model (best first)", ranked, key=state.W_MERGE_DOWNLOAD_METHOD,
+                          format_func=lambda m: f"{m} ({accuracy[m]:.1f}% test accuracy)")
+    d1, d2 = st.columns(2)
+    d1.download_button("Download merged model (.safetensors)", results["files"][chosen],
+                       file_name=f"merged_{chosen}.safetensors", mime="application/octet-stream",
+                       key="download_model", icon=":material/download:")
+    d2.download_button("Download recipe (.json)", results["recipes"][chosen],
+                       file_name=f"recipe_{chosen}.json", mime="application/json",
+                       key="download_recipe", icon=":material/receipt_long:")
+    st.caption("`ccamerge replay recipe.json --out merged.safetensors` redoes this merge and "
+               "writes the same weights (the recipe names the model files and the dataset; "
+               "uploaded files live in this session's temporary folder).")

@@ -1,0 +1,76 @@
+"""Models and data: what is loaded, the dataset, and uploads of models and datasets."""
+
+import pandas as pd
+import streamlit as st
+
+from ccamerge.errors import CcamergeError
+from ccamerge.models import ARCHITECTURES
+from dashboard import data, registry, state, uploads, widgets
+
+st.title("Models and data")
+st.markdown("Pick **2 or more models of one architecture**, the **reference** and the **dataset** "
+            "in the sidebar; every page works on that selection. The demo zoo was trained on "
+            "`digits` by `ccamerge.train.train_zoo`; add your own models below.")
+
+sel = state.selection()
+models = st.session_state[state.MODELS]
+datasets = st.session_state[state.DATASETS]
+
+dataset = None
+try:
+    dataset = data.dataset(registry.dataset_path(sel.dataset, datasets))
+except CcamergeError as exc:
+    widgets.error(exc)
+
+st.subheader("Loaded models")
+scores = {e.id: data.model_scores(e.digest, sel.dataset, e.model(), dataset) if dataset else None
+          for e in models.values()}
+frame = pd.DataFrame(registry.table_rows(models, list(sel.ids), scores))
+st.dataframe(frame, hide_index=True, placeholder="—", column_config={
+    "selected": st.column_config.CheckboxColumn("selected", width="small"),
+    "parameters": st.column_config.NumberColumn("parameters", format="localized"),
+    "accuracy (%)": st.column_config.NumberColumn("accuracy (%)", format="%.1f",
+                                                  help="measured now on the selected dataset's test set"),
+    "saved accuracy (%)": st.column_config.NumberColumn("saved accuracy (%)", format="%.1f",
+                                                        help="recorded in the file when it was trained"),
+})
+widgets.explain("one row per model this session has loaded. *accuracy* is measured on the test "
+                "images of the dataset chosen in the sidebar (empty when the dataset does not fit "
+                "the model); *saved accuracy* is what the file recorded after training. Models "
+                "trained from different seeds reach similar accuracy but their hidden units come "
+                "in a different order: that is what the other pages align.")
+
+if dataset is not None:
+    st.subheader(f"Dataset: {registry.dataset_label(sel.dataset, datasets)}")
+    info = dataset.describe()
+    cols = st.columns(4)
+    cols[0].metric("training images", f"{info['train_size']:,}")
+    cols[1].metric("test images", f"{info['test_size']:,}")
+    cols[2].metric("classes", info["num_classes"])
+    cols[3].metric("image shape", " x ".join(map(str, info["image_shape"])))
+
+st.subheader("Upload")
+left, right = st.columns(2)
+with left:
+    st.file_uploader("Model files (.safetensors from `ccamerge train`, or weights-only .pt/.pth)",
+                     type=["safetensors", "pt", "pth"], accept_multiple_files=True,
+                     key=state.W_MODEL_UPLOAD, on_change=uploads.on_model_upload,
+                     max_upload_size=data.MAX_UPLOAD_BYTES // 2**20)
+    with st.expander("Architecture of .pt / .pth files (a bare state dict does not say)"):
+        arch = st.selectbox("architecture", list(ARCHITECTURES), key=state.W_PT_ARCH, **widgets.KEEP)
+        st.text_area("config (JSON, as `build_model(arch, **config)` takes it)",
+                     value=uploads.default_pt_config(arch, sel.dataset), key=uploads.config_key(arch),
+                     height=90, **widgets.KEEP)
+        st.caption(".pt files are read with PyTorch's weights-only unpickler: a file that tries to "
+                   "run code is refused, never executed.")
+with right:
+    st.file_uploader("Dataset (.npz with x_train, y_train, x_test, y_test)", type=["npz"],
+                     key=state.W_DATA_UPLOAD, on_change=uploads.on_dataset_upload,
+                     max_upload_size=data.MAX_UPLOAD_BYTES // 2**20)
+    st.caption(f"Built-in: {', '.join(['digits', 'fashion-mnist'])} (fashion-mnist when the Debian "
+               "package `dataset-fashion-mnist` is installed).")
+
+for level, text in st.session_state[state.UPLOAD_MESSAGES]:
+    (st.error if level == "error" else st.success)(text)
+st.caption(f"Uploads stay in this browser session only (limit {data.MAX_UPLOAD_BYTES // 2**20} MB "
+           "per file). Demo files: " + f"`{data.demo_dir()}`.")

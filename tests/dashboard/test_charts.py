@@ -1,0 +1,148 @@
+"""Figures and tables of the dashboard, from plain arrays (no Streamlit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from ccamerge.methods import METHODS
+from dashboard import charts, merging
+
+
+def spectrum_row(name="fc1", model=1, n=8, dead=0, spf=50.0, cond=10.0):
+    rho = np.linspace(0.99, 0.1, n)
+    return {"name": name, "model": model, "width": n, "samples": int(spf * n),
+            "samples_per_feature": spf, "rho": rho.tolist(), "rho_exact": (rho + 0.005).tolist(),
+            "matched": (rho * 0.8).tolist(), "mean_rho": float(rho.mean()),
+            "mean_matched": float(rho.mean() * 0.8), "cond_xx": cond, "cond_yy": cond,
+            "dead_reference": dead, "dead_model": 0}
+
+
+ROWS = [spectrum_row("fc1", 1), spectrum_row("fc2", 1), spectrum_row("fc1", 2), spectrum_row("fc2", 2)]
+
+
+def test_every_method_has_its_own_colour():
+    colours = [charts.method_color(m) for m in METHODS]
+    assert len(set(colours)) == len(METHODS)
+
+
+def test_spectrum_figure_has_a_panel_per_point_and_three_curves_per_model():
+    fig = charts.spectrum_figure(ROWS, model_names={1: "b", 2: "c"})
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 3 * len(ROWS)
+    assert [a.text for a in fig.layout.annotations] == ["fc1", "fc2"]
+    assert sum(t.showlegend for t in fig.data) == 6  # legend only once per model and curve
+    assert any("b" in t.name for t in fig.data)
+
+
+def test_mean_correlations_and_bars():
+    means = charts.mean_correlations(ROWS[:1])
+    assert means["rho_exact"] > means["rho"] > means["matched"]
+    fig = charts.mean_rho_figure(ROWS)
+    assert len(fig.data) == 3 and list(fig.data[0].x) == ["fc1", "fc2"]
+
+
+def test_health_table_and_warnings():
+    frame = charts.health_frame(ROWS, {1: "b", 2: "c"})
+    assert len(frame) == 4 and "samples / feature" in frame
+    assert charts.health_warnings(ROWS) == []
+    bad = [spectrum_row(dead=2, spf=3.0, cond=1e12)]
+    warnings = charts.health_warnings(bad)
+    assert len(warnings) == 3
+    assert any("samples per feature" in w for w in warnings)
+    assert any("Dead units" in w for w in warnings)
+    assert any("raise γ" in w for w in warnings)
+    assert charts.health_warnings([spectrum_row(cond=float("inf"))])
+
+
+def test_matrix_pair_figure_shares_one_centred_scale():
+    left = np.random.default_rng(0).uniform(-1, 1, (5, 5))
+    fig = charts.matrix_pair_figure(left, np.eye(5), titles=("a", "b"), x_title="x", y_title="y")
+    assert len(fig.data) == 2 and all(isinstance(t, go.Heatmap) for t in fig.data)
+    assert fig.layout.coloraxis.cmid == 0 and fig.layout.coloraxis.cmax == 1.0
+    huge = left.copy()
+    huge[0, 0] = 1e6
+    fig = charts.matrix_pair_figure(huge, np.eye(5), titles=("a", "b"), x_title="x", y_title="y")
+    assert fig.layout.coloraxis.cmax < 1e6  # a few huge entries saturate
+
+
+def test_window_keeps_small_matrices_and_bounds_wide_ones():
+    small = np.eye(10)
+    z, rows, cols = charts.window(small)
+    assert z is small and rows == list(range(10))
+    wide = np.random.default_rng(1).normal(size=(300, 300))
+    z, rows, cols = charts.window(wide, view="aggregate")
+    assert max(z.shape) <= 128 and rows[:2] == [0, 3]
+    z, rows, cols = charts.window(wide, view="zoom", start=250)
+    assert z.shape == (128, 128) and rows[0] == 172  # clipped so the window stays full
+    np.testing.assert_array_equal(z, wide[172:300, 172:300])
+
+
+def test_transform_views_turn_the_permutation_into_the_identity():
+    perm = np.array([2, 0, 1])
+    p = np.zeros((3, 3))
+    p[perm, np.arange(3)] = 1.0
+    t_view, p_view = charts.transform_views(p * 2, p, perm, matched_order=True)
+    np.testing.assert_array_equal(p_view, np.eye(3))
+    np.testing.assert_array_equal(t_view, 2 * np.eye(3))
+    _, raw = charts.transform_views(p, p, perm, matched_order=False)
+    np.testing.assert_array_equal(raw, p.T)
+
+
+def test_spread_figure_and_frame_skip_nan():
+    top1 = np.array([1.0, 0.5, np.nan])
+    fig = charts.spread_figure(top1, np.array([1.0, 2.0, np.nan]), np.array([1, 2, 0]))
+    assert len(fig.data) == 3 and len(fig.data[0].x) == 2
+    frame = charts.spread_frame(top1, top1, np.array([1, 2, 0]), np.array([True, False, False]),
+                                np.array([1, 0, 2]))
+    assert list(frame["matched model unit"]) == [1, 0, 2]
+
+
+def curve(method, peak):
+    lambdas = np.linspace(0, 1, 5)
+    loss = 0.1 + peak * np.sin(np.pi * lambdas)
+    return {"method": method, "lambdas": lambdas.tolist(), "loss": loss.tolist(),
+            "accuracy": (97 - 10 * peak * np.sin(np.pi * lambdas)).tolist(), "barrier": peak}
+
+
+def test_interpolation_figure_and_barrier_table():
+    curves = [curve("average", 0.5), curve("cca", 0.01)]
+    fig = charts.interpolation_figure(curves)
+    assert len(fig.data) == 4
+    assert {t.line.color for t in fig.data} == {charts.method_color("average"),
+                                                 charts.method_color("cca")}
+    frame = charts.barrier_frame(curves)
+    assert list(frame["method"]) == ["average", "cca"]
+    assert frame["accuracy at λ=0.5 (%)"].iloc[0] == pytest.approx(92.0)
+
+
+def test_results_table_chart_and_warnings():
+    base = {"models": [{"accuracy": 97.0, "loss": 0.1}, {"accuracy": 96.0, "loss": 0.12}],
+            "ensemble": {"accuracy": 97.5, "loss": 0.09}}
+    merges = [{"method": "average", "accuracy": 50.0, "loss": 1.5, "seconds": 0.01,
+               "warnings": ["w1"]},
+              {"method": "cca", "accuracy": 96.5, "loss": 0.11, "seconds": 0.2, "warnings": ["w1"]}]
+    frame = charts.results_frame(["a", "b"], base, merges)
+    assert list(frame["kind"]) == ["base model", "base model", "ensemble", "merge", "merge"]
+    fig = charts.results_figure(frame)
+    assert list(fig.data[0].marker.color)[-1] == charts.method_color("cca")
+    assert fig.layout.yaxis.range[0] == 40.0
+    assert charts.merge_warnings(merges) == {"w1": ["average", "cca"]}
+
+
+def test_accuracy_vs_n_figure():
+    points = [{"method": m, "n": n, "accuracy": 90 - n} for m in ("cca", "ensemble")
+              for n in (2, 3, 4)]
+    fig = charts.accuracy_vs_n_figure(points)
+    assert [t.name for t in fig.data] == ["cca", "ensemble"]
+    assert fig.data[1].line.dash == "dash"
+
+
+def test_merge_plan_and_subsets():
+    assert merging.subset_indices(4, 2, 2) == [0, 2]
+    assert merging.subset_indices(4, 0, 3) == [0, 1, 2]
+    assert merging.subset_indices(4, 3, 4) == [0, 1, 2, 3]
+    assert merging.plan(3, ["a", "b"], curve=False) == [("a", 3), ("b", 3)]
+    assert merging.plan(3, ["a"], curve=True) == [("a", 3), ("a", 2)]
+    assert merging.repairs("cca", True) and not merging.repairs("zipit", True)
