@@ -5,7 +5,8 @@
     python benchmarks/reproduce.py --full     # widths x1..x8, N up to 6, more data and epochs
 
 Pools of models trained from different seeds (cached in ``--cache``; a rerun reuses them) in
-three settings: the same data, class-skewed 80/20 halves, Dirichlet(0.5) splits. For each
+three settings: the same data, class-skewed 80/20 halves, Dirichlet(0.5) splits (a model that
+sees a fraction of the data gets proportionally more epochs: the same number of steps). For each
 N = 2..max, several random subsets of the pool are merged with every method. Hyperparameters
 (CCA's gamma, ZipIt's alpha and beta) are selected once per pool on a held-out slice of the
 training set that no model trained on, never on the test set. Writes to ``--out``:
@@ -71,9 +72,16 @@ def split_data(profile: dict):
     return seen, (data.x_train[hold], data.y_train[hold])
 
 
+def epochs_for(arch: str, setting: str, profile: dict) -> int:
+    """Each model of a split setting sees a fraction of the data; more epochs give it the same
+    number of optimisation steps as a model trained on everything."""
+    share = {"same": 1, "skewed": 2, "dirichlet": profile["pool"]}[setting]
+    return profile["epochs"][arch] * share
+
+
 def pool(arch: str, width: float, setting: str, data, profile: dict, cache: Path) -> list:
     rows = train_zoo(arch, data, list(range(profile["pool"])), cache,
-                     split=setting, width=width, epochs=profile["epochs"][arch],
+                     split=setting, width=width, epochs=epochs_for(arch, setting, profile),
                      progress=lambda f, m: None)
     log(f"pool {arch} x{width:g} {setting}: " + ", ".join(f"{r['accuracy']:.1f}" for r in rows))
     return [load_model(r["path"]) for r in rows]
