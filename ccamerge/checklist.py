@@ -12,6 +12,8 @@ FAR_APART_RHO = 0.35  # two digits MLP seeds: ~0.6; random first layers still ~0
 DEAD_FRACTION = 0.25
 COLLAPSE_RATIO = 0.5
 UNDERTRAINED_GAP = 20.0  # accuracy points below the best model
+GAP_INFO, GAP_FAILURE = 2.0, 5.0  # accuracy points the merge loses against the mean base model
+SWEEP_MARGIN = 2.0  # held-out accuracy points the sweep's best must beat the setting used by
 RARE_SHARE, COMMON_SHARE = 0.001, 0.02
 
 
@@ -102,24 +104,50 @@ def _dead(r) -> list[dict]:
                      "would lose nothing.", "health")]
 
 
+def _non_finite(r) -> list[dict]:
+    broken = [p["name"] for p in r["points"] if p["variance_ratio"] is None]
+    if not broken:
+        return []
+    cause = ("BatchNorm running statistics went through a transform that is not a permutation, so "
+             "some running variances are negative" if r["has_batchnorm"] and not r["bn_reset"]
+             else "its weights overflow")
+    step = ("Merge with the BatchNorm reset on, which recomputes the running statistics."
+            if r["has_batchnorm"] and not r["bn_reset"]
+            else "Check the models' weights for NaN/inf and raise gamma.")
+    return [_finding("non_finite", "failure",
+                     f"The merged model computes NaN/inf at {', '.join(broken)}: {cause}.",
+                     step, "collapse")]
+
+
 def _collapse(r) -> list[dict]:
-    low = [p for p in r["points"] if p["variance_ratio"] < COLLAPSE_RATIO]
+    low = [p for p in r["points"]
+           if p["variance_ratio"] is not None and p["variance_ratio"] < COLLAPSE_RATIO]
     if not low:
         return []
     worst = min(low, key=lambda p: p["variance_ratio"])
-    fix = ("BatchNorm reset is on, so look at the partial merges for the layer that breaks"
-           if r["has_batchnorm"] else "Merge with REPAIR (--repair) to rescale the merged units")
+    if not r["has_batchnorm"]:
+        fix = "Merge with REPAIR (--repair) to rescale the merged units"
+    elif r["bn_reset"]:
+        fix = "BatchNorm reset is on, so look at the partial merges for the layer that breaks"
+    else:
+        fix = "Reset the BatchNorm statistics, which rescales every merged unit"
     return [_finding("variance_collapse", "warning",
                      f"Activations collapse in the merged model: variance at {worst['name']} is "
                      f"{worst['variance_ratio']:.2f}x the endpoints' ({len(low)} point(s) below "
                      f"{COLLAPSE_RATIO}).", fix + ".", "collapse")]
 
 
+def _setting(options: dict, keys: list[str] | None = None) -> str:
+    """``gamma = 1, relative = True``; only ``keys`` when given."""
+    return ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                     for k, v in options.items() if keys is None or k in keys)
+
+
 def _gamma(r) -> list[dict]:
     sweep = r.get("sweep")
     if sweep and sweep.get("best_at_edge"):
         return [_finding("gamma_extreme", "warning",
-                         f"The best {sweep['parameter']} ({sweep['best']:g}) is at the edge of the "
+                         f"The best {sweep['parameter']} ({_setting(sweep['best'])}) is at the edge of the "
                          "grid searched; the optimum may lie beyond it.",
                          "Extend the sweep grid in that direction.", "sweep")]
     options = r["options"]
@@ -133,12 +161,54 @@ def _gamma(r) -> list[dict]:
                      "Run the gamma sweep and use the best value on held-out data.", "sweep")]
 
 
+def _gap(r) -> float:
+    """Accuracy points the merge loses against the mean base model."""
+    return sum(b["accuracy"] for b in r["base"]) / len(r["base"]) - r["merged"]["accuracy"]
+
+
+def _unaligned(r) -> list[dict]:
+    if r["method"] != "average" or _gap(r) < GAP_INFO:
+        return []
+    worst = min(r["points"], key=lambda p: p["mean_same_index"] - p["mean_matched"])
+    return [_finding("unaligned", "failure",
+                     f"Plain averaging without alignment loses {_gap(r):.1f} points: at "
+                     f"{worst['name']} units at the same position correlate "
+                     f"{worst['mean_same_index']:.2f} on average, matched units "
+                     f"{worst['mean_matched']:.2f}, so averaging mixes unrelated units.",
+                     "Align first: merge with permute or cca.", "spectra")]
+
+
+def _untuned(r) -> list[dict]:
+    sweep = r.get("sweep")
+    if not sweep or "current" not in sweep:
+        return []
+    best, current = max(sweep["accuracy"]), sweep["current"]["accuracy"]
+    if best - current < SWEEP_MARGIN:
+        return []
+    severity = "failure" if _gap(r) >= GAP_FAILURE else "warning"
+    varied = [k for k in sweep["parameter"].split(", ") if k] or None
+    return [_finding("untuned", severity,
+                     f"{_setting(sweep['current']['options'], varied)} is not the best setting: on "
+                     f"held-out training data {_setting(sweep['best'], varied)} merges to "
+                     f"{best:.1f}% against {current:.1f}%.",
+                     f"Merge with {_setting(sweep['best'])} (chosen on held-out data).", "sweep")]
+
+
 def _summary(r, failures: bool) -> list[dict]:
     base = sum(b["accuracy"] for b in r["base"]) / len(r["base"])
     merged = r["merged"]["accuracy"]
     if failures:
         return []
-    if merged >= base - 2.0:
+    if _gap(r) >= GAP_FAILURE:
+        sweepable = r["method"] in ("cca", "zipit") and "sweep" not in r
+        return [_finding("merge_gap", "failure",
+                         f"The merge loses {_gap(r):.1f} points against the mean base model and no "
+                         f"known cause explains it; most loss is added at {r['ranking'][0]} "
+                         "(partial merges).",
+                         ("Run the hyperparameter sweep: the default may not suit this network. "
+                          if sweepable else "") + "Inspect that layer's spectrum and feature "
+                         "matching, and compare with another method.", "partial")]
+    if merged >= base - GAP_INFO:
         return [_finding("healthy", "info",
                          f"The merge is healthy: {merged:.1f}% against {base:.1f}% for the mean base "
                          f"model and {r['ensemble']['accuracy']:.1f}% for the ensemble.",
@@ -157,6 +227,7 @@ def findings_for(report: dict) -> list[dict]:
     """Every finding that applies, most severe first."""
     undertrained, weak = _undertrained(report)
     found = (_batchnorm(report) + undertrained + _label_spaces(report, weak) + _samples(report)
-             + _far_apart(report) + _dead(report) + _collapse(report) + _gamma(report))
+             + _far_apart(report) + _dead(report) + _non_finite(report) + _collapse(report)
+             + _unaligned(report) + _untuned(report) + _gamma(report))
     found += _summary(report, any(f["severity"] == "failure" for f in found))
     return sorted(found, key=lambda f: SEVERITY_ORDER[f["severity"]])

@@ -31,7 +31,7 @@ from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.methods import get_method
 from ccamerge.models import logits
 from ccamerge.spec import AlignmentSpec
-from ccamerge.stats import collect_statistics
+from ccamerge.stats import CrossMoments, capture_features, collect_statistics
 from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
 
 
@@ -68,28 +68,53 @@ def partial_curve(reference: nn.Module, merged_state: dict[str, torch.Tensor], s
     return rows
 
 
-def _collapse(merged: nn.Module, spec: AlignmentSpec, stats, x: torch.Tensor) -> dict[str, float]:
-    """Per point: total variance of the merged model's features / mean over the endpoints."""
-    merged_stats = collect_statistics([merged], spec, x)
+@torch.no_grad()
+def _total_variance(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor,
+                    batch_size: int = 256) -> dict[str, float | None]:
+    """Per point: the trace of ``model``'s feature covariance over ``x``; None where the features
+    are not finite (e.g. negative BatchNorm variances after a non-permutation transform)."""
+    moments = {p.name: CrossMoments(p.width, p.width) for p in spec.points}
+    broken: set[str] = set()
+    model.eval()
+    for start in range(0, len(x), batch_size):
+        with capture_features(model, spec) as captured:
+            model(x[start:start + batch_size])
+        for name, chunks in captured.items():
+            feats = torch.cat(chunks)
+            if not bool(torch.isfinite(feats).all()):
+                broken.add(name)
+            elif name not in broken:
+                moments[name].update(feats)
+    return {name: None if name in broken else float(np.trace(m.covariance))
+            for name, m in moments.items()}
+
+
+def _collapse(merged: nn.Module, spec: AlignmentSpec, stats, x: torch.Tensor) -> dict[str, float | None]:
+    """Per point: total variance of the merged model's features / mean over the endpoints
+    (None where the merged model's features are NaN/inf)."""
+    merged_var = _total_variance(merged, spec, x)
     ratios = {}
     for point in spec.points:
         endpoint = np.mean([np.trace(stats[point.name].cov(i, i)) for i in range(stats.num_models)])
-        ratios[point.name] = float(np.trace(merged_stats[point.name].cov(0, 0)) / max(endpoint, 1e-30))
+        var = merged_var[point.name]
+        ratios[point.name] = None if var is None else float(var / max(endpoint, 1e-30))
     return ratios
 
 
 def _similarity(stats, point: str, ref: int, others: Sequence[int]) -> dict:
     p = stats[point]
-    rho, matched, cond_x, cond_y = [], [], [], []
+    rho, matched, same, cond_x, cond_y = [], [], [], [], []
     for i in others:
         fit = cca(p.cov(ref, ref), p.cov(i, i), p.cov(ref, i), gamma=1e-4, relative=True)
         corr = p.corr(ref, i)
         rho.append(fit.rho.mean())
         matched.append(corr[np.arange(p.width), hungarian(corr)].mean())
+        same.append(np.diag(corr).mean())  # unit j with unit j: what averaging without alignment pairs
         cond_x.append(fit.cond_xx)
         cond_y.append(fit.cond_yy)
     dead = [len(p.dead_units(i)) for i in range(stats.num_models)]
     return {"mean_rho": float(np.mean(rho)), "mean_matched": float(np.mean(matched)),
+            "mean_same_index": float(np.mean(same)),
             "cond_reference": float(np.max(cond_x)), "cond_models": float(np.max(cond_y)),
             "dead_units": dead, "dead_fraction": float(max(dead) / p.width),
             "samples": p.count, "samples_per_feature": p.count / p.width}
@@ -124,7 +149,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         row = {"name": point.name, "width": point.width, **_similarity(stats, point.name, reference, others),
                "variance_ratio": collapse[point.name],
                "partial_accuracy": partial[k]["accuracy"], "partial_loss": partial[k]["loss"],
-               "damage_loss": partial[k]["loss"] - partial[k - 1]["loss"],
+               "damage_loss": _loss_added(partial[k - 1]["loss"], partial[k]["loss"]),
                "damage_accuracy": partial[k - 1]["accuracy"] - partial[k]["accuracy"]}
         points.append(row)
     result = {
@@ -133,18 +158,32 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         "base": base, "ensemble": evaluate_ensemble(models, data.x_test, data.y_test),
         "merged": evaluate_model(merged, data.x_test, data.y_test),
         "reference_only": partial[0], "points": points,
-        "ranking": [p["name"] for p in sorted(points, key=lambda p: -p["damage_loss"])],
+        "ranking": [p["name"] for p in sorted(points, key=_damage_order)],
         "predicted_classes": [_predicted_classes(m, data.x_test) for m in models],
     }
     if with_sweep and method in ("cca", "zipit"):
         report(0.7, f"sweeping {method} hyperparameters")
         result["sweep"] = sweep(models, data, method, reference=reference, bn_reset=bn_reset,
-                                stats_samples=stats_samples, seed=seed)
+                                stats_samples=stats_samples, seed=seed, current=aligned.options)
     report(0.9, "checklist")
     result["findings"] = findings_for(result)
     result["healthy"] = not any(f["severity"] == "failure" for f in result["findings"])
     report(1.0, "done")
     return result
+
+
+def _loss_added(before: float, after: float) -> float | None:
+    """Loss added by one more merged point: inf where the loss turns NaN/inf there (the point
+    that breaks the model), None where it was not finite before either."""
+    if not np.isfinite(before):
+        return None
+    return float(after - before) if np.isfinite(after) else float("inf")
+
+
+def _damage_order(point: dict) -> tuple[float, float]:
+    """Sort key, most damaging first: loss added (unknown last), then accuracy lost."""
+    loss = point["damage_loss"]
+    return (-loss if loss is not None else float("inf"), -point["damage_accuracy"])
 
 
 def _predicted_classes(model: nn.Module, x: torch.Tensor) -> list[float]:
@@ -165,11 +204,13 @@ def default_grid(method: str) -> list[dict]:
 
 def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[dict] | None = None,
           holdout: float = 0.2, reference: int = 0, bn_reset: bool = True,
-          stats_samples: int | None = None, seed: int = 0, progress=None) -> dict:
+          stats_samples: int | None = None, seed: int = 0, current: dict | None = None,
+          progress=None) -> dict:
     """Merged accuracy over a grid of option settings, measured on a held-out slice of the
     training set (never the test set); statistics and BatchNorm reset use the rest.
     Returns ``{"method", "grid", "accuracy", "loss", "best", "best_index", "best_at_edge",
-    "selected_on"}``."""
+    "parameter", "selected_on"}``, and ``"current": {"options", "accuracy", "loss"}`` for the
+    ``current`` options (the ones a merge used) scored the same way."""
     report = progress or (lambda _f, _m: None)
     grid = grid or default_grid(method)
     fit_idx, val_idx = holdout_split(len(data.y_train), holdout, seed)
@@ -178,19 +219,26 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
     method_info = get_method(method)
     stats = collect_statistics(models, resolve_spec(models, x_fit), subsample(x_fit, stats_samples, seed),
                                reference=reference, pairs=method_info.statistics or "reference")
-    scores = []
-    for k, options in enumerate(grid):
+
+    def score(options: dict) -> dict:
         aligned = align(models, x_fit, method, reference=reference, statistics=stats, **options)
         merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
         if bn_reset:
             reset_batchnorm(merged, x_fit)
-        scores.append(evaluate_model(merged, x_val, y_val))
+        return evaluate_model(merged, x_val, y_val)
+
+    scores = []
+    for k, options in enumerate(grid):
+        scores.append(score(options))
         report((k + 1) / len(grid), f"{method} {options}")
-    best = int(np.argmax([s["accuracy"] - 1e-9 * s["loss"] for s in scores]))
+    best = int(np.argmax([s["accuracy"] - 1e-9 * np.nan_to_num(s["loss"], nan=1e9) for s in scores]))
     varied = [key for key in grid[0] if len({str(g[key]) for g in grid}) > 1]
     edge = any(grid[best][key] in (grid[0][key], grid[-1][key]) for key in varied
                if isinstance(grid[best][key], (int, float)) and len(varied) == 1)
-    return {"method": method, "grid": grid, "accuracy": [s["accuracy"] for s in scores],
-            "loss": [s["loss"] for s in scores], "best": grid[best], "best_index": best,
-            "best_at_edge": bool(edge), "parameter": ", ".join(varied),
-            "selected_on": f"held-out {holdout:.0%} of the training set ({len(val_idx)} images)"}
+    out = {"method": method, "grid": grid, "accuracy": [s["accuracy"] for s in scores],
+           "loss": [s["loss"] for s in scores], "best": grid[best], "best_index": best,
+           "best_at_edge": bool(edge), "parameter": ", ".join(varied),
+           "selected_on": f"held-out {holdout:.0%} of the training set ({len(val_idx)} images)"}
+    if current is not None:
+        out["current"] = {"options": dict(current), **score(current)}
+    return out

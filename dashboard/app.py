@@ -25,6 +25,10 @@ PAGES = [
     st.Page("../pages/features.py", title="Feature matching", icon=":material/grid_on:"),
     st.Page("../pages/interpolation.py", title="Interpolation", icon=":material/timeline:"),
     st.Page("../pages/merge.py", title="Merge and compare", icon=":material/merge:"),
+    st.Page("../pages/diagnose.py", title="Why did it fail?", icon=":material/troubleshoot:"),
+    st.Page("../pages/explorer.py", title="Feature explorer", icon=":material/scatter_plot:"),
+    st.Page("../pages/teach.py", title="Teaching mode", icon=":material/school:"),
+    st.Page("../pages/spec.py", title="Merge points", icon=":material/account_tree:"),
 ]
 
 

@@ -29,8 +29,9 @@ import streamlit as st
 import torch
 from torch import nn
 
-from ccamerge import api
+from ccamerge import api, explorer, teach
 from ccamerge.data import Dataset, load_dataset
+from ccamerge.diagnose import diagnose
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.features import FeatureMatching, feature_matching
@@ -39,8 +40,11 @@ from ccamerge.methods import get_method
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
 from ccamerge.stats import Statistics, collect_statistics
+from ccamerge.trace import derive_and_verify
+from ccamerge.trace_explain import explain
 from ccamerge.train import default_config, train_zoo, zoo_filename
 from ccamerge.transform import has_batchnorm
+from dashboard import archives
 
 Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 200 * 2**20
@@ -160,6 +164,9 @@ def dataset(path_or_name: str) -> Dataset:
 def check_fit(models: Sequence[nn.Module], data: Dataset) -> None:
     """Fail with a readable message when ``data``'s images or classes do not fit the models."""
     for index, model in enumerate(models):
+        if not api.is_builtin(model):
+            _check_runs(index, model, data)
+            continue
         config = getattr(model, "config", {})
         want = (config.get("in_channels"), config.get("image_size"), config.get("num_classes"))
         have = (data.in_channels, data.image_size, data.num_classes)
@@ -168,6 +175,25 @@ def check_fit(models: Sequence[nn.Module], data: Dataset) -> None:
                 f"model {index} expects {want[0]}x{want[1]}x{want[1]} images in {want[2]} classes "
                 f"but dataset {Path(data.name).name} has {have[0]}x{have[1]}x{have[1]} images in "
                 f"{have[2]} classes; pick the dataset the models were trained on")
+
+
+@torch.no_grad()
+def _check_runs(index: int, model: nn.Module, data: Dataset) -> None:
+    """A model outside the built-in families (a TorchScript archive) says nothing about its
+    inputs: run it on two test images and compare its outputs with the dataset's classes."""
+    net = copy.deepcopy(model).eval() if model.training else model
+    name = Path(data.name).name
+    try:
+        out = net(data.x_test[:2])
+    except Exception as exc:  # the model's own code failed on these images
+        raise CcamergeError(f"model {index} cannot run on the {'x'.join(map(str, data.x_test.shape[1:]))} "
+                            f"images of dataset {name} ({type(exc).__name__}); pick the dataset "
+                            "the models were trained on") from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != data.num_classes:
+        shape = list(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CcamergeError(f"model {index} outputs {shape} per image but dataset {name} has "
+                            f"{data.num_classes} classes; pick the dataset the models were "
+                            "trained on")
 
 
 def uses_batchnorm(models: Sequence[nn.Module]) -> bool:
@@ -194,8 +220,8 @@ def statistics(digests: tuple[str, ...], data_key: str, reference: int, stats_sa
     check_fit(models, _data)
     x = api.train_inputs(_data)
     api.check_compatible(models, x, reference)
-    return collect_statistics(models, build_spec(models[0]), api.subsample(x, stats_samples, SEED),
-                              reference=reference)
+    return collect_statistics(models, api.resolve_spec(models, x),
+                              api.subsample(x, stats_samples, SEED), reference=reference)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -331,8 +357,143 @@ def recipe(method: str, options: dict, *, reference: int, bn_reset: bool, repair
             "replay": "ccamerge replay recipe.json --out merged.safetensors"}
 
 
-def merged_file(model: nn.Module, info: dict) -> bytes:
-    """The merged model as ``.safetensors`` bytes (architecture and ``info`` in the metadata)."""
+def merged_file(model: nn.Module, info: dict, *, reference: nn.Module | None = None) -> bytes:
+    """The merged model as ``.safetensors`` bytes (architecture and ``info`` in the metadata),
+    or as a TorchScript archive when the (loaded, not copied) ``reference`` is one."""
+    if reference is not None and archives.is_archive_model(reference):
+        return archives.merged_archive(reference, model, info)
     with tempfile.TemporaryDirectory(prefix="ccamerge-") as folder:
         path = save_model(model, Path(folder) / "merged.safetensors", info=info)
         return path.read_bytes()
+
+
+# ----------------------------------------------------------------------------- archives, merge points
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _load_archive(digest: str, filename: str, example_key: str, _read: Callable[[], bytes],
+                  _example: torch.Tensor) -> nn.Module:
+    return archives.load(_read(), filename, _example)
+
+
+def load_archive(digest: str, filename: str, read: Callable[[], bytes],
+                 example: torch.Tensor) -> nn.Module:
+    """A trusted TorchScript archive replayed on ``example`` images ``[B, C, S, S]``, once per
+    content and input shape. Shared and read-only: compute on :func:`fresh` copies."""
+    return _load_archive(digest, filename, str(list(example.shape)), read, example)
+
+
+def _point_keys(spec) -> dict:
+    """``{point name: the point up to its name and the order of its axes}``."""
+    return {p.name: (p.width, frozenset(p.features), frozenset(p.producers),
+                     frozenset(p.consumers)) for p in spec.points}
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
+                 _data: Dataset) -> dict:
+    """``explain(derive_and_verify(model, first samples training images))`` (merge points,
+    verification, unsupported operations, unmerged groups, notes, DOT and Mermaid diagrams)
+    plus ``matches_hand_written`` (None outside the built-in families), ``hand_written_names``
+    (traced point -> the hand-written spec's name for it) and ``seconds``."""
+    check_fit([_model], _data)
+    start = time.perf_counter()
+    derived = derive_and_verify(fresh([_model])[0], api.train_inputs(_data)[:samples])
+    report = explain(derived)
+    report["notes"] = [*getattr(_model, "replay_notes", []), *report["notes"]]
+    report["matches_hand_written"], report["hand_written_names"] = None, {}
+    if api.is_builtin(_model):
+        traced, written = _point_keys(derived.spec), _point_keys(build_spec(_model))
+        names = {key: name for name, key in written.items()}
+        report["matches_hand_written"] = set(traced.values()) == set(written.values())
+        report["hand_written_names"] = {n: names[k] for n, k in traced.items() if k in names}
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+# ----------------------------------------------------------------------------- diagnosis, explorer, teaching
+def diagnosis(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
+              method: str, options: dict, *, reference: int, bn_reset: bool,
+              stats_samples: int | None, with_sweep: bool,
+              progress: Progress | None = None) -> dict:
+    """``ccamerge.diagnose.diagnose`` report plus ``seconds``; cached by content and options in
+    the process-wide :class:`Memo` (it reports progress while it runs), so it survives page
+    switches and is shared by sessions with the same files."""
+    options = resolve_options(method, options)
+    key = _key("diagnose", list(digests), data_key, method, options, reference, bn_reset,
+               stats_samples, with_sweep)
+    hit = memo().get(key)
+    if hit is not None:
+        return hit
+    check_fit(models, data)
+    start = time.perf_counter()
+    report = diagnose(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
+                      stats_samples=stats_samples, seed=SEED, with_sweep=with_sweep,
+                      progress=progress or _quiet, **options)
+    report["seconds"] = time.perf_counter() - start
+    memo().put(key, report)
+    return report
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _explored(digests: tuple[str, ...], data_key: str, method: str, reference: int, other: int,
+              bn_reset: bool, _models: Sequence[nn.Module], _data: Dataset):
+    """Model ``other`` aligned to the reference with ``method`` (default options), the merged
+    model and the spec (shared and read-only)."""
+    check_fit(_models, _data)
+    return explorer.aligned_and_merged(fresh(_models), _data, method, reference=reference,
+                                       other=other, bn_reset=bn_reset, seed=SEED)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def unit_set(digests: tuple[str, ...], data_key: str, method: str, reference: int, other: int,
+             point: str, samples: int, bn_reset: bool, _models: Sequence[nn.Module],
+             _data: Dataset) -> explorer.UnitSet:
+    """Profiles of the reference's, model ``other``'s, its aligned copy's and the merged model's
+    units at ``point`` over ``samples`` test images."""
+    moved, merged, spec = _explored(digests, data_key, method, reference, other, bn_reset,
+                                    _models, _data)
+    x, _ = explorer.sample_inputs(_data, samples, SEED)
+    ref, mod, moved, merged = fresh([_models[reference], _models[other], moved, merged])
+    return explorer.unit_set(ref, mod, moved, merged, spec, x, point)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def unit_embedding(digests: tuple[str, ...], data_key: str, method: str, reference: int,
+                   other: int, point: str, samples: int, bn_reset: bool, embedding: str,
+                   _models: Sequence[nn.Module], _data: Dataset):
+    """``[4n, 2]`` coordinates of :func:`unit_set`'s units (``embedding``: pca or umap)."""
+    units = unit_set(digests, data_key, method, reference, other, point, samples, bn_reset,
+                     _models, _data)
+    return explorer.embed_units(units.profiles, embedding, seed=SEED)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def input_embeddings(digests: tuple[str, ...], data_key: str, method: str, reference: int,
+                     other: int, point: str, samples: int, bn_reset: bool, embedding: str,
+                     _models: Sequence[nn.Module],
+                     _data: Dataset) -> dict[str, explorer.InputEmbedding]:
+    """Test images embedded by each group's representation at ``point`` (group -> embedding)."""
+    moved, merged, spec = _explored(digests, data_key, method, reference, other, bn_reset,
+                                    _models, _data)
+    x, y = explorer.sample_inputs(_data, samples, SEED)
+    nets = fresh([_models[reference], _models[other], moved, merged])
+    return {group: explorer.embed_inputs(explorer.point_features(net, spec, x, point, pool="flatten"),
+                                         y, embedding, seed=SEED)
+            for group, net in zip(explorer.GROUPS, nets, strict=True)}
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def swap_demo(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> dict:
+    """``ccamerge.teach.swap_demo`` on one model."""
+    check_fit([_model], _data)
+    return teach.swap_demo(fresh([_model])[0], _data, seed=SEED)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def cca_steps(digests: tuple[str, ...], data_key: str, reference: int, other: int, point: str,
+              gamma: float, relative: bool, _models: Sequence[nn.Module],
+              _data: Dataset) -> teach.CCASteps:
+    """The CCA solve between the reference and model ``other`` at ``point``, step by step."""
+    stats = statistics(digests, data_key, reference, None, _models, _data)
+    if point not in stats.points:
+        raise CcamergeError(f"no merge point {point!r}; the models have {list(stats.points)}")
+    return teach.cca_steps(stats[point], reference, other, gamma=gamma, relative=relative)

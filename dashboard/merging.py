@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
-from dashboard import data
+from dashboard import archives, data
 from dashboard.registry import Inputs
 
 StepFactory = Callable[[int, str], Callable[[float, str], None]]
@@ -47,14 +47,15 @@ def plan(n_models: int, methods: Sequence[str], curve: bool) -> list[tuple[str, 
 def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool, repair: bool,
         stats_samples: int | None, curve: bool, step: StepFactory) -> dict:
     """Merge with every method; returns ``{"signature", "names", "reference", "data_name",
-    "base", "merges", "errors", "curve", "files", "recipes"}`` (``files``/``recipes``: method ->
-    merged ``.safetensors`` bytes / recipe JSON text)."""
+    "base", "merges", "errors", "curve", "files", "recipes", "suffix"}`` (``files``/``recipes``:
+    method -> merged model bytes / recipe JSON text; ``suffix``: ``.safetensors``, or ``.pt`` for
+    a TorchScript archive when the reference is one)."""
     n_models = len(inputs.models)
     tasks = plan(n_models, methods, curve)
     out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve),
            "names": [e.name for e in inputs.entries], "reference": inputs.reference,
            "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
-           "recipes": {}}
+           "recipes": {}, "suffix": ".safetensors"}
     out["base"] = data.base_scores(inputs.digests, inputs.data_key, bn_reset, inputs.models,
                                    inputs.data)
     for k, (method, n) in enumerate(tasks):
@@ -86,9 +87,13 @@ def _attach_files(out: dict, inputs: Inputs, result: dict, bn_reset: bool, repai
                          repair=repair, stats_samples=stats_samples, model_paths=[e.path for e in inputs.entries],
                          data_name=inputs.data_name, model_sha256=[e.digest for e in inputs.entries],
                          model_names=[e.name for e in inputs.entries])
+    reference = inputs.models[inputs.reference]
+    if archives.is_archive_model(reference):  # the download is an archive, and so is the replay
+        recipe["replay"] = "ccamerge replay recipe.json --out merged.pt --trust-code"
+    out["suffix"] = ".pt" if archives.is_archive_model(reference) else ".safetensors"
     info = {"merge": recipe, "dataset": inputs.data_name, "test_accuracy": result["accuracy"],
             "test_loss": result["loss"]}
-    out["files"][method] = data.merged_file(result["model"], info)
+    out["files"][method] = data.merged_file(result["model"], info, reference=reference)
     out["recipes"][method] = json.dumps(recipe, indent=2)
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from ccamerge import api
 from ccamerge.errors import CcamergeError
 from ccamerge.io import model_summary, save_model
-from ccamerge.models import same_architecture
-from dashboard import data
+from ccamerge.models import count_parameters, same_architecture
+from dashboard import archives, data
 
-MODEL_SUFFIXES = (".safetensors", ".pt", ".pth")
+MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".torchscript")
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,20 @@ class ModelEntry:
     arch: str | None = None  # architecture description a .pt upload was loaded with
     config: str = ""  # its config as JSON
     content: bytes | None = None  # uploaded bytes, kept only in this session's state
+    # the images a TorchScript archive (arch "torchscript") is replayed on [B, C, S, S]
+    example: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_archive(self) -> bool:
+        return self.arch == archives.ARCH
 
     def read(self) -> bytes:
         return self.content if self.content is not None else Path(self.path).read_bytes()
 
     def model(self) -> nn.Module:
         """The loaded network (shared cache, read-only)."""
+        if self.is_archive:
+            return data.load_archive(self.digest, self.filename, self.read, self.example)
         config = json.loads(self.config) if self.config else None
         return data.load_model(self.digest, self.filename, self.read, arch=self.arch, config=config)
 
@@ -105,30 +115,39 @@ def check_size(filename: str, size: int, max_bytes: int) -> None:
 
 def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filename: str,
                      content: bytes, session_dir: Path, *, arch: str | None = None,
-                     config: dict | None = None,
+                     config: dict | None = None, trust_code: bool = False,
+                     example: torch.Tensor | None = None,
                      max_bytes: int = data.MAX_UPLOAD_BYTES) -> tuple[ModelEntry, bool]:
     """Check and add an uploaded model file; returns ``(entry, added)`` (``added`` False when the
     same content was already loaded).
 
+    A TorchScript archive (``torch.jit.save``, any of :data:`MODEL_SUFFIXES` but
+    ``.safetensors``) is loaded only with ``trust_code`` (its code runs when the model runs) and
+    replayed on ``example`` images ``[B, C, S, S]``; it stays a file in ``session_dir``. Other
     ``.pt``/``.pth`` files need ``arch`` and ``config`` and are read with the weights-only
-    unpickler. The model must match the ``selected`` models (architecture, widths, classes). The
-    file is also written, as ``.safetensors``, to ``session_dir`` so recipes can name it.
+    unpickler, then written, as ``.safetensors``, to ``session_dir`` so recipes can name them.
+    The model must match the ``selected`` models (architecture, widths, classes; for archives,
+    every state-dict shape).
     """
     check_size(filename, len(content), max_bytes)
     if not filename.lower().endswith(MODEL_SUFFIXES):
-        raise CcamergeError(f"cannot load {filename}: expected a .safetensors, .pt or .pth file")
+        raise CcamergeError(f"cannot load {filename}: expected a .safetensors file, a weights-only "
+                            ".pt/.pth or a TorchScript archive (.pt, .pth, .ts, .torchscript)")
     digest = sha256(content)
     if digest[:16] in models:
         return models[digest[:16]], False
+    if not filename.lower().endswith(".safetensors"):
+        archive = Path(session_dir) / f"{digest[:16]}.pt"
+        if archives.write_and_sniff(content, archive):
+            return _add_archive(models, selected, filename, content, digest, archive,
+                                trust_code=trust_code, example=example), True
+        archive.unlink(missing_ok=True)
+        if filename.lower().endswith((".ts", ".torchscript")):
+            raise CcamergeError(f"{filename} is not a TorchScript archive (torch.jit.save)")
     is_torch = not filename.lower().endswith(".safetensors")
     described = dict(arch=arch, config=config) if is_torch else {}
     model = data.load_model(digest, filename, lambda: content, **described)
-    if selected:
-        try:
-            same_architecture([models[selected[0]].model(), model])
-        except CcamergeError as exc:
-            raise CcamergeError(f"{filename} does not fit the selected models: {exc}. To start a "
-                                "new selection, deselect them in the sidebar and upload again.") from exc
+    _check_fits_selection(models, selected, filename, model)
     path = Path(session_dir) / f"{digest[:16]}.safetensors"
     if is_torch:
         save_model(model, path, info={"source": filename})
@@ -139,6 +158,62 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
                        json.dumps(config, sort_keys=True) if is_torch else "", content)
     models[entry.id] = entry
     return entry, True
+
+
+def _add_archive(models: dict[str, ModelEntry], selected: list[str], filename: str,
+                 content: bytes, digest: str, path: Path, *, trust_code: bool,
+                 example: torch.Tensor | None) -> ModelEntry:
+    """Replay a trusted archive (the file at ``path``) and add it; removes the file on failure."""
+    try:
+        if not trust_code:
+            raise CcamergeError(archives.untrusted_message(filename))
+        if example is None:
+            raise CcamergeError(f"{filename} is a TorchScript archive, which is replayed on images "
+                                "of the selected dataset; pick a dataset in the sidebar first")
+        model = data.load_archive(digest, filename, lambda: content, example)
+        _check_fits_selection(models, selected, filename, model, example)
+    except CcamergeError:
+        path.unlink(missing_ok=True)
+        raise
+    entry = ModelEntry(digest[:16], digest, _unique_name(models, Path(filename).stem), filename,
+                       "upload", str(path), archives.ARCH, "", content, example)
+    models[entry.id] = entry
+    return entry
+
+
+def _check_fits_selection(models: dict[str, ModelEntry], selected: list[str], filename: str,
+                          model: nn.Module, example: torch.Tensor | None = None) -> None:
+    if not selected:
+        return
+    first = models[selected[0]]
+    try:
+        check_same([first.model(), model], example if example is not None else first.example)
+    except CcamergeError as exc:
+        raise CcamergeError(f"{filename} does not fit the selected models: {exc}. To start a "
+                            "new selection, deselect them in the sidebar and upload again.") from exc
+
+
+def check_same(networks: list[nn.Module], x: torch.Tensor | None) -> None:
+    """Raise a readable CcamergeError unless ``networks`` merge together: one built-in family and
+    config, or (for archives) the API's check that every state-dict shape matches and model 0
+    runs on ``x`` ``[B, ...]``."""
+    if all(api.is_builtin(n) for n in networks):
+        same_architecture(networks)
+    elif len(networks) >= 2:
+        if x is None:
+            raise CcamergeError("cannot compare models outside the built-in families without "
+                                "example images")
+        api.check_compatible(networks, x, 0)
+
+
+def example_of(entries: list[ModelEntry]) -> torch.Tensor | None:
+    """The images the first archive among ``entries`` was replayed on (None without archives)."""
+    return next((e.example for e in entries if e.example is not None), None)
+
+
+def describe(model: nn.Module) -> str:
+    """``mlp``, ``vgg`` ... for the built-in families, ``torchscript ClassName`` for archives."""
+    return model.arch if api.is_builtin(model) else archives.describe(model)
 
 
 def add_dataset_upload(datasets: dict[str, DatasetEntry], filename: str, content: bytes,
@@ -182,7 +257,7 @@ def table_rows(models: dict[str, ModelEntry], selected: list[str], scores: dict[
     rows = []
     for entry in models.values():
         model = entry.model()
-        summary = model_summary(model)
+        summary = model_summary(model) if api.is_builtin(model) else _archive_summary(model)
         config = summary["config"]
         measured = scores.get(entry.id)
         rows.append({"selected": entry.id in selected, "name": entry.name, "arch": summary["arch"],
@@ -192,6 +267,14 @@ def table_rows(models: dict[str, ModelEntry], selected: list[str], scores: dict[
                      "trained on": summary["dataset"] or "", "source": entry.kind,
                      "file": entry.filename, "sha256": entry.digest[:12]})
     return rows
+
+
+def _archive_summary(model: nn.Module) -> dict:
+    """:func:`ccamerge.io.model_summary`'s fields for a replayed archive (a merged archive
+    records its accuracy and dataset in ``ccamerge.json``)."""
+    info = getattr(model, "info", None) or {}
+    return {"arch": archives.describe(model), "config": {}, "parameters": count_parameters(model),
+            "accuracy": info.get("test_accuracy"), "dataset": info.get("dataset")}
 
 
 @dataclass(frozen=True)
@@ -218,7 +301,7 @@ def inputs(ids: tuple[str, ...], reference: int, data_key: str, models: dict[str
         raise CcamergeError(f"select at least {minimum} models in the sidebar (selected: {len(ids)})")
     entries = [models[i] for i in ids]
     networks = [e.model() for e in entries]
-    same_architecture(networks)
+    check_same(networks, example_of(entries))
     name = dataset_path(data_key, datasets)
     dataset = data.dataset(name)
     data.check_fit(networks, dataset)

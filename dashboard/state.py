@@ -34,6 +34,7 @@ W_MODEL_UPLOAD = "w_model_upload"
 W_DATA_UPLOAD = "w_data_upload"
 W_PT_ARCH = "w_pt_arch"
 W_PT_CONFIG = "w_pt_config"
+W_TRUST_CODE = "w_trust_code"          # "I trust this archive's code" (TorchScript uploads)
 # Widget keys: spectra page
 W_SPEC_GAMMA = "w_spec_gamma"
 W_SPEC_RELATIVE = "w_spec_relative"
@@ -60,6 +61,24 @@ W_MERGE_SAMPLES = "w_merge_samples"
 W_MERGE_CURVE = "w_merge_curve"
 W_MERGE_RUN = "w_merge_run"
 W_MERGE_DOWNLOAD_METHOD = "w_merge_download_method"
+# Widget keys: merge points page
+W_POINTS_MODEL = "w_points_model"
+# Widget keys: diagnosis page (method options: w_diag_opt_<method>_<option>)
+W_DIAG_METHOD = "w_diag_method"
+W_DIAG_BN = "w_diag_bn"
+W_DIAG_SAMPLES = "w_diag_samples"
+W_DIAG_SWEEP = "w_diag_sweep"
+# Widget keys: feature explorer page
+W_EXPL_MODEL = "w_expl_model"
+W_EXPL_POINT = "w_expl_point"
+W_EXPL_METHOD = "w_expl_method"
+W_EXPL_SAMPLES = "w_expl_samples"
+W_EXPL_EMBEDDING = "w_expl_embedding"
+# Widget keys: teaching page
+W_TEACH_MODEL = "w_teach_model"
+W_TEACH_POINT = "w_teach_point"
+W_TEACH_GAMMA = "w_teach_gamma"
+W_TEACH_RELATIVE = "w_teach_relative"
 
 
 def option_key(prefix: str, method: str, option: str) -> str:

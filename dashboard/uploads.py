@@ -1,16 +1,26 @@
 """Upload callbacks of the Models page: they run before the script (so they may select what they
-add in the sidebar) and leave inline messages for the page to show."""
+add in the sidebar) and leave inline messages for the page to show.
+
+A TorchScript archive is loaded only while "I trust this archive's code" is ticked; until then it
+stays in the uploader, unprocessed, and ticking the box (whose callback is
+:func:`on_model_upload` too) loads it.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 
 import streamlit as st
+import torch
 
 from ccamerge.errors import CcamergeError
 from ccamerge.models import ARCHITECTURES
+from ccamerge.trace_script import is_torchscript_archive
 from ccamerge.train import default_config
-from dashboard import data, registry, state
+from dashboard import archives, data, registry, state
+
+EXAMPLE_IMAGES = 8  # training images an archive is replayed on (as the CLI does)
 
 
 def config_key(arch: str) -> str:
@@ -42,33 +52,64 @@ def _pt_description(ss) -> tuple[str, str]:
     return arch, text
 
 
+def example_images(ss) -> torch.Tensor | None:
+    """The first training images of the selected dataset (what an archive is replayed on)."""
+    try:
+        path = registry.dataset_path(ss.get(state.W_DATASET) or "digits", ss[state.DATASETS])
+        return data.dataset(path).x_train[:EXAMPLE_IMAGES]
+    except CcamergeError:
+        return None
+
+
+def _load_one(ss, upload, selected: list[str], trusted: bool):
+    """``registry.add_model_upload`` with what the page's controls say about this file."""
+    registry.check_size(upload.name, upload.size, data.MAX_UPLOAD_BYTES)
+    content = upload.getvalue()
+    arch, config, example = None, None, None
+    if is_torchscript_archive(io.BytesIO(content)):
+        example = example_images(ss)
+    elif not upload.name.lower().endswith(".safetensors"):
+        arch, text = _pt_description(ss)
+        config = parse_config(text)
+    return registry.add_model_upload(ss[state.MODELS], selected, upload.name, content,
+                                     state.session_dir(), arch=arch, config=config,
+                                     trust_code=trusted, example=example)
+
+
 def on_model_upload() -> None:
-    """Load every new file of the model uploader; select those that fit the selection."""
+    """Load every new file of the model uploader; select those that fit the selection. An
+    archive refused for want of trust stays unprocessed, to load once the box is ticked."""
     ss = st.session_state
-    models, processed = ss[state.MODELS], ss[state.PROCESSED_UPLOADS]
+    processed = ss[state.PROCESSED_UPLOADS]
     selected = list(ss.get(state.W_MODELS) or [])
+    trusted = bool(ss.get(state.W_TRUST_CODE))
     messages = []
     for upload in ss.get(state.W_MODEL_UPLOAD) or []:
         if upload.file_id in processed:
             continue
-        processed.add(upload.file_id)
         try:
-            registry.check_size(upload.name, upload.size, data.MAX_UPLOAD_BYTES)
-            arch, config = None, None
-            if not upload.name.lower().endswith(".safetensors"):
-                arch, text = _pt_description(ss)
-                config = parse_config(text)
-            entry, added = registry.add_model_upload(models, selected, upload.name, upload.getvalue(),
-                                                     state.session_dir(), arch=arch, config=config)
+            entry, added = _load_one(ss, upload, selected, trusted)
         except CcamergeError as exc:
-            messages.append(("error", str(exc)))
+            refused = str(exc) == archives.untrusted_message(upload.name)
+            messages.append(("warning" if refused else "error", str(exc)))
+            if not refused:
+                processed.add(upload.file_id)
             continue
+        processed.add(upload.file_id)
         if entry.id not in selected:
             selected.append(entry.id)
         verb = "loaded as" if added else "was already loaded as"
         messages.append(("success", f"{upload.name} {verb} '{entry.name}' and selected"))
     ss[state.W_MODELS] = selected
     ss[state.UPLOAD_MESSAGES] = messages
+
+
+def on_trust_change() -> None:
+    """Ticking "I trust this archive's code" loads the archives waiting in the uploader."""
+    processed = st.session_state[state.PROCESSED_UPLOADS]
+    uploads = st.session_state.get(state.W_MODEL_UPLOAD) or []
+    if st.session_state.get(state.W_TRUST_CODE) and any(u.file_id not in processed for u in uploads):
+        on_model_upload()
 
 
 def on_dataset_upload() -> None:

@@ -13,7 +13,6 @@ import streamlit as st
 from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
-from ccamerge.models import same_architecture
 from dashboard import registry, state
 
 KEEP = {"persist_state": "session"}
@@ -133,11 +132,16 @@ def _selection_notes(models: dict, ids: list[str]) -> None:
     if len(ids) < 2:
         st.warning("Select at least 2 models to compare and merge.")
         return
+    entries = [models[i] for i in ids]
     try:
-        same_architecture([models[i].model() for i in ids])
+        registry.check_same([e.model() for e in entries], registry.example_of(entries))
     except CcamergeError as exc:
         st.error(str(exc))
         return
     first = models[ids[0]].model()
+    if not hasattr(first, "config"):  # a TorchScript archive
+        st.caption(f"{len(ids)} × {registry.describe(first)}, "
+                   f"{sum(p.numel() for p in first.parameters()):,} parameters")
+        return
     st.caption(f"{len(ids)} × {first.arch}, width {first.config.get('width')}, "
                f"{first.config.get('num_classes')} classes")

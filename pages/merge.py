@@ -1,6 +1,8 @@
 """Merge and compare: merge the selected models with each method, against the base models and
 their ensemble; accuracy against the number of merged models; download model and recipe."""
 
+import json
+
 import streamlit as st
 
 from ccamerge.errors import CcamergeError
@@ -104,13 +106,16 @@ if results["files"]:
     widgets.valid_choice(state.W_MERGE_DOWNLOAD_METHOD, ranked)
     chosen = st.selectbox("Merged model (best first)", ranked, key=state.W_MERGE_DOWNLOAD_METHOD,
                           format_func=lambda m: f"{m} ({accuracy[m]:.1f}% test accuracy)")
+    suffix = results.get("suffix", ".safetensors")
+    kind = "TorchScript archive, .pt" if suffix == ".pt" else ".safetensors"
     d1, d2 = st.columns(2)
-    d1.download_button("Download merged model (.safetensors)", results["files"][chosen],
-                       file_name=f"merged_{chosen}.safetensors", mime="application/octet-stream",
+    d1.download_button(f"Download merged model ({kind})", results["files"][chosen],
+                       file_name=f"merged_{chosen}{suffix}", mime="application/octet-stream",
                        key="download_model", icon=":material/download:")
     d2.download_button("Download recipe (.json)", results["recipes"][chosen],
                        file_name=f"recipe_{chosen}.json", mime="application/json",
                        key="download_recipe", icon=":material/receipt_long:")
-    st.caption("`ccamerge replay recipe.json --out merged.safetensors` redoes this merge and "
+    replay = json.loads(results["recipes"][chosen]).get("replay", "")
+    st.caption(f"`{replay}` redoes this merge and "
                "writes the same weights (the recipe names the model files and the dataset; "
                "uploaded files live in this session's temporary folder).")

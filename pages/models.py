@@ -5,7 +5,7 @@ import streamlit as st
 
 from ccamerge.errors import CcamergeError
 from ccamerge.models import ARCHITECTURES
-from dashboard import data, registry, state, uploads, widgets
+from dashboard import archives, charts, data, registry, state, uploads, widgets
 
 st.title("Models and data")
 st.markdown("Pick **2 or more models of one architecture**, the **reference** and the **dataset** "
@@ -26,14 +26,18 @@ st.subheader("Loaded models")
 scores = {e.id: data.model_scores(e.digest, sel.dataset, e.model(), dataset) if dataset else None
           for e in models.values()}
 frame = pd.DataFrame(registry.table_rows(models, list(sel.ids), scores))
-st.dataframe(frame, hide_index=True, placeholder="—", column_config={
+columns = {
     "selected": st.column_config.CheckboxColumn("selected", width="small"),
+    "arch": st.column_config.TextColumn("arch", width="medium", help="the built-in family, or "
+                                        "`torchscript` and the class of a TorchScript archive"),
     "parameters": st.column_config.NumberColumn("parameters", format="localized"),
     "accuracy (%)": st.column_config.NumberColumn("accuracy (%)", format="%.1f",
                                                   help="measured now on the selected dataset's test set"),
     "saved accuracy (%)": st.column_config.NumberColumn("saved accuracy (%)", format="%.1f",
                                                         help="recorded in the file when it was trained"),
-})
+}
+st.dataframe(frame, hide_index=True, placeholder="—", height=charts.table_height(frame),
+             column_config=columns)
 widgets.explain("one row per model this session has loaded. *accuracy* is measured on the test "
                 "images of the dataset chosen in the sidebar (empty when the dataset does not fit "
                 "the model); *saved accuracy* is what the file recorded after training. Models "
@@ -52,10 +56,16 @@ if dataset is not None:
 st.subheader("Upload")
 left, right = st.columns(2)
 with left:
-    st.file_uploader("Model files (.safetensors from `ccamerge train`, or weights-only .pt/.pth)",
-                     type=["safetensors", "pt", "pth"], accept_multiple_files=True,
-                     key=state.W_MODEL_UPLOAD, on_change=uploads.on_model_upload,
+    st.file_uploader("Model files (.safetensors from `ccamerge train`, weights-only .pt/.pth, "
+                     "or TorchScript archives from `torch.jit.save`)",
+                     type=["safetensors", "pt", "pth", "ts", "torchscript"],
+                     accept_multiple_files=True, key=state.W_MODEL_UPLOAD,
+                     on_change=uploads.on_model_upload,
                      max_upload_size=data.MAX_UPLOAD_BYTES // 2**20)
+    st.warning(archives.WARNING, icon=":material/gpp_maybe:")
+    st.checkbox(archives.TRUST_LABEL, key=state.W_TRUST_CODE, on_change=uploads.on_trust_change,
+                help="TorchScript archives of any architecture are replayed, traced and verified "
+                "(see the Merge points page); without this box they are not loaded at all")
     with st.expander("Architecture of .pt / .pth files (a bare state dict does not say)"):
         arch = st.selectbox("architecture", list(ARCHITECTURES), key=state.W_PT_ARCH, **widgets.KEEP)
         st.text_area("config (JSON, as `build_model(arch, **config)` takes it)",
@@ -71,6 +81,6 @@ with right:
                "package `dataset-fashion-mnist` is installed).")
 
 for level, text in st.session_state[state.UPLOAD_MESSAGES]:
-    (st.error if level == "error" else st.success)(text)
+    {"error": st.error, "warning": st.warning}.get(level, st.success)(text)
 st.caption(f"Uploads stay in this browser session only (limit {data.MAX_UPLOAD_BYTES // 2**20} MB "
            "per file). Demo files: " + f"`{data.demo_dir()}`.")

@@ -15,7 +15,8 @@ from ccamerge.models import build_model
 pytestmark = pytest.mark.e2e
 
 DEMO_TIMEOUT_MS = 240_000  # a cold start trains the demo zoo (about 20 s on 2 busy cores)
-PAGES = [("Spectra", 2), ("Feature matching", 3), ("Interpolation", 1), ("Merge and compare", 0)]
+PAGES = [("Spectra", 2), ("Feature matching", 3), ("Interpolation", 1), ("Why did it fail?", 4),
+         ("Feature explorer", 2), ("Teaching mode", 5), ("Merge and compare", 0)]
 
 
 def wait_idle(page, charts: int = 0) -> None:
@@ -120,6 +121,31 @@ def test_two_browser_sessions_do_not_share_uploads(browser, server, tmp_path):
     assert first.get_by_text("private_upload").count() >= 1
     first_context.close()
     second_context.close()
+
+
+def archive_bytes(seed: int) -> bytes:
+    """A TorchScript archive of an architecture outside the built-in families."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.LayerNorm(32),
+                              torch.nn.GELU(), torch.nn.Linear(32, 10)).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(net), buffer)
+    return buffer.getvalue()
+
+
+def test_a_trusted_torchscript_archive_and_its_merge_points(browser, server):
+    context, page = open_demo(browser, server)
+    page.locator('[data-testid="stSidebar"] button[aria-label="Clear all"]').first.click()
+    wait_idle(page)
+    upload_model(page, "archive_a.pt", archive_bytes(0))
+    page.get_by_text("archive_a.pt is a TorchScript archive").wait_for()  # refused: box unticked
+    page.get_by_test_id("stCheckbox").get_by_text("I trust this archive's code").click()
+    page.get_by_text("archive_a.pt loaded as 'archive_a' and selected").wait_for()
+    go_to(page, "Merge points", 0)
+    page.locator('[data-testid="stGraphVizChart"] svg').wait_for(timeout=60_000)
+    assert page.locator('[data-testid="stMetricValue"]', has_text="passed").count() == 1
+    assert page.get_by_text("ccamerge spec archive_a.pt").count() == 1  # with --trust-code
+    context.close()
 
 
 class _Hostile:
