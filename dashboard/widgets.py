@@ -13,7 +13,7 @@ import streamlit as st
 from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
-from dashboard import registry, state
+from dashboard import data, registry, state
 
 KEEP = {"persist_state": "session"}
 GAMMAS = (0.0, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -145,3 +145,28 @@ def _selection_notes(models: dict, ids: list[str]) -> None:
         return
     st.caption(f"{len(ids)} × {first.arch}, width {first.config.get('width')}, "
                f"{first.config.get('num_classes')} classes")
+
+
+def selected_inputs() -> tuple[state.Selection, dict, registry.Inputs]:
+    """The sidebar's selection, resolved for computing: ``(selection, models, inputs)``. When it
+    cannot be computed on (too few models, mismatched models, data that does not fit), the page
+    shows why and stops; nothing else is lost."""
+    sel = state.selection()
+    models = st.session_state[state.MODELS]
+    try:
+        inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
+                                 st.session_state[state.DATASETS])
+    except CcamergeError as exc:
+        error(exc)
+        st.stop()
+    return sel, models, inputs
+
+
+def selected_statistics(inputs: registry.Inputs):
+    """Activation statistics of the selection against its reference (cached), or stop the page."""
+    try:
+        return data.statistics(inputs.digests, inputs.data_key, inputs.reference, None,
+                               inputs.models, inputs.data)
+    except CcamergeError as exc:
+        error(exc)
+        st.stop()

@@ -6,7 +6,7 @@ import streamlit as st
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
 from dashboard import charts_diagnose as cd
-from dashboard import data, registry, state, widgets
+from dashboard import data, state, widgets
 
 st.title("Why did it fail?")
 st.markdown("Merge the selected models once, then take the merge apart: which merge point does "
@@ -14,14 +14,7 @@ st.markdown("Merge the selected models once, then take the merge apart: which me
             "collapse, and whether another setting would have done better. The checklist names "
             "the likely cause and what to try next.")
 
-sel = state.selection()
-models = st.session_state[state.MODELS]
-try:
-    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                             st.session_state[state.DATASETS])
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+sel, models, inputs = widgets.selected_inputs()
 
 c1, c2, c3, c4 = st.columns([2, 2, 2, 2])
 method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("cca"),

@@ -7,23 +7,15 @@ from ccamerge.errors import CcamergeError
 from ccamerge.explorer import EMBEDDINGS, GROUPS
 from ccamerge.methods import METHODS
 from dashboard import charts_diagnose as cd
-from dashboard import data, registry, state, widgets
+from dashboard import data, state, widgets
 
 st.title("Feature explorer")
 st.markdown("Each hidden unit is a point placed by what it responds to: two units that fire on "
             "the same images land together. Alignment should bring model i's units onto the "
             "reference's; the merged model's units should stay where both models put them.")
 
-sel = state.selection()
-models = st.session_state[state.MODELS]
-try:
-    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                             st.session_state[state.DATASETS])
-    stats = data.statistics(inputs.digests, inputs.data_key, inputs.reference, None,
-                            inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+sel, models, inputs = widgets.selected_inputs()
+stats = widgets.selected_statistics(inputs)
 
 c1, c2, c3 = st.columns(3)
 with c1:

@@ -5,23 +5,15 @@ import streamlit as st
 
 from ccamerge.errors import CcamergeError
 from ccamerge.features import MAX_DISPLAY
-from dashboard import charts, data, registry, state, widgets
+from dashboard import charts, data, state, widgets
 
 st.title("Feature matching")
 st.markdown("Do hidden units correspond one to one between two models (then a permutation "
             "aligns them), or is a feature of one model spread over several units of the other "
             "(then only a linear map such as CCA's can align it)?")
 
-sel = state.selection()
-models = st.session_state[state.MODELS]
-try:
-    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                             st.session_state[state.DATASETS])
-    stats = data.statistics(inputs.digests, inputs.data_key, inputs.reference, None,
-                            inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+sel, models, inputs = widgets.selected_inputs()
+stats = widgets.selected_statistics(inputs)
 
 left, right = st.columns(2)
 with left:

@@ -5,20 +5,13 @@ import streamlit as st
 
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
-from dashboard import charts, data, registry, state, widgets
+from dashboard import charts, data, state, widgets
 
 st.title("Interpolation")
 st.markdown("Blend two models, (1 − λ)·A + λ·B, after aligning B to A. If the loss stays low "
             "all along the path, the aligned models sit in one basin and merging them works.")
 
-sel = state.selection()
-models = st.session_state[state.MODELS]
-try:
-    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                             st.session_state[state.DATASETS])
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+sel, models, inputs = widgets.selected_inputs()
 
 pairwise = [m for m, spec in METHODS.items() if not spec.joint]
 joint = [m for m, spec in METHODS.items() if spec.joint]

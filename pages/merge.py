@@ -7,21 +7,14 @@ import streamlit as st
 
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
-from dashboard import charts, data, merging, registry, state, widgets
+from dashboard import charts, data, merging, state, widgets
 
 st.title("Merge and compare")
 st.markdown("Align the selected models to the reference with each method, average their "
             "weights, and compare the single merged model with the models themselves and with "
             "their ensemble (which keeps every model and averages their outputs).")
 
-sel = state.selection()
-models = st.session_state[state.MODELS]
-try:
-    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                             st.session_state[state.DATASETS])
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+sel, models, inputs = widgets.selected_inputs()
 
 methods = st.multiselect("Methods", list(METHODS), default=list(METHODS), key=state.W_MERGE_METHODS,
                          help="  \n".join(f"**{m}**: {s.summary}" for m, s in METHODS.items()),

@@ -4,21 +4,14 @@ Hungarian-matched correlations overlaid, and the numerical health of the statist
 import streamlit as st
 
 from ccamerge.errors import CcamergeError
-from dashboard import charts, data, registry, state, widgets
+from dashboard import charts, data, state, widgets
 
 st.title("Spectra")
 st.markdown("How much do the models' features have in common, layer by layer? CCA finds the "
             "linear combinations of units that correlate best; a permutation can only pair units "
             "one to one.")
 
-sel = state.selection()
-models = st.session_state[state.MODELS]
-try:
-    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                             st.session_state[state.DATASETS])
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+sel, models, inputs = widgets.selected_inputs()
 
 gamma, relative = widgets.gamma_controls(state.W_SPEC_GAMMA, state.W_SPEC_RELATIVE)
 choices = ["all"] + sel.others

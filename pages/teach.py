@@ -4,23 +4,15 @@ import numpy as np
 import streamlit as st
 
 from ccamerge.errors import CcamergeError
-from dashboard import charts, data, registry, state, widgets
+from dashboard import charts, data, state, widgets
 from dashboard import charts_diagnose as cd
 
 st.title("Teaching mode")
 st.markdown("Why can't we just average two trained networks, and what does alignment do? Four "
             "steps, computed live on the models selected in the sidebar.")
 
-sel = state.selection()
-models = st.session_state[state.MODELS]
-try:
-    inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                             st.session_state[state.DATASETS])
-    stats = data.statistics(inputs.digests, inputs.data_key, inputs.reference, None,
-                            inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+sel, models, inputs = widgets.selected_inputs()
+stats = widgets.selected_statistics(inputs)
 c1, c2 = st.columns(2)
 with c1:
     other = widgets.pick_other("Model i (compared with the reference)", sel, models,
