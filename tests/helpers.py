@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ccamerge.spec import build_spec
 from ccamerge.transform import apply_transforms, random_permutations, with_state
@@ -19,3 +20,22 @@ def permuted_twin(model, seed=1):
 def max_output_diff(a, b, x) -> float:
     with torch.no_grad():
         return float((a.eval()(x) - b.eval()(x)).abs().max())
+
+
+class ProjBlock(nn.Module):
+    """A ResNet block with a 1x1 convolution shortcut (for architectures outside the built-ins)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))

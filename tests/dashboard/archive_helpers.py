@@ -7,6 +7,7 @@ import io
 
 import torch
 import torch.nn.functional as F
+from helpers import ProjBlock
 from torch import nn
 
 from ccamerge.data import load_dataset
@@ -36,23 +37,6 @@ class ConcatNet(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         return self.head(torch.cat([self.b1(x), self.b2(x)], 1))
-
-
-class ProjBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x):
-        out = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ProjResNet(nn.Module):
