@@ -15,6 +15,13 @@ import torch
 from torch import nn
 
 from ccamerge.alignment import AlignContext, Alignment, hungarian
+from ccamerge.batchnorm import (
+    POLICIES,
+    conv_bn_pairs,
+    fold_state,
+    reset_to_endpoints,
+    without_static_vectors,
+)
 from ccamerge.cca import cca
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model
@@ -24,7 +31,13 @@ from ccamerge.repair import repair as repair_units
 from ccamerge.spec import AlignmentSpec, build_spec
 from ccamerge.stats import Statistics, collect_statistics
 from ccamerge.trace import derive_and_verify
-from ccamerge.transform import apply_transforms, average_states, reset_batchnorm, with_state
+from ccamerge.transform import (
+    apply_transforms,
+    average_states,
+    has_batchnorm,
+    reset_batchnorm,
+    with_state,
+)
 
 Progress = Callable[[float, str], None]
 MIN_SAMPLES_PER_FEATURE = 10.0
@@ -142,9 +155,12 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved, method)
 
 
-def aligned_states(models: Sequence[nn.Module], aligned: AlignResult) -> list[dict[str, torch.Tensor]]:
-    """Every model's state dict after its transforms."""
-    return [apply_transforms(m.state_dict(), aligned.spec, t)
+def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
+                   folded: Sequence[tuple[str, str]] = ()) -> list[dict[str, torch.Tensor]]:
+    """Every model's state dict after its transforms; ``folded`` ``(conv, batchnorm)`` pairs are
+    folded first and their BatchNorm scale and statistics left untransformed."""
+    spec = without_static_vectors(aligned.spec, [bn for _conv, bn in folded])
+    return [apply_transforms(fold_state(m.state_dict(), folded), spec, t)
             for m, t in zip(models, aligned.alignment.transforms, strict=True)]
 
 
@@ -189,33 +205,44 @@ def sample_warnings(stats: Statistics | None) -> list[str]:
 
 
 def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
-          bn_reset: bool = True, repair: bool = False, weights: Sequence[float] | None = None,
-          stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
-          spec: AlignmentSpec | None = None, progress: Progress = _silent,
-          **options) -> MergeResult:
+          bn_reset: bool = True, bn_policy: str = "paper", repair: bool = False,
+          weights: Sequence[float] | None = None, stats_samples: int | None = None,
+          batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
+          progress: Progress = _silent, **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
     ``data``: a Dataset (its training images give the statistics and the BatchNorm reset) or an
     input tensor ``[B, C, S, S]``. Options are the method's (see ``METHODS``), keyword-only.
     ``repair``: rescale units towards the endpoints' statistics (nets without BatchNorm).
+    ``bn_policy``: "paper" transforms BatchNorm vectors with the conv rows; "fold" folds each
+    BatchNorm into its conv first and, with ``bn_reset``, restores the endpoints' per-unit scale
+    (see :mod:`ccamerge.batchnorm`).
     Returns the merged model (eval mode) in the reference's basis, with details and a recipe.
     """
+    if bn_policy not in POLICIES:
+        raise CcamergeError(f"bn_policy must be one of {POLICIES}, not {bn_policy!r}")
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     batch_size=batch_size, seed=seed, spec=spec, progress=progress, **options)
     progress(0.8, "averaging")
-    states = aligned_states(models, aligned)
+    folded = conv_bn_pairs(models[0]) if bn_policy == "fold" and has_batchnorm(models[0]) else []
+    states = aligned_states(models, aligned, folded)
     weights = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
     merged = with_state(models[reference], average_states(states, weights))
     notes = sample_warnings(aligned.statistics)
     if repair:
         progress(0.85, "REPAIR: rescaling units")
         notes += _repair(merged, models, states, weights, aligned, data, stats_samples, seed)
-    if bn_reset:
+    if bn_reset and folded:
+        progress(0.9, "restoring the endpoints' BatchNorm scale")
+        endpoints = [with_state(m, s) for m, s in zip(models, states, strict=True)]
+        reset_to_endpoints(merged, endpoints, weights, [bn for _conv, bn in folded],
+                           subsample(train_inputs(data), stats_samples, seed))
+    elif bn_reset:
         progress(0.9, "resetting BatchNorm statistics")
         reset_batchnorm(merged, train_inputs(data), batch_size=batch_size)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
-              "bn_reset": bn_reset, "repair": repair, "weights": weights,
+              "bn_reset": bn_reset, "bn_policy": bn_policy, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
               "data": data.describe() if hasattr(data, "describe") else None,
               "models": [getattr(m, "source", None) for m in models]}

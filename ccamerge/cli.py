@@ -103,7 +103,7 @@ def cmd_evaluate(args) -> dict:
 
 def _merge_from(models, data, args, method, options, reference) -> dict:
     result = api.merge(models, data, method, reference=reference, bn_reset=not args.no_bn_reset,
-                       repair=getattr(args, "repair", False),
+                       repair=getattr(args, "repair", False), bn_policy=args.bn_policy,
                        stats_samples=args.stats_samples, seed=args.seed,
                        progress=_progress(args.quiet), **options)
     scores = evaluate_model(result.model, data.x_test, data.y_test)
@@ -116,7 +116,8 @@ def _merge_from(models, data, args, method, options, reference) -> dict:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": method, **scores, "out": str(args.out), "options": result.recipe["options"],
             "reference": reference, "bn_reset": not args.no_bn_reset,
-            "repair": result.recipe["repair"], "warnings": result.warnings}
+            "repair": result.recipe["repair"], "bn_policy": result.recipe["bn_policy"],
+            "warnings": result.warnings}
 
 
 def cmd_merge(args) -> dict:
@@ -132,6 +133,7 @@ def cmd_replay(args) -> dict:
     args.data, args.data_dir = recipe["data"]["name"], recipe["data"].get("data_dir")
     args.no_bn_reset = not recipe.get("bn_reset", True)
     args.repair = recipe.get("repair", False)
+    args.bn_policy = recipe.get("bn_policy", "paper")
     args.stats_samples, args.seed = recipe.get("stats_samples"), recipe.get("seed", 0)
     data = _data(args)
     return _merge_from(_models(args.models, args, data), data, args, recipe["method"],
@@ -154,7 +156,13 @@ def _read_recipe(path: str) -> dict:
     return recipe
 
 
+def _paper_policy_only(args, command: str) -> None:
+    if args.bn_policy != "paper":
+        raise CcamergeError(f"--bn-policy {args.bn_policy} is available for merge, not {command}")
+
+
 def cmd_interpolate(args) -> dict:
+    _paper_policy_only(args, "interpolate")
     data = _data(args)
     a, b = _models([args.model_a, args.model_b], args, data)
     return api.interpolate(a, b, data, args.method, steps=args.steps, bn_reset=not args.no_bn_reset,
@@ -170,6 +178,7 @@ def cmd_spectrum(args) -> dict:
 
 
 def cmd_diagnose(args) -> dict:
+    _paper_policy_only(args, "diagnose")
     data = _data(args)
     return diagnose(_models(args.models, args, data), data, args.method, reference=args.reference,
                     bn_reset=not args.no_bn_reset, stats_samples=args.stats_samples, seed=args.seed,
@@ -215,6 +224,9 @@ def _add_merge_options(p, *, gamma_default=None) -> None:
     p.add_argument("--beta", type=float, help="ZipIt same-model merge budget")
     p.add_argument("--max-sweeps", dest="max_sweeps", type=int, help="weight matching sweeps")
     p.add_argument("--no-bn-reset", action="store_true", help="keep the averaged BatchNorm statistics")
+    p.add_argument("--bn-policy", choices=["paper", "fold"], default="paper",
+                   help="paper: transform BatchNorm vectors with the conv rows (default); fold: "
+                   "fold BatchNorm into the conv first and restore the endpoints' scale")
     p.add_argument("--stats-samples", type=int, default=None,
                    help="training images used for statistics (default: all)")
     p.add_argument("--seed", type=int, default=0)
