@@ -170,3 +170,22 @@ def selected_statistics(inputs: registry.Inputs):
     except CcamergeError as exc:
         error(exc)
         st.stop()
+
+
+def interpolation_curves(pair, digests, inputs: registry.Inputs, methods, *, steps: int,
+                         bn_reset: bool) -> list[dict]:
+    """One cached interpolation curve per method between the two models of ``pair``, with a
+    progress display; on a problem the page shows why and stops."""
+    progress = ProgressDisplay("interpolating", len(methods))
+    curves = []
+    try:
+        for k, method in enumerate(methods):
+            curves.append(data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
+                                             steps=steps, bn_reset=bn_reset, stats_samples=None,
+                                             progress=progress.step(k, method)))
+    except CcamergeError as exc:
+        error(exc)
+        st.stop()
+    finally:
+        progress.done()
+    return curves

@@ -3,7 +3,6 @@ averaging and each alignment method, and the barrier of each curve."""
 
 import streamlit as st
 
-from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
 from dashboard import charts, data, state, widgets
 
@@ -45,18 +44,8 @@ if not methods or b_id is None:
 
 indices = [sel.ids.index(a_id), sel.ids.index(b_id)]
 pair, digests = inputs.pick(indices)
-progress = widgets.ProgressDisplay("interpolating", len(methods))
-curves = []
-try:
-    for k, method in enumerate(methods):
-        curves.append(data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
-                                         steps=steps, bn_reset=bn_reset and has_bn,
-                                         stats_samples=None, progress=progress.step(k, method)))
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
-finally:
-    progress.done()
+curves = widgets.interpolation_curves(pair, digests, inputs, methods, steps=steps,
+                                      bn_reset=bn_reset and has_bn)
 
 cols = st.columns(len(curves))
 for col, curve in zip(cols, curves, strict=True):

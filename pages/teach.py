@@ -140,18 +140,8 @@ st.markdown(f"Walk in a straight line from {ref_name} (λ = 0) to {other_name} (
             "barrier); after aligning the units the path stays low and its midpoint is a good "
             "merged model.")
 pair, digests = inputs.pick([inputs.reference, other])
-progress = widgets.ProgressDisplay("interpolating", 3)
-curves = []
-try:
-    for k, method in enumerate(("average", "permute", "cca")):
-        curves.append(data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
-                                         steps=11, bn_reset=data.uses_batchnorm(pair),
-                                         stats_samples=None, progress=progress.step(k, method)))
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
-finally:
-    progress.done()
+curves = widgets.interpolation_curves(pair, digests, inputs, ("average", "permute", "cca"),
+                                      steps=11, bn_reset=data.uses_batchnorm(pair))
 for col, curve in zip(st.columns(3), curves, strict=True):
     col.metric(f"loss barrier, {curve['method']}", f"{curve['barrier']:.3f}",
                help="highest rise of the test loss above the straight line between the ends")
