@@ -1,0 +1,45 @@
+"""The README's Results section is generated from benchmark files: check the generator."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from report import END, START, write_report  # noqa: E402
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_report_counts_wins_ties_losses_and_rewrites_the_readme(tmp_path):
+    rows = []
+    for n, (cca, permute) in {2: (90.0, 92.0), 3: (88.0, 80.0), 4: (85.0, 84.8)}.items():
+        for method, acc in {"base": 97.0, "ensemble": 98.0, "cca": cca, "permute": permute}.items():
+            rows.append({"data": "digits", "arch": "vgg", "width": 1.0, "setting": "same", "N": n,
+                         "subset": "0-1", "method": method, "accuracy": acc})
+    _write(tmp_path / "accuracy.csv", rows)
+    _write(tmp_path / "barriers.csv", [{"data": "digits", "arch": "vgg", "width": 1.0,
+                                        "setting": "same", "method": "cca", "barrier": 0.2,
+                                        "lambdas": "[0, 1]", "loss": "[0.1, 0.1]",
+                                        "accuracy": "[97, 97]"}])
+    _write(tmp_path / "selected.csv", [{"arch": "vgg", "width": 1.0, "setting": "same",
+                                        "method": "cca", "selected": '{"gamma": 1.0}'}])
+    (tmp_path / "run.json").write_text(json.dumps({
+        "profile": "quick", "data": "digits", "epochs": {"vgg": 20}, "pool": 6, "subsets": 3,
+        "stats": 1000, "seconds": 600, "train_images": 1150, "held_out_images": 287,
+        "test_images": 360}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\ntail\n")
+    body = write_report(tmp_path, readme)
+    assert "ahead by more than 0.5 points in 1, within 0.5 in 1, behind in 1" in body
+    assert "N=2: -2.0, N=3: +8.0, N=4: +0.2" in body
+    assert "python benchmarks/reproduce.py --quick" in body
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{END}\ntail\n") and body in text
+    assert (tmp_path / "plots.html").stat().st_size > 1000
