@@ -31,7 +31,7 @@ from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.methods import get_method
 from ccamerge.models import logits
 from ccamerge.spec import AlignmentSpec
-from ccamerge.stats import CrossMoments, capture_features, collect_statistics
+from ccamerge.stats import CrossMoments, batch_features, collect_statistics
 from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
 
 
@@ -77,10 +77,7 @@ def _total_variance(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor,
     broken: set[str] = set()
     model.eval()
     for start in range(0, len(x), batch_size):
-        with capture_features(model, spec) as captured:
-            model(x[start:start + batch_size])
-        for name, chunks in captured.items():
-            feats = torch.cat(chunks)
+        for name, feats in batch_features(model, spec, x[start:start + batch_size]).items():
             if not bool(torch.isfinite(feats).all()):
                 broken.add(name)
             elif name not in broken:

@@ -26,6 +26,7 @@ from ccamerge.alignment import hungarian
 from ccamerge.cca import cca
 from ccamerge.errors import CcamergeError
 from ccamerge.stats import PointStatistics
+from ccamerge.transform import Transform
 
 MAX_DISPLAY = 128
 
@@ -94,10 +95,7 @@ def reorder_by_matching(corr: np.ndarray, perm: np.ndarray) -> np.ndarray:
 
 def permutation_matrix(perm: np.ndarray) -> np.ndarray:
     """The permutation as a ``T`` ``[n_y, n_x]``: ``P[perm[j], j] = 1``."""
-    perm = np.asarray(perm)
-    out = np.zeros((len(perm), len(perm)))
-    out[perm, np.arange(len(perm))] = 1.0
-    return out
+    return Transform.from_permutation(perm).T
 
 
 def block_reduce(matrix: np.ndarray, max_size: int = MAX_DISPLAY,

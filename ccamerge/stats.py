@@ -158,7 +158,8 @@ def capture_features(model: nn.Module, spec: AlignmentSpec) -> Iterator[dict[str
             handle.remove()
 
 
-def _batch_features(model, spec, xb) -> dict[str, torch.Tensor]:
+def batch_features(model: nn.Module, spec: AlignmentSpec, xb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{point: samples [S, n]}`` of one forward pass of ``model`` on the batch ``xb``."""
     with capture_features(model, spec) as captured, torch.no_grad():
         model(xb)
     return {name: chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -199,7 +200,7 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
     for start in range(0, len(x), batch_size):
         feats = []
         for model in models:
-            feats.append(_batch_features(model, spec, x[start:start + batch_size]))
+            feats.append(batch_features(model, spec, x[start:start + batch_size]))
         for point in spec.points:
             centre = [centred(f[point.name]) for f in feats]  # once per model, shared by pairs
             for i, j in [(i, i) for i in range(len(models))] + cross:
