@@ -164,12 +164,6 @@ def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
             for m, t in zip(models, aligned.alignment.transforms, strict=True)]
 
 
-def combine(models: Sequence[nn.Module], aligned: AlignResult,
-            weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """Weighted average (default 1/N) of every model's state after its transforms."""
-    return average_states(aligned_states(models, aligned), weights)
-
-
 @dataclass
 class MergeResult:
     """The merged model and everything that produced it (``recipe`` replays it)."""
@@ -283,12 +277,16 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     pair = [model_a, model_b]
     common = dict(stats_samples=stats_samples, seed=seed, **options)
     to_a = align(pair, data, method, reference=0, **common)
-    to_b = to_a if spec_method.exact else align(pair, data, method, reference=1, **common)
+    states_a = aligned_states(pair, to_a)
+    states_b = states_a
+    if not spec_method.exact:  # same statistics, other reference
+        states_b = aligned_states(pair, align(pair, data, method, reference=1,
+                                              statistics=to_a.statistics, **common))
     lambdas = np.linspace(0.0, 1.0, steps)
     curve = {"method": method, "lambdas": lambdas.tolist(), "accuracy": [], "loss": []}
     for k, lam in enumerate(lambdas):
-        aligned, base = (to_a, model_a) if lam <= 0.5 else (to_b, model_b)
-        model = with_state(base, combine(pair, aligned, [1.0 - lam, lam]))
+        states, base = (states_a, model_a) if lam <= 0.5 else (states_b, model_b)
+        model = with_state(base, average_states(states, [1.0 - lam, lam]))
         if bn_reset:
             reset_batchnorm(model, train_inputs(data))
         scores = evaluate_model(model, data.x_test, data.y_test)
