@@ -105,27 +105,37 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reset_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
                     progress: Callable[[float], None] | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics in place with one train-mode pass over
     ``x`` ``[B, ...]`` (average of the batch statistics weighted by batch size, no gradients).
-    No-op without BatchNorm."""
+    Image models run the pass in channels-last memory (faster on CPU) and come back with
+    standard-layout (contiguous) parameters. No-op without BatchNorm."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
+    image = x.dim() == 4
+    if image:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     model.train()
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size]
-        for m in norms:  # sample-weighted running average: a short last batch weighs less
-            m.momentum = len(xb) / (start + len(xb))
-        model(xb)
-        if progress:
-            progress(min(1.0, (start + batch_size) / len(x)))
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
+    try:
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size]
+            for m in norms:  # sample-weighted running average: a short last batch weighs less
+                m.momentum = len(xb) / (start + len(xb))
+            model(xb)
+            if progress:
+                progress(min(1.0, (start + batch_size) / len(x)))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        if image:
+            model.to(memory_format=torch.contiguous_format)
     return model.eval()
 
 

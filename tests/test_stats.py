@@ -91,3 +91,47 @@ def test_missing_pair_is_a_clear_error(digits):
         stats["fc1"].cov(1, 2)
     full = collect_statistics(models, build_spec(models[0]), digits.x_train[:20], pairs="all")
     assert full["fc1"].cov(1, 2).shape == (128, 128)
+
+
+def test_every_point_and_pair_matches_numpy_and_models_are_untouched(digits):
+    """BatchNorm ResNet with stream points: all blocks of all pairs against numpy.cov of the
+    features read in the models' own (standard) layout; the callers' models keep their layout."""
+    torch.manual_seed(0)
+    models = [build_model("resnet20", width=0.5).eval() for _ in range(3)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    spec = build_spec(models[0])
+    x = digits.x_train[:40]
+    stats = collect_statistics(models, spec, x, pairs="all", batch_size=17)
+    feats = []
+    for m in models:
+        with capture_features(m, spec) as captured, torch.no_grad():
+            m(x)
+        feats.append({name: torch.cat(chunks).double().numpy() for name, chunks in captured.items()})
+    for point in spec.points:
+        n = point.width
+        joint = np.cov(np.hstack([f[point.name] for f in feats]).T)
+        for i in range(3):
+            for j in range(3):
+                np.testing.assert_allclose(stats[point.name].cov(i, j),
+                                           joint[i * n:(i + 1) * n, j * n:(j + 1) * n], atol=1e-5)
+    for m, state in zip(models, before, strict=True):
+        for key, value in m.state_dict().items():
+            assert value.is_contiguous(), key
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_large_offsets_keep_covariance_precision(digits):
+    """Features with mean 100 and unit spread: float32 products stay accurate (one side centred)."""
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[16, 16])
+    with torch.no_grad():
+        model.layers[1].bias += 100.0
+    spec = build_spec(model)
+    x = digits.x_train[:500]
+    stats = collect_statistics([model, model], spec, x, batch_size=128)
+    with capture_features(model, spec) as captured, torch.no_grad():
+        model(x)
+    point = spec.points[0]
+    feats = captured[point.name][0].double().numpy()
+    assert feats.mean() > 50
+    np.testing.assert_allclose(stats[point.name].cov(0, 1), np.cov(feats.T), rtol=1e-4, atol=1e-4)
