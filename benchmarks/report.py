@@ -117,9 +117,14 @@ def write_report(out: Path, readme: Path | None = None) -> str:
     selected = read(out / "selected.csv")
     command = "python benchmarks/reproduce.py" + {"quick": " --quick", "full": " --full"}.get(run["profile"], "")
     epochs = ", ".join(f"{arch} {e}" for arch, e in run["epochs"].items())
-    text = [f"Profile `{run['profile']}` on {run['data']}: models trained on {run['train_images']} "
+    size = run.get("image_size")
+    data = run["data"] + (f" at {size}x{size} px ({run['downsample']}x{run['downsample']} average "
+                          "pooling)" if run.get("downsample", 1) > 1 else "")
+    test = (f"a fixed random subset of {run['test_images']} test images" if run.get("test")
+            else f"{run['test_images']} test images")
+    text = [f"Profile `{run['profile']}` on {data}: models trained on {run['train_images']} "
             f"training images (epochs: {epochs}), {run['held_out_images']} more held out for "
-            f"selecting hyperparameters, {run['test_images']} test images; pools of {run['pool']}, {run['subsets']} random "
+            f"selecting hyperparameters, {test}; pools of {run['pool']}, {run['subsets']} random "
             f"subsets per N, statistics on {run['stats']} training images; hyperparameters "
             f"selected on a held-out slice of the training set; test accuracy (%) mean ± std over "
             f"subsets. Run time {run['seconds'] / 60:.0f} min. Regenerate with `{command}`.", "",

@@ -1,6 +1,6 @@
 """Reproduce the paper's protocol: merged accuracy vs number of models, per method and setting.
 
-    python benchmarks/reproduce.py            # Fashion-MNIST, VGG + ResNet20, widths x1 x2
+    python benchmarks/reproduce.py            # Fashion-MNIST (14 px, subsets), VGG + ResNet20, x1 x2
     python benchmarks/reproduce.py --quick    # digits (minutes)
     python benchmarks/reproduce.py --full     # widths x1..x8, N up to 6, more data and epochs
 
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ccamerge.api import align, aligned_states, interpolate, resolve_spec, subsample
 from ccamerge.data import load_dataset
@@ -42,16 +43,20 @@ from ccamerge.transform import average_states, reset_batchnorm, with_state
 
 SETTINGS = ("same", "skewed", "dirichlet")
 PROFILES = {
-    # data, train images (None = all), held-out images, epochs per arch, widths, pool, max N,
-    # subsets per N, statistics images
-    "quick": dict(data="digits", train=None, holdout=0.2, epochs={"vgg": 20, "resnet20": 10},
-                  widths=[1, 2], pool=6, max_n=5, subsets=3, stats=1000),
-    "default": dict(data="fashion-mnist", train=6000, holdout=2000,
-                    epochs={"vgg": 6, "resnet20": 4}, widths=[1, 2], pool=6, max_n=5, subsets=2,
-                    stats=1000),
-    "full": dict(data="fashion-mnist", train=None, holdout=5000,
+    # data, image downsampling factor, train images (None = all), held-out images, test images
+    # (None = all), epochs per arch, widths, pool, max N, subsets per N, statistics images,
+    # training images beside the held-out ones when selecting hyperparameters
+    "quick": dict(data="digits", downsample=1, train=None, holdout=0.2, test=None,
+                  epochs={"vgg": 20, "resnet20": 10}, widths=[1, 2], pool=6, max_n=5, subsets=3,
+                  stats=1000, select=2000),
+    # sized to finish in under 30 minutes on 2 cores: 14x14 images (2x2 average pooling), a
+    # 4000-image training subset, a fixed 2000-image test subset
+    "default": dict(data="fashion-mnist", downsample=2, train=4000, holdout=1000, test=2000,
+                    epochs={"vgg": 6, "resnet20": 3}, widths=[1, 2], pool=6, max_n=5, subsets=2,
+                    stats=1000, select=1000),
+    "full": dict(data="fashion-mnist", downsample=1, train=None, holdout=5000, test=None,
                  epochs={"vgg": 15, "resnet20": 10}, widths=[1, 2, 4, 8], pool=8, max_n=8,
-                 subsets=3, stats=5000),
+                 subsets=3, stats=5000, select=5000),
 }
 
 
@@ -60,8 +65,17 @@ def log(message: str) -> None:
 
 
 def split_data(profile: dict):
-    """(training dataset the models see, held-out inputs and labels for selection)."""
+    """(training dataset the models see, held-out inputs and labels for selection), after the
+    profile's downsampling and test subset."""
     data = load_dataset(profile["data"])
+    if profile["downsample"] > 1:
+        k = profile["downsample"]
+        data = dataclasses.replace(data, name=f"{data.name}-{data.image_size // k}px",
+                                   x_train=F.avg_pool2d(data.x_train, k),
+                                   x_test=F.avg_pool2d(data.x_test, k))
+    if profile["test"] is not None:
+        keep = np.sort(np.random.default_rng(1).permutation(len(data.y_test))[:profile["test"]])
+        data = dataclasses.replace(data, x_test=data.x_test[keep], y_test=data.y_test[keep])
     n = len(data.y_train)
     order = np.random.default_rng(0).permutation(n)
     holdout = profile["holdout"]
@@ -87,12 +101,11 @@ def pool(arch: str, width: float, setting: str, data, profile: dict, cache: Path
     return [load_model(r["path"]) for r in rows]
 
 
-def select(models, data, held, method: str) -> dict:
+def select(models, data, held, method: str, profile: dict) -> dict:
     """Best options for ``method`` on the held-out slice (first two models of the pool)."""
-    selection = dataclasses.replace(data, x_train=torch.cat([data.x_train[:2000], held[0]]),
-                                    y_train=torch.cat([data.y_train[:2000], held[1]]))
-    holdout = len(held[0]) / len(selection.x_train)
-    result = sweep(models[:2], selection, method, holdout=holdout, seed=0)
+    fit = profile["select"]
+    selection = dataclasses.replace(data, x_train=data.x_train[:fit], y_train=data.y_train[:fit])
+    result = sweep(models[:2], selection, method, validation=held)
     return result["best"]
 
 
@@ -114,7 +127,7 @@ def run_pool(arch, width, setting, data, held, profile, cache, writer, barrier_w
     test_logits = [logits(m, data.x_test) for m in models]
     options = {m: {} for m in METHODS}
     for method in ("cca", "zipit"):
-        options[method] = select(models, data, held, method)
+        options[method] = select(models, data, held, method, profile)
         chosen.writerow({"arch": arch, "width": width, "setting": setting, "method": method,
                          "selected": json.dumps(options[method])})
     x_stats = subsample(data.x_train, profile["stats"], 0)
@@ -185,6 +198,7 @@ def main() -> None:
         handle.close()
     (out / "run.json").write_text(json.dumps({
         "profile": name, **profile, "seconds": round(time.time() - started),
+        "dataset": data.name, "image_size": data.image_size,
         "train_images": len(data.y_train), "held_out_images": len(held[1]),
         "test_images": len(data.y_test), "archs": args.archs, "settings": args.settings},
         indent=1))

@@ -202,17 +202,24 @@ def default_grid(method: str) -> list[dict]:
 def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[dict] | None = None,
           holdout: float = 0.2, reference: int = 0, bn_reset: bool = True,
           stats_samples: int | None = None, seed: int = 0, current: dict | None = None,
-          progress=None) -> dict:
+          validation: tuple[torch.Tensor, torch.Tensor] | None = None, progress=None) -> dict:
     """Merged accuracy over a grid of option settings, measured on a held-out slice of the
     training set (never the test set); statistics and BatchNorm reset use the rest.
-    Returns ``{"method", "grid", "accuracy", "loss", "best", "best_index", "best_at_edge",
-    "parameter", "selected_on"}``, and ``"current": {"options", "accuracy", "loss"}`` for the
-    ``current`` options (the ones a merge used) scored the same way."""
+    ``validation=(x [B, ...], y [B])`` gives the held-out images explicitly (then all of
+    ``data.x_train`` is used for statistics). Returns ``{"method", "grid", "accuracy", "loss",
+    "best", "best_index", "best_at_edge", "parameter", "selected_on"}``, and
+    ``"current": {"options", "accuracy", "loss"}`` for the ``current`` options (the ones a merge
+    used) scored the same way."""
     report = progress or (lambda _f, _m: None)
     grid = grid or default_grid(method)
-    fit_idx, val_idx = holdout_split(len(data.y_train), holdout, seed)
-    x_fit = data.x_train[fit_idx]
-    x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+    if validation is None:
+        fit_idx, val_idx = holdout_split(len(data.y_train), holdout, seed)
+        x_fit = data.x_train[fit_idx]
+        x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+        selected_on = f"held-out {holdout:.0%} of the training set ({len(val_idx)} images)"
+    else:
+        x_fit, (x_val, y_val) = data.x_train, validation
+        selected_on = f"{len(y_val)} held-out images"
     method_info = get_method(method)
     stats = collect_statistics(models, resolve_spec(models, x_fit), subsample(x_fit, stats_samples, seed),
                                reference=reference, pairs=method_info.statistics or "reference")
@@ -235,7 +242,7 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
     out = {"method": method, "grid": grid, "accuracy": [s["accuracy"] for s in scores],
            "loss": [s["loss"] for s in scores], "best": grid[best], "best_index": best,
            "best_at_edge": bool(edge), "parameter": ", ".join(varied),
-           "selected_on": f"held-out {holdout:.0%} of the training set ({len(val_idx)} images)"}
+           "selected_on": selected_on}
     if current is not None:
         out["current"] = {"options": dict(current), **score(current)}
     return out

@@ -75,6 +75,19 @@ def test_sweep_selects_on_held_out_training_data_not_the_test_set(mlps, digits):
     assert sweep(mlps[:2], scrambled, "cca", grid=grid)["accuracy"] == result["accuracy"]
 
 
+def test_sweep_scores_explicit_validation_images(mlps, digits):
+    """With ``validation`` given, exactly those images are scored (oracle: evaluate_model of the
+    merge built from all training images) and the test set plays no part."""
+    grid = [{"gamma": 0.1, "relative": True}]
+    fit = dataclasses.replace(digits, x_train=digits.x_train[:800], y_train=digits.y_train[:800],
+                              x_test=digits.x_test * 0)
+    held = (digits.x_train[800:1100], digits.y_train[800:1100])
+    result = sweep(mlps[:2], fit, "cca", grid=grid, validation=held)
+    merged = merge(mlps[:2], fit, "cca", gamma=0.1, relative=True).model
+    assert result["accuracy"][0] == pytest.approx(evaluate_model(merged, *held)["accuracy"])
+    assert result["selected_on"] == "300 held-out images"
+
+
 def test_diagnose_with_sweep_flags_an_edge_optimum(mlps, digits):
     report = diagnose(mlps[:2], digits, "cca", with_sweep=True)
     assert len(report["sweep"]["grid"]) == 8
