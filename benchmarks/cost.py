@@ -43,6 +43,7 @@ from ccamerge.stats import channels_last, collect_statistics
 from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
 
 BATCH = 500
+COST_START, COST_END = "<!-- cost:start -->", "<!-- cost:end -->"
 
 
 def inputs(samples: int) -> torch.Tensor:
@@ -147,24 +148,26 @@ models = models_for({arch!r}, {width}, 2, x.shape[-1])
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current size
 before = status('VmRSS')
 timed_merge(models, x, {method!r})
-print(status('VmHWM') - before)
+print(status('VmHWM') - before, status('VmHWM'))
 """
 
 
-def peak_memory_mb(arch: str, width: float, samples: int, method: str) -> float:
-    """Peak resident memory (MB) a merge of two models on ``samples`` inputs adds to a fresh
-    process that already holds the data and the models (Linux: VmHWM reset via clear_refs)."""
+def peak_memory_mb(arch: str, width: float, samples: int, method: str) -> tuple[float, float]:
+    """(peak resident memory a merge of two models on ``samples`` inputs adds to a fresh process
+    that already holds the data and the models, that process's whole peak), in MB (Linux: the
+    peak, VmHWM, is reset through clear_refs)."""
     code = PEAK_CODE.format(samples=samples, arch=arch, width=width, method=method)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    extra, total = done.stdout.strip().splitlines()[-1].split()
+    return float(extra), float(total)
 
 
 def memory_rows(arch: str, width: float, base_samples: int) -> list[dict]:
     rows = []
     for factor in (1, 4, 16):
-        mb = peak_memory_mb(arch, width, base_samples * factor, "cca")
+        extra, total = peak_memory_mb(arch, width, base_samples * factor, "cca")
         rows.append({"arch": arch, "width": width, "samples": base_samples * factor,
-                     "peak_extra_mb": round(mb, 1)})
+                     "peak_extra_mb": round(extra, 1), "process_peak_mb": round(total, 1)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -182,6 +185,74 @@ def write(rows: list[dict], path: Path) -> None:
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def markdown(rows: list[dict], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+
+
+def summary(cost: list[dict], by_n: list[dict], memory: list[dict], x8: list[dict],
+            x8_memory: list[dict], samples: int) -> str:
+    """The Markdown report (``cost_summary.md`` and the README's cost section)."""
+    settings = sorted({(r["arch"], r["width"]) for r in cost})
+    ratios, phases = [], []
+    for arch, width in settings:
+        rows = {r["method"]: r for r in cost if (r["arch"], r["width"]) == (arch, width)}
+        any_row = next(iter(rows.values()))
+        ratios.append({"arch": arch, "width": f"x{width:g}",
+                       "forward standard (s)": any_row["forward_standard"],
+                       "forward channels-last (s)": any_row["forward_channels_last"],
+                       **{m: r["ratio"] for m, r in rows.items()}})
+        if "cca" in rows:
+            r = rows["cca"]
+            phases.append({"arch": arch, "width": f"x{width:g}",
+                           **{k: r[k] for k in ("statistics", "solve", "transforms", "averaging",
+                                                "bn_reset", "total", "ratio")},
+                           "ratio vs standard layout": round(r["total"] / r["forward_standard"], 3)})
+    methods = [m for m in ("average", "permute", "weight_matching", "zipit", "ot", "cca")
+               if any(m in r for r in ratios)]
+    met = [f"{p['arch']} {p['width']}" for p in phases if p["ratio"] <= 1.3]
+    missed = [f"{p['arch']} {p['width']} ({p['ratio']})" for p in phases if p["ratio"] > 1.3]
+    text = [f"Two randomly initialised models merged on {samples} Fashion-MNIST training images "
+            f"(28x28), batches of {BATCH}, {torch.get_num_threads()} threads; every time is the "
+            "fastest of the repeats. `ratio` = total merge time / bare forward time over the same "
+            "data (N eval passes, plus the BatchNorm-reset pass for nets with BatchNorm), with the "
+            "bare forward timed in the standard and in channels-last memory and the faster "
+            "counted; the merge itself runs its passes channels-last.", "",
+            "Ratio to the bare forward, per method:", "",
+            *markdown(ratios, ["arch", "width", "forward standard (s)",
+                               "forward channels-last (s)", *methods])]
+    if phases:
+        text += ["", "CCA Merge, seconds per phase:", "", *markdown(phases, list(phases[0])), "",
+                 f"CCA ratio at most 1.3: {', '.join(met) or 'nowhere'}; above: "
+                 f"{', '.join(missed) or 'nowhere'}."]
+    if by_n:
+        text += ["", "Growth with the number of models (width x1):", "",
+                 *markdown(by_n, ["arch", "N", "method", "statistics", "solve", "total",
+                                  "forward_limit", "ratio"])]
+    if memory:
+        text += ["", "Peak memory a CCA merge adds (MB) as the statistics data grows:", "",
+                 *markdown(memory, ["arch", "width", "samples", "peak_extra_mb"])]
+        for arch in sorted({r["arch"] for r in memory}):
+            peaks = [r["peak_extra_mb"] for r in memory if r["arch"] == arch]
+            text.append(f"\n{arch}: largest over smallest peak {max(peaks) / min(peaks):.2f}")
+    if x8:
+        r = {row["method"]: row for row in x8}
+        text += ["", "VGG x8 (two models): " + "; ".join(
+            f"{m} {row['total']} s total (statistics {row['statistics']} s, solve {row['solve']} s, "
+            f"ratio {row['ratio']})" for m, row in r.items())
+            + (f"; whole-process peak memory {x8_memory[0]['process_peak_mb'] / 1024:.1f} GB of "
+               "this machine's 24 GB." if x8_memory else ".")]
+    return "\n".join(text) + "\n"
+
+
+def write_readme(readme: Path, body: str) -> None:
+    content = readme.read_text()
+    if COST_START in content and COST_END in content:
+        head, rest = content.split(COST_START, 1)
+        tail = rest.split(COST_END, 1)[1]
+        readme.write_text(f"{head}{COST_START}\n{body}{COST_END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
@@ -192,17 +263,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--x8", action="store_true", help="also merge two VGG x8 models")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--readme", default=None, help="rewrite this README's cost section")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write(time_rows(args.archs, args.widths, args.methods, [2], args.samples, args.repeats),
-          out / "cost")
-    write(time_rows(args.archs, [1], ["cca", "permute"], [2, 3, 4, 5], args.samples, args.repeats),
-          out / "cost_n")
+    cost = time_rows(args.archs, args.widths, args.methods, [2], args.samples, args.repeats)
+    write(cost, out / "cost")
+    by_n = time_rows(args.archs, [1], ["cca", "permute"], [2, 3, 4, 5], args.samples, args.repeats)
+    write(by_n, out / "cost_n")
     # from one full batch up: below it the batch itself, not the statistics, sets the peak
-    write(memory_rows("vgg", 1, BATCH) + memory_rows("resnet20", 1, BATCH), out / "cost_memory")
+    memory = memory_rows("vgg", 1, BATCH) + memory_rows("resnet20", 1, BATCH)
+    write(memory, out / "cost_memory")
+    x8, x8_memory = [], []
     if args.x8:
-        write(time_rows(["vgg"], [8], ["cca", "permute"], [2], args.samples, 1), out / "cost_x8")
+        x8 = time_rows(["vgg"], [8], ["cca", "permute"], [2], args.samples, 1)
+        extra, total = peak_memory_mb("vgg", 8, args.samples, "cca")
+        x8_memory = [{"arch": "vgg", "width": 8, "samples": args.samples,
+                      "peak_extra_mb": round(extra, 1), "process_peak_mb": round(total, 1)}]
+        write(x8 + x8_memory, out / "cost_x8")
+    body = summary(cost, by_n, memory, x8, x8_memory, args.samples)
+    (out / "cost_summary.md").write_text(body)
+    if args.readme:
+        write_readme(Path(args.readme), body)
+    print(body)
     print(f"peak RSS of this run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -43,3 +43,27 @@ def test_report_counts_wins_ties_losses_and_rewrites_the_readme(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{END}\ntail\n") and body in text
     assert (tmp_path / "plots.html").stat().st_size > 1000
+
+
+def test_cost_summary_states_where_the_target_is_met_and_rewrites_its_readme_section(tmp_path):
+    from cost import COST_END, COST_START, summary, write_readme
+
+    def row(arch, width, method, total, ratio):
+        return {"arch": arch, "width": width, "N": 2, "method": method, "samples": 1000,
+                "statistics": 0.9, "solve": 0.01, "transforms": 0.01, "averaging": 0.01,
+                "bn_reset": 0.0, "total": total, "forward_standard": 2.0,
+                "forward_channels_last": 1.0, "forward_limit": 1.0, "ratio": ratio}
+
+    cost = [row("vgg", 1.0, "cca", 1.2, 1.2), row("vgg", 1.0, "permute", 1.1, 1.1),
+            row("vgg", 2.0, "cca", 1.6, 1.6)]
+    memory = [{"arch": "vgg", "width": 1, "samples": s, "peak_extra_mb": mb, "process_peak_mb": 0}
+              for s, mb in ((500, 100.0), (2000, 105.0), (8000, 110.0))]
+    body = summary(cost, [], memory, [], [], 1000)
+    assert "CCA ratio at most 1.3: vgg x1; above: vgg x2 (1.6)." in body
+    assert "| vgg | x1 | 0.9 | 0.01 | 0.01 | 0.01 | 0.0 | 1.2 | 1.2 | 0.6 |" in body
+    assert "largest over smallest peak 1.10" in body
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{COST_START}\nold\n{COST_END}\ntail\n")
+    write_readme(readme, body)
+    text = readme.read_text()
+    assert "old" not in text and body in text and text.endswith(f"{COST_END}\ntail\n")
