@@ -4,7 +4,9 @@ Features are read by forward hooks (:func:`capture_features`, a context manager)
 ``[B, C, H, W]`` gives ``B*H*W`` samples of ``C`` features; a linear activation ``[B, C]`` gives
 ``B`` samples. Each batch is centred and multiplied in the model's float32, then merged into float64
 accumulators with Chan's update, so results do not depend on the batch size and two shards combine
-exactly (:meth:`CrossMoments.merge`).
+exactly (:meth:`CrossMoments.merge`). :func:`collect_statistics` is the hot path of every
+activation-based merge: it runs image models channels-last (a feature map is then ``[S, C]``
+without a copy) and centres into one reused workspace (see ``benchmarks/cost.py``).
 """
 
 from __future__ import annotations
@@ -199,12 +201,15 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
 
     Collects, per merge point, every model's mean and covariance and the cross-covariances of
     ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
-    The callers' models are not modified (image models run as channels-last copies).
+    Models run in eval mode; image models run as channels-last copies (faster on CPU), so the
+    callers' parameters keep their layout.
     """
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
     acc = {(point.name, i, j): CrossMoments(point.width, point.width)
            for point in spec.points for i, j in blocks}
     runners, x = channels_last(models, x)
+    for model in runners:
+        model.eval()
     workspace = _Workspace()
     with contextlib.ExitStack() as stack:
         captures = [stack.enter_context(capture_features(m, spec)) for m in runners]
@@ -272,8 +277,6 @@ def channels_last(models: Sequence[nn.Module], x: torch.Tensor) -> tuple[list[nn
         copies = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models]
     except Exception:  # noqa: BLE001 - an uncopyable module only loses the speed-up
         return list(models), x
-    for m in copies:
-        m.eval()
     return copies, x.contiguous(memory_format=torch.channels_last)
 
 

@@ -57,6 +57,9 @@ def test_batchnorm_reset_matches_batch_statistics(digits):
     torch.testing.assert_close(bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
     assert bn.momentum == 0.1  # restored after the cumulative pass
     assert not model.training
+    # the pass runs channels-last; the model comes back in the standard layout, no autograd state
+    assert all(v.is_contiguous() for v in model.state_dict().values())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_with_state_leaves_the_original_untouched():
