@@ -1,6 +1,7 @@
 """What a merge costs, against the limit of the forward passes it cannot avoid.
 
-    python benchmarks/cost.py [--widths 1 2 4] [--samples 1000] [--repeats 2] [--x8] [--out benchmarks/results]
+    python benchmarks/cost.py [--widths 1 2 4] [--samples 1000] [--repeats 2] [--x8]
+                              [--parts widths n memory x8] [--out DIR] [--readme README.md]
 
 The unavoidable work of an activation-based merge is N forward passes over the statistics data
 and one BatchNorm-reset pass; everything else (covariance products, the solve, applying
@@ -12,8 +13,10 @@ writes (``cost.csv``, ``cost.md``):
   the bare forward is timed in the standard and in channels-last memory and the faster counts;
 * every time is the fastest of ``--repeats`` runs (the machine's other load only adds time);
 * how time grows with the width and with N;
-* peak memory (resident set, measured in a fresh process) as the statistics data grows 1x, 4x,
-  16x: statistics are streamed, so it should stay flat;
+* peak memory (resident set of a fresh process after a warm-up merge, glibc's mmap threshold
+  fixed so that freed tensors leave the resident set) as the
+  statistics data grows 1x, 4x, 16x from 1000 images: statistics are streamed, so it should stay
+  flat;
 * with ``--x8``, whether a VGG x8 merge of two models fits in this machine's memory, and its time.
 
 Models are randomly initialised (cost does not depend on training); inputs are Fashion-MNIST
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -143,8 +147,9 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) / 1024
 
-x = inputs({samples})
+x = inputs({samples}).clone()
 models = models_for({arch!r}, {width}, 2, x.shape[-1])
+timed_merge(models, x[:{batch}], {method!r})  # one-time allocations (kernels, buffers) go first
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current size
 before = status('VmRSS')
 timed_merge(models, x, {method!r})
@@ -156,8 +161,12 @@ def peak_memory_mb(arch: str, width: float, samples: int, method: str) -> tuple[
     """(peak resident memory a merge of two models on ``samples`` inputs adds to a fresh process
     that already holds the data and the models, that process's whole peak), in MB (Linux: the
     peak, VmHWM, is reset through clear_refs)."""
-    code = PEAK_CODE.format(samples=samples, arch=arch, width=width, method=method)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = PEAK_CODE.format(samples=samples, arch=arch, width=width, method=method, batch=BATCH)
+    # a fixed mmap threshold returns every large tensor to the system when it is freed, so the
+    # resident set tracks live memory (glibc's sliding threshold varies the peak ~20% per run)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=env)
     extra, total = done.stdout.strip().splitlines()[-1].split()
     return float(extra), float(total)
 
@@ -253,6 +262,23 @@ def write_readme(readme: Path, body: str) -> None:
         readme.write_text(f"{head}{COST_START}\n{body}{COST_END}{tail}")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a CSV this script wrote, numbers as floats (``[]`` when the file is missing)."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            for kind in (int, float):
+                try:
+                    row[key] = kind(value)
+                    break
+                except ValueError:
+                    pass
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
@@ -262,26 +288,33 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--x8", action="store_true", help="also merge two VGG x8 models")
+    parser.add_argument("--parts", nargs="+", choices=["widths", "n", "memory", "x8"],
+                        default=["widths", "n", "memory"],
+                        help="what to measure now; the summary reads every part's file in --out")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--readme", default=None, help="rewrite this README's cost section")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cost = time_rows(args.archs, args.widths, args.methods, [2], args.samples, args.repeats)
-    write(cost, out / "cost")
-    by_n = time_rows(args.archs, [1], ["cca", "permute"], [2, 3, 4, 5], args.samples, args.repeats)
-    write(by_n, out / "cost_n")
-    # from one full batch up: below it the batch itself, not the statistics, sets the peak
-    memory = memory_rows("vgg", 1, BATCH) + memory_rows("resnet20", 1, BATCH)
-    write(memory, out / "cost_memory")
-    x8, x8_memory = [], []
-    if args.x8:
-        x8 = time_rows(["vgg"], [8], ["cca", "permute"], [2], args.samples, 1)
+    parts = set(args.parts) | ({"x8"} if args.x8 else set())
+    if "widths" in parts:
+        write(time_rows(args.archs, args.widths, args.methods, [2], args.samples, args.repeats),
+              out / "cost")
+    if "n" in parts:
+        write(time_rows(args.archs, [1], ["cca", "permute"], [2, 3, 4, 5], args.samples,
+                        args.repeats), out / "cost_n")
+    if "memory" in parts:
+        # from two batches up: after the first large free glibc raises its mmap threshold, so a
+        # one-batch run keeps less memory than any longer run whatever the statistics do
+        write(memory_rows("vgg", 1, 2 * BATCH) + memory_rows("resnet20", 1, 2 * BATCH),
+              out / "cost_memory")
+    if "x8" in parts:
+        write(time_rows(["vgg"], [8], ["cca", "permute"], [2], args.samples, 1), out / "cost_x8")
         extra, total = peak_memory_mb("vgg", 8, args.samples, "cca")
-        x8_memory = [{"arch": "vgg", "width": 8, "samples": args.samples,
-                      "peak_extra_mb": round(extra, 1), "process_peak_mb": round(total, 1)}]
-        write(x8 + x8_memory, out / "cost_x8")
-    body = summary(cost, by_n, memory, x8, x8_memory, args.samples)
+        write([{"arch": "vgg", "width": 8, "samples": args.samples, "peak_extra_mb": round(extra, 1),
+                "process_peak_mb": round(total, 1)}], out / "cost_x8_memory")
+    body = summary(*(read_rows(out / f"{name}.csv") for name in
+                     ("cost", "cost_n", "cost_memory", "cost_x8", "cost_x8_memory")), args.samples)
     (out / "cost_summary.md").write_text(body)
     if args.readme:
         write_readme(Path(args.readme), body)

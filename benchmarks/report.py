@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ccamerge.evaluate import barrier
+
 METHOD_ORDER = ["base", "ensemble", "average", "permute", "weight_matching", "zipit", "ot", "cca"]
 TIE = 0.5  # accuracy points within which CCA and permutation matching are called even
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -71,16 +73,23 @@ def verdict(table) -> list[str]:
     return lines
 
 
-def barrier_table(rows: list[dict]) -> list[str]:
+def barrier_table(rows: list[dict], key: str) -> list[str]:
+    """Per pool and method: the loss barrier (``key="loss"``) or the accuracy barrier, the
+    accuracy points lost below the straight line between the two endpoints (``"accuracy"``)."""
     table: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in rows:
-        table[(r["arch"], float(r["width"]), r["setting"])][r["method"]] = float(r["barrier"])
+        values = json.loads(r[key])
+        if key == "accuracy":  # a dip in accuracy is a barrier: measure it on -accuracy
+            values = [-v for v in values]
+        table[(r["arch"], float(r["width"]), r["setting"])][r["method"]] = barrier(
+            json.loads(r["lambdas"]), values)
     methods = [m for m in METHOD_ORDER if any(m in v for v in table.values())]
+    digits = 3 if key == "loss" else 1
     lines = ["| arch | width | setting | " + " | ".join(methods) + " |",
              "|" + "---|" * (3 + len(methods))]
     for (arch, width, setting), b in sorted(table.items()):
         lines.append(f"| {arch} | x{width:g} | {setting} | "
-                     + " | ".join(f"{b[m]:.3f}" if m in b else "" for m in methods) + " |")
+                     + " | ".join(f"{b[m]:.{digits}f}" if m in b else "" for m in methods) + " |")
     return lines
 
 
@@ -129,7 +138,12 @@ def write_report(out: Path, readme: Path | None = None) -> str:
             f"selected on a held-out slice of the training set; test accuracy (%) mean ± std over "
             f"subsets. Run time {run['seconds'] / 60:.0f} min. Regenerate with `{command}`.", "",
             *verdict(table), "", *accuracy_table(table), "",
-            "Interpolation barriers (test loss) between two models:", "", *barrier_table(barriers), "",
+            "Interpolation barriers between two models of each pool (N = 2, 6 points on the "
+            "path), in test loss:", "", *barrier_table(barriers, "loss"), "",
+            "and in test accuracy (points below the straight line between the endpoints; models "
+            "trained on Dirichlet splits are so overconfident on classes they rarely saw that "
+            "every merge has a lower loss than the endpoints, so only this one shows their "
+            "barrier):", "", *barrier_table(barriers, "accuracy"), "",
             "Selected hyperparameters: " + "; ".join(
                 f"{r['arch']} x{float(r['width']):g} {r['setting']} {r['method']} {r['selected']}"
                 for r in selected) + "."]

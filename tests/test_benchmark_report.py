@@ -26,8 +26,8 @@ def test_report_counts_wins_ties_losses_and_rewrites_the_readme(tmp_path):
     _write(tmp_path / "accuracy.csv", rows)
     _write(tmp_path / "barriers.csv", [{"data": "digits", "arch": "vgg", "width": 1.0,
                                         "setting": "same", "method": "cca", "barrier": 0.2,
-                                        "lambdas": "[0, 1]", "loss": "[0.1, 0.1]",
-                                        "accuracy": "[97, 97]"}])
+                                        "lambdas": "[0, 0.5, 1]", "loss": "[0.1, 0.3, 0.1]",
+                                        "accuracy": "[97, 90, 95]"}])
     _write(tmp_path / "selected.csv", [{"arch": "vgg", "width": 1.0, "setting": "same",
                                         "method": "cca", "selected": '{"gamma": 1.0}'}])
     (tmp_path / "run.json").write_text(json.dumps({
@@ -38,6 +38,8 @@ def test_report_counts_wins_ties_losses_and_rewrites_the_readme(tmp_path):
     readme.write_text(f"# x\n{START}\nold\n{END}\ntail\n")
     body = write_report(tmp_path, readme)
     assert "ahead by more than 0.5 points in 1, within 0.5 in 1, behind in 1" in body
+    assert "| vgg | x1 | same | 0.200 |" in body  # loss barrier: 0.3 above the line at 0.1
+    assert "| vgg | x1 | same | 6.0 |" in body  # accuracy: 90 below the line's 96
     assert "N=2: -2.0, N=3: +8.0, N=4: +0.2" in body
     assert "python benchmarks/reproduce.py --quick" in body
     text = readme.read_text()

@@ -1,0 +1,67 @@
+"""Why CCA Merge trails permutation matching where it does: checks on the default profile's pools.
+
+    python benchmarks/cca_checks.py     # after benchmarks/reproduce.py (reuses its checkpoints)
+
+For fixed subsets of the pools where the reproduction shows CCA behind, merges with permutation
+matching, ZipIt! and CCA Merge over the whole relative-gamma grid, and on BatchNorm nets with the
+BatchNorm folded into the convolutions first (``bn_policy="fold"``). Accuracy is on the test
+subset: this is a diagnosis of the gap (is it the selected gamma? the BatchNorm handling?), never
+a selection. Writes ``cca_checks.csv`` and ``cca_checks.md`` beside the reproduction's results.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from reproduce import PROFILES, split_data
+
+from ccamerge.api import merge
+from ccamerge.evaluate import evaluate_model
+from ccamerge.io import load_model
+
+CASES = [("resnet20", 1, "same", [0, 1]), ("resnet20", 1, "same", [0, 1, 2, 3]),
+         ("vgg", 1, "same", [0, 1]), ("vgg", 2, "same", [0, 1, 2])]
+GAMMAS = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+
+
+def checks(arch, width, setting, subset, data, cache: Path, stats: int) -> dict:
+    models = [load_model(cache / f"{arch}_w{width}_{setting}_s{i}.safetensors") for i in subset]
+
+    def accuracy(method, **options):
+        merged = merge(models, data, method, stats_samples=stats, **options).model
+        return round(evaluate_model(merged, data.x_test, data.y_test)["accuracy"], 1)
+
+    row = {"arch": arch, "width": width, "setting": setting, "subset": "-".join(map(str, subset)),
+           "permute": accuracy("permute"), "zipit": accuracy("zipit")}
+    for gamma in GAMMAS:
+        row[f"cca gamma={gamma:g}"] = accuracy("cca", gamma=gamma, relative=True)
+    if arch == "resnet20":
+        row["permute fold"] = accuracy("permute", bn_policy="fold")
+        row["cca gamma=1 fold"] = accuracy("cca", gamma=1.0, relative=True, bn_policy="fold")
+    return row
+
+
+def main() -> None:
+    profile = PROFILES["default"]
+    data, _held = split_data(profile)
+    cache, out = Path("benchmarks/cache/default"), Path("benchmarks/results/default")
+    rows = []
+    for case in CASES:
+        rows.append(checks(*case, data, cache, profile["stats"]))
+        print(json.dumps(rows[-1]), flush=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with (out / "cca_checks.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    (out / "cca_checks.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
