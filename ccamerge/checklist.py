@@ -161,6 +161,23 @@ def _gamma(r) -> list[dict]:
                      "Run the gamma sweep and use the best value on held-out data.", "sweep")]
 
 
+def _dense_batchnorm(r) -> list[dict]:
+    check = r.get("permute_check")
+    if not check or not r["bn_reset"]:
+        return []
+    lost = check["accuracy"] - r["merged"]["accuracy"]
+    if lost < GAP_INFO:
+        return []
+    return [_finding("dense_batchnorm", "failure" if _gap(r) >= GAP_FAILURE else "warning",
+                     f"CCA's dense maps lose {lost:.1f} points to permutation matching on this "
+                     f"BatchNorm net ({r['merged']['accuracy']:.1f}% vs "
+                     f"{check['accuracy']:.1f}% from the same statistics): a dense map does not "
+                     "commute with per-channel BatchNorm, so mixing units through it is an "
+                     "approximation that only a permutation makes exact.",
+                     "Merge this net with permute (or zipit); with cca, run the gamma sweep.",
+                     "summary")]
+
+
 def _gap(r) -> float:
     """Accuracy points the merge loses against the mean base model."""
     return sum(b["accuracy"] for b in r["base"]) / len(r["base"]) - r["merged"]["accuracy"]
@@ -228,6 +245,6 @@ def findings_for(report: dict) -> list[dict]:
     undertrained, weak = _undertrained(report)
     found = (_batchnorm(report) + undertrained + _label_spaces(report, weak) + _samples(report)
              + _far_apart(report) + _dead(report) + _non_finite(report) + _collapse(report)
-             + _unaligned(report) + _untuned(report) + _gamma(report))
+             + _unaligned(report) + _untuned(report) + _gamma(report) + _dense_batchnorm(report))
     found += _summary(report, any(f["severity"] == "failure" for f in found))
     return sorted(found, key=lambda f: SEVERITY_ORDER[f["severity"]])

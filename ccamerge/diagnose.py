@@ -158,6 +158,9 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         "ranking": [p["name"] for p in sorted(points, key=_damage_order)],
         "predicted_classes": [_predicted_classes(m, data.x_test) for m in models],
     }
+    if method == "cca" and result["has_batchnorm"]:
+        result["permute_check"] = _permutation_check(models, aligned, stats, x, data, reference,
+                                                     bn_reset)
     if with_sweep and method in ("cca", "zipit"):
         report(0.7, f"sweeping {method} hyperparameters")
         result["sweep"] = sweep(models, data, method, reference=reference, bn_reset=bn_reset,
@@ -167,6 +170,16 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     result["healthy"] = not any(f["severity"] == "failure" for f in result["findings"])
     report(1.0, "done")
     return result
+
+
+def _permutation_check(models, aligned, stats, x, data, reference: int, bn_reset: bool) -> dict:
+    """Test scores of a permutation merge from the same statistics: on BatchNorm nets it tells
+    whether CCA's dense maps, rather than the models, cost the accuracy."""
+    permuted = align(models, x, "permute", reference=reference, statistics=stats, spec=aligned.spec)
+    merged = with_state(models[reference], average_states(aligned_states(models, permuted)))
+    if bn_reset:
+        reset_batchnorm(merged, x)
+    return evaluate_model(merged, data.x_test, data.y_test)
 
 
 def _loss_added(before: float, after: float) -> float | None:
