@@ -159,8 +159,10 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         "predicted_classes": [_predicted_classes(m, data.x_test) for m in models],
     }
     if method == "cca" and result["has_batchnorm"]:
-        result["permute_check"] = _permutation_check(models, aligned, stats, x, data, reference,
-                                                     bn_reset)
+        # a permutation merge from the same statistics: do CCA's dense maps, rather than the
+        # models, cost the accuracy on this BatchNorm net?
+        result["permute_check"] = _score_merge(models, "permute", {}, stats, aligned.spec, x,
+                                               data.x_test, data.y_test, reference, bn_reset)
     if with_sweep and method in ("cca", "zipit"):
         report(0.7, f"sweeping {method} hyperparameters")
         result["sweep"] = sweep(models, data, method, reference=reference, bn_reset=bn_reset,
@@ -172,14 +174,16 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     return result
 
 
-def _permutation_check(models, aligned, stats, x, data, reference: int, bn_reset: bool) -> dict:
-    """Test scores of a permutation merge from the same statistics: on BatchNorm nets it tells
-    whether CCA's dense maps, rather than the models, cost the accuracy."""
-    permuted = align(models, x, "permute", reference=reference, statistics=stats, spec=aligned.spec)
-    merged = with_state(models[reference], average_states(aligned_states(models, permuted)))
+def _score_merge(models, method: str, options: dict, stats, spec, x_fit: torch.Tensor,
+                 x_eval: torch.Tensor, y_eval: torch.Tensor, reference: int, bn_reset: bool) -> dict:
+    """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` of a merge built from
+    statistics collected earlier, its BatchNorm reset (if on) run over ``x_fit``."""
+    aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
+                    **options)
+    merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
     if bn_reset:
-        reset_batchnorm(merged, x)
-    return evaluate_model(merged, data.x_test, data.y_test)
+        reset_batchnorm(merged, x_fit)
+    return evaluate_model(merged, x_eval, y_eval)
 
 
 def _loss_added(before: float, after: float) -> float | None:
@@ -234,15 +238,13 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
         x_fit, (x_val, y_val) = data.x_train, validation
         selected_on = f"{len(y_val)} held-out images"
     method_info = get_method(method)
-    stats = collect_statistics(models, resolve_spec(models, x_fit), subsample(x_fit, stats_samples, seed),
+    spec = resolve_spec(models, x_fit)
+    stats = collect_statistics(models, spec, subsample(x_fit, stats_samples, seed),
                                reference=reference, pairs=method_info.statistics or "reference")
 
     def score(options: dict) -> dict:
-        aligned = align(models, x_fit, method, reference=reference, statistics=stats, **options)
-        merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
-        if bn_reset:
-            reset_batchnorm(merged, x_fit)
-        return evaluate_model(merged, x_val, y_val)
+        return _score_merge(models, method, options, stats, spec, x_fit, x_val, y_val, reference,
+                            bn_reset)
 
     scores = []
     for k, options in enumerate(grid):
