@@ -11,11 +11,11 @@ a selection. Writes ``cca_checks.csv`` and ``cca_checks.md`` beside the reproduc
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
 
+from cost import write
 from reproduce import PROFILES, split_data
 
 from ccamerge.api import merge
@@ -52,15 +52,8 @@ def main() -> None:
     for case in CASES:
         rows.append(checks(*case, data, cache, profile["stats"]))
         print(json.dumps(rows[-1]), flush=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with (out / "cca_checks.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    (out / "cca_checks.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(rows, out / "cca_checks")
+    print((out / "cca_checks.md").read_text())
 
 
 if __name__ == "__main__":

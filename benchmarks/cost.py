@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import rewrite_section
 
 from ccamerge.alignment import AlignContext
 from ccamerge.api import AlignResult, aligned_states
@@ -182,16 +183,16 @@ def memory_rows(arch: str, width: float, base_samples: int) -> list[dict]:
 
 
 def write(rows: list[dict], path: Path) -> None:
+    """``rows`` as ``path`` with a ``.csv`` and a ``.md`` suffix; the columns are every key, in
+    order of first appearance (a row without one leaves its cell empty)."""
     if not rows:
         return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     with path.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    path.with_suffix(".md").write_text("\n".join(markdown(rows, columns)) + "\n")
 
 
 def markdown(rows: list[dict], columns: list[str]) -> list[str]:
@@ -254,14 +255,6 @@ def summary(cost: list[dict], by_n: list[dict], memory: list[dict], x8: list[dic
     return "\n".join(text) + "\n"
 
 
-def write_readme(readme: Path, body: str) -> None:
-    content = readme.read_text()
-    if COST_START in content and COST_END in content:
-        head, rest = content.split(COST_START, 1)
-        tail = rest.split(COST_END, 1)[1]
-        readme.write_text(f"{head}{COST_START}\n{body}{COST_END}{tail}")
-
-
 def read_rows(path: Path) -> list[dict]:
     """Rows of a CSV this script wrote, numbers as floats (``[]`` when the file is missing)."""
     if not path.exists():
@@ -317,7 +310,7 @@ def main() -> None:
                      ("cost", "cost_n", "cost_memory", "cost_x8", "cost_x8_memory")), args.samples)
     (out / "cost_summary.md").write_text(body)
     if args.readme:
-        write_readme(Path(args.readme), body)
+        rewrite_section(Path(args.readme), COST_START, COST_END, body)
     print(body)
     print(f"peak RSS of this run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

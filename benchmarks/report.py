@@ -119,6 +119,16 @@ def plots(table, barrier_rows: list[dict], path: Path) -> None:
                     + curves.to_html(include_plotlyjs=False, full_html=False))
 
 
+def rewrite_section(readme: Path, start: str, end: str, body: str) -> None:
+    """Replace what stands between the ``start`` and ``end`` markers of ``readme`` with ``body``
+    (nothing happens when a marker is missing)."""
+    content = readme.read_text()
+    if start in content and end in content:
+        head, rest = content.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        readme.write_text(f"{head}{start}\n{body}{end}{tail}")
+
+
 def write_report(out: Path, readme: Path | None = None) -> str:
     run = json.loads((out / "run.json").read_text())
     table = grouped(read(out / "accuracy.csv"))
@@ -151,11 +161,7 @@ def write_report(out: Path, readme: Path | None = None) -> str:
     (out / "summary.md").write_text(body)
     plots(table, barriers, out / "plots.html")
     if readme is not None and readme.exists():
-        content = readme.read_text()
-        if START in content and END in content:
-            head, rest = content.split(START, 1)
-            _old, tail = rest.split(END, 1)
-            readme.write_text(f"{head}{START}\n{body}{END}{tail}")
+        rewrite_section(readme, START, END, body)
     return body
 
 

@@ -48,7 +48,8 @@ def test_report_counts_wins_ties_losses_and_rewrites_the_readme(tmp_path):
 
 
 def test_cost_summary_states_where_the_target_is_met_and_rewrites_its_readme_section(tmp_path):
-    from cost import COST_END, COST_START, summary, write_readme
+    from cost import COST_END, COST_START, summary
+    from report import rewrite_section
 
     def row(arch, width, method, total, ratio):
         return {"arch": arch, "width": width, "N": 2, "method": method, "samples": 1000,
@@ -66,6 +67,6 @@ def test_cost_summary_states_where_the_target_is_met_and_rewrites_its_readme_sec
     assert "largest over smallest peak 1.10" in body
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{COST_START}\nold\n{COST_END}\ntail\n")
-    write_readme(readme, body)
+    rewrite_section(readme, COST_START, COST_END, body)
     text = readme.read_text()
     assert "old" not in text and body in text and text.endswith(f"{COST_END}\ntail\n")
