@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ccamerge.api import align, aligned_states, interpolate, resolve_spec, subsample
+from ccamerge.api import interpolate, resolve_spec, score_merge, subsample
 from ccamerge.data import load_dataset
 from ccamerge.diagnose import sweep
 from ccamerge.evaluate import metrics_from_logits
@@ -39,7 +39,6 @@ from ccamerge.methods import METHODS
 from ccamerge.models import logits
 from ccamerge.stats import collect_statistics
 from ccamerge.train import train_zoo
-from ccamerge.transform import average_states, reset_batchnorm, with_state
 
 SETTINGS = ("same", "skewed", "dirichlet")
 PROFILES = {
@@ -115,10 +114,8 @@ def merge_subset(models, data, x_stats, methods: dict[str, dict]) -> dict[str, f
     stats = collect_statistics(models, spec, x_stats, pairs="all")
     out = {}
     for method, options in methods.items():
-        aligned = align(models, x_stats, method, statistics=stats, spec=spec, **options)
-        merged = with_state(models[0], average_states(aligned_states(models, aligned)))
-        reset_batchnorm(merged, x_stats)
-        out[method] = metrics_from_logits(logits(merged, data.x_test), data.y_test)["accuracy"]
+        out[method] = score_merge(models, method, options, stats, spec, x_stats, data.x_test,
+                                  data.y_test, reference=0, bn_reset=True)["accuracy"]
     return out
 
 

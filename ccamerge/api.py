@@ -245,6 +245,19 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                        notes)
 
 
+def score_merge(models, method: str, options: dict, stats, spec, x_fit: torch.Tensor,
+                 x_eval: torch.Tensor, y_eval: torch.Tensor, reference: int, bn_reset: bool) -> dict:
+    """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` of a merge built from
+    statistics collected earlier (to score several methods or settings on one pass over the
+    data), its BatchNorm reset (if on) run over ``x_fit``."""
+    aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
+                    **options)
+    merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
+    if bn_reset:
+        reset_batchnorm(merged, x_fit)
+    return evaluate_model(merged, x_eval, y_eval)
+
+
 def _repair(merged, models, states, weights, aligned, data, stats_samples, seed) -> list[str]:
     """Apply REPAIR; returns warnings when it cannot act."""
     if get_method(aligned.method).joint:

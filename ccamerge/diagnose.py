@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ccamerge.alignment import hungarian
-from ccamerge.api import align, aligned_states, resolve_spec, subsample, train_inputs
+from ccamerge.api import align, aligned_states, resolve_spec, score_merge, subsample, train_inputs
 from ccamerge.cca import cca
 from ccamerge.checklist import findings_for
 from ccamerge.data import holdout_split
@@ -161,7 +161,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     if method == "cca" and result["has_batchnorm"]:
         # a permutation merge from the same statistics: do CCA's dense maps, rather than the
         # models, cost the accuracy on this BatchNorm net?
-        result["permute_check"] = _score_merge(models, "permute", {}, stats, aligned.spec, x,
+        result["permute_check"] = score_merge(models, "permute", {}, stats, aligned.spec, x,
                                                data.x_test, data.y_test, reference, bn_reset)
     if with_sweep and method in ("cca", "zipit"):
         report(0.7, f"sweeping {method} hyperparameters")
@@ -172,18 +172,6 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     result["healthy"] = not any(f["severity"] == "failure" for f in result["findings"])
     report(1.0, "done")
     return result
-
-
-def _score_merge(models, method: str, options: dict, stats, spec, x_fit: torch.Tensor,
-                 x_eval: torch.Tensor, y_eval: torch.Tensor, reference: int, bn_reset: bool) -> dict:
-    """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` of a merge built from
-    statistics collected earlier, its BatchNorm reset (if on) run over ``x_fit``."""
-    aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
-                    **options)
-    merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
-    if bn_reset:
-        reset_batchnorm(merged, x_fit)
-    return evaluate_model(merged, x_eval, y_eval)
 
 
 def _loss_added(before: float, after: float) -> float | None:
@@ -243,7 +231,7 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
                                reference=reference, pairs=method_info.statistics or "reference")
 
     def score(options: dict) -> dict:
-        return _score_merge(models, method, options, stats, spec, x_fit, x_val, y_val, reference,
+        return score_merge(models, method, options, stats, spec, x_fit, x_val, y_val, reference,
                             bn_reset)
 
     scores = []
