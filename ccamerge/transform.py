@@ -105,7 +105,6 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def reset_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
                     progress: Callable[[float], None] | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics in place with one train-mode pass over
