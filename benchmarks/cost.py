@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 from report import rewrite_section
 
-from ccamerge.alignment import AlignContext
 from ccamerge.api import AlignResult, aligned_states
 from ccamerge.data import available_datasets, load_dataset
 from ccamerge.methods import get_method
+from ccamerge.methods.base import AlignContext
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
 from ccamerge.stats import channels_last, collect_statistics

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ccamerge.analysis.diagnose import sweep
 from ccamerge.api import interpolate, resolve_spec, score_merge, subsample
 from ccamerge.data import load_dataset
-from ccamerge.diagnose import sweep
 from ccamerge.evaluate import metrics_from_logits
 from ccamerge.io import load_model
 from ccamerge.methods import METHODS

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccamerge.alignment import AlignContext, Alignment, hungarian
 from ccamerge.batchnorm import (
     POLICIES,
     conv_bn_pairs,
@@ -22,15 +21,15 @@ from ccamerge.batchnorm import (
     reset_to_endpoints,
     without_static_vectors,
 )
-from ccamerge.cca import cca
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model
-from ccamerge.methods import Method, get_method
+from ccamerge.methods import AlignContext, Alignment, Method, get_method, hungarian
+from ccamerge.methods.cca import solve_near_exact, solve_pair
 from ccamerge.models import ARCHITECTURES, same_architecture
 from ccamerge.repair import repair as repair_units
 from ccamerge.spec import AlignmentSpec, build_spec
-from ccamerge.stats import Statistics, collect_statistics
-from ccamerge.trace import derive_and_verify
+from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
+from ccamerge.trace.derive import derive_and_verify
 from ccamerge.transform import (
     apply_transforms,
     average_states,
@@ -40,7 +39,6 @@ from ccamerge.transform import (
 )
 
 Progress = Callable[[float, str], None]
-MIN_SAMPLES_PER_FEATURE = 10.0
 
 
 def _silent(_fraction: float, _message: str) -> None:
@@ -310,12 +308,13 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     return curve
 
 
-def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: float = 0.1,
-             relative: bool = True, stats_samples: int | None = None, seed: int = 0,
+def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: float | None = None,
+             relative: bool | None = None, stats_samples: int | None = None, seed: int = 0,
              statistics: Statistics | None = None) -> list[dict]:
-    """Per merge point and non-reference model: canonical correlations at ``gamma`` and nearly
-    unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the Hungarian-matched unit
-    correlations sorted descending (``matched``), their means, and numerical health."""
+    """Per merge point and non-reference model: canonical correlations at ``gamma`` (default: the
+    cca method's) and nearly unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the
+    Hungarian-matched unit correlations sorted descending (``matched``), their means, and
+    numerical health."""
     x = train_inputs(data)
     check_compatible(models, x, reference)
     spec = resolve_spec(models, x)
@@ -329,9 +328,9 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     return rows
 
 
-def _spectrum_row(p, ref: int, i: int, gamma: float, relative: bool) -> dict:
-    fit = cca(p.cov(ref, ref), p.cov(i, i), p.cov(ref, i), gamma=gamma, relative=relative)
-    exact = cca(p.cov(ref, ref), p.cov(i, i), p.cov(ref, i), gamma=1e-6, relative=True)
+def _spectrum_row(p, ref: int, i: int, gamma: float | None, relative: bool | None) -> dict:
+    fit = solve_pair(p, ref, i, gamma=gamma, relative=relative)
+    exact = solve_near_exact(p, ref, i)
     corr = p.corr(ref, i)
     matched = np.sort(corr[np.arange(p.width), hungarian(corr)])[::-1]
     return {"name": p.name, "model": i, "width": p.width, "samples": p.count,

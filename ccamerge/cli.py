@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 
 from ccamerge import api
+from ccamerge.analysis.diagnose import diagnose
 from ccamerge.data import DATASETS, load_dataset
-from ccamerge.diagnose import diagnose
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.io import load_model, save_model
 from ccamerge.methods import METHODS, describe_methods, get_method
 from ccamerge.spec import build_spec
-from ccamerge.trace import derive_and_verify
-from ccamerge.trace_explain import explain
-from ccamerge.trace_script import (
+from ccamerge.trace.derive import derive_and_verify
+from ccamerge.trace.explain import explain
+from ccamerge.trace.torchscript import (
     is_torchscript_archive,
     load_torchscript,
     script_to_module,

@@ -23,6 +23,8 @@ from torch import nn
 from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec
 
+MIN_SAMPLES_PER_FEATURE = 10.0  # fewer samples per feature and covariances are unreliable
+
 
 def centred(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean [p], x - mean [S, p])`` of samples ``x`` ``[S, p]``."""

@@ -3,7 +3,7 @@ hookable module, and write a merged model back into an archive.
 
 An archive unpickles no Python objects, but it carries compiled code that runs whenever the model
 runs, so the Models page loads one only after the user ticks "I trust this archive's code". The
-replay (:func:`ccamerge.trace_script.script_to_module`) keeps the archive's state-dict keys, so
+replay (:func:`ccamerge.trace.torchscript.script_to_module`) keeps the archive's state-dict keys, so
 every page (spectra, features, interpolation, merge) works on it through the API, which derives
 and verifies the merge points itself. No ``st.*`` here.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ccamerge.errors import CcamergeError
-from ccamerge.trace_script import (
+from ccamerge.trace.torchscript import (
     is_torchscript_archive,
     load_torchscript,
     script_to_module,
@@ -45,7 +45,7 @@ def untrusted_message(filename: str) -> str:
 
 def write_and_sniff(content: bytes, path: Path) -> bool:
     """Write uploaded ``content`` to ``path`` (this session's folder) and tell whether it is an
-    archive; :func:`ccamerge.trace_script.is_torchscript_archive` reads files, not bytes."""
+    archive; :func:`ccamerge.trace.torchscript.is_torchscript_archive` reads files, not bytes."""
     path.write_bytes(content)
     return is_torchscript_archive(path)
 

@@ -15,14 +15,15 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ccamerge.features import MAX_DISPLAY, block_reduce
+from ccamerge.analysis.features import MAX_DISPLAY, block_reduce
 from ccamerge.methods import METHODS
+from ccamerge.stats import MIN_SAMPLES_PER_FEATURE
 
 METHOD_COLORS = dict(zip(METHODS, qualitative.D3, strict=False))
 MODEL_COLORS = qualitative.Set2
 BASE_COLOR = "#9e9e9e"
 ENSEMBLE_COLOR = "#222222"
-MIN_SAMPLES_PER_FEATURE = 10.0
+
 MAX_CONDITION = 1e8
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ccamerge.checklist import COLLAPSE_RATIO
+from ccamerge.analysis.checklist import COLLAPSE_RATIO
 from dashboard.charts import BASE_COLOR, ENSEMBLE_COLOR, matrix_pair_figure, method_color, window
 
 _MARGIN = dict(l=10, r=10, t=40, b=10)

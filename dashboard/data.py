@@ -29,19 +29,20 @@ import streamlit as st
 import torch
 from torch import nn
 
-from ccamerge import api, explorer, teach
+from ccamerge import api
+from ccamerge.analysis import explorer, teach
+from ccamerge.analysis.diagnose import diagnose
+from ccamerge.analysis.features import FeatureMatching, feature_matching
 from ccamerge.data import Dataset, load_dataset
-from ccamerge.diagnose import diagnose
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
-from ccamerge.features import FeatureMatching, feature_matching
 from ccamerge.io import load_model_bytes, save_model
 from ccamerge.methods import get_method
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
 from ccamerge.stats import Statistics, collect_statistics
-from ccamerge.trace import derive_and_verify
-from ccamerge.trace_explain import explain
+from ccamerge.trace.derive import derive_and_verify
+from ccamerge.trace.explain import explain
 from ccamerge.train import default_config, train_zoo, zoo_filename
 from ccamerge.transform import has_batchnorm
 from dashboard import archives
@@ -414,7 +415,7 @@ def diagnosis(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset
               method: str, options: dict, *, reference: int, bn_reset: bool,
               stats_samples: int | None, with_sweep: bool,
               progress: Progress | None = None) -> dict:
-    """``ccamerge.diagnose.diagnose`` report plus ``seconds``; cached by content and options in
+    """``ccamerge.analysis.diagnose.diagnose`` report plus ``seconds``; cached by content and options in
     the process-wide :class:`Memo` (it reports progress while it runs), so it survives page
     switches and is shared by sessions with the same files."""
     options = resolve_options(method, options)
@@ -483,7 +484,7 @@ def input_embeddings(digests: tuple[str, ...], data_key: str, method: str, refer
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def swap_demo(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> dict:
-    """``ccamerge.teach.swap_demo`` on one model."""
+    """``ccamerge.analysis.teach.swap_demo`` on one model."""
     check_fit([_model], _data)
     return teach.swap_demo(fresh([_model])[0], _data, seed=SEED)
 

@@ -1,4 +1,4 @@
-"""Tables of the Merge points page, from ``ccamerge.trace_explain.explain``'s JSON (rows of plain
+"""Tables of the Merge points page, from ``ccamerge.trace.explain.explain``'s JSON (rows of plain
 values; no ``st.*``, so plain pytest tests them)."""
 
 from __future__ import annotations

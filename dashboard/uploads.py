@@ -16,7 +16,7 @@ import torch
 
 from ccamerge.errors import CcamergeError
 from ccamerge.models import ARCHITECTURES
-from ccamerge.trace_script import is_torchscript_archive
+from ccamerge.trace.torchscript import is_torchscript_archive
 from ccamerge.train import default_config
 from dashboard import archives, data, registry, state
 

@@ -3,8 +3,8 @@ and of the merged model in one 2-D map; the inputs as each of them sees them, by
 
 import streamlit as st
 
+from ccamerge.analysis.explorer import EMBEDDINGS, GROUPS
 from ccamerge.errors import CcamergeError
-from ccamerge.explorer import EMBEDDINGS, GROUPS
 from ccamerge.methods import METHODS
 from dashboard import charts_diagnose as cd
 from dashboard import data, state, widgets

@@ -3,8 +3,8 @@ permutation found by matching, the CCA map beside it, and how spread each featur
 
 import streamlit as st
 
+from ccamerge.analysis.features import MAX_DISPLAY
 from ccamerge.errors import CcamergeError
-from ccamerge.features import MAX_DISPLAY
 from dashboard import charts, data, state, widgets
 
 st.title("Feature matching")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from scipy.linalg import orthogonal_procrustes, subspace_angles
 
-from ccamerge.cca import cca, sym_powers
 from ccamerge.errors import CcamergeError
+from ccamerge.methods.cca import cca, sym_powers
 
 
 def _covs(x, y):

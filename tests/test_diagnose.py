@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
+from ccamerge.analysis.diagnose import diagnose, merged_prefix, partial_state, sweep
 from ccamerge.api import merge
-from ccamerge.diagnose import diagnose, merged_prefix, partial_state, sweep
 from ccamerge.evaluate import evaluate_model
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from ccamerge import explorer, teach
+from ccamerge.analysis import explorer, teach
 from ccamerge.api import train_inputs
-from ccamerge.cca import cca
 from ccamerge.errors import CcamergeError
+from ccamerge.methods.cca import cca
 from ccamerge.spec import build_spec
 from ccamerge.stats import collect_statistics
 from ccamerge.transform import apply_transforms, random_permutations, with_state

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from ccamerge.errors import CcamergeError
-from ccamerge.features import (
+from ccamerge.analysis.features import (
     agreement,
     agreement_rate,
     block_reduce,
@@ -16,6 +15,7 @@ from ccamerge.features import (
     reorder_by_matching,
     top1_share,
 )
+from ccamerge.errors import CcamergeError
 from ccamerge.stats import PointStatistics
 
 

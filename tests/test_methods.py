@@ -9,10 +9,10 @@ from ccamerge.api import merge
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_model
 from ccamerge.methods import METHODS, describe_methods, get_method
+from ccamerge.methods.weight_matching import match_pair
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
 from ccamerge.transform import apply_transforms, random_permutations
-from ccamerge.weight_matching import match_pair
 
 PLANTED = ["permute", "weight_matching", "ot"]
 
@@ -80,7 +80,7 @@ def test_merging_distinct_models_beats_plain_averaging(mlps, digits):
 
 
 def test_zipit_pairs_identical_features():
-    from ccamerge.zipit import zipit_transforms
+    from ccamerge.methods.zipit import zipit_transforms
 
     rng = np.random.default_rng(0)
     c = np.corrcoef(rng.normal(size=(6, 100)))

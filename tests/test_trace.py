@@ -13,20 +13,20 @@ import torch.nn.functional as F
 from helpers import ProjBlock
 from torch import nn
 
-from ccamerge.alignment import AlignContext
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
+from ccamerge.methods.base import AlignContext
 from ccamerge.models import build_model
 from ccamerge.spec import AlignmentSpec, Axis, MergePoint, build_spec
 from ccamerge.stats import collect_statistics
-from ccamerge.trace import (
+from ccamerge.trace.derive import (
     derive_and_verify,
     derive_spec,
     has_offsets,
     verify,
 )
-from ccamerge.trace_explain import explain, to_dot, to_mermaid
-from ccamerge.trace_script import load_torchscript, script_to_module, with_script_state
+from ccamerge.trace.explain import explain, to_dot, to_mermaid
+from ccamerge.trace.torchscript import load_torchscript, script_to_module, with_script_state
 from ccamerge.transform import (
     apply_transforms,
     average_states,
@@ -229,7 +229,7 @@ def merge(models, spec, x, method, *, bn_reset: bool = False, **options) -> nn.M
     (as ``api.merge`` does by default) the BatchNorm reset that CCA-mixed running stats need."""
     stats = collect_statistics(models, spec, x)
     ctx = AlignContext([m.state_dict() for m in models], spec, stats)
-    alignment = METHODS[method].solve(ctx, **options)
+    alignment = METHODS[method].align(ctx, **options)
     states = [apply_transforms(m.state_dict(), spec, t)
               for m, t in zip(models, alignment.transforms, strict=True)]
     merged = with_state(models[0], average_states(states))
@@ -399,7 +399,7 @@ def test_shared_module_is_not_a_feature(x):
 
 
 def test_verification_drops_a_wrong_point(x, monkeypatch):
-    import ccamerge.trace as trace
+    import ccamerge.trace.derive as trace
 
     model = build_model("mlp").eval()
     real = trace.derive_spec(model, x[:16])

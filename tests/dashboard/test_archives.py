@@ -16,7 +16,7 @@ from torch import nn
 
 from ccamerge import api, cli
 from ccamerge.errors import CcamergeError
-from ccamerge.trace_script import is_torchscript_archive
+from ccamerge.trace.torchscript import is_torchscript_archive
 from dashboard import archives, data, merging, registry, spec_tables, state
 
 SPEC_PAGE = "../pages/spec.py"

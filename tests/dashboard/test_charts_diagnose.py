@@ -8,8 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from ccamerge import explorer
-from ccamerge.diagnose import diagnose
+from ccamerge.analysis import explorer
+from ccamerge.analysis.diagnose import diagnose
 from dashboard import charts_diagnose as cd
 
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ccamerge.alignment import AlignContext, Alignment, hungarian, identity_transforms
+from ccamerge.methods.base import (
+    AlignContext,
+    Alignment,
+    Method,
+    Option,
+    hungarian,
+    identity_transforms,
+)
 from ccamerge.spec import AlignmentSpec, Axis
 from ccamerge.transform import Transform
 
@@ -64,7 +71,7 @@ def match_pair(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor
     return perms
 
 
-def align_weight_matching(ctx: AlignContext, *, max_sweeps: int = 100) -> Alignment:
+def align_weight_matching(ctx: AlignContext, *, max_sweeps: int) -> Alignment:
     """Weight matching of every model to the reference."""
     result = Alignment(identity_transforms(ctx))
     ref = ctx.states[ctx.reference]
@@ -74,3 +81,8 @@ def align_weight_matching(ctx: AlignContext, *, max_sweeps: int = 100) -> Alignm
             result.transforms[i][name] = Transform.from_permutation(perm)
             result.details.setdefault(name, {})[i] = {"permutation": perm}
     return result
+
+
+METHOD = Method("weight_matching", "Git Re-Basin weight matching: coordinate descent over "
+                "permutations; needs no data.", align_weight_matching, None,
+                {"max_sweeps": Option(100, int, "stop after this many sweeps", 1)}, exact=True)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ccamerge.api import align, resolve_spec, train_inputs
-from ccamerge.cca import cca, regulariser, sym_powers
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_model
+from ccamerge.methods.cca import solve_pair, sym_powers
 from ccamerge.stats import PointStatistics
 from ccamerge.transform import (
     Transform,
@@ -79,7 +79,7 @@ class CCASteps:
     ``m = w_x S_xy w_y = U diag(rho) V^T``; ``T = w_y V U^T S_xx^1/2``, ``T_inv``. Checks (max
     absolute error): ``whitening_error`` of ``w_x S_xx w_x = I``, ``svd_error`` of the
     factorisation, ``inverse_error`` of ``T T_inv = I``, ``library_error`` against
-    :func:`ccamerge.cca.cca`'s T. ``eig_x``, ``eig_y``: eigenvalues of ``s_xx``, ``s_yy``.
+    :func:`ccamerge.methods.cca.cca`'s T. ``eig_x``, ``eig_y``: eigenvalues of ``s_xx``, ``s_yy``.
     """
 
     name: str
@@ -108,29 +108,27 @@ class CCASteps:
     library_error: float
 
 
-def cca_steps(point: PointStatistics, reference: int, other: int, *, gamma: float = 0.1,
-              relative: bool = True) -> CCASteps:
+def cca_steps(point: PointStatistics, reference: int, other: int, *, gamma: float | None = None,
+              relative: bool | None = None) -> CCASteps:
     """The CCA solve between ``reference`` (X) and ``other`` (Y) at one merge point, step by step
-    on the units :func:`ccamerge.cca.cca` keeps live (dead pairs are matched outside the SVD)."""
+    on the units :func:`ccamerge.methods.cca.cca` keeps live (dead pairs are matched outside the
+    SVD): the intermediates are the library's own (:func:`solve_pair`), the checks recompute
+    what each step should satisfy."""
     if reference == other:
         raise CcamergeError("pick two different models for the CCA walk-through")
-    fit = cca(point.cov(reference, reference), point.cov(other, other),
-              point.cov(reference, other), gamma=gamma, relative=relative)
+    fit = solve_pair(point, reference, other, gamma=gamma, relative=relative)
     lx, ly = fit.live_x, fit.live_y
     c_xx = point.cov(reference, reference)[np.ix_(lx, lx)]
     c_yy = point.cov(other, other)[np.ix_(ly, ly)]
     c_xy = point.cov(reference, other)[np.ix_(lx, ly)]
-    gx, gy = regulariser(c_xx, gamma, relative), regulariser(c_yy, gamma, relative)
-    s_xx, s_yy = c_xx + gx * np.eye(len(lx)), c_yy + gy * np.eye(len(ly))
-    sxx_half, w_x = sym_powers(s_xx, (0.5, -0.5))
-    syy_half, w_y = sym_powers(s_yy, (0.5, -0.5))
-    m = w_x @ c_xy @ w_y
     u, rho, v = fit.U, fit.rho[:len(fit.U)], fit.V
-    T = w_y @ v @ u.T @ sxx_half
-    T_inv = w_x @ u @ v.T @ syy_half
+    sxx_half, syy_half = sym_powers(fit.s_xx, (0.5,))[0], sym_powers(fit.s_yy, (0.5,))[0]
+    T = fit.w_y @ v @ u.T @ sxx_half
+    T_inv = fit.w_x @ u @ v.T @ syy_half
     err = lambda a: float(np.abs(a).max()) if a.size else 0.0  # noqa: E731
-    return CCASteps(point.name, lx, ly, c_xx, c_yy, c_xy, gx, gy, s_xx, s_yy, w_x, w_y, m, u, rho,
-                    v, T, T_inv, np.linalg.eigvalsh(s_xx), np.linalg.eigvalsh(s_yy),
-                    err(w_x @ s_xx @ w_x - np.eye(len(lx))),
-                    err(u[:, :len(rho)] * rho @ v[:, :len(rho)].T - m),
+    return CCASteps(point.name, lx, ly, c_xx, c_yy, c_xy, fit.gamma_x, fit.gamma_y, fit.s_xx,
+                    fit.s_yy, fit.w_x, fit.w_y, fit.m, u, rho, v, T, T_inv,
+                    np.linalg.eigvalsh(fit.s_xx), np.linalg.eigvalsh(fit.s_yy),
+                    err(fit.w_x @ fit.s_xx @ fit.w_x - np.eye(len(lx))),
+                    err(u[:, :len(rho)] * rho @ v[:, :len(rho)].T - fit.m),
                     err(T @ T_inv - np.eye(len(ly))), err(T - fit.T[np.ix_(ly, lx)]))

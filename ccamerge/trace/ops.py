@@ -1,8 +1,8 @@
-"""What each traced operation does to the channel axis: the table behind :mod:`ccamerge.trace`.
+"""What each traced operation does to the channel axis: the table behind :mod:`ccamerge.trace.derive`.
 
 Every node of a ``torch.fx`` graph (from ``symbolic_trace`` or from a TorchScript archive, see
-:mod:`ccamerge.trace_script`) gets an :class:`OpInfo` whose ``kind`` tells the channel-space
-propagation (:mod:`ccamerge.trace_graph`) what to do:
+:mod:`ccamerge.trace.torchscript`) gets an :class:`OpInfo` whose ``kind`` tells the channel-space
+propagation (:mod:`ccamerge.trace.graph`) what to do:
 
 ==============  =================================================================================
 kind            effect on the channel axis (axis 1 of ``[B, C, ...]``)

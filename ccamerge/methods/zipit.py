@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ccamerge.methods.base import AlignContext, Alignment, Method, Option, identity_transforms
 from ccamerge.transform import Transform
 
 
@@ -83,3 +84,26 @@ def zipit_transforms(corr: np.ndarray, n_models: int, width: int, *, alpha: floa
             unmerge[k // width, k % width, f] = 1.0
     transforms = [Transform(n_models * merge[m].T, unmerge[m].T.copy()) for m in range(n_models)]
     return transforms, [len(g) for g in groups]
+
+
+def align_zipit(ctx: AlignContext, *, alpha: float, beta: float) -> Alignment:
+    """ZipIt! on every merge point: one joint correlation matrix ``[N*n, N*n]`` of all models'
+    units, greedy groups, a merge map per model."""
+    result = Alignment(identity_transforms(ctx))
+    n_models = len(ctx.states)
+    for point in ctx.spec.points:
+        p = ctx.stats[point.name]
+        joint = np.block([[p.corr(i, j) for j in range(n_models)] for i in range(n_models)])
+        transforms, groups = zipit_transforms(joint, n_models, point.width, alpha=alpha, beta=beta,
+                                              reference=ctx.reference)
+        for i, t in enumerate(transforms):
+            result.transforms[i][point.name] = t
+        result.details[point.name] = {i: {"group_sizes": groups} for i in ctx.others}
+    return result
+
+
+METHOD = Method("zipit", "ZipIt!: greedy joint matching of all models' features, same-model "
+                "merges allowed.", align_zipit, "all",
+                {"alpha": Option(0.3, float, "similarity kept by a merged group (0..1)", 0.0),
+                 "beta": Option(0.125, float, "fraction of a model's units that may merge within "
+                                "the model", 0.0)}, joint=True)

@@ -8,7 +8,7 @@ spaces one (union-find); a concatenation along channels concatenates the segment
 parameter axis that creates or reads a space is recorded as a producer or consumer axis, with
 its offset inside the parameter when the space is one part of a concatenation.
 
-Operations that break alignment block every space they touch (see :mod:`ccamerge.trace_ops`);
+Operations that break alignment block every space they touch (see :mod:`ccamerge.trace.ops`);
 so do the network input and output.
 """
 
@@ -22,8 +22,8 @@ from torch import fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ccamerge.spec import Axis
-from ccamerge.trace_ops import OpInfo, classify
-from ccamerge.trace_spaces import Layout, Seg, Spaces, entries, make_axis, offsets
+from ccamerge.trace.ops import OpInfo, classify
+from ccamerge.trace.spaces import Layout, Seg, Spaces, entries, make_axis, offsets
 
 
 class Unsupported(Exception):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ccamerge.errors import CcamergeError
-from ccamerge.trace_eager import is_leaf, tensors, use_eager_layers
+from ccamerge.trace.eager import is_leaf, tensors, use_eager_layers
 
 
 def load_torchscript(source: str | os.PathLike | bytes | BinaryIO, *,
@@ -348,13 +348,3 @@ def with_script_state(script: torch.jit.ScriptModule,
     clone.load_state_dict({**clone.state_dict(), **state})
     return clone
 
-
-def derive_spec_torchscript(module: torch.jit.ScriptModule, example_input: torch.Tensor):
-    """:func:`ccamerge.trace.derive_spec` of an archive, through :func:`script_to_module`.
-    The result's ``model`` is the replay (hookable); its spec's keys are the archive's."""
-    from ccamerge.trace import derive_spec
-
-    gm = script_to_module(module, example_input)
-    derived = derive_spec(gm, example_input)
-    derived.notes = [*gm.replay_notes, *derived.notes]
-    return derived

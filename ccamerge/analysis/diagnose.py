@@ -10,7 +10,7 @@
   reference's remaining layers (they are in the reference basis already); the loss added at point
   k ranks the layers.
 
-The findings of :mod:`ccamerge.checklist` turn these numbers into causes and next steps.
+The findings of :mod:`ccamerge.analysis.checklist` turn these numbers into causes and next steps.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccamerge.alignment import hungarian
+from ccamerge.analysis.checklist import findings_for
 from ccamerge.api import align, aligned_states, resolve_spec, score_merge, subsample, train_inputs
-from ccamerge.cca import cca
-from ccamerge.checklist import findings_for
 from ccamerge.data import holdout_split
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.methods import get_method
+from ccamerge.methods.base import hungarian
+from ccamerge.methods.cca import solve_near_exact
 from ccamerge.models import logits
 from ccamerge.spec import AlignmentSpec
 from ccamerge.stats import CrossMoments, batch_features, collect_statistics
@@ -102,7 +102,7 @@ def _similarity(stats, point: str, ref: int, others: Sequence[int]) -> dict:
     p = stats[point]
     rho, matched, same, cond_x, cond_y = [], [], [], [], []
     for i in others:
-        fit = cca(p.cov(ref, ref), p.cov(i, i), p.cov(ref, i), gamma=1e-4, relative=True)
+        fit = solve_near_exact(p, ref, i)
         corr = p.corr(ref, i)
         rho.append(fit.rho.mean())
         matched.append(corr[np.arange(p.width), hungarian(corr)].mean())

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccamerge.alignment import hungarian
 from ccamerge.api import align, aligned_states, train_inputs
 from ccamerge.errors import CcamergeError
+from ccamerge.methods.base import hungarian
 from ccamerge.spec import AlignmentSpec
 from ccamerge.stats import capture_features
 from ccamerge.transform import apply_transforms, average_states, reset_batchnorm, with_state

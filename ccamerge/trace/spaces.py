@@ -1,5 +1,5 @@
 """Channel spaces as data: segments of a tensor's channel axis, and a union-find over spaces
-that collects each space's producer and consumer axes (used by :mod:`ccamerge.trace_graph`)."""
+that collects each space's producer and consumer axes (used by :mod:`ccamerge.trace.graph`)."""
 
 from __future__ import annotations
 

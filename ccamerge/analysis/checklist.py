@@ -1,4 +1,4 @@
-"""A plain-language checklist computed from a :func:`ccamerge.diagnose.diagnose` report.
+"""A plain-language checklist computed from a :func:`ccamerge.analysis.diagnose.diagnose` report.
 
 Each finding: ``id``, ``severity`` ("failure" explains a broken merge, "warning" weakens it, "info"),
 ``title`` (one sentence with the numbers), ``next_step`` (what to try) and ``chart`` (the view that
@@ -7,7 +7,8 @@ shows the evidence: "summary", "partial", "spectra", "health", "collapse" or "sw
 
 from __future__ import annotations
 
-MIN_SAMPLES_PER_FEATURE = 10.0
+from ccamerge.stats import MIN_SAMPLES_PER_FEATURE
+
 FAR_APART_RHO = 0.35  # two digits MLP seeds: ~0.6; random first layers still ~0.5
 DEAD_FRACTION = 0.25
 COLLAPSE_RATIO = 0.5

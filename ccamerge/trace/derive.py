@@ -5,8 +5,8 @@
     >>> explain(derived)                                  # JSON-able, with DOT and Mermaid diagrams
 
 :func:`derive_spec` traces an ``nn.Module`` with ``torch.fx`` (a TorchScript archive is replayed
-as an fx graph first, :mod:`ccamerge.trace_script`), propagates shapes with ``example_input`` and
-follows channel spaces through the graph (:mod:`ccamerge.trace_graph`). The result is a plain
+as an fx graph first, :mod:`ccamerge.trace.torchscript`), propagates shapes with ``example_input`` and
+follows channel spaces through the graph (:mod:`ccamerge.trace.graph`). The result is a plain
 :class:`~ccamerge.spec.AlignmentSpec`, the same data as a hand-written one. Operations that
 break alignment are reported by name, location and reason, and every channel group touching
 them is left unmerged (``DerivedSpec.unmerged``), never merged wrongly. :func:`derive_and_verify`
@@ -28,8 +28,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec, MergePoint
-from ccamerge.trace_graph import Propagator, dims, first_node, flat_nodes, location, propagate
-from ccamerge.trace_ops import module_type
+from ccamerge.trace.graph import Propagator, dims, first_node, flat_nodes, location, propagate
+from ccamerge.trace.ops import module_type
+from ccamerge.trace.torchscript import script_to_module
 from ccamerge.transform import (
     verify_spec,
 )
@@ -97,12 +98,16 @@ def _shape_prop(gm: fx.GraphModule, x: torch.Tensor) -> None:
 def derive_spec(model: nn.Module, example_input: torch.Tensor) -> DerivedSpec:
     """Trace ``model`` on ``example_input`` ``[B, ...]`` and derive its merge points.
 
-    A ``torch.jit.ScriptModule`` goes through :func:`ccamerge.trace_script.derive_spec_torchscript`.
+    A ``torch.jit.ScriptModule`` is first replayed as a hookable module
+    (:func:`ccamerge.trace.torchscript.script_to_module`); the result's ``model`` is then the
+    replay and its spec's keys are the archive's.
     Raises :class:`CcamergeError` when the model cannot be traced or does not run on the input.
     """
     if isinstance(model, torch.jit.ScriptModule):
-        from ccamerge.trace_script import derive_spec_torchscript
-        return derive_spec_torchscript(model, example_input)
+        replay = script_to_module(model, example_input)
+        derived = derive_spec(replay, example_input)
+        derived.notes = [*replay.replay_notes, *derived.notes]
+        return derived
     gm = _graph_module(model)
     _shape_prop(gm, example_input)
     prop = propagate(gm)

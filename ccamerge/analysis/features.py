@@ -1,6 +1,6 @@
 """Feature matching between two models at one merge point (``method.md`` section 7).
 
-Convention (as in :mod:`ccamerge.cca`): X is the reference model, Y the other model; a feature row
+Convention (as in :mod:`ccamerge.methods.cca`): X is the reference model, Y the other model; a feature row
 ``y`` ``[n]`` maps to ``y @ T`` in X's basis, so ``T`` is ``[n_y, n_x]``: row k = unit k of Y,
 column j = unit j of X. The Hungarian match ``perm`` ``[n]`` pairs reference unit j with unit
 ``perm[j]`` of Y (``Transform.from_permutation``: ``T[perm[j], j] = 1``).
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ccamerge.alignment import hungarian
-from ccamerge.cca import cca
 from ccamerge.errors import CcamergeError
+from ccamerge.methods.base import hungarian
+from ccamerge.methods.cca import solve_pair
 from ccamerge.stats import PointStatistics
 from ccamerge.transform import Transform
 
@@ -161,14 +161,13 @@ class FeatureMatching:
                 "median_k90": float(np.median(self.k90)), "agreement": self.agreement}
 
 
-def feature_matching(point: PointStatistics, reference: int, other: int, *, gamma: float = 0.1,
-                     relative: bool = True) -> FeatureMatching:
+def feature_matching(point: PointStatistics, reference: int, other: int, *,
+                     gamma: float | None = None, relative: bool | None = None) -> FeatureMatching:
     """Correlations, Hungarian match, CCA map in correlation units and spread metrics between
     ``reference`` and ``other`` at one merge point, from its collected statistics."""
     corr = point.corr(reference, other)  # [n, n] rows reference units
     perm = hungarian(corr)
-    fit = cca(point.cov(reference, reference), point.cov(other, other),
-              point.cov(reference, other), gamma=gamma, relative=relative)
+    fit = solve_pair(point, reference, other, gamma=gamma, relative=relative)
     t = correlation_units(fit.T, point.std(reference), point.std(other))
     return FeatureMatching(point.name, point.width, corr, perm, reorder_by_matching(corr, perm), t,
                            permutation_matrix(perm), top1_share(t), participation_ratio(t), k90(t),

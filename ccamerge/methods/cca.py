@@ -1,4 +1,5 @@
-"""The CCA solve for one merge point: covariances in, canonical correlations and the map T out.
+"""CCA Merge: the CCA solve for one merge point (covariances in, canonical correlations and the
+map T out), the one per-pair entry point every analysis uses (:func:`solve_pair`) and the method.
 
 Reference X = model 0 features, Y = model i features (rows are samples, width n)::
 
@@ -18,8 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ccamerge.errors import CcamergeError
+from ccamerge.methods.base import AlignContext, Alignment, Method, Option, per_model
+from ccamerge.stats import PointStatistics
+from ccamerge.transform import Transform
 
 EIG_FLOOR = 1e-12
+NEAR_EXACT_GAMMA = 1e-4  # relative ridge of "nearly unregularised" CCA (spectra, diagnosis)
 
 
 def sym_powers(s: np.ndarray, powers: tuple[float, ...], floor: float = EIG_FLOOR) -> list[np.ndarray]:
@@ -54,6 +59,11 @@ class CCAResult:
     dead_y: np.ndarray
     cond_xx: float         # condition numbers of the regularised live blocks
     cond_yy: float
+    s_xx: np.ndarray       # [live, live] regularised covariances of the live units
+    s_yy: np.ndarray
+    w_x: np.ndarray        # S_xx^-1/2, S_yy^-1/2: the whitening maps
+    w_y: np.ndarray
+    m: np.ndarray          # [live_x, live_y] whitened cross-covariance = U diag(rho) V^T
 
 
 def regulariser(c: np.ndarray, gamma: float, relative: bool) -> float:
@@ -126,4 +136,39 @@ def cca(c_xx: np.ndarray, c_yy: np.ndarray, c_xy: np.ndarray, *, gamma: float = 
     T_inv[px, py] = 1.0
     rho_full = np.concatenate([np.clip(rho, 0.0, 1.0), np.zeros(n - len(rho))])
     return CCAResult(rho_full, T, T_inv, u, v, gx, gy, live_x, live_y, dead_x, dead_y,
-                     condition_number(sxx), condition_number(syy))
+                     condition_number(sxx), condition_number(syy), sxx, syy, sxx_ih, syy_ih, m)
+
+
+def solve_pair(point: PointStatistics, reference: int, other: int, *, gamma: float | None = None,
+               relative: bool | None = None) -> CCAResult:
+    """CCA between models ``reference`` (X) and ``other`` (Y) at one merge point, from its
+    collected statistics; ``gamma`` and ``relative`` default to the method's registry defaults.
+    Every quantity that shows CCA (merging, spectra, feature matching, teaching, diagnosis)
+    comes from here."""
+    options = METHOD.resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
+                              if v is not None})
+    return cca(point.cov(reference, reference), point.cov(other, other),
+               point.cov(reference, other), **options)
+
+
+def solve_near_exact(point: PointStatistics, reference: int, other: int) -> CCAResult:
+    """:func:`solve_pair` at :data:`NEAR_EXACT_GAMMA` (relative): the canonical correlations the
+    data supports, with a ridge only large enough to keep the solve well posed."""
+    return solve_pair(point, reference, other, gamma=NEAR_EXACT_GAMMA, relative=True)
+
+
+def align_cca(ctx: AlignContext, *, gamma: float, relative: bool) -> Alignment:
+    """CCA Merge: T from the regularised CCA of reference and model i features."""
+    def solve(name, i):
+        fit = solve_pair(ctx.stats[name], ctx.reference, i, gamma=gamma, relative=relative)
+        return Transform(fit.T, fit.T_inv), {
+            "rho": fit.rho, "cond_xx": fit.cond_xx, "cond_yy": fit.cond_yy,
+            "dead_x": len(fit.dead_x), "dead_y": len(fit.dead_y)}
+    return per_model(ctx, solve)
+
+
+METHOD = Method("cca", "CCA Merge: linear maps from canonical correlation analysis.", align_cca,
+                "reference",
+                {"gamma": Option(0.1, float, "ridge added to the covariances", 0.0),
+                 "relative": Option(True, bool, "gamma in units of each layer's mean variance "
+                                    "(tr(S)/n); false = absolute, as in the paper's code")})

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from ccamerge.spec import Axis
-from ccamerge.trace import DerivedSpec
-from ccamerge.trace_ops import supported_operations
+from ccamerge.trace.derive import DerivedSpec
+from ccamerge.trace.ops import supported_operations
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
            "#bcbd22", "#7f7f7f", "#d62728")
