@@ -152,18 +152,6 @@ def unit_set(reference: nn.Module, model: nn.Module, aligned: nn.Module, merged:
                    np.tile(np.arange(n), 4), partner, corr, len(x))
 
 
-def explore_units(models: Sequence[nn.Module], data, method: str = "cca", *, point: str,
-                  reference: int = 0, other: int = 1, samples: int = SAMPLES, seed: int = 0,
-                  bn_reset: bool = True, stats_samples: int | None = None, **options) -> UnitSet:
-    """:func:`unit_set` in one call: align with ``method``, merge, and profile every group's units
-    at ``point`` on ``samples`` test images."""
-    moved, merged, spec = aligned_and_merged(models, data, method, reference=reference, other=other,
-                                             bn_reset=bn_reset, stats_samples=stats_samples,
-                                             seed=seed, **options)
-    x, _ = sample_inputs(data, samples, seed)
-    return unit_set(models[reference], models[other], moved, merged, spec, x, point)
-
-
 def _diag_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Correlation of row j of ``a`` with row j of ``b`` ``[n]``."""
     return (standardise(a) * standardise(b)).mean(1)

@@ -8,7 +8,6 @@ from dataclasses import asdict
 
 from ccamerge.spec import Axis
 from ccamerge.trace.derive import DerivedSpec
-from ccamerge.trace.ops import supported_operations
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
            "#bcbd22", "#7f7f7f", "#d62728")
@@ -125,7 +124,3 @@ def to_mermaid(derived: DerivedSpec) -> str:
         lines.append(f"  class {','.join(failed)} unsupported")
     return "\n".join(lines)
 
-
-def operations_table() -> dict[str, list[str]]:
-    """Which modules and functions the trace understands, by kind (see ``trace_ops``)."""
-    return supported_operations()

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+from ccamerge.analysis.checklist import findings_for
 from ccamerge.analysis.diagnose import diagnose, merged_prefix, partial_state, sweep
 from ccamerge.api import merge
 from ccamerge.evaluate import evaluate_model
@@ -101,11 +102,23 @@ def test_sweep_scores_explicit_validation_images(mlps, digits):
     assert result["selected_on"] == "300 held-out images"
 
 
-def test_diagnose_with_sweep_flags_an_edge_optimum(mlps, digits):
+def test_diagnose_with_sweep_scores_the_default_grid(mlps, digits):
     report = diagnose(mlps[:2], digits, "cca", with_sweep=True)
-    assert len(report["sweep"]["grid"]) == 8
-    if report["sweep"]["best_at_edge"]:
-        assert "gamma_extreme" in _ids(report, "warning")
+    assert len(report["sweep"]["grid"]) == 8 and len(report["sweep"]["accuracy"]) == 8
+    assert report["sweep"]["current"]["options"] == report["options"]
+
+
+def test_a_sweep_optimum_on_the_grid_edge_is_flagged(mlps, digits):
+    report = diagnose(mlps[:2], digits, "cca", gamma=0.1)
+    assert "gamma_extreme" not in _ids(report, "warning")
+    # with two grid points, whichever wins lies on an edge of the grid searched
+    grid = [{"gamma": 0.01, "relative": True}, {"gamma": 1.0, "relative": True}]
+    report["sweep"] = sweep(mlps[:2], digits, "cca", grid=grid)
+    assert report["sweep"]["best_at_edge"] and report["sweep"]["parameter"] == "gamma"
+    flagged = [f for f in findings_for(report) if f["id"] == "gamma_extreme"]
+    assert len(flagged) == 1 and "edge" in flagged[0]["title"]
+    report["sweep"]["best_at_edge"] = False
+    assert not [f for f in findings_for(report) if f["id"] == "gamma_extreme"]
 
 
 def test_diagnosed_merge_is_the_merge(mlps, digits):

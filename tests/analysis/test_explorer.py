@@ -54,7 +54,9 @@ def test_a_permuted_twins_units_embed_like_the_originals_up_to_the_permutation(m
 
 
 def test_unit_set_groups_and_partners(mlps, digits):
-    units = explorer.explore_units(mlps[:2], digits, "permute", point="fc2", samples=100)
+    moved, merged, spec = explorer.aligned_and_merged(mlps[:2], digits, "permute")
+    x, _ = explorer.sample_inputs(digits, 100)
+    units = explorer.unit_set(mlps[0], mlps[1], moved, merged, spec, x, "fc2")
     assert units.profiles.shape == (4 * 64, 100) and units.inputs == 100
     assert [units.group[r] for r in (0, 64, 128, 192)] == list(explorer.GROUPS)
     ref, model, aligned = (units.rows(g) for g in ("reference", "model", "aligned"))
