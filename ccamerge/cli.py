@@ -18,7 +18,7 @@ from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.io import load_model, save_model
 from ccamerge.methods import METHODS, describe_methods, get_method
-from ccamerge.spec import build_spec
+from ccamerge.spec import build_spec, same_points
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.explain import explain
 from ccamerge.trace.torchscript import (
@@ -192,15 +192,8 @@ def cmd_spec(args) -> dict:
     derived = derive_and_verify(model, data.x_train[:64])
     report = explain(derived, diagrams=args.diagrams)
     if api.is_builtin(model):
-        report["matches_hand_written"] = _same_points(derived.spec, build_spec(model))
+        report["matches_hand_written"] = same_points(derived.spec, build_spec(model))
     return report
-
-
-def _same_points(a, b) -> bool:
-    def key(spec):
-        return {(p.width, frozenset(p.features), frozenset(p.producers), frozenset(p.consumers))
-                for p in spec.points}
-    return key(a) == key(b)
 
 
 def cmd_methods(_args) -> dict:

@@ -39,7 +39,7 @@ from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.io import load_model_bytes, save_model
 from ccamerge.methods import get_method
 from ccamerge.models import build_model
-from ccamerge.spec import build_spec
+from ccamerge.spec import build_spec, matching_names, same_points
 from ccamerge.stats import Statistics, collect_statistics
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.explain import explain
@@ -382,12 +382,6 @@ def load_archive(digest: str, filename: str, read: Callable[[], bytes],
     return _load_archive(digest, filename, str(list(example.shape)), read, example)
 
 
-def _point_keys(spec) -> dict:
-    """``{point name: the point up to its name and the order of its axes}``."""
-    return {p.name: (p.width, frozenset(p.features), frozenset(p.producers),
-                     frozenset(p.consumers)) for p in spec.points}
-
-
 @st.cache_data(max_entries=64, show_spinner=False)
 def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
                  _data: Dataset) -> dict:
@@ -402,10 +396,9 @@ def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
     report["notes"] = [*getattr(_model, "replay_notes", []), *report["notes"]]
     report["matches_hand_written"], report["hand_written_names"] = None, {}
     if api.is_builtin(_model):
-        traced, written = _point_keys(derived.spec), _point_keys(build_spec(_model))
-        names = {key: name for name, key in written.items()}
-        report["matches_hand_written"] = set(traced.values()) == set(written.values())
-        report["hand_written_names"] = {n: names[k] for n, k in traced.items() if k in names}
+        written = build_spec(_model)
+        report["matches_hand_written"] = same_points(derived.spec, written)
+        report["hand_written_names"] = matching_names(derived.spec, written)
     report["seconds"] = time.perf_counter() - start
     return report
 
