@@ -9,24 +9,17 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from ccamerge import api
 from ccamerge.analysis.diagnose import diagnose
 from ccamerge.data import DATASETS, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
-from ccamerge.io import load_model, save_model
+from ccamerge.io import load_archive_model, load_model, save_merged
 from ccamerge.methods import METHODS, describe_methods, get_method
 from ccamerge.spec import build_spec, same_points
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.explain import explain
-from ccamerge.trace.torchscript import (
-    is_torchscript_archive,
-    load_torchscript,
-    script_to_module,
-    with_script_state,
-)
+from ccamerge.trace.torchscript import is_torchscript_archive
 from ccamerge.train import train_zoo
 
 METHOD_FLAGS = {"gamma": float, "alpha": float, "beta": float, "max_sweeps": int}
@@ -45,33 +38,17 @@ def _data(args):
 
 def _load(path: str, args, data=None):
     """A model file: safetensors / weights-only .pt, or (with --trust-code) a TorchScript
-    archive replayed as a hookable module that keeps the archive in ``.script``."""
+    archive replayed as a hookable module (see :func:`ccamerge.io.load_archive_model`)."""
     if not is_torchscript_archive(path):
         return load_model(path)
     if not getattr(args, "trust_code", False):
         raise CcamergeError(f"{path} is a TorchScript archive: its code runs when the model runs; "
                             "pass --trust-code only if you trust where it came from")
-    script = load_torchscript(path)
-    x = (data or _data(args)).x_train[:8]
-    model = script_to_module(script, x)
-    object.__setattr__(model, "script", script)  # kept out of the module tree and state dict
-    model.source, model.info = str(path), {}
-    return model
+    return load_archive_model(path, (data or _data(args)).x_train[:8])
 
 
 def _models(paths, args, data=None):
     return [_load(p, args, data) for p in paths]
-
-
-def _save_merged(model, reference, path, info) -> None:
-    """safetensors for the built-in families; a TorchScript archive (recipe in its extra file
-    ccamerge.json) when the inputs were archives."""
-    script = getattr(reference, "script", None)
-    if script is None:
-        save_model(model, path, info=info)
-        return
-    archive = with_script_state(script, model.state_dict())
-    torch.jit.save(archive, str(path), _extra_files={"ccamerge.json": json.dumps(info, default=str)})
 
 
 def _method_options(args) -> dict:
@@ -111,7 +88,7 @@ def _merge_from(models, data, args, method, options, reference) -> dict:
     result.recipe["data"] = {"name": args.data, "data_dir": args.data_dir}
     info = {"merge": result.recipe, "dataset": args.data, "test_accuracy": scores["accuracy"],
             "test_loss": scores["loss"]}
-    _save_merged(result.model, models[reference], args.out, info)
+    save_merged(result.model, models[reference], args.out, info)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": method, **scores, "out": str(args.out), "options": result.recipe["options"],

@@ -36,7 +36,7 @@ from ccamerge.analysis.features import FeatureMatching, feature_matching
 from ccamerge.data import Dataset, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
-from ccamerge.io import load_model_bytes, save_model
+from ccamerge.io import is_archive_model, load_model_bytes, save_merged
 from ccamerge.methods import get_method
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec, matching_names, same_points
@@ -358,14 +358,13 @@ def recipe(method: str, options: dict, *, reference: int, bn_reset: bool, repair
             "replay": "ccamerge replay recipe.json --out merged.safetensors"}
 
 
-def merged_file(model: nn.Module, info: dict, *, reference: nn.Module | None = None) -> bytes:
-    """The merged model as ``.safetensors`` bytes (architecture and ``info`` in the metadata),
-    or as a TorchScript archive when the (loaded, not copied) ``reference`` is one."""
-    if reference is not None and archives.is_archive_model(reference):
-        return archives.merged_archive(reference, model, info)
+def merged_file(model: nn.Module, info: dict, *, reference: nn.Module) -> bytes:
+    """The bytes of :func:`ccamerge.io.save_merged`'s file: ``.safetensors`` (architecture and
+    ``info`` in the metadata), or a TorchScript archive when the (loaded, not copied)
+    ``reference`` is one."""
+    suffix = ".pt" if is_archive_model(reference) else ".safetensors"
     with tempfile.TemporaryDirectory(prefix="ccamerge-") as folder:
-        path = save_model(model, Path(folder) / "merged.safetensors", info=info)
-        return path.read_bytes()
+        return save_merged(model, reference, Path(folder) / f"merged{suffix}", info).read_bytes()
 
 
 # ----------------------------------------------------------------------------- archives, merge points
