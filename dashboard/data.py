@@ -298,29 +298,33 @@ def resolve_options(method: str, options: dict) -> dict:
 
 def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
           method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool = False,
-          stats_samples: int | None, progress: Progress | None = None) -> dict:
-    """Merge ``models`` (content ``digests``) with ``method``; cached by content and options.
+          bn_policy: str = "paper", stats_samples: int | None,
+          sources: Sequence[str] | None = None, progress: Progress | None = None) -> dict:
+    """Merge ``models`` (content ``digests``, files ``sources``) with ``method``; cached by
+    content, files and options.
 
-    Returns ``{"method", "options", "accuracy", "loss", "seconds", "warnings", "model"}`` where
-    ``model`` is the merged network (shared: copy before changing it) and ``seconds`` the time the
-    merge took when it was computed.
+    Returns ``{"method", "options", "accuracy", "loss", "seconds", "warnings", "model",
+    "recipe"}`` where ``model`` is the merged network (shared: copy before changing it),
+    ``recipe`` is ``api.merge``'s (shared: copy before adding to it) and ``seconds`` the time
+    the merge took when it was computed.
     """
     options = resolve_options(method, options)
-    key = _key("merge", list(digests), data_key, method, options, reference, bn_reset, repair,
-               stats_samples)
+    sources = None if sources is None else [str(s) for s in sources]
+    key = _key("merge", list(digests), data_key, data.name, method, options, reference, bn_reset,
+               repair, bn_policy, stats_samples, sources)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(models, data)
     start = time.perf_counter()
     result = api.merge(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
-                       repair=repair, stats_samples=stats_samples, seed=SEED,
-                       progress=progress or _quiet, **options)
+                       repair=repair, bn_policy=bn_policy, stats_samples=stats_samples,
+                       seed=SEED, sources=sources, progress=progress or _quiet, **options)
     seconds = time.perf_counter() - start
     scores = evaluate_model(result.model, data.x_test, data.y_test)
     out = {"method": method, "options": options, "accuracy": scores["accuracy"],
            "loss": scores["loss"], "seconds": seconds, "warnings": list(result.warnings),
-           "model": result.model}
+           "model": result.model, "recipe": result.recipe}
     memo().put(key, out)
     return out
 
@@ -344,18 +348,6 @@ def interpolation(pair: Sequence[nn.Module], digests: Sequence[str], data: Datas
 
 def _quiet(_fraction: float, _message: str) -> None:
     pass
-
-
-def recipe(method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool,
-           stats_samples: int | None, model_paths: Sequence[str], data_name: str,
-           model_sha256: Sequence[str] = (), model_names: Sequence[str] = ()) -> dict:
-    """A merge recipe ``ccamerge replay RECIPE --out FILE`` turns into the same weights."""
-    return {"method": method, "options": dict(options), "reference": reference,
-            "bn_reset": bn_reset, "repair": repair, "weights": None,
-            "stats_samples": stats_samples, "seed": SEED,
-            "models": [str(p) for p in model_paths], "data": {"name": data_name, "data_dir": None},
-            "model_sha256": list(model_sha256), "model_names": list(model_names),
-            "replay": "ccamerge replay recipe.json --out merged.safetensors"}
 
 
 def merged_file(model: nn.Module, info: dict, *, reference: nn.Module) -> bytes:
