@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("replay", parents=[common], help="redo a merge from its recipe")
-    p.add_argument("recipe", help="recipe .json, or a merged .safetensors")
+    p.add_argument("recipe", help="recipe .json, or a merged .safetensors or TorchScript archive")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_replay)
 

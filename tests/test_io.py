@@ -214,7 +214,8 @@ def test_an_archive_loads_from_a_path_or_bytes_as_the_same_hookable_network(tmp_
         assert is_archive_model(model) and model.source == name and model.info == {}
         assert set(model.state_dict()) == set(net.state_dict())
         seen = []
-        model.get_submodule("1").register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out))
+        hook = model.get_submodule("1").register_forward_hook
+        hook(lambda _module, _inputs, out, seen=seen: seen.append(out))
         with torch.no_grad():
             assert torch.allclose(model(x), net(x), atol=1e-6)
         assert seen and seen[0].shape == (8, 16)
