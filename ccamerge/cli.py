@@ -226,6 +226,27 @@ def _options_by_name(methods, only=None) -> dict[str, list[tuple[str, Option]]]:
     return table
 
 
+def flag_names(name: str, option: Option) -> tuple[str, str | None]:
+    """``(flag, negative flag)`` of a method option: ``("--max-sweeps", None)``,
+    ``("--relative", "--absolute")``; only bool options have a negative flag."""
+    flag = "--" + name.replace("_", "-")
+    if option.kind is not bool:
+        return flag, None
+    return flag, "--" + (option.negative_flag or f"no-{name}").replace("_", "-")
+
+
+def option_flags(method: str, options: dict) -> list[str]:
+    """The command-line words that give ``method`` these ``options``, e.g. ``["--gamma", "0.3",
+    "--absolute"]`` (for front ends that print a command reproducing what they computed)."""
+    declared = get_method(method).options
+    get_method(method).resolve(options)  # unknown names fail and list the valid ones
+    words: list[str] = []
+    for name, value in options.items():
+        flag, negative = flag_names(name, declared[name])
+        words += [flag, str(value)] if negative is None else [flag if value else negative]
+    return words
+
+
 def _add_method_flags(p, methods, only=None) -> None:
     """One flag per option of ``methods`` (``--max-sweeps`` for ``max_sweeps``), typed by the
     Option, its help naming the method(s); a bool option gets a positive and a negative flag."""
@@ -233,12 +254,11 @@ def _add_method_flags(p, methods, only=None) -> None:
         opt, dest = owners[0][1], OPTION_DEST + name
         text = "; ".join(f"{m}: {o.help} (default {o.default})" for m, o in owners)
         text = text.replace("%", "%%")  # argparse formats help strings
-        flag = "--" + name.replace("_", "-")
-        if opt.kind is not bool:
+        flag, negative = flag_names(name, opt)
+        if negative is None:
             p.add_argument(flag, dest=dest, type=opt.kind, default=None,
                            metavar=name.upper(), help=text)
             continue
-        negative = "--" + (opt.negative_flag or f"no-{name}").replace("_", "-")
         group = p.add_mutually_exclusive_group()
         group.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
         group.add_argument(negative, dest=dest, action="store_false", default=None,

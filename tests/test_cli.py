@@ -9,6 +9,7 @@ import torch
 from ccamerge import api, cli
 from ccamerge.cli import main
 from ccamerge.data import load_dataset
+from ccamerge.errors import CcamergeError
 from ccamerge.io import RECIPE_FILE, archive_info, load_archive_model, load_model
 from ccamerge.methods import METHODS, Alignment, Method, Option
 from ccamerge.methods.base import identity_transforms
@@ -155,8 +156,6 @@ class _GeluNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
-    from ccamerge.data import load_dataset
-
     digits = load_dataset("digits")
     out = tmp_path_factory.mktemp("archives")
     paths = []
@@ -254,6 +253,22 @@ def test_only_the_flags_given_reach_the_registry(capsys):
     assert cli._method_options(relative) == {"relative": True}
     assert "not allowed with" in run_error(capsys, "merge", "a", "b", "--out", "o", "--relative",
                                            "--absolute")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_option_flags_parse_back_to_the_options(method):
+    declared = METHODS[method].options
+    changed = {n: (not o.default) if o.kind is bool else o.kind(o.default) * 2
+               for n, o in declared.items()}
+    parser = cli.build_parser()
+    for options in (METHODS[method].defaults(), changed):
+        words = cli.option_flags(method, options)
+        args = parser.parse_args(["merge", "a", "b", "--out", "o", "--method", method, *words])
+        assert cli._method_options(args) == options
+    assert cli.option_flags("cca", {"gamma": 0.3, "relative": False}) == ["--gamma", "0.3",
+                                                                         "--absolute"]
+    with pytest.raises(CcamergeError, match="no option"):
+        cli.option_flags("average", {"gamma": 0.3})
 
 
 def test_options_shared_by_methods_must_agree(monkeypatch):
