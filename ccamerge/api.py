@@ -164,7 +164,15 @@ def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
 
 @dataclass
 class MergeResult:
-    """The merged model and everything that produced it (``recipe`` replays it)."""
+    """The merged model and everything that produced it.
+
+    ``recipe`` is the one record of the merge that every front end saves and shows: ``method``,
+    ``options`` (resolved, defaults filled in), ``reference``, ``bn_reset``, ``bn_policy``,
+    ``repair``, ``weights`` ``[N]``, ``stats_samples``, ``seed``, ``data`` (``name`` and
+    ``data_dir`` for ``load_dataset``, plus sizes; None for a bare input tensor) and ``models``
+    (each model's source file, None when unknown). ``ccamerge replay`` turns it into the same
+    weights.
+    """
 
     model: nn.Module
     alignment: Alignment
@@ -200,6 +208,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           bn_reset: bool = True, bn_policy: str = "paper", repair: bool = False,
           weights: Sequence[float] | None = None, stats_samples: int | None = None,
           batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
+          sources: Sequence[str | None] | None = None, data_dir: str | None = None,
           progress: Progress = _silent, **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
@@ -209,7 +218,10 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     ``bn_policy``: "paper" transforms BatchNorm vectors with the conv rows; "fold" folds each
     BatchNorm into its conv first and, with ``bn_reset``, restores the endpoints' per-unit scale
     (see :mod:`ccamerge.batchnorm`).
-    Returns the merged model (eval mode) in the reference's basis, with details and a recipe.
+    ``sources``: the file each model was loaded from (default: each model's ``.source``) and
+    ``data_dir``: the folder the dataset was read from, both recorded in the recipe.
+    Returns the merged model (eval mode) in the reference's basis, with details and the recipe
+    (see :class:`MergeResult`).
     """
     if bn_policy not in POLICIES:
         raise CcamergeError(f"bn_policy must be one of {POLICIES}, not {bn_policy!r}")
@@ -236,11 +248,28 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     recipe = {"method": method, "options": aligned.options, "reference": reference,
               "bn_reset": bn_reset, "bn_policy": bn_policy, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
-              "data": data.describe() if hasattr(data, "describe") else None,
-              "models": [getattr(m, "source", None) for m in models]}
+              "data": describe_data(data, data_dir), "models": model_sources(models, sources)}
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
                        notes)
+
+
+def describe_data(data, data_dir: str | None = None) -> dict | None:
+    """A recipe's ``data``: ``{"name", "data_dir"}`` (what ``load_dataset`` takes) and the
+    Dataset's sizes; None for a bare input tensor."""
+    if not hasattr(data, "describe"):
+        return None
+    described = data.describe()
+    return {"name": described["name"], "data_dir": data_dir, **described}
+
+
+def model_sources(models: Sequence[nn.Module], sources: Sequence[str | None] | None) -> list:
+    """A recipe's ``models``: ``sources`` as strings (one per model), else each ``.source``."""
+    if sources is None:
+        return [getattr(m, "source", None) for m in models]
+    if len(sources) != len(models):
+        raise CcamergeError(f"got {len(sources)} sources for {len(models)} models")
+    return [None if s is None else str(s) for s in sources]
 
 
 def score_merge(models, method: str, options: dict, stats, spec, x_fit: torch.Tensor,

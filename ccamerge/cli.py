@@ -9,27 +9,21 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from ccamerge import api
 from ccamerge.analysis.diagnose import diagnose
 from ccamerge.data import DATASETS, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
-from ccamerge.io import load_model, save_model
-from ccamerge.methods import METHODS, describe_methods, get_method
-from ccamerge.spec import build_spec
+from ccamerge.io import archive_info, load_archive_model, load_model, read_info, save_merged
+from ccamerge.methods import METHODS, Option, describe_methods, get_method
+from ccamerge.spec import build_spec, same_points
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.explain import explain
-from ccamerge.trace.torchscript import (
-    is_torchscript_archive,
-    load_torchscript,
-    script_to_module,
-    with_script_state,
-)
+from ccamerge.trace.torchscript import is_torchscript_archive
 from ccamerge.train import train_zoo
 
-METHOD_FLAGS = {"gamma": float, "alpha": float, "beta": float, "max_sweeps": int}
+OPTION_DEST = "method_option:"  # argparse dest prefix of the flags made from the registry
+SPECTRUM_OPTIONS = ("gamma", "relative")  # the cca options api.spectrum takes
 
 
 def _progress(quiet: bool):
@@ -45,41 +39,23 @@ def _data(args):
 
 def _load(path: str, args, data=None):
     """A model file: safetensors / weights-only .pt, or (with --trust-code) a TorchScript
-    archive replayed as a hookable module that keeps the archive in ``.script``."""
+    archive replayed as a hookable module (see :func:`ccamerge.io.load_archive_model`)."""
     if not is_torchscript_archive(path):
         return load_model(path)
     if not getattr(args, "trust_code", False):
         raise CcamergeError(f"{path} is a TorchScript archive: its code runs when the model runs; "
                             "pass --trust-code only if you trust where it came from")
-    script = load_torchscript(path)
-    x = (data or _data(args)).x_train[:8]
-    model = script_to_module(script, x)
-    object.__setattr__(model, "script", script)  # kept out of the module tree and state dict
-    model.source, model.info = str(path), {}
-    return model
+    return load_archive_model(path, (data or _data(args)).x_train[:8])
 
 
 def _models(paths, args, data=None):
     return [_load(p, args, data) for p in paths]
 
 
-def _save_merged(model, reference, path, info) -> None:
-    """safetensors for the built-in families; a TorchScript archive (recipe in its extra file
-    ccamerge.json) when the inputs were archives."""
-    script = getattr(reference, "script", None)
-    if script is None:
-        save_model(model, path, info=info)
-        return
-    archive = with_script_state(script, model.state_dict())
-    torch.jit.save(archive, str(path), _extra_files={"ccamerge.json": json.dumps(info, default=str)})
-
-
 def _method_options(args) -> dict:
-    """Only the flags the user gave; the registry rejects those the method does not have."""
-    options = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k, None) is not None}
-    if getattr(args, "relative", None) is not None:
-        options["relative"] = args.relative
-    return options
+    """Only the method flags the user gave; the registry rejects those the method lacks."""
+    return {dest[len(OPTION_DEST):]: value for dest, value in vars(args).items()
+            if dest.startswith(OPTION_DEST) and value is not None}
 
 
 def cmd_train(args) -> dict:
@@ -101,59 +77,85 @@ def cmd_evaluate(args) -> dict:
     return out
 
 
-def _merge_from(models, data, args, method, options, reference) -> dict:
-    result = api.merge(models, data, method, reference=reference, bn_reset=not args.no_bn_reset,
-                       repair=getattr(args, "repair", False), bn_policy=args.bn_policy,
-                       stats_samples=args.stats_samples, seed=args.seed,
-                       progress=_progress(args.quiet), **options)
-    scores = evaluate_model(result.model, data.x_test, data.y_test)
-    result.recipe["models"] = [str(Path(p).resolve()) for p in args.models]
-    result.recipe["data"] = {"name": args.data, "data_dir": args.data_dir}
-    info = {"merge": result.recipe, "dataset": args.data, "test_accuracy": scores["accuracy"],
-            "test_loss": scores["loss"]}
-    _save_merged(result.model, models[reference], args.out, info)
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    return {"method": method, **scores, "out": str(args.out), "options": result.recipe["options"],
-            "reference": reference, "bn_reset": not args.no_bn_reset,
-            "repair": result.recipe["repair"], "bn_policy": result.recipe["bn_policy"],
-            "warnings": result.warnings}
-
-
 def cmd_merge(args) -> dict:
-    data = _data(args)
-    return _merge_from(_models(args.models, args, data), data, args, args.method,
-                       _method_options(args), args.reference)
+    """Merge the models with the flags given; the request has a recipe's fields."""
+    return _merge({"method": args.method, "options": _method_options(args),
+                   "reference": args.reference, "bn_reset": not args.no_bn_reset,
+                   "bn_policy": args.bn_policy, "repair": args.repair,
+                   "stats_samples": args.stats_samples, "seed": args.seed,
+                   "data": {"name": args.data, "data_dir": args.data_dir},
+                   "models": args.models}, args)
 
 
 def cmd_replay(args) -> dict:
     """Re-run the merge recorded in a recipe (.json) or in a merged model's metadata."""
-    recipe = _read_recipe(args.recipe)
-    args.models = recipe["models"]
-    args.data, args.data_dir = recipe["data"]["name"], recipe["data"].get("data_dir")
-    args.no_bn_reset = not recipe.get("bn_reset", True)
-    args.repair = recipe.get("repair", False)
-    args.bn_policy = recipe.get("bn_policy", "paper")
-    args.stats_samples, args.seed = recipe.get("stats_samples"), recipe.get("seed", 0)
-    data = _data(args)
-    return _merge_from(_models(args.models, args, data), data, args, recipe["method"],
-                       recipe.get("options", {}), recipe.get("reference", 0))
+    return _merge(_read_recipe(args.recipe), args)
+
+
+def _merge(request: dict, args) -> dict:
+    """Merge as ``request`` (a recipe) says, write ``args.out`` with ``result.recipe`` in its
+    metadata, and report the scores and the settings the recipe records."""
+    data = load_dataset(request["data"]["name"], data_dir=request["data"].get("data_dir"))
+    models = _models(request["models"], args, data)
+    result = _merge_as(request, models, data, _progress(args.quiet))
+    scores = evaluate_model(result.model, data.x_test, data.y_test)
+    recipe = result.recipe
+    info = {"merge": recipe, "dataset": recipe["data"]["name"],
+            "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
+    save_merged(result.model, models[recipe["reference"]], args.out, info)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return {"method": recipe["method"], **scores, "out": str(args.out),
+            **{k: recipe[k] for k in ("options", "reference", "bn_reset", "repair", "bn_policy")},
+            "warnings": result.warnings}
+
+
+def _merge_as(request: dict, models, data, progress) -> api.MergeResult:
+    """``api.merge`` with a recipe's settings (missing ones at their defaults)."""
+    return api.merge(models, data, request["method"], reference=request.get("reference", 0),
+                     bn_reset=request.get("bn_reset", True),
+                     bn_policy=request.get("bn_policy", "paper"),
+                     repair=request.get("repair", False), weights=request.get("weights"),
+                     stats_samples=request.get("stats_samples"), seed=request.get("seed", 0),
+                     sources=[str(Path(p).resolve()) for p in request["models"]],
+                     data_dir=request["data"].get("data_dir"), progress=progress,
+                     **request.get("options", {}))
 
 
 def _read_recipe(path: str) -> dict:
+    """The recipe in a .json file, a merged .safetensors or a merged TorchScript archive."""
+    info = _model_info(path)
+    if info is not None and "merge" not in info:
+        raise CcamergeError(f"{path} is not a merged model (its metadata has no recipe)")
+    if info is not None:
+        recipe = info["merge"]
+    else:
+        try:
+            recipe = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise CcamergeError(f"cannot read recipe {path}: {exc}") from exc
+    _check_recipe(recipe, path)
+    return recipe
+
+
+def _model_info(path: str) -> dict | None:
+    """The info a model file's metadata records (an archive's zip is read, its code does not
+    run); None when ``path`` is no model file."""
     if str(path).endswith(".safetensors"):
-        info = getattr(load_model(path), "info", None) or {}
-        if "merge" not in info:
-            raise CcamergeError(f"{path} is not a merged model (its metadata has no recipe)")
-        return info["merge"]
-    try:
-        recipe = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise CcamergeError(f"cannot read recipe {path}: {exc}") from exc
+        return read_info(path)["info"]
+    return archive_info(path) if is_torchscript_archive(path) else None
+
+
+def _check_recipe(recipe, path: str) -> None:
+    if not isinstance(recipe, dict):
+        raise CcamergeError(f"recipe {path} is not a JSON object")
     missing = {"method", "models", "data"} - set(recipe)
     if missing:
         raise CcamergeError(f"recipe {path} lacks {sorted(missing)}")
-    return recipe
+    unnamed = [i for i, p in enumerate(recipe["models"]) if not p]
+    if unnamed or not isinstance(recipe["data"], dict) or not recipe["data"].get("name"):
+        what = f"model(s) {unnamed}" if unnamed else "its dataset"
+        raise CcamergeError(f"recipe {path} names no file for {what}; it cannot be replayed")
 
 
 def _paper_policy_only(args, command: str) -> None:
@@ -171,10 +173,13 @@ def cmd_interpolate(args) -> dict:
 
 
 def cmd_spectrum(args) -> dict:
+    """Canonical correlations with the cca flags given, the registry's defaults for the rest."""
     data = _data(args)
-    rows = api.spectrum(_models([args.model_a, args.model_b], args, data), data, gamma=args.gamma,
-                        relative=args.relative, stats_samples=args.stats_samples, seed=args.seed)
-    return {"gamma": args.gamma, "relative": args.relative, "merge_points": rows}
+    resolved = get_method("cca").resolve(_method_options(args))
+    used = {name: resolved[name] for name in SPECTRUM_OPTIONS}
+    rows = api.spectrum(_models([args.model_a, args.model_b], args, data), data,
+                        stats_samples=args.stats_samples, seed=args.seed, **used)
+    return {**used, "merge_points": rows}
 
 
 def cmd_diagnose(args) -> dict:
@@ -192,15 +197,8 @@ def cmd_spec(args) -> dict:
     derived = derive_and_verify(model, data.x_train[:64])
     report = explain(derived, diagrams=args.diagrams)
     if api.is_builtin(model):
-        report["matches_hand_written"] = _same_points(derived.spec, build_spec(model))
+        report["matches_hand_written"] = same_points(derived.spec, build_spec(model))
     return report
-
-
-def _same_points(a, b) -> bool:
-    def key(spec):
-        return {(p.width, frozenset(p.features), frozenset(p.producers), frozenset(p.consumers))
-                for p in spec.points}
-    return key(a) == key(b)
 
 
 def cmd_methods(_args) -> dict:
@@ -213,16 +211,62 @@ def _add_data(p) -> None:
     p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST's idx .gz files")
 
 
-def _add_merge_options(p, *, gamma_default=None) -> None:
-    p.add_argument("--gamma", type=float, default=gamma_default, help="CCA ridge (method cca)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--relative", dest="relative", action="store_true", default=None,
-                       help="gamma in units of each layer's mean variance (cca default)")
-    group.add_argument("--absolute", dest="relative", action="store_false",
-                       help="absolute gamma added to the raw covariances, as in the paper's code")
-    p.add_argument("--alpha", type=float, help="ZipIt similarity decay")
-    p.add_argument("--beta", type=float, help="ZipIt same-model merge budget")
-    p.add_argument("--max-sweeps", dest="max_sweeps", type=int, help="weight matching sweeps")
+def _options_by_name(methods, only=None) -> dict[str, list[tuple[str, Option]]]:
+    """``{option: [(method, Option), ...]}`` over ``methods`` (registry order); ``only``: names
+    to keep. One option shared by several methods must have one type and one negative flag."""
+    table: dict[str, list[tuple[str, Option]]] = {}
+    for method in methods:
+        for name, opt in method.options.items():
+            if only is None or name in only:
+                table.setdefault(name, []).append((method.name, opt))
+    for name, owners in table.items():
+        if len({(opt.kind, opt.negative_flag) for _, opt in owners}) > 1:
+            raise TypeError(f"option {name} differs in type or negative flag between methods "
+                            f"{[m for m, _ in owners]}")
+    return table
+
+
+def flag_names(name: str, option: Option) -> tuple[str, str | None]:
+    """``(flag, negative flag)`` of a method option: ``("--max-sweeps", None)``,
+    ``("--relative", "--absolute")``; only bool options have a negative flag."""
+    flag = "--" + name.replace("_", "-")
+    if option.kind is not bool:
+        return flag, None
+    return flag, "--" + (option.negative_flag or f"no-{name}").replace("_", "-")
+
+
+def option_flags(method: str, options: dict) -> list[str]:
+    """The command-line words that give ``method`` these ``options``, e.g. ``["--gamma", "0.3",
+    "--absolute"]`` (for front ends that print a command reproducing what they computed)."""
+    declared = get_method(method).options
+    get_method(method).resolve(options)  # unknown names fail and list the valid ones
+    words: list[str] = []
+    for name, value in options.items():
+        flag, negative = flag_names(name, declared[name])
+        words += [flag, str(value)] if negative is None else [flag if value else negative]
+    return words
+
+
+def _add_method_flags(p, methods, only=None) -> None:
+    """One flag per option of ``methods`` (``--max-sweeps`` for ``max_sweeps``), typed by the
+    Option, its help naming the method(s); a bool option gets a positive and a negative flag."""
+    for name, owners in _options_by_name(methods, only).items():
+        opt, dest = owners[0][1], OPTION_DEST + name
+        text = "; ".join(f"{m}: {o.help} (default {o.default})" for m, o in owners)
+        text = text.replace("%", "%%")  # argparse formats help strings
+        flag, negative = flag_names(name, opt)
+        if negative is None:
+            p.add_argument(flag, dest=dest, type=opt.kind, default=None,
+                           metavar=name.upper(), help=text)
+            continue
+        group = p.add_mutually_exclusive_group()
+        group.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        group.add_argument(negative, dest=dest, action="store_false", default=None,
+                           help=f"{', '.join(m for m, _ in owners)}: {name} = false")
+
+
+def _add_merge_options(p) -> None:
+    _add_method_flags(p, METHODS.values())
     p.add_argument("--no-bn-reset", action="store_true", help="keep the averaged BatchNorm statistics")
     p.add_argument("--bn-policy", choices=["paper", "fold"], default="paper",
                    help="paper: transform BatchNorm vectors with the conv rows (default); fold: "
@@ -277,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("replay", parents=[common], help="redo a merge from its recipe")
-    p.add_argument("recipe", help="recipe .json, or a merged .safetensors")
+    p.add_argument("recipe", help="recipe .json, or a merged .safetensors or TorchScript archive")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_replay)
 
@@ -294,8 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_a")
     p.add_argument("model_b")
     _add_data(p)
-    p.add_argument("--gamma", type=float, default=get_method("cca").options["gamma"].default)
-    p.add_argument("--absolute", dest="relative", action="store_false", default=True)
+    _add_method_flags(p, [get_method("cca")], SPECTRUM_OPTIONS)
     p.add_argument("--stats-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_spectrum)

@@ -1,9 +1,16 @@
-"""Safe model files: safetensors with self-describing metadata, and weights-only ``.pt``.
+"""Model files: safetensors with self-describing metadata, weights-only ``.pt``, and TorchScript
+archives.
 
 A ``.safetensors`` file written here carries, under the metadata key ``"ccamerge"``, the JSON
 ``{"format": 1, "arch": ..., "config": {...}, "info": {...}}``, so loading needs nothing else.
 A ``.pt``/``.pth`` state dict is read only with ``torch.load(..., weights_only=True)`` and needs an
 architecture description (``arch`` and ``config``). Nothing here ever unpickles arbitrary objects.
+
+A TorchScript archive (``torch.jit.save``) unpickles no objects either, but its compiled code runs
+whenever the model runs: :func:`load_archive_model` is for archives the user trusts, and the front
+ends ask first (``--trust-code``, the dashboard's checkbox). A merge of archives is written back
+into a copy of the reference's archive, with the recipe in its extra file ``ccamerge.json``.
+Every file is written atomically (a temporary file in the same folder, then a rename).
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +32,14 @@ from torch import nn
 
 from ccamerge.errors import CcamergeError
 from ccamerge.models import ARCHITECTURES, build_model, count_parameters
+from ccamerge.trace.torchscript import load_torchscript, script_to_module, with_script_state
 
 FORMAT = 1
 METADATA_KEY = "ccamerge"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth")
 MAX_BYTES = 2**30
+RECIPE_FILE = "ccamerge.json"  # extra file of a merged TorchScript archive: recipe and scores
 
 
 def save_model(model: nn.Module, path: str | Path, *, info: dict | None = None) -> Path:
@@ -40,21 +50,47 @@ def save_model(model: nn.Module, path: str | Path, *, info: dict | None = None) 
     if path.suffix != ".safetensors":
         raise CcamergeError(f"save models as .safetensors (got {path.name})")
     header = {"format": FORMAT, "arch": model.arch, "config": model.config, "info": info or {}}
-    try:
-        metadata = {METADATA_KEY: json.dumps(header, default=_json_default, allow_nan=False)}
-    except (TypeError, ValueError) as exc:
-        raise CcamergeError(f"model info for {path.name} is not JSON-able: {exc}") from exc
+    metadata = {METADATA_KEY: _to_json(header, path.name)}
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def save_merged(model: nn.Module, reference: nn.Module, path: str | Path, info: dict) -> Path:
+    """Write a merged model: ``.safetensors`` (:func:`save_model`) for the built-in families, or,
+    when ``reference`` is a replayed TorchScript archive, a copy of its archive carrying
+    ``model``'s weights and ``info`` (recipe, scores) as the extra file ``ccamerge.json``
+    (``torch.jit.load`` reads it back and computes what ``model`` computes). Written atomically;
+    parent folders are created. Returns the path."""
+    script = getattr(reference, "script", None)
+    if script is None:
+        return save_model(model, path, info=info)
+    path = Path(path)
+    archive = with_script_state(script, model.state_dict())
+    extra = {RECIPE_FILE: _to_json(info, path.name)}
+    _write_atomically(path, lambda tmp: torch.jit.save(archive, tmp, _extra_files=extra))
+    return path
+
+
+def _to_json(value: dict, name: str) -> str:
+    try:
+        return json.dumps(value, default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CcamergeError(f"model info for {name} is not JSON-able: {exc}") from exc
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path`` (readers
+    never see a half-written file; a failed write leaves ``path`` as it was)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def _json_default(value):
@@ -106,10 +142,49 @@ def load_model_bytes(data: bytes, filename: str, *, arch: str | None = None,
     return model
 
 
-def load_models(paths: Iterable[str | Path], *, arch: str | None = None, config: dict | None = None,
-                max_bytes: int = MAX_BYTES) -> list[nn.Module]:
-    """:func:`load_model` for each path, in order."""
-    return [load_model(p, arch=arch, config=config, max_bytes=max_bytes) for p in paths]
+def load_archive_model(source: str | Path | bytes, example_inputs: torch.Tensor, *,
+                       name: str | None = None) -> nn.Module:
+    """A TorchScript archive (a path or its bytes) replayed as an eval-mode ``fx.GraphModule``
+    whose layers take forward hooks, with the archive's state-dict keys, checked to compute what
+    the archive computes on ``example_inputs`` ``[B, C, S, S]`` (a few images of the dataset).
+
+    The archive's code runs here: call this only for archives the user trusts. Sets ``.script``
+    (the compiled module, kept out of the module tree, the state dict and ``copy.deepcopy``:
+    read it from the loaded model, not from copies), ``.source`` (``name``, default the path)
+    and ``.info`` (the ``ccamerge.json`` a merged archive carries, else ``{}``). Raises
+    :class:`CcamergeError` naming ``name`` for anything wrong with the archive."""
+    name = name or (str(source) if isinstance(source, str | Path) else "archive")
+    source = str(source) if isinstance(source, Path) else source
+    try:
+        script = load_torchscript(source)
+        model = script_to_module(script, example_inputs)
+    except CcamergeError as exc:
+        raise CcamergeError(f"{name}: {exc}") from exc
+    except Exception as exc:  # the archive's own code failed on the example images
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CcamergeError(f"{name} does not run on images of shape "
+                            f"{list(example_inputs.shape[1:])} ({type(exc).__name__}: {first}); "
+                            "pick the dataset it was trained on") from exc
+    object.__setattr__(model, "script", script)  # kept out of the module tree and state dict
+    model.source, model.info = name, archive_info(source)
+    return model
+
+
+def archive_info(source: str | Path | bytes) -> dict:
+    """The ``ccamerge.json`` a merged TorchScript archive (path or bytes) carries (recipe, test
+    accuracy), else ``{}``. Reads the zip only: no code runs."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
+            name = next((n for n in zf.namelist() if n.endswith(f"/extra/{RECIPE_FILE}")), None)
+            info = json.loads(zf.read(name)) if name else {}
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def is_archive_model(model: nn.Module) -> bool:
+    """True for a model :func:`load_archive_model` replayed (it keeps its archive)."""
+    return getattr(model, "script", None) is not None
 
 
 def model_summary(model: nn.Module) -> dict:

@@ -87,6 +87,25 @@ class AlignmentSpec:
         return AlignmentSpec(tuple(points))
 
 
+def point_key(point: MergePoint) -> tuple:
+    """What a merge point is, up to its name and the order of its features and axes."""
+    return (point.width, frozenset(point.features), frozenset(point.producers),
+            frozenset(point.consumers))
+
+
+def same_points(a: AlignmentSpec, b: AlignmentSpec) -> bool:
+    """True when ``a`` and ``b`` have the same merge points, up to names and axis order (e.g. a
+    traced spec against the hand-written one)."""
+    return {point_key(p) for p in a.points} == {point_key(p) for p in b.points}
+
+
+def matching_names(a: AlignmentSpec, b: AlignmentSpec) -> dict[str, str]:
+    """``{name in a: name in b}`` for the points of ``a`` that ``b`` has too (up to names and
+    axis order)."""
+    names = {point_key(p): p.name for p in b.points}
+    return {p.name: names[point_key(p)] for p in a.points if point_key(p) in names}
+
+
 def _linear_or_conv_producers(prefix: str, module: nn.Module) -> list[Axis]:
     axes = [Axis(f"{prefix}.weight", 0)]
     if getattr(module, "bias", None) is not None:

@@ -36,10 +36,10 @@ from ccamerge.analysis.features import FeatureMatching, feature_matching
 from ccamerge.data import Dataset, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
-from ccamerge.io import load_model_bytes, save_model
+from ccamerge.io import is_archive_model, load_model_bytes, save_merged
 from ccamerge.methods import get_method
 from ccamerge.models import build_model
-from ccamerge.spec import build_spec
+from ccamerge.spec import build_spec, matching_names, same_points
 from ccamerge.stats import Statistics, collect_statistics
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.explain import explain
@@ -298,29 +298,33 @@ def resolve_options(method: str, options: dict) -> dict:
 
 def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
           method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool = False,
-          stats_samples: int | None, progress: Progress | None = None) -> dict:
-    """Merge ``models`` (content ``digests``) with ``method``; cached by content and options.
+          bn_policy: str = "paper", stats_samples: int | None,
+          sources: Sequence[str] | None = None, progress: Progress | None = None) -> dict:
+    """Merge ``models`` (content ``digests``, files ``sources``) with ``method``; cached by
+    content, files and options.
 
-    Returns ``{"method", "options", "accuracy", "loss", "seconds", "warnings", "model"}`` where
-    ``model`` is the merged network (shared: copy before changing it) and ``seconds`` the time the
-    merge took when it was computed.
+    Returns ``{"method", "options", "accuracy", "loss", "seconds", "warnings", "model",
+    "recipe"}`` where ``model`` is the merged network (shared: copy before changing it),
+    ``recipe`` is ``api.merge``'s (shared: copy before adding to it) and ``seconds`` the time
+    the merge took when it was computed.
     """
     options = resolve_options(method, options)
-    key = _key("merge", list(digests), data_key, method, options, reference, bn_reset, repair,
-               stats_samples)
+    sources = None if sources is None else [str(s) for s in sources]
+    key = _key("merge", list(digests), data_key, data.name, method, options, reference, bn_reset,
+               repair, bn_policy, stats_samples, sources)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(models, data)
     start = time.perf_counter()
     result = api.merge(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
-                       repair=repair, stats_samples=stats_samples, seed=SEED,
-                       progress=progress or _quiet, **options)
+                       repair=repair, bn_policy=bn_policy, stats_samples=stats_samples,
+                       seed=SEED, sources=sources, progress=progress or _quiet, **options)
     seconds = time.perf_counter() - start
     scores = evaluate_model(result.model, data.x_test, data.y_test)
     out = {"method": method, "options": options, "accuracy": scores["accuracy"],
            "loss": scores["loss"], "seconds": seconds, "warnings": list(result.warnings),
-           "model": result.model}
+           "model": result.model, "recipe": result.recipe}
     memo().put(key, out)
     return out
 
@@ -346,26 +350,13 @@ def _quiet(_fraction: float, _message: str) -> None:
     pass
 
 
-def recipe(method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool,
-           stats_samples: int | None, model_paths: Sequence[str], data_name: str,
-           model_sha256: Sequence[str] = (), model_names: Sequence[str] = ()) -> dict:
-    """A merge recipe ``ccamerge replay RECIPE --out FILE`` turns into the same weights."""
-    return {"method": method, "options": dict(options), "reference": reference,
-            "bn_reset": bn_reset, "repair": repair, "weights": None,
-            "stats_samples": stats_samples, "seed": SEED,
-            "models": [str(p) for p in model_paths], "data": {"name": data_name, "data_dir": None},
-            "model_sha256": list(model_sha256), "model_names": list(model_names),
-            "replay": "ccamerge replay recipe.json --out merged.safetensors"}
-
-
-def merged_file(model: nn.Module, info: dict, *, reference: nn.Module | None = None) -> bytes:
-    """The merged model as ``.safetensors`` bytes (architecture and ``info`` in the metadata),
-    or as a TorchScript archive when the (loaded, not copied) ``reference`` is one."""
-    if reference is not None and archives.is_archive_model(reference):
-        return archives.merged_archive(reference, model, info)
+def merged_file(model: nn.Module, info: dict, *, reference: nn.Module) -> bytes:
+    """The bytes of :func:`ccamerge.io.save_merged`'s file: ``.safetensors`` (architecture and
+    ``info`` in the metadata), or a TorchScript archive when the (loaded, not copied)
+    ``reference`` is one."""
+    suffix = ".pt" if is_archive_model(reference) else ".safetensors"
     with tempfile.TemporaryDirectory(prefix="ccamerge-") as folder:
-        path = save_model(model, Path(folder) / "merged.safetensors", info=info)
-        return path.read_bytes()
+        return save_merged(model, reference, Path(folder) / f"merged{suffix}", info).read_bytes()
 
 
 # ----------------------------------------------------------------------------- archives, merge points
@@ -382,12 +373,6 @@ def load_archive(digest: str, filename: str, read: Callable[[], bytes],
     return _load_archive(digest, filename, str(list(example.shape)), read, example)
 
 
-def _point_keys(spec) -> dict:
-    """``{point name: the point up to its name and the order of its axes}``."""
-    return {p.name: (p.width, frozenset(p.features), frozenset(p.producers),
-                     frozenset(p.consumers)) for p in spec.points}
-
-
 @st.cache_data(max_entries=64, show_spinner=False)
 def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
                  _data: Dataset) -> dict:
@@ -402,10 +387,9 @@ def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
     report["notes"] = [*getattr(_model, "replay_notes", []), *report["notes"]]
     report["matches_hand_written"], report["hand_written_names"] = None, {}
     if api.is_builtin(_model):
-        traced, written = _point_keys(derived.spec), _point_keys(build_spec(_model))
-        names = {key: name for name, key in written.items()}
-        report["matches_hand_written"] = set(traced.values()) == set(written.values())
-        report["hand_written_names"] = {n: names[k] for n, k in traced.items() if k in names}
+        written = build_spec(_model)
+        report["matches_hand_written"] = same_points(derived.spec, written)
+        report["hand_written_names"] = matching_names(derived.spec, written)
     report["seconds"] = time.perf_counter() - start
     return report
 

@@ -24,11 +24,12 @@ def subset_indices(n_models: int, reference: int, n: int) -> list[int]:
 
 
 def signature(inputs: Inputs, methods: Sequence[str], options: dict, bn_reset: bool,
-              repair: bool, stats_samples: int | None, curve: bool) -> str:
+              repair: bool, stats_samples: int | None, curve: bool,
+              bn_policy: str = "paper") -> str:
     """What a run depends on, to tell whether shown results match the current controls."""
     return json.dumps([list(inputs.digests), inputs.reference, inputs.data_key, list(methods),
                        {m: options.get(m, {}) for m in methods}, bn_reset, repair, stats_samples,
-                       curve], sort_keys=True, default=str)
+                       curve, bn_policy], sort_keys=True, default=str)
 
 
 def repairs(method: str, repair: bool) -> bool:
@@ -45,14 +46,16 @@ def plan(n_models: int, methods: Sequence[str], curve: bool) -> list[tuple[str, 
 
 
 def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool, repair: bool,
-        stats_samples: int | None, curve: bool, step: StepFactory) -> dict:
+        stats_samples: int | None, curve: bool, step: StepFactory,
+        bn_policy: str = "paper") -> dict:
     """Merge with every method; returns ``{"signature", "names", "reference", "data_name",
     "base", "merges", "errors", "curve", "files", "recipes", "suffix"}`` (``files``/``recipes``:
     method -> merged model bytes / recipe JSON text; ``suffix``: ``.safetensors``, or ``.pt`` for
     a TorchScript archive when the reference is one)."""
     n_models = len(inputs.models)
     tasks = plan(n_models, methods, curve)
-    out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve),
+    out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,
+                                  bn_policy),
            "names": [e.name for e in inputs.entries], "reference": inputs.reference,
            "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
            "recipes": {}, "suffix": ".safetensors"}
@@ -67,7 +70,9 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
             result = data.merge(models, digests, inputs.data, inputs.data_key, method,
                                 options.get(method, {}), reference=indices.index(inputs.reference),
                                 bn_reset=bn_reset, repair=repairs(method, repair),
-                                stats_samples=stats_samples, progress=step(k, f"{method}, N = {n}"))
+                                bn_policy=bn_policy, stats_samples=stats_samples,
+                                sources=[inputs.entries[i].path for i in indices],
+                                progress=step(k, f"{method}, N = {n}"))
         except CcamergeError as exc:
             out["errors"][method] = str(exc)
             continue
@@ -75,24 +80,28 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
         if n == n_models:
             out["merges"].append({k2: result[k2] for k2 in
                                   ("method", "options", "accuracy", "loss", "seconds", "warnings")})
-            _attach_files(out, inputs, result, bn_reset, repairs(method, repair), stats_samples)
+            _attach_files(out, inputs, result)
     _ensemble_curve(out, inputs, bn_reset, n_models if curve else None)
     return out
 
 
-def _attach_files(out: dict, inputs: Inputs, result: dict, bn_reset: bool, repair: bool,
-                  stats_samples: int | None) -> None:
-    method = result["method"]
-    recipe = data.recipe(method, result["options"], reference=inputs.reference, bn_reset=bn_reset,
-                         repair=repair, stats_samples=stats_samples, model_paths=[e.path for e in inputs.entries],
-                         data_name=inputs.data_name, model_sha256=[e.digest for e in inputs.entries],
-                         model_names=[e.name for e in inputs.entries])
-    reference = inputs.models[inputs.reference]
-    if archives.is_archive_model(reference):  # the download is an archive, and so is the replay
-        recipe["replay"] = "ccamerge replay recipe.json --out merged.pt --trust-code"
+def dashboard_recipe(inputs: Inputs, recipe: dict) -> dict:
+    """``api.merge``'s ``recipe`` (a copy, every field kept) plus what the dashboard knows
+    besides: the models' sha256 and names, and the replay command for the download."""
+    archive = archives.is_archive_model(inputs.models[inputs.reference])
+    replay = ("ccamerge replay recipe.json --out merged.pt --trust-code" if archive
+              else "ccamerge replay recipe.json --out merged.safetensors")
+    return {**recipe, "model_sha256": [e.digest for e in inputs.entries],
+            "model_names": [e.name for e in inputs.entries], "replay": replay}
+
+
+def _attach_files(out: dict, inputs: Inputs, result: dict) -> None:
+    """The download of one merge of every selected model: its file and its recipe."""
+    method, reference = result["method"], inputs.models[inputs.reference]
+    recipe = dashboard_recipe(inputs, result["recipe"])
     out["suffix"] = ".pt" if archives.is_archive_model(reference) else ".safetensors"
-    info = {"merge": recipe, "dataset": inputs.data_name, "test_accuracy": result["accuracy"],
-            "test_loss": result["loss"]}
+    info = {"merge": recipe, "dataset": recipe["data"]["name"],
+            "test_accuracy": result["accuracy"], "test_loss": result["loss"]}
     out["files"][method] = data.merged_file(result["model"], info, reference=reference)
     out["recipes"][method] = json.dumps(recipe, indent=2)
 

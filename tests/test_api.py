@@ -33,10 +33,34 @@ def test_merge_result_carries_its_recipe_and_details(mlps, digits):
     assert result.recipe["options"] == {"gamma": 0.5, "relative": False}
     assert result.recipe["reference"] == 1
     assert result.recipe["data"]["name"] == "digits"
+    assert result.model.info == {"merge": result.recipe}
     assert set(result.alignment.details["fc1"]) == {0, 2}  # every model but the reference
     rho = result.correlations()["fc1"][0]
     assert rho.shape == (64,) and np.all(np.diff(rho[rho > 0]) <= 1e-12)
     assert result.statistics.summary()["fc1"]["samples"] == len(digits.x_train)
+
+
+def test_the_recipe_is_complete_and_names_the_sources(mlps, digits):
+    result = merge(mlps[:2], digits, "zipit", alpha=0.5, bn_reset=False, bn_policy="fold",
+                   weights=[0.25, 0.75], stats_samples=500, seed=4,
+                   sources=["a.safetensors", None], data_dir="/data")
+    assert result.recipe == {
+        "method": "zipit", "options": {"alpha": 0.5, "beta": 0.125}, "reference": 0,
+        "bn_reset": False, "bn_policy": "fold", "repair": False, "weights": [0.25, 0.75],
+        "stats_samples": 500, "seed": 4, "models": ["a.safetensors", None],
+        "data": {"name": "digits", "data_dir": "/data", "train_size": len(digits.y_train),
+                 "test_size": len(digits.y_test), "num_classes": 10, "image_shape": [1, 8, 8]}}
+    for model, source in zip(mlps[:2], ["m0.safetensors", "m1.safetensors"], strict=True):
+        model.source = source
+    try:
+        by_default = merge(mlps[:2], digits.x_train, "average").recipe
+    finally:
+        for model in mlps[:2]:
+            del model.source
+    assert by_default["models"] == ["m0.safetensors", "m1.safetensors"]
+    assert by_default["data"] is None  # a bare tensor names no dataset
+    with pytest.raises(CcamergeError, match="2 models"):
+        merge(mlps[:2], digits, "average", sources=["a.safetensors"])
 
 
 def test_too_few_samples_produce_a_warning(mlps, digits):

@@ -1,12 +1,18 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from ccamerge import api, cli
 from ccamerge.cli import main
-from ccamerge.io import load_model
+from ccamerge.data import load_dataset
+from ccamerge.errors import CcamergeError
+from ccamerge.io import RECIPE_FILE, archive_info, load_archive_model, load_model
+from ccamerge.methods import METHODS, Alignment, Method, Option
+from ccamerge.methods.base import identity_transforms
 
 
 def run(capsys, *argv):
@@ -58,8 +64,14 @@ def test_merge_writes_a_model_that_loads(zoo, tmp_path, capsys, method):
     assert code == 0
     assert result["method"] == method and result["out"] == str(out)
     merged = load_model(out)
-    assert merged.info["merge"]["method"] == method
+    recipe = merged.info["merge"]
+    assert recipe["method"] == method and recipe["options"] == result["options"]
+    assert recipe["models"] == [str(Path(p).resolve()) for p in zoo]
+    assert recipe["data"]["name"] == "digits" and recipe["weights"] == [0.5, 0.5]
     assert merged.info["test_accuracy"] == pytest.approx(result["accuracy"])
+    wanted = api.merge([load_model(p) for p in zoo], load_dataset("digits"), method)
+    assert wanted.recipe == recipe  # the CLI saves the API's recipe, nothing patched in
+    assert all(torch.equal(t, merged.state_dict()[k]) for k, t in wanted.model.state_dict().items())
 
 
 def test_replay_reproduces_the_same_weights(zoo, tmp_path, capsys):
@@ -78,9 +90,12 @@ def test_interpolate_and_spectrum(zoo, capsys):
     assert code == 0 and curve["lambdas"] == [0.0, 0.5, 1.0]
     assert len(curve["accuracy"]) == 3 and isinstance(curve["barrier"], float)
     code, spec, _ = run(capsys, "spectrum", *zoo)
-    assert code == 0
+    assert code == 0 and spec["gamma"] == 0.1 and spec["relative"] is True  # the registry's
     assert [p["name"] for p in spec["merge_points"]] == ["fc1", "fc2"]
     assert len(spec["merge_points"][0]["rho"]) == 128
+    code, absolute, _ = run(capsys, "spectrum", *zoo, "--absolute", "--gamma", "0.01")
+    assert code == 0 and absolute["gamma"] == 0.01 and absolute["relative"] is False
+    assert absolute["merge_points"][0]["rho"] != spec["merge_points"][0]["rho"]
 
 
 def test_diagnose_prints_a_checklist(zoo, capsys):
@@ -141,8 +156,6 @@ class _GeluNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
-    from ccamerge.data import load_dataset
-
     digits = load_dataset("digits")
     out = tmp_path_factory.mktemp("archives")
     paths = []
@@ -174,12 +187,95 @@ def test_torchscript_archives_need_trust_then_trace_verify_and_merge(archives, t
         code, result, _ = run(capsys, "merge", *archives, "--method", method, "--out", str(out),
                               "--trust-code")
         assert code == 0 and result["accuracy"] > 50
-        merged = torch.jit.load(str(out))  # a TorchScript archive again
+        extra = {RECIPE_FILE: ""}
+        merged = torch.jit.load(str(out), _extra_files=extra)  # a TorchScript archive again
+        assert json.loads(extra[RECIPE_FILE])["merge"]["options"] == result["options"]
         code, scores, _ = run(capsys, "evaluate", str(out), "--trust-code")
         assert scores["models"][0]["accuracy"] == pytest.approx(result["accuracy"])
-        assert merged is not None
+        x = load_dataset("digits").x_train[:8]
+        wanted = api.merge([load_archive_model(p, x) for p in archives], load_dataset("digits"),
+                           method).model.state_dict()
+        assert all(torch.equal(merged.state_dict()[k], t) for k, t in wanted.items())
+    again = tmp_path / "again.ts"
+    code, replayed, _ = run(capsys, "replay", str(out), "--out", str(again), "--trust-code")
+    assert code == 0 and replayed["method"] == "permute"
+    assert archive_info(again)["merge"] == archive_info(out)["merge"]
+    first, second = torch.jit.load(str(out)).state_dict(), torch.jit.load(str(again)).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_spec_of_a_builtin_model_matches_the_hand_written_one(zoo, capsys):
     code, spec, _ = run(capsys, "spec", zoo[0], "--no-diagrams")
     assert code == 0 and spec["matches_hand_written"] and "dot" not in spec
+
+
+def _toy_method(calls: list) -> Method:
+    """A method the registry does not have: identity transforms, records the options it got."""
+    def align_toy(ctx, *, toy_level, sharpen):
+        calls.append({"toy_level": toy_level, "sharpen": sharpen})
+        return Alignment(identity_transforms(ctx))
+    return Method("toy", "a method for this test", align_toy, None,
+                  {"toy_level": Option(3, int, "how many toy levels", 1),
+                   "sharpen": Option(False, bool, "sharpen the toy")})
+
+
+def test_a_method_added_to_the_registry_gets_cli_flags(zoo, tmp_path, capsys, monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(METHODS, "toy", _toy_method(calls))
+    assert main(["merge", "--help"]) == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--toy-level TOY_LEVEL toy: how many toy levels (default 3)" in usage
+    assert "[--sharpen | --no-sharpen]" in usage and "[--relative | --absolute]" in usage
+    out = str(tmp_path / "toy.safetensors")
+    code, result, _ = run(capsys, "merge", *zoo, "--method", "toy", "--toy-level", "5",
+                          "--sharpen", "--out", out)
+    assert code == 0 and calls == [{"toy_level": 5, "sharpen": True}]
+    assert result["options"] == {"toy_level": 5, "sharpen": True}
+    assert load_model(out).info["merge"]["options"] == result["options"]
+    code, result, _ = run(capsys, "merge", *zoo, "--method", "toy", "--no-sharpen", "--out", out)
+    assert calls[-1] == {"toy_level": 3, "sharpen": False}  # the registry's default for the rest
+    for command in (["interpolate", "a", "b"], ["diagnose", "a", "b"]):
+        args = cli.build_parser().parse_args([*command, "--toy-level", "2"])
+        assert cli._method_options(args) == {"toy_level": 2}
+    assert "no option" in run_error(capsys, "merge", *zoo, "--method", "permute",
+                                    "--toy-level", "2", "--out", out)
+    assert "invalid int" in run_error(capsys, "merge", *zoo, "--toy-level", "2.5", "--out", out)
+
+
+def test_only_the_flags_given_reach_the_registry(capsys):
+    parser = cli.build_parser()
+    assert cli._method_options(parser.parse_args(["merge", "a", "b", "--out", "o"])) == {}
+    args = parser.parse_args(["merge", "a", "b", "--out", "o", "--absolute", "--max-sweeps", "7",
+                              "--alpha", "0.5", "--beta", "0.25", "--gamma", "0.2"])
+    assert cli._method_options(args) == {"max_sweeps": 7, "alpha": 0.5, "beta": 0.25,
+                                         "gamma": 0.2, "relative": False}
+    relative = parser.parse_args(["spectrum", "a", "b", "--relative"])
+    assert cli._method_options(relative) == {"relative": True}
+    assert "not allowed with" in run_error(capsys, "merge", "a", "b", "--out", "o", "--relative",
+                                           "--absolute")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_option_flags_parse_back_to_the_options(method):
+    declared = METHODS[method].options
+    changed = {n: (not o.default) if o.kind is bool else o.kind(o.default) * 2
+               for n, o in declared.items()}
+    parser = cli.build_parser()
+    for options in (METHODS[method].defaults(), changed):
+        words = cli.option_flags(method, options)
+        args = parser.parse_args(["merge", "a", "b", "--out", "o", "--method", method, *words])
+        assert cli._method_options(args) == options
+    assert cli.option_flags("cca", {"gamma": 0.3, "relative": False}) == ["--gamma", "0.3",
+                                                                         "--absolute"]
+    with pytest.raises(CcamergeError, match="no option"):
+        cli.option_flags("average", {"gamma": 0.3})
+
+
+def test_options_shared_by_methods_must_agree(monkeypatch):
+    calls: list = []
+    other = Method("toy2", "clashes with toy", _toy_method(calls).solve, None,
+                   {"toy_level": Option(0.5, float, "a float this time")})
+    monkeypatch.setitem(METHODS, "toy", _toy_method(calls))
+    monkeypatch.setitem(METHODS, "toy2", other)
+    with pytest.raises(TypeError, match="toy_level differs"):
+        cli.build_parser()

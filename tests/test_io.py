@@ -8,11 +8,14 @@ from safetensors.torch import save_file
 
 from ccamerge.errors import CcamergeError
 from ccamerge.io import (
+    archive_info,
+    is_archive_model,
+    load_archive_model,
     load_model,
     load_model_bytes,
-    load_models,
     model_summary,
     read_info,
+    save_merged,
     save_model,
 )
 from ccamerge.models import build_model
@@ -183,11 +186,74 @@ def test_corrupt_pt(tmp_path):
         load_model(path, arch="mlp", config=CONFIGS["mlp"])
 
 
-def test_bytes_and_many(tmp_path):
+def test_bytes_load_like_files(tmp_path):
     paths = [save_model(_model("mlp", seed=s), tmp_path / f"m{s}.safetensors",
                         info={"test_accuracy": 90.0 + s}) for s in range(2)]
-    models = load_models(paths)
+    models = [load_model(p) for p in paths]
     assert [model_summary(m)["accuracy"] for m in models] == [90.0, 91.0]
     uploaded = load_model_bytes(paths[1].read_bytes(), "m1.safetensors")
     assert uploaded.info == {"test_accuracy": 91.0} and uploaded.source == "m1.safetensors"
     assert torch.equal(uploaded.layers[1].weight, models[1].layers[1].weight)
+
+
+def _archive(tmp_path, seed: int = 0):
+    """A scripted net outside the built-in families, saved with ``torch.jit.save``."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.GELU(),
+                              torch.nn.Linear(16, 10)).eval()
+    path = tmp_path / f"net{seed}.ts"
+    torch.jit.save(torch.jit.script(net), str(path))
+    return net, path
+
+
+def test_an_archive_loads_from_a_path_or_bytes_as_the_same_hookable_network(tmp_path):
+    net, path = _archive(tmp_path)
+    x = torch.randn(8, 1, 8, 8)
+    for source, name in ((path, str(path)), (path.read_bytes(), "upload.ts")):
+        model = load_archive_model(source, x, name=None if name == str(path) else name)
+        assert is_archive_model(model) and model.source == name and model.info == {}
+        assert set(model.state_dict()) == set(net.state_dict())
+        seen = []
+        hook = model.get_submodule("1").register_forward_hook
+        hook(lambda _module, _inputs, out, seen=seen: seen.append(out))
+        with torch.no_grad():
+            assert torch.allclose(model(x), net(x), atol=1e-6)
+        assert seen and seen[0].shape == (8, 16)
+    assert not is_archive_model(_model("mlp"))
+
+
+def test_a_merged_archive_carries_the_weights_and_the_info(tmp_path):
+    _, path = _archive(tmp_path)
+    x = torch.randn(8, 1, 8, 8)
+    reference, other = load_archive_model(path, x), load_archive_model(_archive(tmp_path, 1)[1], x)
+    out = tmp_path / "sub" / "merged.ts"
+    info = {"merge": {"method": "average", "weights": [0.5, 0.5]}, "test_accuracy": 91.5}
+    assert save_merged(other, reference, out, info) == out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged.ts"]  # no temp file left
+    assert archive_info(out) == info and archive_info(out.read_bytes()) == info
+    written = torch.jit.load(str(out))
+    with torch.no_grad():
+        assert torch.equal(written(x), other(x))
+    again = load_archive_model(out, x)
+    assert again.info == info and not torch.equal(again.state_dict()["1.weight"],
+                                                  reference.state_dict()["1.weight"])
+    before = out.read_bytes()
+    with pytest.raises(CcamergeError, match="not JSON-able"):
+        save_merged(reference, reference, out, {"x": object()})
+    assert out.read_bytes() == before and len(list(out.parent.iterdir())) == 1
+
+
+def test_save_merged_writes_safetensors_for_the_builtin_families(tmp_path):
+    model = _model("mlp")
+    path = save_merged(model, _model("mlp", seed=1), tmp_path / "m.safetensors", {"a": 1})
+    loaded = load_model(path)
+    assert loaded.info == {"a": 1} and torch.equal(loaded.layers[1].weight, model.layers[1].weight)
+
+
+def test_broken_archives_fail_with_their_name(tmp_path):
+    _, path = _archive(tmp_path)
+    with pytest.raises(CcamergeError, match=r"does not run on images of shape \[3, 4, 4\]"):
+        load_archive_model(path, torch.randn(2, 3, 4, 4))
+    with pytest.raises(CcamergeError, match="notes.ts: not a TorchScript archive"):
+        load_archive_model(b"plain text" * 10, torch.randn(2, 1, 8, 8), name="notes.ts")
+    assert archive_info(b"plain text") == {} and archive_info(tmp_path / "missing.ts") == {}

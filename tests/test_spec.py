@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from ccamerge.errors import CcamergeError
 from ccamerge.models import build_model
-from ccamerge.spec import AlignmentSpec, build_spec
+from ccamerge.spec import AlignmentSpec, build_spec, matching_names, same_points
 from ccamerge.transform import verify_spec
 
 FAMILIES = [
@@ -70,3 +72,31 @@ def test_unknown_point_and_foreign_model_fail_clearly():
         spec.point("nope")
     with pytest.raises(CcamergeError, match="built-in families"):
         build_spec(torch.nn.Linear(2, 2))
+
+
+def _renamed_and_reordered(spec: AlignmentSpec) -> AlignmentSpec:
+    """The same points, renamed, in reverse order, with every axis list reversed."""
+    return AlignmentSpec(tuple(
+        dataclasses.replace(p, name=f"p{k}", features=p.features[::-1],
+                            producers=p.producers[::-1], consumers=p.consumers[::-1])
+        for k, p in enumerate(reversed(spec.points))))
+
+
+def test_same_points_ignores_names_and_axis_order_but_not_the_wiring():
+    spec = build_spec(build_model("resnet20", width=0.5))
+    twin = _renamed_and_reordered(spec)
+    assert same_points(spec, twin) and same_points(twin, spec)
+    first = spec.points[0]
+    narrower = dataclasses.replace(first, width=first.width - 1)
+    one_axis_less = dataclasses.replace(first, consumers=first.consumers[:-1])
+    for changed in (narrower, one_axis_less):
+        assert not same_points(spec, AlignmentSpec((changed, *spec.points[1:])))
+    assert not same_points(spec, AlignmentSpec(spec.points[1:]))
+
+
+def test_matching_names_maps_each_point_to_its_twin():
+    spec = build_spec(build_model("mlp", hidden=[32, 16, 8]))
+    twin = _renamed_and_reordered(spec)
+    assert matching_names(twin, spec) == {"p0": "fc3", "p1": "fc2", "p2": "fc1"}
+    assert matching_names(AlignmentSpec(twin.points[:1]), spec) == {"p0": "fc3"}
+    assert matching_names(spec, build_spec(build_model("mlp", hidden=[8]))) == {}

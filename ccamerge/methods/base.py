@@ -71,12 +71,17 @@ def per_model(ctx: AlignContext,
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a method: its default, type, help text and lowest allowed value."""
+    """One option of a method: its default, type, help text and lowest allowed value.
+
+    Front ends offer it under its name (CLI flag ``--max-sweeps`` for ``max_sweeps``); a bool
+    option also gets a flag that sets it false: ``--<negative_flag>``, default ``--no-<name>``.
+    """
 
     default: object
     kind: type
     help: str
     minimum: float | None = None
+    negative_flag: str | None = None
 
 
 @dataclass(frozen=True)

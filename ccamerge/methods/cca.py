@@ -171,4 +171,5 @@ METHOD = Method("cca", "CCA Merge: linear maps from canonical correlation analys
                 "reference",
                 {"gamma": Option(0.1, float, "ridge added to the covariances", 0.0),
                  "relative": Option(True, bool, "gamma in units of each layer's mean variance "
-                                    "(tr(S)/n); false = absolute, as in the paper's code")})
+                                    "(tr(S)/n); false = absolute, as in the paper's code",
+                                    negative_flag="absolute")})
