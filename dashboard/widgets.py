@@ -13,8 +13,7 @@ import streamlit as st
 
 from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
-from ccamerge.methods import METHODS
-from dashboard import data, registry, state
+from dashboard import catalog, data, registry, state
 
 KEEP = {"persist_state": "session"}
 GAMMAS = (0.0, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -56,7 +55,7 @@ def continue_on_error() -> Iterator[None]:
 def gamma_controls(gamma_key: str, relative_key: str) -> tuple[float, bool]:
     """The CCA ridge: gamma on a log-spaced slider and its units (relative or absolute); the
     defaults are the registry's."""
-    options = METHODS["cca"].options
+    options = catalog.METHODS["cca"].options
     default = float(options["gamma"].default)
     choices = sorted(set(GAMMAS) | {default})
     left, right = st.columns([3, 2])
@@ -74,7 +73,7 @@ def method_options(method: str, prefix: str) -> dict:
     """One widget per option of ``method`` from the registry (defaults, minimum, help);
     returns ``{option: value}``."""
     values = {}
-    for name, opt in METHODS[method].options.items():
+    for name, opt in catalog.METHODS[method].options.items():
         key = state.option_key(prefix, method, name)
         label = f"{method}: {name}"
         if opt.kind is bool:
