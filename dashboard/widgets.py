@@ -137,6 +137,28 @@ def pick_other(label: str, sel: state.Selection, models: dict, key: str) -> int:
     return sel.ids.index(chosen if chosen in others else others[0])
 
 
+def pick_point(points: dict, key: str) -> str:
+    """A merge point of ``points`` (name -> its statistics, with ``width``), labelled with its
+    number of units; returns its name."""
+    names = list(points)
+    valid_choice(key, names)
+    return st.selectbox("Merge point", names, key=key,
+                        format_func=lambda p: f"{p} ({points[p].width} units)", **KEEP)
+
+
+def pick_model_and_point(label: str, sel: state.Selection, models: dict, points: dict, *,
+                         model_key: str, point_key: str, columns=None) -> tuple[int, str]:
+    """A non-reference model (:func:`pick_other`, titled ``label``) and a merge point
+    (:func:`pick_point`) side by side, in ``columns`` (two containers) or two new columns;
+    returns ``(model index in the selection, point name)``."""
+    left, right = st.columns(2) if columns is None else columns
+    with left:
+        other = pick_other(label, sel, models, model_key)
+    with right:
+        point = pick_point(points, point_key)
+    return other, point
+
+
 def sidebar() -> state.Selection:
     """Models, reference and dataset; stored as the session's :class:`state.Selection`."""
     models = st.session_state[state.MODELS]

@@ -15,12 +15,9 @@ sel, models, inputs = widgets.selected_inputs()
 stats = widgets.selected_statistics(inputs)
 
 c1, c2, c3 = st.columns(3)
-with c1:
-    other = widgets.pick_other("Model i", sel, models, state.W_EXPL_MODEL)
-with c2:
-    widgets.valid_choice(state.W_EXPL_POINT, list(stats.points))
-    point = st.selectbox("Merge point", list(stats.points), key=state.W_EXPL_POINT,
-                         format_func=lambda p: f"{p} ({stats.points[p].width} units)", **widgets.KEEP)
+other, point = widgets.pick_model_and_point("Model i", sel, models, stats.points,
+                                            model_key=state.W_EXPL_MODEL,
+                                            point_key=state.W_EXPL_POINT, columns=(c1, c2))
 methods = list(catalog.METHODS)
 with c3:
     method = st.selectbox("Alignment method", methods, index=methods.index("cca"),

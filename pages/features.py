@@ -13,13 +13,9 @@ st.markdown("Do hidden units correspond one to one between two models (then a pe
 sel, models, inputs = widgets.selected_inputs()
 stats = widgets.selected_statistics(inputs)
 
-left, right = st.columns(2)
-with left:
-    other = widgets.pick_other("Model compared with the reference", sel, models, state.W_FEAT_MODEL)
-with right:
-    widgets.valid_choice(state.W_FEAT_POINT, list(stats.points))
-    point = st.selectbox("Merge point", list(stats.points), key=state.W_FEAT_POINT,
-                         format_func=lambda p: f"{p} ({stats.points[p].width} units)", **widgets.KEEP)
+other, point = widgets.pick_model_and_point("Model compared with the reference", sel, models,
+                                            stats.points, model_key=state.W_FEAT_MODEL,
+                                            point_key=state.W_FEAT_POINT)
 gamma, relative = widgets.gamma_controls(state.W_FEAT_GAMMA, state.W_FEAT_RELATIVE)
 with widgets.stop_on_error():
     fm = data.features(inputs.digests, inputs.data_key, inputs.reference, other, point, gamma,

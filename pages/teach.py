@@ -12,14 +12,9 @@ st.markdown("Why can't we just average two trained networks, and what does align
 
 sel, models, inputs = widgets.selected_inputs()
 stats = widgets.selected_statistics(inputs)
-c1, c2 = st.columns(2)
-with c1:
-    other = widgets.pick_other("Model i (compared with the reference)", sel, models,
-                               state.W_TEACH_MODEL)
-with c2:
-    widgets.valid_choice(state.W_TEACH_POINT, list(stats.points))
-    point = st.selectbox("Merge point", list(stats.points), key=state.W_TEACH_POINT,
-                         format_func=lambda p: f"{p} ({stats.points[p].width} units)", **widgets.KEEP)
+other, point = widgets.pick_model_and_point("Model i (compared with the reference)", sel, models,
+                                            stats.points, model_key=state.W_TEACH_MODEL,
+                                            point_key=state.W_TEACH_POINT)
 ref_name, other_name = inputs.entries[inputs.reference].name, inputs.entries[other].name
 
 # ----------------------------------------------------------------------------- step 1

@@ -1,5 +1,5 @@
 """dashboard.widgets' page helpers in small scripts run by AppTest: a library error that stops
-the page or skips a block, and the progress bar's cleanup."""
+the page or skips a block, the progress bar's cleanup, and the model + merge-point picker."""
 
 from __future__ import annotations
 
@@ -111,3 +111,49 @@ def test_a_progress_bar_is_removed_however_its_block_ends():
         assert [e.value for e in at.error] == (["broke half way"] if fail else [])
         assert written(at) == ([] if fail else ["done"])
 
+
+def picker_script(stored_point: str | None, given_columns: bool) -> None:
+    """The shared picker on a selection of three models (reference ``b``) and two points."""
+    from types import SimpleNamespace
+
+    import streamlit as st
+
+    from dashboard import state, widgets
+
+    if stored_point is not None and "seeded" not in st.session_state:
+        st.session_state["seeded"] = True
+        st.session_state["point"] = stored_point
+    sel = state.Selection(("a", "b", "c"), 1, "digits")
+    points = {"fc1": SimpleNamespace(width=64), "fc2": SimpleNamespace(width=32)}
+    columns = st.columns(3)[:2] if given_columns else None
+    other, point = widgets.pick_model_and_point("Model i", sel, {}, points, model_key="model",
+                                                point_key="point", columns=columns)
+    st.write(f"{other} {point}")
+
+
+def test_the_picker_offers_the_other_models_and_the_points_with_their_widths():
+    at = run(picker_script, None, False)
+    assert not at.exception
+    model, point = at.selectbox(key="model"), at.selectbox(key="point")
+    assert (model.label, model.options, model.value) == ("Model i", ["a", "c"], "a")
+    assert (point.label, point.options) == ("Merge point", ["fc1 (64 units)", "fc2 (32 units)"])
+    assert written(at) == ["0 fc1"]
+    model.set_value("c")
+    point.set_value("fc2")
+    at.run()
+    assert written(at) == ["2 fc2"]
+    assert len(at.columns) == 2
+
+
+def test_the_picker_replaces_a_stored_point_that_is_gone_and_keeps_a_valid_one():
+    assert written(run(picker_script, "conv9", False)) == ["0 fc1"]
+    assert written(run(picker_script, "fc2", False)) == ["0 fc2"]
+
+
+def test_the_picker_draws_into_columns_it_is_given():
+    at = run(picker_script, None, True)
+    assert not at.exception
+    assert len(at.columns) == 3
+    assert at.columns[0].selectbox[0].key == "model"
+    assert at.columns[1].selectbox[0].key == "point"
+    assert len(at.columns[2].children) == 0
