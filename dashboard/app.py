@@ -16,7 +16,6 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from ccamerge.errors import CcamergeError  # noqa: E402
 from dashboard import data, registry, state, widgets  # noqa: E402
 
 PAGES = [
@@ -54,9 +53,7 @@ def load_demo() -> None:
 st.set_page_config(page_title="ccamerge", page_icon=":material/merge:", layout="wide")
 state.init()
 navigation = st.navigation(PAGES)
-try:
+with widgets.continue_on_error():
     load_demo()
-except CcamergeError as exc:
-    widgets.error(exc)
 widgets.sidebar()
 navigation.run()

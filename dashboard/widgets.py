@@ -6,14 +6,14 @@ drawn on every page, so the selection (models, reference, dataset) stays set eve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import streamlit as st
 
 from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
-from ccamerge.methods import METHODS
-from dashboard import data, registry, state
+from dashboard import catalog, data, registry, state
 
 KEEP = {"persist_state": "session"}
 GAMMAS = (0.0, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -24,14 +24,38 @@ def explain(text: str) -> None:
     st.caption(f"**What am I looking at?** {text}")
 
 
-def error(exc: Exception) -> None:
-    st.error(str(exc), icon=":material/error:")
+def error(problem: Exception | str) -> None:
+    """A problem the user can fix (an error or its message), as one line with an error icon."""
+    st.error(str(problem), icon=":material/error:")
+
+
+@contextmanager
+def stop_on_error() -> Iterator[None]:
+    """Inside the block, a :class:`CcamergeError` is shown as one line (:func:`error`) and stops
+    the page (``st.stop()``); any other exception, ``st.stop()``'s own included, propagates.
+    Outside a script run, where ``st.stop()`` returns, the error is raised again."""
+    try:
+        yield
+    except CcamergeError as exc:
+        error(exc)
+        st.stop()
+        raise
+
+
+@contextmanager
+def continue_on_error() -> Iterator[None]:
+    """Inside the block, a :class:`CcamergeError` is shown as one line (:func:`error`) and the
+    rest of the block is skipped; the page goes on after it. Other exceptions propagate."""
+    try:
+        yield
+    except CcamergeError as exc:
+        error(exc)
 
 
 def gamma_controls(gamma_key: str, relative_key: str) -> tuple[float, bool]:
     """The CCA ridge: gamma on a log-spaced slider and its units (relative or absolute); the
     defaults are the registry's."""
-    options = METHODS["cca"].options
+    options = catalog.METHODS["cca"].options
     default = float(options["gamma"].default)
     choices = sorted(set(GAMMAS) | {default})
     left, right = st.columns([3, 2])
@@ -49,7 +73,7 @@ def method_options(method: str, prefix: str) -> dict:
     """One widget per option of ``method`` from the registry (defaults, minimum, help);
     returns ``{option: value}``."""
     values = {}
-    for name, opt in METHODS[method].options.items():
+    for name, opt in catalog.METHODS[method].options.items():
         key = state.option_key(prefix, method, name)
         label = f"{method}: {name}"
         if opt.kind is bool:
@@ -66,7 +90,10 @@ def method_options(method: str, prefix: str) -> dict:
 
 
 class ProgressDisplay:
-    """A progress bar for a run of ``total`` steps; :meth:`step` gives the callback of one step."""
+    """A progress bar for a run of ``total`` steps; :meth:`step` gives the callback of one step.
+    As a context manager it removes the bar when the block ends, however it ends; open it inside
+    :func:`stop_on_error` (``with stop_on_error(), ProgressDisplay(...)``): after ``st.stop()``
+    nothing more is drawn, so a bar still open then would stay on the stopped page."""
 
     def __init__(self, label: str, total: int):
         self.total = max(1, total)
@@ -82,6 +109,12 @@ class ProgressDisplay:
     def done(self) -> None:
         self.bar.empty()
 
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.done()
+
 
 def valid_choice(key: str, options: list, default=None) -> None:
     """Before selectbox ``key`` is drawn, replace a stored value that is no longer among
@@ -91,6 +124,7 @@ def valid_choice(key: str, options: list, default=None) -> None:
 
 
 def model_label(models: dict, model_id: str) -> str:
+    """The display name of model ``model_id`` (the id itself when it is not loaded)."""
     entry = models.get(model_id)
     return entry.name if entry else model_id
 
@@ -101,6 +135,28 @@ def pick_other(label: str, sel: state.Selection, models: dict, key: str) -> int:
     valid_choice(key, others)
     chosen = st.selectbox(label, others, key=key, format_func=lambda i: model_label(models, i), **KEEP)
     return sel.ids.index(chosen if chosen in others else others[0])
+
+
+def pick_point(points: dict, key: str) -> str:
+    """A merge point of ``points`` (name -> its statistics, with ``width``), labelled with its
+    number of units; returns its name."""
+    names = list(points)
+    valid_choice(key, names)
+    return st.selectbox("Merge point", names, key=key,
+                        format_func=lambda p: f"{p} ({points[p].width} units)", **KEEP)
+
+
+def pick_model_and_point(label: str, sel: state.Selection, models: dict, points: dict, *,
+                         model_key: str, point_key: str, columns=None) -> tuple[int, str]:
+    """A non-reference model (:func:`pick_other`, titled ``label``) and a merge point
+    (:func:`pick_point`) side by side, in ``columns`` (two containers) or two new columns;
+    returns ``(model index in the selection, point name)``."""
+    left, right = st.columns(2) if columns is None else columns
+    with left:
+        other = pick_other(label, sel, models, model_key)
+    with right:
+        point = pick_point(points, point_key)
+    return other, point
 
 
 def sidebar() -> state.Selection:
@@ -153,39 +209,25 @@ def selected_inputs() -> tuple[state.Selection, dict, registry.Inputs]:
     shows why and stops; nothing else is lost."""
     sel = state.selection()
     models = st.session_state[state.MODELS]
-    try:
+    with stop_on_error():
         inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
                                  st.session_state[state.DATASETS])
-    except CcamergeError as exc:
-        error(exc)
-        st.stop()
     return sel, models, inputs
 
 
 def selected_statistics(inputs: registry.Inputs):
     """Activation statistics of the selection against its reference (cached), or stop the page."""
-    try:
+    with stop_on_error():
         return data.statistics(inputs.digests, inputs.data_key, inputs.reference, None,
                                inputs.models, inputs.data)
-    except CcamergeError as exc:
-        error(exc)
-        st.stop()
 
 
 def interpolation_curves(pair, digests, inputs: registry.Inputs, methods, *, steps: int,
                          bn_reset: bool) -> list[dict]:
     """One cached interpolation curve per method between the two models of ``pair``, with a
     progress display; on a problem the page shows why and stops."""
-    progress = ProgressDisplay("interpolating", len(methods))
-    curves = []
-    try:
-        for k, method in enumerate(methods):
-            curves.append(data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
-                                             steps=steps, bn_reset=bn_reset, stats_samples=None,
-                                             progress=progress.step(k, method)))
-    except CcamergeError as exc:
-        error(exc)
-        st.stop()
-    finally:
-        progress.done()
-    return curves
+    with stop_on_error(), ProgressDisplay("interpolating", len(methods)) as progress:
+        return [data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
+                                   steps=steps, bn_reset=bn_reset, stats_samples=None,
+                                   progress=progress.step(k, method))
+                for k, method in enumerate(methods)]

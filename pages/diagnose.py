@@ -3,10 +3,8 @@ damage merging them does, similarity and health per merge point, collapse, and t
 
 import streamlit as st
 
-from ccamerge.errors import CcamergeError
-from ccamerge.methods import METHODS
+from dashboard import catalog, data, state, widgets
 from dashboard import charts_diagnose as cd
-from dashboard import data, state, widgets
 
 st.title("Why did it fail?")
 st.markdown("Merge the selected models once, then take the merge apart: which merge point does "
@@ -17,10 +15,9 @@ st.markdown("Merge the selected models once, then take the merge apart: which me
 sel, models, inputs = widgets.selected_inputs()
 
 c1, c2, c3, c4 = st.columns([2, 2, 2, 2])
-method = c1.selectbox("Method", list(METHODS), index=list(METHODS).index("cca"),
-                      key=state.W_DIAG_METHOD, help="  \n".join(f"**{m}**: {s.summary}"
-                                                                for m, s in METHODS.items()),
-                      **widgets.KEEP)
+methods = list(catalog.METHODS)
+method = c1.selectbox("Method", methods, index=methods.index("cca"), key=state.W_DIAG_METHOD,
+                      help=catalog.methods_help(), **widgets.KEEP)
 has_bn = data.uses_batchnorm(inputs.models)
 bn_reset = c2.toggle("Reset BatchNorm statistics", value=True, key=state.W_DIAG_BN,
                      disabled=not has_bn, help="recompute the merged model's BatchNorm running "
@@ -35,21 +32,15 @@ with_sweep = c4.checkbox("Hyperparameter sweep", value=False, key=state.W_DIAG_S
                          "(cca) or alpha x beta (zipit), on a held-out slice of the training set",
                          **widgets.KEEP) and sweepable
 options = {}
-if METHODS[method].options:
+if catalog.METHODS[method].options:
     with st.expander(f"{method} options"):
         options = widgets.method_options(method, "diag")
 
-progress = widgets.ProgressDisplay("diagnosing", 1)
-try:
+with widgets.stop_on_error(), widgets.ProgressDisplay("diagnosing", 1) as progress:
     report = data.diagnosis(inputs.models, inputs.digests, inputs.data, inputs.data_key, method,
                             options, reference=inputs.reference, bn_reset=bn_reset and has_bn,
                             stats_samples=int(samples) or None, with_sweep=with_sweep,
                             progress=progress.step(0, method))
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
-finally:
-    progress.done()
 names = [e.name for e in inputs.entries]
 
 st.subheader("Checklist")

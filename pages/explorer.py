@@ -3,11 +3,8 @@ and of the merged model in one 2-D map; the inputs as each of them sees them, by
 
 import streamlit as st
 
-from ccamerge.analysis.explorer import EMBEDDINGS, GROUPS
-from ccamerge.errors import CcamergeError
-from ccamerge.methods import METHODS
+from dashboard import catalog, data, state, widgets
 from dashboard import charts_diagnose as cd
-from dashboard import data, state, widgets
 
 st.title("Feature explorer")
 st.markdown("Each hidden unit is a point placed by what it responds to: two units that fire on "
@@ -18,14 +15,12 @@ sel, models, inputs = widgets.selected_inputs()
 stats = widgets.selected_statistics(inputs)
 
 c1, c2, c3 = st.columns(3)
-with c1:
-    other = widgets.pick_other("Model i", sel, models, state.W_EXPL_MODEL)
-with c2:
-    widgets.valid_choice(state.W_EXPL_POINT, list(stats.points))
-    point = st.selectbox("Merge point", list(stats.points), key=state.W_EXPL_POINT,
-                         format_func=lambda p: f"{p} ({stats.points[p].width} units)", **widgets.KEEP)
+other, point = widgets.pick_model_and_point("Model i", sel, models, stats.points,
+                                            model_key=state.W_EXPL_MODEL,
+                                            point_key=state.W_EXPL_POINT, columns=(c1, c2))
+methods = list(catalog.METHODS)
 with c3:
-    method = st.selectbox("Alignment method", list(METHODS), index=list(METHODS).index("cca"),
+    method = st.selectbox("Alignment method", methods, index=methods.index("cca"),
                           key=state.W_EXPL_METHOD, help="default options; the merged model "
                           "averages every selected model after this alignment", **widgets.KEEP)
 c4, c5 = st.columns(2)
@@ -33,9 +28,9 @@ n_test = len(inputs.data.y_test)
 samples = c4.slider("Test images", min(20, n_test), min(1000, n_test), min(360, n_test), step=10,
                     key=state.W_EXPL_SAMPLES, help="the sample of inputs that defines each unit's "
                     "profile and the input maps", **widgets.KEEP)
-embedding = c5.radio("Embedding", list(EMBEDDINGS), key=state.W_EXPL_EMBEDDING, horizontal=True,
-                     format_func=lambda e: {"pca": "PCA (instant)",
-                                            "umap": "UMAP (first run ~30 s, then cached)"}[e],
+embedding = c5.radio("Embedding", list(catalog.EXPLORER_EMBEDDINGS), key=state.W_EXPL_EMBEDDING,
+                     horizontal=True, format_func=lambda e: {
+                         "pca": "PCA (instant)", "umap": "UMAP (first run ~30 s, then cached)"}[e],
                      **widgets.KEEP)
 bn_reset = data.uses_batchnorm(inputs.models)
 names = {"reference": f"{inputs.entries[inputs.reference].name} (reference)",
@@ -44,17 +39,13 @@ names = {"reference": f"{inputs.entries[inputs.reference].name} (reference)",
          "merged": f"merged ({method})"}
 
 key = (inputs.digests, inputs.data_key, method, inputs.reference, other, point, samples, bn_reset)
-try:
-    with st.spinner(f"Embedding units with {embedding.upper()}..."):
-        units = data.unit_set(*key, inputs.models, inputs.data)
-        coords = data.unit_embedding(*key, embedding, inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
+with widgets.stop_on_error(), st.spinner(f"Embedding units with {embedding.upper()}..."):
+    units = data.unit_set(*key, inputs.models, inputs.data)
+    coords = data.unit_embedding(*key, embedding, inputs.models, inputs.data)
 
 st.subheader(f"Units at {point}")
 cols = st.columns(4)
-for col, group in zip(cols, GROUPS, strict=True):
+for col, group in zip(cols, catalog.EXPLORER_GROUPS, strict=True):
     rows = units.rows(group)
     partner = "matched" if group in ("reference", "model") else "aligned"
     col.metric(names[group], f"{units.partner_corr[rows].mean():.3f}",
@@ -71,13 +62,10 @@ widgets.explain(f"{units.width} units from each of four networks at {point}, pla
                 "model i aligned sits exactly on model i; CCA mixes them into new units.")
 
 st.subheader(f"Inputs as each model sees them at {point}")
-try:
-    with st.spinner("Embedding inputs..."):
-        panels = data.input_embeddings(*key, embedding, inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
-st.plotly_chart(cd.input_embedding_figure([(names[g], panels[g]) for g in GROUPS]),
+with widgets.stop_on_error(), st.spinner("Embedding inputs..."):
+    panels = data.input_embeddings(*key, embedding, inputs.models, inputs.data)
+st.plotly_chart(cd.input_embedding_figure([(names[g], panels[g])
+                                           for g in catalog.EXPLORER_GROUPS]),
                 key="inputs_chart")
 widgets.explain(f"the same {samples} test images, each placed by its whole representation at "
                 f"{point} (every unit at every position), one panel per network, coloured by "

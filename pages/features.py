@@ -3,9 +3,7 @@ permutation found by matching, the CCA map beside it, and how spread each featur
 
 import streamlit as st
 
-from ccamerge.analysis.features import MAX_DISPLAY
-from ccamerge.errors import CcamergeError
-from dashboard import charts, data, state, widgets
+from dashboard import catalog, charts, data, state, widgets
 
 st.title("Feature matching")
 st.markdown("Do hidden units correspond one to one between two models (then a permutation "
@@ -15,20 +13,13 @@ st.markdown("Do hidden units correspond one to one between two models (then a pe
 sel, models, inputs = widgets.selected_inputs()
 stats = widgets.selected_statistics(inputs)
 
-left, right = st.columns(2)
-with left:
-    other = widgets.pick_other("Model compared with the reference", sel, models, state.W_FEAT_MODEL)
-with right:
-    widgets.valid_choice(state.W_FEAT_POINT, list(stats.points))
-    point = st.selectbox("Merge point", list(stats.points), key=state.W_FEAT_POINT,
-                         format_func=lambda p: f"{p} ({stats.points[p].width} units)", **widgets.KEEP)
+other, point = widgets.pick_model_and_point("Model compared with the reference", sel, models,
+                                            stats.points, model_key=state.W_FEAT_MODEL,
+                                            point_key=state.W_FEAT_POINT)
 gamma, relative = widgets.gamma_controls(state.W_FEAT_GAMMA, state.W_FEAT_RELATIVE)
-try:
+with widgets.stop_on_error():
     fm = data.features(inputs.digests, inputs.data_key, inputs.reference, other, point, gamma,
                        relative, None, inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
 ref_name, other_name = inputs.entries[inputs.reference].name, inputs.entries[other].name
 
 summary = fm.summary()
@@ -41,13 +32,16 @@ cols[3].metric("median k90", f"{summary['median_k90']:g}", help="units holding 9
 cols[4].metric("argmax agrees with matching", f"{100 * summary['agreement']:.0f}%")
 
 view, start = "aggregate", 0
-if fm.width > MAX_DISPLAY:
+max_units = catalog.MAX_DISPLAY_UNITS  # a wider layer is drawn in blocks or as a zoomed window
+wide = fm.width > max_units
+if wide:
     v1, v2 = st.columns([2, 3])
     view = v1.radio("Wide layer", ["aggregate", "zoom"], key=state.W_FEAT_VIEW, horizontal=True,
-                    format_func=lambda v: {"aggregate": f"strongest entry per block (≤{MAX_DISPLAY})",
-                                           "zoom": f"{MAX_DISPLAY} raw units"}[v], **widgets.KEEP)
+                    format_func=lambda v: {
+                        "aggregate": f"strongest entry per block (≤{max_units})",
+                        "zoom": f"{max_units} raw units"}[v], **widgets.KEEP)
     if view == "zoom":
-        start = v2.slider("first unit", 0, fm.width - MAX_DISPLAY, 0, key=state.W_FEAT_START,
+        start = v2.slider("first unit", 0, fm.width - max_units, 0, key=state.W_FEAT_START,
                           **widgets.KEEP)
 
 st.subheader("Correlation between units")
@@ -64,7 +58,7 @@ widgets.explain(f"entry (j, k) is the Pearson correlation of unit j of {ref_name
                 "correspond one to one; off-diagonal colour means features are shared between "
                 "several units." + (" A wide layer is shown in blocks (the strongest entry of each, "
                                     "labelled by its first unit) or as a zoomed window of raw units."
-                                    if fm.width > MAX_DISPLAY else ""))
+                                    if wide else ""))
 
 st.subheader("CCA map beside the permutation")
 order = st.toggle("Order model units by the matching", value=True, key=state.W_FEAT_ORDER,

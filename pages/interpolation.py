@@ -3,8 +3,7 @@ averaging and each alignment method, and the barrier of each curve."""
 
 import streamlit as st
 
-from ccamerge.methods import METHODS
-from dashboard import charts, data, state, widgets
+from dashboard import catalog, charts, data, state, widgets
 
 st.title("Interpolation")
 st.markdown("Blend two models, (1 − λ)·A + λ·B, after aligning B to A. If the loss stays low "
@@ -12,8 +11,7 @@ st.markdown("Blend two models, (1 − λ)·A + λ·B, after aligning B to A. If 
 
 sel, models, inputs = widgets.selected_inputs()
 
-pairwise = [m for m, spec in METHODS.items() if not spec.joint]
-joint = [m for m, spec in METHODS.items() if spec.joint]
+pairwise, joint = catalog.pairwise_methods(), catalog.joint_methods()
 c1, c2 = st.columns(2)
 with c1:
     widgets.valid_choice(state.W_INTERP_A, list(sel.ids), sel.reference_id)

@@ -5,9 +5,7 @@ import json
 
 import streamlit as st
 
-from ccamerge.errors import CcamergeError
-from ccamerge.methods import METHODS
-from dashboard import charts, data, merging, state, widgets
+from dashboard import catalog, charts, data, merging, state, widgets
 
 st.title("Merge and compare")
 st.markdown("Align the selected models to the reference with each method, average their "
@@ -16,14 +14,14 @@ st.markdown("Align the selected models to the reference with each method, averag
 
 sel, models, inputs = widgets.selected_inputs()
 
-methods = st.multiselect("Methods", list(METHODS), default=list(METHODS), key=state.W_MERGE_METHODS,
-                         help="  \n".join(f"**{m}**: {s.summary}" for m, s in METHODS.items()),
-                         **widgets.KEEP)
+registered = list(catalog.METHODS)
+methods = st.multiselect("Methods", registered, default=registered, key=state.W_MERGE_METHODS,
+                         help=catalog.methods_help(), **widgets.KEEP)
 options = {}
 with st.expander("Method options (defaults from the registry)"):
     for method in methods:
-        if METHODS[method].options:
-            st.markdown(f"**{method}**: {METHODS[method].summary}")
+        if catalog.METHODS[method].options:
+            st.markdown(f"**{method}**: {catalog.METHODS[method].summary}")
             options[method] = widgets.method_options(method, "merge")
 c1, c2, c3, c4 = st.columns(4)
 has_bn = data.uses_batchnorm(inputs.models)
@@ -44,15 +42,10 @@ bn_reset, repair = bn_reset and has_bn, repair and not has_bn
 
 if st.button("Run merge", type="primary", key=state.W_MERGE_RUN, disabled=not methods):
     tasks = merging.plan(len(inputs.models), methods, curve)
-    progress = widgets.ProgressDisplay("merging", len(tasks))
-    try:
+    with widgets.continue_on_error(), widgets.ProgressDisplay("merging", len(tasks)) as progress:
         st.session_state[state.MERGE_RESULTS] = merging.run(
             inputs, methods, options, bn_reset=bn_reset, repair=repair,
             stats_samples=stats_samples, curve=curve, step=progress.step)
-    except CcamergeError as exc:
-        widgets.error(exc)
-    finally:
-        progress.done()
 
 results = st.session_state.get(state.MERGE_RESULTS)
 if not results:

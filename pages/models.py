@@ -3,9 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ccamerge.errors import CcamergeError
-from ccamerge.models import ARCHITECTURES
-from dashboard import archives, charts, data, registry, state, uploads, widgets
+from dashboard import archives, catalog, charts, data, registry, state, uploads, widgets
 
 st.title("Models and data")
 st.markdown("Pick **2 or more models of one architecture**, the **reference** and the **dataset** "
@@ -17,10 +15,8 @@ models = st.session_state[state.MODELS]
 datasets = st.session_state[state.DATASETS]
 
 dataset = None
-try:
+with widgets.continue_on_error():
     dataset = data.dataset(registry.dataset_path(sel.dataset, datasets))
-except CcamergeError as exc:
-    widgets.error(exc)
 
 st.subheader("Loaded models")
 scores = {e.id: data.model_scores(e.digest, sel.dataset, e.model(), dataset) if dataset else None
@@ -67,7 +63,8 @@ with left:
                 help="TorchScript archives of any architecture are replayed, traced and verified "
                 "(see the Merge points page); without this box they are not loaded at all")
     with st.expander("Architecture of .pt / .pth files (a bare state dict does not say)"):
-        arch = st.selectbox("architecture", list(ARCHITECTURES), key=state.W_PT_ARCH, **widgets.KEEP)
+        arch = st.selectbox("architecture", list(catalog.ARCHITECTURES), key=state.W_PT_ARCH,
+                            **widgets.KEEP)
         st.text_area("config (JSON, as `build_model(arch, **config)` takes it)",
                      value=uploads.default_pt_config(arch, sel.dataset), key=uploads.config_key(arch),
                      height=90, **widgets.KEEP)

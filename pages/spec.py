@@ -4,7 +4,6 @@ with the unsupported operations and a diagram of the network."""
 import pandas as pd
 import streamlit as st
 
-from ccamerge.errors import CcamergeError
 from dashboard import archives, data, registry, spec_tables, state, widgets
 
 SAMPLES = 64  # training images the trace and the verification run on (as `ccamerge spec`)
@@ -19,7 +18,7 @@ st.markdown("Before a merge, ccamerge traces the model with `torch.fx`, follows 
 sel = state.selection()
 models = st.session_state[state.MODELS]
 if not sel.ids:
-    widgets.error(CcamergeError("select a model in the sidebar"))
+    widgets.error("select a model in the sidebar")
     st.stop()
 widgets.valid_choice(state.W_POINTS_MODEL, list(sel.ids), sel.reference_id)
 chosen = st.selectbox("Model", list(sel.ids), key=state.W_POINTS_MODEL,
@@ -27,14 +26,11 @@ chosen = st.selectbox("Model", list(sel.ids), key=state.W_POINTS_MODEL,
                       help="any model of the selection (the reference first); models of one "
                       "architecture have the same merge points")
 entry = models[chosen]
-try:
+with widgets.stop_on_error():
     dataset = data.dataset(registry.dataset_path(sel.dataset, st.session_state[state.DATASETS]))
     model = entry.model()
     with st.spinner("Tracing and verifying..."):
         report = data.merge_points(entry.digest, sel.dataset, SAMPLES, model, dataset)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
 
 largest = spec_tables.max_difference(report)
 cols = st.columns(4)

@@ -3,7 +3,6 @@ Hungarian-matched correlations overlaid, and the numerical health of the statist
 
 import streamlit as st
 
-from ccamerge.errors import CcamergeError
 from dashboard import charts, data, state, widgets
 
 st.title("Spectra")
@@ -19,12 +18,9 @@ widgets.valid_choice(state.W_SPEC_MODEL, choices)
 shown = st.selectbox("Model compared with the reference", choices, key=state.W_SPEC_MODEL,
                      format_func=lambda i: "every model" if i == "all" else widgets.model_label(models, i),
                      **widgets.KEEP)
-try:
+with widgets.stop_on_error():
     rows = data.spectrum(inputs.digests, inputs.data_key, inputs.reference, gamma, relative, None,
                          inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
 names = {k: e.name for k, e in enumerate(inputs.entries)}
 if shown != "all" and shown in sel.ids:
     rows = [r for r in rows if r["model"] == sel.ids.index(shown)]

@@ -3,7 +3,6 @@
 import numpy as np
 import streamlit as st
 
-from ccamerge.errors import CcamergeError
 from dashboard import charts, data, state, widgets
 from dashboard import charts_diagnose as cd
 
@@ -13,24 +12,16 @@ st.markdown("Why can't we just average two trained networks, and what does align
 
 sel, models, inputs = widgets.selected_inputs()
 stats = widgets.selected_statistics(inputs)
-c1, c2 = st.columns(2)
-with c1:
-    other = widgets.pick_other("Model i (compared with the reference)", sel, models,
-                               state.W_TEACH_MODEL)
-with c2:
-    widgets.valid_choice(state.W_TEACH_POINT, list(stats.points))
-    point = st.selectbox("Merge point", list(stats.points), key=state.W_TEACH_POINT,
-                         format_func=lambda p: f"{p} ({stats.points[p].width} units)", **widgets.KEEP)
+other, point = widgets.pick_model_and_point("Model i (compared with the reference)", sel, models,
+                                            stats.points, model_key=state.W_TEACH_MODEL,
+                                            point_key=state.W_TEACH_POINT)
 ref_name, other_name = inputs.entries[inputs.reference].name, inputs.entries[other].name
 
 # ----------------------------------------------------------------------------- step 1
 st.header("1. Swapping hidden units changes nothing")
-try:
+with widgets.stop_on_error():
     swap = data.swap_demo(inputs.digests[inputs.reference], inputs.data_key,
                           inputs.models[inputs.reference], inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
 acc = swap["accuracy"]
 st.markdown(f"Hidden units have no fixed order. Shuffle the {swap['width']} units of "
             f"{swap['point']} in {ref_name} (and every other layer's), moving each unit's incoming "
@@ -53,12 +44,9 @@ st.markdown(f"Averaging the model with its own shuffled copy, two networks compu
 
 # ----------------------------------------------------------------------------- step 2
 st.header("2. The permutation found by matching")
-try:
+with widgets.stop_on_error():
     fm = data.features(inputs.digests, inputs.data_key, inputs.reference, other, point, 0.1,
                        True, None, inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
 same = float(np.mean(np.diag(fm.corr)))
 matched = float(np.mean(np.diag(fm.corr_matched)))
 st.markdown(f"Two independently trained models learn similar units in different places. "
@@ -85,12 +73,9 @@ st.header("3. CCA, step by step")
 st.markdown("A permutation can only pair units one to one. CCA Merge looks for a linear map "
             "instead: the directions in which the two models' features correlate best.")
 gamma, relative = widgets.gamma_controls(state.W_TEACH_GAMMA, state.W_TEACH_RELATIVE)
-try:
+with widgets.stop_on_error():
     steps = data.cca_steps(inputs.digests, inputs.data_key, inputs.reference, other, point,
                            gamma, relative, inputs.models, inputs.data)
-except CcamergeError as exc:
-    widgets.error(exc)
-    st.stop()
 n_live = len(steps.live_x)
 dead = stats.points[point].width - n_live
 st.markdown(f"**a. Covariances.** From the activations at {point}: S_xx ({ref_name} with "
