@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -98,19 +99,31 @@ def _precision_slots() -> list:
     return [slot for slot in candidates if slot is not None and hasattr(slot, "fp32_precision")]
 
 
+_PRECISION_LOCK = threading.Lock()
+_precision_users: list = []  # saved settings, held while any exact_float32 block is open
+
+
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """Full IEEE float32 in matmuls and convolutions for the duration (no TF32, no bf16); the
-    previous settings are restored afterwards, also on errors.
+    previous settings are restored afterwards, also on errors. The settings are process-wide:
+    nested blocks and blocks in several threads (dashboard sessions) restore them once, when
+    the last block closes.
 
     Uses torch's per-backend ``fp32_precision`` settings: once a user has set those, reading
     the legacy ``allow_tf32`` flags raises, so toggling the legacy flags is not safe."""
-    slots = _precision_slots()
-    saved = [slot.fp32_precision for slot in slots]
+    with _PRECISION_LOCK:
+        if not _precision_users:
+            slots = _precision_slots()
+            _precision_users.append([(slot, slot.fp32_precision) for slot in slots])
+            for slot in slots:
+                slot.fp32_precision = "ieee"
+        else:
+            _precision_users.append(None)
     try:
-        for slot in slots:
-            slot.fp32_precision = "ieee"
         yield
     finally:
-        for slot, value in zip(slots, saved, strict=True):
-            slot.fp32_precision = value
+        with _PRECISION_LOCK:
+            saved = _precision_users.pop()
+            for slot, value in saved or []:
+                slot.fp32_precision = value

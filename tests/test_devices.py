@@ -97,6 +97,13 @@ def test_exact_float32_switches_tf32_off_and_restores_it_also_on_errors():
         with pytest.raises(KeyError), exact_float32():
             raise KeyError("boom")
         assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        outer, inner = exact_float32(), exact_float32()  # closed in the other order (threads)
+        outer.__enter__()
+        inner.__enter__()
+        outer.__exit__(None, None, None)
+        assert _precisions() == ("ieee", "ieee", "ieee")  # a block is still open
+        inner.__exit__(None, None, None)
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
     finally:
         torch.backends.cudnn.conv.fp32_precision = before[1]
     assert _precisions() == before
