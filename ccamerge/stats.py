@@ -7,6 +7,11 @@ accumulators with Chan's update, so results do not depend on the batch size and 
 exactly (:meth:`CrossMoments.merge`). :func:`collect_statistics` is the hot path of every
 activation-based merge: it runs image models channels-last (a feature map is then ``[S, C]``
 without a copy) and centres into one reused workspace (see ``benchmarks/cost.py``).
+
+The passes and the float64 accumulators stay on the models' device (or ``device=``), with TF32
+off (:func:`ccamerge.devices.exact_float32`); only the finished covariances come to the host, as
+numpy float64 for the solves. With a torch.distributed ``group`` every rank reads its block of
+batches and the moments are all-reduced exactly (:mod:`ccamerge.distributed`).
 """
 
 from __future__ import annotations
@@ -15,13 +20,19 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from ccamerge.devices import exact_float32, models_to, module_device, resolve_device
+from ccamerge.distributed import all_reduce_moments, shard_rows
 from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 MIN_SAMPLES_PER_FEATURE = 10.0  # fewer samples per feature and covariances are unreliable
 
@@ -33,13 +44,14 @@ def centred(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CrossMoments:
-    """Running count, means and co-moment ``sum (x - mx)^T (y - my)`` of paired samples."""
+    """Running count, means and co-moment ``sum (x - mx)^T (y - my)`` of paired samples, as
+    float64 tensors on ``device`` (the device of the samples; the CPU by default)."""
 
-    def __init__(self, p: int, q: int):
+    def __init__(self, p: int, q: int, device: torch.device | str | None = None):
         self.count = 0
-        self.mean_x = np.zeros(p)
-        self.mean_y = np.zeros(q)
-        self.comoment = np.zeros((p, q))
+        self.mean_x = torch.zeros(p, dtype=torch.float64, device=device)  # [p]
+        self.mean_y = torch.zeros(q, dtype=torch.float64, device=device)  # [q]
+        self.comoment = torch.zeros(p, q, dtype=torch.float64, device=device)  # [p, q]
 
     def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Add samples ``x`` ``[S, p]`` paired with ``y`` ``[S, q]`` (``y=None``: ``y = x``)."""
@@ -54,33 +66,29 @@ class CrossMoments:
 
     def add_batch(self, count: int, mean_x: torch.Tensor, mean_y: torch.Tensor,
                   comoment: torch.Tensor) -> None:
-        """Add a batch of ``count`` samples given by its means ``[p]``, ``[q]`` and its co-moment
-        about them ``[p, q]`` (any float dtype; accumulated in float64)."""
-        batch = CrossMoments.__new__(CrossMoments)
-        batch.count = count
-        batch.mean_x = mean_x.double().numpy()
-        batch.mean_y = mean_y.double().numpy()
-        batch.comoment = comoment.double().numpy()
-        self.merge(batch)
+        """Fold in ``count`` disjoint samples given by their means ``[p]``, ``[q]`` and their
+        co-moment about them ``[p, q]`` (any float dtype, on this device) with Chan's update,
+        in float64."""
+        if count == 0:
+            return
+        n = self.count + count
+        dx = mean_x.to(torch.float64) - self.mean_x  # [p]
+        dy = mean_y.to(torch.float64) - self.mean_y  # [q]
+        self.comoment.add_(comoment).addr_(dx, dy, alpha=self.count * count / n)
+        self.mean_x.add_(dx, alpha=count / n)
+        self.mean_y.add_(dy, alpha=count / n)
+        self.count = n
 
     def merge(self, other: CrossMoments) -> None:
         """Fold in the moments of another disjoint set of samples (Chan et al.)."""
-        if other.count == 0:
-            return
-        n = self.count + other.count
-        dx = other.mean_x - self.mean_x
-        dy = other.mean_y - self.mean_y
-        self.comoment += other.comoment + np.outer(dx, dy) * (self.count * other.count / n)
-        self.mean_x += dx * (other.count / n)
-        self.mean_y += dy * (other.count / n)
-        self.count = n
+        self.add_batch(other.count, other.mean_x, other.mean_y, other.comoment)
 
     @property
     def covariance(self) -> np.ndarray:
-        """Unbiased covariance ``[p, q]``."""
+        """Unbiased covariance ``[p, q]``, numpy float64 (for the solves)."""
         if self.count < 2:
             raise CcamergeError("need at least 2 samples to estimate a covariance")
-        return self.comoment / (self.count - 1)
+        return (self.comoment / (self.count - 1)).cpu().numpy()
 
 
 @dataclass
@@ -129,6 +137,9 @@ class Statistics:
     num_models: int
     reference: int
     pairs: str
+    device: str = "cpu"  # where the forward passes and accumulators ran (rank 0's, if several)
+    world_size: int = 1  # processes that shared the data (torch.distributed)
+    samples_per_rank: list[int] = field(default_factory=list)  # input rows each process read
 
     def __getitem__(self, name: str) -> PointStatistics:
         return self.points[name]
@@ -139,6 +150,13 @@ class Statistics:
                        "samples_per_feature": p.count / p.width,
                        "dead_units": [len(p.dead_units(i)) for i in range(self.num_models)]}
                 for name, p in self.points.items()}
+
+    def collection(self) -> dict:
+        """JSON-able: ``device``, ``world_size``, ``samples_per_rank`` (inputs, not feature-map
+        positions) and their sum ``samples``."""
+        return {"device": self.device, "world_size": self.world_size,
+                "samples_per_rank": list(self.samples_per_rank),
+                "samples": sum(self.samples_per_rank)}
 
 
 def _as_samples(out: torch.Tensor) -> torch.Tensor:
@@ -178,10 +196,14 @@ def batch_features(model: nn.Module, spec: AlignmentSpec, xb: torch.Tensor) -> d
 
 
 def _check_finite(acc: dict, spec: AlignmentSpec, num_models: int) -> None:
-    """NaN/inf in any activation reaches the batch means (cheap to check every batch)."""
+    """NaN/inf in any activation reaches the running means (cheap to check every batch: one
+    host-device synchronisation for all points)."""
+    means = [acc[(point.name, i, i)].mean_x for point in spec.points for i in range(num_models)]
+    if bool(torch.isfinite(torch.cat(means)).all()):
+        return
     for point in spec.points:
         for i in range(num_models):
-            if not np.isfinite(acc[(point.name, i, i)].mean_x).all():
+            if not bool(torch.isfinite(acc[(point.name, i, i)].mean_x).all()):
                 raise CcamergeError(f"model {i} produced NaN/inf activations at merge point "
                                     f"{point.name}; check its weights and the input data "
                                     "(nothing was zeroed)")
@@ -198,22 +220,33 @@ def _pairs_for(num_models: int, reference: int, pairs: str) -> list[tuple[int, i
 
 def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torch.Tensor, *,
                        reference: int = 0, pairs: str = "reference", batch_size: int = 256,
-                       progress: Callable[[float], None] | None = None) -> Statistics:
+                       progress: Callable[[float], None] | None = None,
+                       device: str | torch.device | None = None,
+                       group: ProcessGroup | None = None) -> Statistics:
     """One pass of all ``models`` over inputs ``x`` ``[B, ...]``.
 
     Collects, per merge point, every model's mean and covariance and the cross-covariances of
     ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
     Models run in eval mode; image models run as channels-last copies (faster on CPU), so the
-    callers' parameters keep their layout.
+    callers' parameters keep their layout and device.
+
+    ``device``: where the passes (exact float32, no TF32) and the float64 accumulators run:
+    ``"auto" | "cpu" | "cuda" | "cuda:N"`` (default: model 0's device). ``group``: a
+    torch.distributed process group; this rank then reads only its block of whole batches of
+    ``x`` (every rank passes all of ``x``) and the moments are all-reduced exactly, so every
+    rank returns the statistics of all of ``x`` (see :mod:`ccamerge.distributed`).
     """
+    place = resolve_device(device) if device is not None else module_device(models[0])
+    x = shard_rows(x, batch_size, group)  # this rank's batches; all of x without a group
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
-    acc = {(point.name, i, j): CrossMoments(point.width, point.width)
+    acc = {(point.name, i, j): CrossMoments(point.width, point.width, place)
            for point in spec.points for i, j in blocks}
-    runners, x = channels_last(models, x)
+    runners, x = channels_last(models, x, place)
     for model in runners:
         model.eval()
     workspace = _Workspace()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(exact_float32())
         captures = [stack.enter_context(capture_features(m, spec)) for m in runners]
         for start in range(0, len(x), batch_size):
             with torch.no_grad():
@@ -229,7 +262,8 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
             _check_finite(acc, spec, len(models))
             if progress:
                 progress(min(1.0, (start + batch_size) / len(x)))
-    return _finish(acc, spec, len(models), reference, pairs)
+    samples_per_rank = all_reduce_moments(list(acc.values()), len(x), group)  # [len(x)] alone
+    return _finish(acc, spec, len(models), reference, pairs, place, samples_per_rank)
 
 
 # Up to this many columns (models x features) the products are bound by reading the samples, so
@@ -244,9 +278,13 @@ class _Workspace:
     def __init__(self):
         self.flat = torch.empty(0)
 
-    def matrix(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        if self.flat.numel() < rows * cols or self.flat.dtype != dtype:
-            self.flat = torch.empty(rows * cols, dtype=dtype)
+    def matrix(self, rows: int, cols: int, dtype: torch.dtype,
+               device: torch.device | None = None) -> torch.Tensor:
+        """A ``[rows, cols]`` view of the buffer, reallocated when too small or elsewhere."""
+        device = torch.device("cpu") if device is None else device
+        stale = self.flat.dtype != dtype or self.flat.device != device
+        if stale or self.flat.numel() < rows * cols:
+            self.flat = torch.empty(rows * cols, dtype=dtype, device=device)
         return self.flat[:rows * cols].view(rows, cols)
 
 
@@ -255,7 +293,7 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
     """Fold one batch of samples ``[S, n]`` per model into the moments of ``blocks``: each
     model's samples are centred once into its columns of the shared ``[S, N*n]`` workspace."""
     count, n = samples[0].shape
-    joint = workspace.matrix(count, len(samples) * n, samples[0].dtype)
+    joint = workspace.matrix(count, len(samples) * n, samples[0].dtype, samples[0].device)
     columns = [slice(i * n, (i + 1) * n) for i in range(len(samples))]
     means = [s.mean(0) for s in samples]
     for s, mean, cols in zip(samples, means, columns, strict=True):
@@ -269,24 +307,37 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
         acc[(name, i, j)].add_batch(count, means[i], means[j], products[(i, j)])
 
 
-def channels_last(models: Sequence[nn.Module], x: torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
-    """Copies of ``models`` and ``x`` ``[B, C, H, W]`` in channels-last memory; other inputs as
-    they are. On CPU convolutions run faster this way, and a feature map then reads as ``[S, C]``
-    samples without a transposing copy. Models that cannot be copied are used as they are."""
+def channels_last(models: Sequence[nn.Module], x: torch.Tensor, device: torch.device | None = None
+                  ) -> tuple[list[nn.Module], torch.Tensor]:
+    """Copies of ``models`` and ``x`` ``[B, C, H, W]`` in channels-last memory on ``device``
+    (default: where they are); other inputs only moved there. On CPU convolutions run faster
+    this way, and a feature map then reads as ``[S, C]`` samples without a transposing copy.
+    Models that cannot be copied are used as they are (an error if they must move)."""
     if x.dim() != 4:
-        return list(models), x
+        return _placed(models, x, device)
+    to = {"memory_format": torch.channels_last} | ({} if device is None else {"device": device})
     try:
-        copies = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models]
+        copies = [copy.deepcopy(m).to(**to) for m in models]
     except Exception:  # noqa: BLE001 - an uncopyable module only loses the speed-up
+        return _placed(models, x, device)
+    return copies, x.to(**to)
+
+
+def _placed(models: Sequence[nn.Module], x: torch.Tensor, device: torch.device | None
+            ) -> tuple[list[nn.Module], torch.Tensor]:
+    if device is None:
         return list(models), x
-    return copies, x.contiguous(memory_format=torch.channels_last)
+    return models_to(models, device), x.to(device)
 
 
-def _finish(acc, spec, num_models, reference, pairs) -> Statistics:
+def _finish(acc, spec, num_models, reference, pairs, device: torch.device,
+            samples_per_rank: list[int]) -> Statistics:
+    """The accumulated moments as numpy float64 :class:`Statistics` (on the host)."""
     points = {}
     for point in spec.points:
         autos = [acc[(point.name, i, i)] for i in range(num_models)]
         covs = {(i, j): m.covariance for (name, i, j), m in acc.items() if name == point.name}
         points[point.name] = PointStatistics(point.name, point.width, autos[0].count,
-                                             [a.mean_x for a in autos], covs)
-    return Statistics(points, num_models, reference, pairs)
+                                             [a.mean_x.cpu().numpy() for a in autos], covs)
+    return Statistics(points, num_models, reference, pairs, str(device), len(samples_per_rank),
+                      list(samples_per_rank))

@@ -135,3 +135,22 @@ def test_large_offsets_keep_covariance_precision(digits):
     feats = captured[point.name][0].double().numpy()
     assert feats.mean() > 50
     np.testing.assert_allclose(stats[point.name].cov(0, 1), np.cov(feats.T), rtol=1e-4, atol=1e-4)
+
+
+def test_accumulators_are_float64_on_the_samples_device_and_match_numpy():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 6)) * 3.0 + 5.0
+    moments = CrossMoments(6, 6, device="cpu")
+    for s in _uneven_batches(len(x)):
+        moments.update(torch.tensor(x[s], dtype=torch.float32))
+    assert moments.comoment.dtype == torch.float64 and moments.mean_x.device.type == "cpu"
+    assert isinstance(moments.covariance, np.ndarray)
+    np.testing.assert_allclose(moments.covariance, np.cov(x.T), rtol=1e-5, atol=1e-5)
+    assert CrossMoments(2, 3, device="meta").comoment.device.type == "meta"
+
+
+def test_statistics_say_where_and_from_how_many_inputs_they_were_collected(digits):
+    model = build_model("mlp", hidden=[16])
+    stats = collect_statistics([model, model], build_spec(model), digits.x_train[:30])
+    assert stats.collection() == {"device": "cpu", "world_size": 1, "samples_per_rank": [30],
+                                  "samples": 30}
