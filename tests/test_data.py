@@ -98,8 +98,8 @@ def _bad(case: str) -> dict:
         del arrays["y_test"]
     elif case == "2d":
         arrays["x_train"] = arrays["x_train"].reshape(40, 36)
-    elif case == "square":
-        arrays["x_train"] = np.zeros((40, 6, 5))
+    elif case == "5d":
+        arrays["x_train"] = np.zeros((40, 1, 1, 6, 6))
     elif case == "nan":
         arrays["x_train"] = arrays["x_train"].astype(float)
         arrays["x_train"][0, 0, 0] = np.nan
@@ -125,8 +125,8 @@ def _bad(case: str) -> dict:
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "lacks y_test"),
-    ("2d", "x_train has shape \\[40, 36\\]"),
-    ("square", "only square images"),
+    ("2d", "x_train samples are \\[36\\] but x_test images are \\[1, 6, 6\\]"),
+    ("5d", "x_train has shape \\[40, 1, 1, 6, 6\\]; expected \\[N, F\\]"),
     ("nan", "x_train contains NaN"),
     ("strings", "y_train has dtype"),
     ("fractional", "y_train holds non-integer"),
