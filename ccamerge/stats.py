@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccamerge.data import as_source
 from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec
 
@@ -196,10 +197,12 @@ def _pairs_for(num_models: int, reference: int, pairs: str) -> list[tuple[int, i
     raise CcamergeError(f"pairs must be 'reference' or 'all', not {pairs!r}")
 
 
-def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torch.Tensor, *,
+def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
                        reference: int = 0, pairs: str = "reference", batch_size: int = 256,
                        progress: Callable[[float], None] | None = None) -> Statistics:
-    """One pass of all ``models`` over inputs ``x`` ``[B, ...]``.
+    """One pass of all ``models`` over the inputs ``x``: a tensor ``[B, ...]`` or any data source
+    (:func:`ccamerge.data.as_source`: a Dataset part, a DataLoader, an iterable of batches),
+    streamed ``batch_size`` samples at a time, so memory does not grow with the data.
 
     Collects, per merge point, every model's mean and covariance and the cross-covariances of
     ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
@@ -209,16 +212,17 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
     acc = {(point.name, i, j): CrossMoments(point.width, point.width)
            for point in spec.points for i, j in blocks}
-    runners, x = channels_last(models, x)
+    runners, source = channels_last(models, as_source(x))
     for model in runners:
         model.eval()
     workspace = _Workspace()
+    total, seen = source.size_hint(), 0
     with contextlib.ExitStack() as stack:
         captures = [stack.enter_context(capture_features(m, spec)) for m in runners]
-        for start in range(0, len(x), batch_size):
+        for xb, _ in source.batches(batch_size):
             with torch.no_grad():
                 for model in runners:
-                    model(x[start:start + batch_size])
+                    model(xb)
             for point in spec.points:
                 # the k-th feature module of every model (a stream point reads several)
                 for chunk in zip(*(captured[point.name] for captured in captures), strict=True):
@@ -227,8 +231,9 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
                 for chunks in captured.values():
                     chunks.clear()
             _check_finite(acc, spec, len(models))
-            if progress:
-                progress(min(1.0, (start + batch_size) / len(x)))
+            seen += len(xb)
+            if progress and total:
+                progress(min(1.0, seen / total))
     return _finish(acc, spec, len(models), reference, pairs)
 
 
@@ -269,17 +274,21 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
         acc[(name, i, j)].add_batch(count, means[i], means[j], products[(i, j)])
 
 
-def channels_last(models: Sequence[nn.Module], x: torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
-    """Copies of ``models`` and ``x`` ``[B, C, H, W]`` in channels-last memory; other inputs as
-    they are. On CPU convolutions run faster this way, and a feature map then reads as ``[S, C]``
-    samples without a transposing copy. Models that cannot be copied are used as they are."""
-    if x.dim() != 4:
+def channels_last(models: Sequence[nn.Module], x) -> tuple[list[nn.Module], object]:
+    """Copies of ``models`` in channels-last memory, and ``x`` with its images in that layout
+    (a tensor ``[B, C, H, W]`` converted, a data source converted batch by batch); feature
+    vectors as they are. On CPU convolutions run faster this way, and a feature map then reads
+    as ``[S, C]`` samples without a transposing copy. Uncopyable models are used as they are."""
+    shape = x.shape[1:] if isinstance(x, torch.Tensor) else x.sample_shape
+    if len(shape) != 3:
         return list(models), x
     try:
         copies = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models]
     except Exception:  # noqa: BLE001 - an uncopyable module only loses the speed-up
         return list(models), x
-    return copies, x.contiguous(memory_format=torch.channels_last)
+    if isinstance(x, torch.Tensor):
+        return copies, x.contiguous(memory_format=torch.channels_last)
+    return copies, x.map(lambda xb: xb.contiguous(memory_format=torch.channels_last))
 
 
 def _finish(acc, spec, num_models, reference, pairs) -> Statistics:
