@@ -18,7 +18,7 @@ from torch import nn
 from ccamerge.data import TensorSource, as_source
 from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
-from ccamerge.models import logits
+from ccamerge.models import check_input_fit, logits
 from ccamerge.transform import has_batchnorm, reset_batchnorm
 
 EVAL_BATCH = 1024
@@ -61,8 +61,10 @@ def stream_metrics(forward: Callable[[torch.Tensor], torch.Tensor], source: Data
 def evaluate_model(model: nn.Module, x, y: torch.Tensor | None = None) -> dict[str, float]:
     """Accuracy (percent) and loss of ``model`` (eval mode) on ``x`` ``[B, ...]`` with labels
     ``y`` ``[B]``, or on a labelled data source ``x`` (``y`` None), streamed."""
+    source = labelled_source(x, y)
+    check_input_fit(model, source.sample_shape, source.num_classes)
     model.eval()
-    return stream_metrics(model, labelled_source(x, y))
+    return stream_metrics(model, source)
 
 
 def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -72,10 +74,11 @@ def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tenso
 
 def evaluate_ensemble(models: Sequence[nn.Module], x, y: torch.Tensor | None = None) -> dict[str, float]:
     """Accuracy and loss of the mean of the models' logits, on tensors or a source (streamed)."""
+    source = labelled_source(x, y)
     for m in models:
+        check_input_fit(m, source.sample_shape, source.num_classes)
         m.eval()
-    return stream_metrics(lambda xb: torch.stack([m(xb) for m in models]).mean(0),
-                          labelled_source(x, y))
+    return stream_metrics(lambda xb: torch.stack([m(xb) for m in models]).mean(0), source)
 
 
 def with_bn_reset(model: nn.Module, x_train) -> nn.Module:

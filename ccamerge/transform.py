@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ccamerge.data import as_source
+from ccamerge.models import check_input_fit
 from ccamerge.spec import AlignmentSpec, Axis
 
 
@@ -117,6 +118,7 @@ def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
     if not norms:
         return model
     source = as_source(x)
+    check_input_fit(model, source.sample_shape)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
