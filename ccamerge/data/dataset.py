@@ -90,6 +90,10 @@ class Dataset:
     def y_test(self) -> torch.Tensor:
         return self.test.labels()
 
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={self.train!r}, test={self.test!r}, "
+                f"num_classes={self.num_classes}, input_shape={list(self.input_shape)})")
+
     def describe(self) -> dict:
         """JSON-able summary for file metadata: name, sizes, classes, and ``image_shape``
         ``[C, H, W]`` (images) or ``input_shape`` ``[F]`` (feature vectors)."""

@@ -112,8 +112,8 @@ def _open(path: str):
                             "file") from exc
 
 
-def common_shape(paths: list[str], declared: tuple[int, ...] | None) -> tuple[int, int, int]:
-    """``(C, H, W)``: ``declared`` (checked), else from the images' headers (one size for all;
+def common_shape(paths: list[str], declared: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """``(C, H, W)``: ``declared``, else from the images' headers (one size for all;
     1 channel when every image is grey, else 3). Every file's header is read."""
     sizes, grey = {}, True
     for path in paths:
@@ -121,7 +121,7 @@ def common_shape(paths: list[str], declared: tuple[int, ...] | None) -> tuple[in
             sizes.setdefault(image.size, path)
             grey = grey and image.mode in GREY_MODES
     if declared is not None:
-        return check_image_shape(declared)
+        return declared
     if len(sizes) > 1:
         (w1, h1), first = next(iter(sizes.items()))
         (w2, h2), other = list(sizes.items())[1]
@@ -191,6 +191,8 @@ class ImageFileSource(IndexedSource):
 
 def image_folder_dataset(name: str, root: Path, image_shape=None) -> Dataset:
     """The dataset in image folder ``root`` (see the module docstring)."""
+    if image_shape is not None:
+        image_shape = check_image_shape(image_shape)
     classes, (train_paths, y_train), (test_paths, y_test) = list_images(root)
     shape = common_shape(train_paths + test_paths, image_shape)
     raw = ImageFileSource(train_paths, y_train, shape, None)

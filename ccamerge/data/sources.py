@@ -96,6 +96,10 @@ class DataSource:
         """This source with ``fn`` applied to every input batch (it must keep the shape)."""
         return Mapped(self, fn)
 
+    def __repr__(self) -> str:
+        size = self.size_hint()
+        return f"{type(self).__name__}({'?' if size is None else size} samples)"
+
     def with_num_classes(self, num_classes: int | None) -> DataSource:
         """A shallow copy that declares ``num_classes`` (labels are checked against it where
         they are not known in advance)."""
