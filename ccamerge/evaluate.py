@@ -72,7 +72,8 @@ def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tenso
     return torch.stack([logits(m, x) for m in models]).mean(0)
 
 
-def evaluate_ensemble(models: Sequence[nn.Module], x, y: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate_ensemble(models: Sequence[nn.Module], x,
+                      y: torch.Tensor | None = None) -> dict[str, float]:
     """Accuracy and loss of the mean of the models' logits, on tensors or a source (streamed)."""
     source = labelled_source(x, y)
     for m in models:

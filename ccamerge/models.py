@@ -282,7 +282,8 @@ def check_input_fit(model: nn.Module, sample_shape: tuple[int, ...],
             problem = (f"the models take {want[0]}-channel images (shape {list(want)}) but the "
                        f"data has {have[0]} channels (shape {list(have)})")
         else:
-            problem = f"the models expect inputs of shape {list(want)} but the data has {list(have)}"
+            problem = (f"the models expect inputs of shape {list(want)} but the data has "
+                       f"{list(have)}")
         raise CcamergeError(problem + hint)
     classes = model.config.get("num_classes")
     if num_classes is not None and classes != num_classes:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccamerge.data import as_source
+from ccamerge.data import DataSource, as_source
 from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec
 
@@ -274,7 +274,8 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
         acc[(name, i, j)].add_batch(count, means[i], means[j], products[(i, j)])
 
 
-def channels_last(models: Sequence[nn.Module], x) -> tuple[list[nn.Module], object]:
+def channels_last(models: Sequence[nn.Module], x: torch.Tensor | DataSource
+                  ) -> tuple[list[nn.Module], torch.Tensor | DataSource]:
     """Copies of ``models`` in channels-last memory, and ``x`` with its images in that layout
     (a tensor ``[B, C, H, W]`` converted, a data source converted batch by batch); feature
     vectors as they are. On CPU convolutions run faster this way, and a feature map then reads

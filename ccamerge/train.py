@@ -3,9 +3,10 @@
 Training streams shuffled batches from the dataset's training source (a subset is a list of
 indices, never a copy). It is deterministic for a seed on CPU: the seed fixes the initialisation
 (through a forked global RNG, so the caller's RNG state is untouched) and a private
-``torch.Generator`` the batch order (a DataLoader source comes in its own order). Recipe: SGD with Nesterov momentum 0.9, weight decay 5e-4, gradient norm clipped at 5, and a
-one-cycle learning rate (peak 0.1; linear warm-up over the first 20% of steps, then linear decay
-to 0). On the digits this reaches ~97% (MLP, VGG) and ~98% (ResNet20) in 20 epochs.
+``torch.Generator`` the batch order (a DataLoader source comes in its own order). Recipe: SGD
+with Nesterov momentum 0.9, weight decay 5e-4, gradient norm clipped at 5, and a one-cycle
+learning rate (peak 0.1; linear warm-up over the first 20% of steps, then linear decay to 0). On
+the digits this reaches ~97% (MLP, VGG) and ~98% (ResNet20) in 20 epochs.
 """
 
 from __future__ import annotations

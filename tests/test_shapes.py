@@ -75,7 +75,8 @@ def test_any_shape_through_the_api(files, name, arch, overrides, shape, classes)
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     return subprocess.run([sys.executable, "-m", "ccamerge", *argv], capture_output=True,
                           text=True, env=env, timeout=300)
 

@@ -225,8 +225,8 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
     """Merged accuracy over a grid of option settings, measured on a held-out slice of the
     training set (never the test set); statistics and BatchNorm reset use the rest.
     ``validation`` (``(x [B, ...], y [B])`` or a labelled source) gives the held-out samples
-    explicitly (then all of ``data.train`` is used for statistics). Returns ``{"method", "grid", "accuracy", "loss",
-    "best", "best_index", "best_at_edge", "parameter", "selected_on"}``, and
+    explicitly (then all of ``data.train`` is used for statistics). Returns ``{"method", "grid",
+    "accuracy", "loss", "best", "best_index", "best_at_edge", "parameter", "selected_on"}``, and
     ``"current": {"options", "accuracy", "loss"}`` for the ``current`` options (the ones a merge
     used) scored the same way."""
     report = progress or (lambda _f, _m: None)

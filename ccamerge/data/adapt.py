@@ -1,4 +1,5 @@
-"""``as_source``: whatever a user passes as data, as a :class:`~ccamerge.data.sources.DataSource`."""
+"""``as_source``: whatever a user passes as data, as a
+:class:`~ccamerge.data.sources.DataSource`."""
 
 from __future__ import annotations
 

@@ -45,12 +45,13 @@ def find_fashion_dir(data_dir: str | None) -> Path | None:
     candidates = [data_dir] if data_dir is not None else list(FASHION_MNIST_DIRS)
     for folder in candidates:
         path = Path(folder).expanduser()
-        if all(_idx_file(path, stem) is not None for stem in FASHION_MNIST_FILES.values()):
+        if all(idx_file(path, stem) is not None for stem in FASHION_MNIST_FILES.values()):
             return path
     return None
 
 
-def _idx_file(folder: Path, stem: str) -> Path | None:
+def idx_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.gz`` or ``folder/stem``, whichever exists (None if neither)."""
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
             return candidate
@@ -66,12 +67,13 @@ def load_fashion_mnist(data_dir: str | None) -> Dataset:
             f"Fashion-MNIST files ({', '.join(s + '.gz' for s in FASHION_MNIST_FILES.values())}) "
             f"not found in {where}; run `apt-get install -y dataset-fashion-mnist` or pass "
             "--data-dir pointing at a folder that holds them")
-    arrays = {key: read_idx(_idx_file(folder, stem)) for key, stem in FASHION_MNIST_FILES.items()}
+    arrays = {key: read_idx(idx_file(folder, stem)) for key, stem in FASHION_MNIST_FILES.items()}
     for key in ("x_train", "x_test"):
         if arrays[key].ndim != 3:
             raise CcamergeError(f"{FASHION_MNIST_FILES[key]} holds a {arrays[key].ndim}-D array; "
                                 "expected images [N, H, W]")
-    arrays = {k: v.astype(np.float32) / 255.0 if k.startswith("x") else v for k, v in arrays.items()}
+    arrays = {k: v.astype(np.float32) / 255.0 if k.startswith("x") else v
+              for k, v in arrays.items()}
     return make_dataset("fashion-mnist", arrays["x_train"][:, None], arrays["y_train"],
                          arrays["x_test"][:, None], arrays["y_test"], check=True)
 
@@ -100,4 +102,5 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) - header != expected:
         raise CcamergeError(f"{path} is truncated or corrupt: header says shape {list(shape)} "
                             f"({expected} bytes) but {len(raw) - header} bytes follow")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))

@@ -58,6 +58,7 @@ class Dataset:
 
     @property
     def is_images(self) -> bool:
+        """True for images ``[C, H, W]``, False for feature vectors ``[F]``."""
         return len(self.input_shape) == 3
 
     @property

@@ -133,6 +133,7 @@ def common_shape(paths: list[str], declared: tuple[int, int, int] | None) -> tup
 
 
 def check_image_shape(shape) -> tuple[int, int, int]:
+    """A declared ``(C, H, W)`` with C in 1, 3, 4 (grey, RGB, RGBA) and positive H, W."""
     shape = tuple(int(d) for d in shape)
     if len(shape) != 3 or shape[0] not in MODES or min(shape) < 1:
         raise CcamergeError(f"image_shape must be (C, H, W) with C in {sorted(MODES)} and H, W "

@@ -105,6 +105,7 @@ def is_npy_folder(folder: Path) -> bool:
 
 
 def npy_paths(folder: Path) -> list[Path]:
+    """The four files of an ``.npy`` dataset folder, in ``KEYS`` order."""
     return [folder / f"{k}.npy" for k in KEYS]
 
 

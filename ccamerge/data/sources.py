@@ -148,6 +148,7 @@ class IndexedSource(DataSource):
 
 
 def check_batch_size(batch_size: int) -> None:
+    """A batch size must be a positive integer."""
     if not isinstance(batch_size, int | np.integer) or batch_size < 1:
         raise CcamergeError(f"batch_size must be a positive integer, got {batch_size!r}")
 

@@ -150,6 +150,7 @@ def rebatch(pieces: Iterable[Batch], batch_size: int) -> Iterator[Batch]:
 
 
 def join(xs: list[torch.Tensor], ys: list[torch.Tensor | None]) -> Batch:
+    """Pieces ``[b_i, ...]`` (and labels ``[b_i]``) as one batch ``[sum b_i, ...]``."""
     if len(xs) == 1:
         return xs[0], ys[0]
     return torch.cat(xs), None if ys[0] is None else torch.cat(ys)
