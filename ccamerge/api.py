@@ -3,6 +3,11 @@ are built on these functions.
 
     >>> result = merge([model_a, model_b], load_dataset("digits"), "cca", gamma=0.1)
     >>> result.model, result.alignment.details["fc1"][1]["rho"], result.recipe
+
+Data is a :class:`~ccamerge.data.Dataset` (its ``train`` part feeds the statistics and the
+BatchNorm reset, its ``test`` part the evaluation), or for merging alone any source of inputs: a
+tensor ``[N, ...]``, a ``DataLoader``, an iterable of ``(x, y)`` batches. Everything streams:
+memory does not grow with the number of samples.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from ccamerge.batchnorm import (
     reset_to_endpoints,
     without_static_vectors,
 )
+from ccamerge.data import Dataset, TensorSource, as_source
+from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
-from ccamerge.evaluate import barrier, evaluate_model
+from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method, hungarian
 from ccamerge.methods.cca import solve_near_exact, solve_pair
-from ccamerge.models import ARCHITECTURES, same_architecture
+from ccamerge.models import ARCHITECTURES, check_input_fit, same_architecture
 from ccamerge.repair import repair as repair_units
 from ccamerge.spec import AlignmentSpec, build_spec
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
@@ -45,43 +52,69 @@ def _silent(_fraction: float, _message: str) -> None:
     pass
 
 
+def train_source(data) -> DataSource:
+    """The source statistics and the BatchNorm reset stream: a Dataset's training part, or data
+    given directly (a tensor / array ``[N, ...]`` as float32, a DataSource, a DataLoader, an
+    iterable of ``(x, y)`` batches)."""
+    if isinstance(data, Dataset):
+        return data.train
+    if isinstance(data, np.ndarray | torch.Tensor):
+        return TensorSource(torch.as_tensor(data).float())
+    return as_source(data)
+
+
+def score_source(data) -> DataSource:
+    """A Dataset's test part (what interpolation and diagnosis score on)."""
+    if not isinstance(data, Dataset):
+        raise CcamergeError(f"scoring needs a Dataset with a test part, got {type(data).__name__}; "
+                            "build one with Dataset(name, train=..., test=...)")
+    return data.test
+
+
 def train_inputs(data) -> torch.Tensor:
-    """Inputs ``[B, C, S, S]`` for statistics and BatchNorm reset: a Dataset's training images
-    or a tensor / array given directly."""
-    x = getattr(data, "x_train", data)
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise CcamergeError(f"expected a Dataset or an array of inputs, got {type(data).__name__}")
-    return x.float()
+    """Training inputs ``[N, ...]`` as one tensor (the tensor itself for data in memory). For
+    callers that need a tensor; the library streams :func:`train_source` instead."""
+    return train_source(data).inputs()
 
 
 def is_builtin(model: nn.Module) -> bool:
     return getattr(model, "arch", None) in ARCHITECTURES
 
 
-def check_compatible(models: Sequence[nn.Module], x: torch.Tensor, reference: int) -> None:
-    """Fail with a clear message for < 2 models, mismatched models, a bad reference index or
-    inputs of the wrong shape."""
+def check_compatible(models: Sequence[nn.Module], data, reference: int) -> None:
+    """Before any work, fail with one clear line for < 2 models, mismatched models, a bad
+    reference index, fewer than 2 samples, or data whose sample shape (feature width, channels,
+    height, width) or number of classes does not fit the models. ``data``: anything
+    :func:`train_source` takes."""
     if len(models) < 2:
         raise CcamergeError(f"merging needs at least 2 models, got {len(models)}")
     if not 0 <= reference < len(models):
         raise CcamergeError(f"reference must be in 0..{len(models) - 1}, got {reference}")
+    source = train_source(data)
+    size = source.size_hint()
+    if size is not None and size < 2:
+        raise CcamergeError(f"the data holds {size} sample(s); statistics need at least 2")
     if all(is_builtin(m) for m in models):
         same_architecture(list(models))
-        config = models[0].config
-        expected = (config.get("in_channels"), config.get("image_size"), config.get("image_size"))
-        if tuple(x.shape[1:]) != expected:
-            raise CcamergeError(f"the models expect inputs of shape {list(expected)} but the data "
-                                f"has {list(x.shape[1:])}; pick the dataset they were trained on")
+        check_input_fit(models[0], source.sample_shape, source.num_classes)
         return
     _same_state_shapes(models)
+    _check_runs(models[0], source)
+
+
+def _check_runs(model: nn.Module, source: DataSource) -> None:
+    """A model outside the built-in families runs on two samples with one output per class."""
     try:
         with torch.no_grad():
-            models[0].eval()(x[:2])
+            out = model.eval()(source.head(2))
     except Exception as exc:
-        raise CcamergeError(f"model 0 cannot run on inputs of shape {list(x.shape[1:])}: {exc}; "
-                            "pick the dataset it was trained on") from exc
+        raise CcamergeError(f"model 0 cannot run on inputs of shape {list(source.sample_shape)}: "
+                            f"{exc}; pick the dataset it was trained on") from exc
+    classes = source.num_classes
+    if classes is not None and isinstance(out, torch.Tensor) and out.dim() == 2 \
+            and out.shape[1] != classes:
+        raise CcamergeError(f"model 0 has {out.shape[1]} outputs but the data has {classes} "
+                            "classes; pick the dataset it was trained on")
 
 
 def _same_state_shapes(models: Sequence[nn.Module]) -> None:
@@ -95,12 +128,13 @@ def _same_state_shapes(models: Sequence[nn.Module]) -> None:
                                     "architecture and size merge")
 
 
-def resolve_spec(models: Sequence[nn.Module], x: torch.Tensor) -> AlignmentSpec:
+def resolve_spec(models: Sequence[nn.Module], x) -> AlignmentSpec:
     """The hand-written spec of a built-in family, else one derived by tracing and verified
-    with a random permutation (points that fail verification are not used)."""
+    with a random permutation on the first 64 inputs of ``x`` (a tensor or a data source;
+    points that fail verification are not used)."""
     if is_builtin(models[0]):
         return build_spec(models[0])
-    derived = derive_and_verify(models[0], x[:64])
+    derived = derive_and_verify(models[0], x[:64] if isinstance(x, torch.Tensor) else x.head(64))
     if not derived.spec.points:
         reasons = "; ".join(derived.unmerged[:3]) or "no Linear/Conv layer feeds another"
         raise CcamergeError(f"found no merge point that can be aligned safely ({reasons}); "
@@ -108,8 +142,11 @@ def resolve_spec(models: Sequence[nn.Module], x: torch.Tensor) -> AlignmentSpec:
     return derived.spec
 
 
-def subsample(x: torch.Tensor, samples: int | None, seed: int) -> torch.Tensor:
-    """``samples`` rows of ``x`` chosen at random with ``seed`` (all rows when None)."""
+def subsample(x, samples: int | None, seed: int):
+    """``samples`` rows of ``x`` chosen at random with ``seed`` (all rows when None): rows of a
+    tensor, or for a data source a lazy subset (its indices only; see ``DataSource.take``)."""
+    if isinstance(x, DataSource):
+        return x.take(samples, seed)
     if samples is None or samples >= len(x):
         return x
     if samples < 2:
@@ -139,13 +176,14 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
-    x = train_inputs(data)
-    check_compatible(models, x, reference)
-    spec = spec or resolve_spec(models, x)
+    source = train_source(data)
+    check_compatible(models, source, reference)
+    spec = spec or resolve_spec(models, source)
     stats = statistics if spec_method.statistics else None
     if spec_method.statistics and stats is None:
         progress(0.0, "collecting activation statistics")
-        stats = collect_statistics(models, spec, subsample(x, stats_samples, seed), reference=reference,
+        stats = collect_statistics(models, spec, subsample(source, stats_samples, seed),
+                                   reference=reference,
                                    pairs=spec_method.statistics, batch_size=batch_size,
                                    progress=lambda f: progress(0.6 * f, "collecting activation statistics"))
     progress(0.6, f"solving {method}")
@@ -212,8 +250,9 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           progress: Progress = _silent, **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
-    ``data``: a Dataset (its training images give the statistics and the BatchNorm reset) or an
-    input tensor ``[B, C, S, S]``. Options are the method's (see ``METHODS``), keyword-only.
+    ``data``: a Dataset (its training part gives the statistics and the BatchNorm reset) or any
+    source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
+    Options are the method's (see ``METHODS``), keyword-only.
     ``repair``: rescale units towards the endpoints' statistics (nets without BatchNorm).
     ``bn_policy``: "paper" transforms BatchNorm vectors with the conv rows; "fold" folds each
     BatchNorm into its conv first and, with ``bn_reset``, restores the endpoints' per-unit scale
@@ -240,10 +279,10 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
         progress(0.9, "restoring the endpoints' BatchNorm scale")
         endpoints = [with_state(m, s) for m, s in zip(models, states, strict=True)]
         reset_to_endpoints(merged, endpoints, weights, [bn for _conv, bn in folded],
-                           subsample(train_inputs(data), stats_samples, seed))
+                           subsample(train_source(data), stats_samples, seed))
     elif bn_reset:
         progress(0.9, "resetting BatchNorm statistics")
-        reset_batchnorm(merged, train_inputs(data), batch_size=batch_size)
+        reset_batchnorm(merged, train_source(data), batch_size=batch_size)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
               "bn_reset": bn_reset, "bn_policy": bn_policy, "repair": repair, "weights": weights,
@@ -272,17 +311,18 @@ def model_sources(models: Sequence[nn.Module], sources: Sequence[str | None] | N
     return [None if s is None else str(s) for s in sources]
 
 
-def score_merge(models, method: str, options: dict, stats, spec, x_fit: torch.Tensor,
-                 x_eval: torch.Tensor, y_eval: torch.Tensor, reference: int, bn_reset: bool) -> dict:
-    """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` of a merge built from
-    statistics collected earlier (to score several methods or settings on one pass over the
-    data), its BatchNorm reset (if on) run over ``x_fit``."""
+def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
+                y_eval: torch.Tensor | None, reference: int, bn_reset: bool) -> dict:
+    """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` (or a labelled source
+    ``x_eval`` with ``y_eval`` None) of a merge built from statistics collected earlier (to score
+    several methods or settings on one pass over the data), its BatchNorm reset (if on) run over
+    ``x_fit`` (a tensor or a source)."""
     aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
                     **options)
     merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
     if bn_reset:
-        reset_batchnorm(merged, x_fit)
-    return evaluate_model(merged, x_eval, y_eval)
+        reset_batchnorm(merged, train_source(x_fit))
+    return evaluate_model(merged, labelled_source(x_eval, y_eval))
 
 
 def _repair(merged, models, states, weights, aligned, data, stats_samples, seed) -> list[str]:
@@ -291,7 +331,7 @@ def _repair(merged, models, states, weights, aligned, data, stats_samples, seed)
         raise CcamergeError("REPAIR needs each model aligned to the reference; a joint method "
                             "such as zipit has no aligned endpoints")
     endpoints = [with_state(m, s) for m, s in zip(models, states, strict=True)]
-    x = subsample(train_inputs(data), stats_samples, seed)
+    x = subsample(train_source(data), stats_samples, seed)
     fixed = repair_units(merged, endpoints, weights, aligned.spec, x)
     if fixed:
         return []
@@ -314,6 +354,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
                             "models; use it with merge")
     if steps < 2:
         raise CcamergeError(f"steps must be >= 2, got {steps}")
+    train, test = train_source(data), score_source(data)
     pair = [model_a, model_b]
     common = dict(stats_samples=stats_samples, seed=seed, **options)
     to_a = align(pair, data, method, reference=0, **common)
@@ -328,8 +369,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
         states, base = (states_a, model_a) if lam <= 0.5 else (states_b, model_b)
         model = with_state(base, average_states(states, [1.0 - lam, lam]))
         if bn_reset:
-            reset_batchnorm(model, train_inputs(data))
-        scores = evaluate_model(model, data.x_test, data.y_test)
+            reset_batchnorm(model, train)
+        scores = evaluate_model(model, test)
         curve["accuracy"].append(scores["accuracy"])
         curve["loss"].append(scores["loss"])
         progress((k + 1) / steps, f"lambda = {lam:.2f}")
@@ -344,10 +385,10 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     cca method's) and nearly unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the
     Hungarian-matched unit correlations sorted descending (``matched``), their means, and
     numerical health."""
-    x = train_inputs(data)
-    check_compatible(models, x, reference)
-    spec = resolve_spec(models, x)
-    stats = statistics or collect_statistics(models, spec, subsample(x, stats_samples, seed),
+    source = train_source(data)
+    check_compatible(models, source, reference)
+    spec = resolve_spec(models, source)
+    stats = statistics or collect_statistics(models, spec, subsample(source, stats_samples, seed),
                                              reference=reference)
     rows = []
     for point in spec.points:

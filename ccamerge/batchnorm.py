@@ -71,9 +71,10 @@ def without_static_vectors(spec: AlignmentSpec, bns: Sequence[str]) -> Alignment
 
 @torch.no_grad()
 def reset_to_endpoints(merged: nn.Module, aligned: Sequence[nn.Module], weights: Sequence[float],
-                       bns: Sequence[str], x: torch.Tensor) -> None:
+                       bns: Sequence[str], x) -> None:
     """Give every folded BatchNorm of ``merged`` the weighted mean of the aligned endpoints'
-    output mean and std, then recompute running statistics on ``x`` ``[B, ...]``."""
+    output mean and std, then recompute running statistics on ``x`` (a tensor ``[B, ...]`` or a
+    data source, streamed)."""
     targets = [unit_moments(model, bns, x) for model in aligned]
     modules = dict(merged.named_modules())
     for bn in bns:

@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
+from ccamerge.data import as_source
 from ccamerge.devices import exact_float32, module_device, resolve_device
 from ccamerge.errors import CcamergeError
 from ccamerge.transform import reset_batchnorm
@@ -169,6 +171,18 @@ def shard_rows(x: torch.Tensor, batch_size: int, group: ProcessGroup | None) -> 
     return x[batch_block(len(x), batch_size, *rank_and_size(group))]
 
 
+def shard_source(source, batch_size: int, group: ProcessGroup | None):
+    """This rank's :func:`batch_block` of a data source of known length (lazily, as a subset;
+    the whole source without a group)."""
+    if group is None:
+        return source
+    n = source.size_hint()
+    if n is None:
+        raise CcamergeError("sharding statistics across ranks needs data of known length (a "
+                            "Dataset, a tensor, an .npz, a folder or a sized DataLoader)")
+    return source.subset(np.arange(n)[batch_block(n, batch_size, *rank_and_size(group))])
+
+
 def every_nth_batch(batches: Iterable, group: ProcessGroup | None) -> Iterator:
     """Batches ``rank, rank + world_size, ...`` of a stream (for data sources that only
     iterate); every batch of a deterministic stream goes to exactly one rank."""
@@ -289,17 +303,17 @@ def _set_norms(norms: Sequence[nn.Module], total: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def reset_batchnorm_sharded(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
+def reset_batchnorm_sharded(model: nn.Module, x, *, batch_size: int = 256,
                             device: str | torch.device | None = None,
                             group: ProcessGroup | None = None) -> nn.Module:
-    """:func:`ccamerge.transform.reset_batchnorm` of ``model`` over inputs ``x`` ``[B, ...]``
-    on ``device`` (default: the model's) in exact float32. With ``group``, each rank passes
+    """:func:`ccamerge.transform.reset_batchnorm` of ``model`` over inputs ``x`` (a tensor
+    ``[B, ...]`` or a data source) on ``device`` (default: the model's) in exact float32. With ``group``, each rank passes
     all of ``x``, runs only its :func:`batch_block` and the results are all-reduced, so every
     rank ends with the single-process reset's statistics. In place; the model comes back on
     its own device, in eval mode."""
     home = module_device(model)
     place = resolve_device(device) if device is not None else home
-    rows = shard_rows(x, batch_size, group).to(place)
+    rows = shard_source(as_source(x), batch_size, group).map(lambda xb: xb.to(place))
     model.to(place)
     try:
         with exact_float32():

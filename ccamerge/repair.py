@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ccamerge.data import as_source
 from ccamerge.spec import AlignmentSpec, MergePoint
 
 EPS = 1e-8
@@ -45,26 +46,55 @@ def _recording(model: nn.Module, names: Sequence[str]):
             h.remove()
 
 
+class UnitMoments:
+    """Running per-unit count, mean and sum of squared deviations ``[C]`` (float64, chunks merged
+    with Chan's update: the batch size does not change the result)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def update(self, samples: torch.Tensor) -> None:
+        """Add samples ``[S, C]``."""
+        samples = samples.double()
+        n, mean = len(samples), samples.mean(0)
+        m2 = (samples - mean).square().sum(0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def std(self) -> torch.Tensor:
+        """Unbiased standard deviation ``[C]``."""
+        return (self.m2 / (self.count - 1)).sqrt()
+
+
 @torch.no_grad()
-def unit_moments(model: nn.Module, names: Sequence[str], x: torch.Tensor,
+def unit_moments(model: nn.Module, names: Sequence[str], x,
                  batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per output unit mean and std ``[C]`` of each named module over inputs ``x``."""
+    """Per output unit mean and std ``[C]`` (float64) of each named module over the inputs
+    ``x`` (a tensor ``[B, ...]`` or any data source), streamed batch by batch."""
     model.eval()
+    moments = {name: UnitMoments() for name in names}
     with _recording(model, names) as seen:
-        for start in range(0, len(x), batch_size):
-            model(x[start:start + batch_size])
-    out = {}
-    for name, chunks in seen.items():
-        samples = torch.cat([c.movedim(1, -1).reshape(-1, c.shape[1]) for c in chunks]).double()
-        out[name] = (samples.mean(0), samples.std(0))
-    return out
+        for xb, _ in as_source(x).batches(batch_size):
+            model(xb)
+            for name, chunks in seen.items():
+                for c in chunks:
+                    moments[name].update(c.movedim(1, -1).reshape(-1, c.shape[1]))
+                chunks.clear()
+    return {name: (m.mean, m.std()) for name, m in moments.items()}
 
 
 @torch.no_grad()
 def repair(merged: nn.Module, aligned: Sequence[nn.Module], weights: Sequence[float],
-           spec: AlignmentSpec, x: torch.Tensor) -> list[str]:
-    """Rescale ``merged`` in place towards the endpoints' unit statistics; returns the names of
-    the merge points corrected. ``aligned``: the endpoints after their transforms."""
+           spec: AlignmentSpec, x) -> list[str]:
+    """Rescale ``merged`` in place towards the endpoints' unit statistics over the inputs ``x``
+    (a tensor or a data source); returns the names of the merge points corrected.
+    ``aligned``: the endpoints after their transforms."""
     names = [m for m in (repairable(p) for p in spec.points) if m is not None]
     if not names:
         return []

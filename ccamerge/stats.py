@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccamerge.data import DataSource, as_source
 from ccamerge.devices import exact_float32, models_to, module_device, resolve_device
-from ccamerge.distributed import all_reduce_moments, shard_rows
+from ccamerge.distributed import all_reduce_moments, shard_source
 from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec
 
@@ -218,12 +219,14 @@ def _pairs_for(num_models: int, reference: int, pairs: str) -> list[tuple[int, i
     raise CcamergeError(f"pairs must be 'reference' or 'all', not {pairs!r}")
 
 
-def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torch.Tensor, *,
+def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
                        reference: int = 0, pairs: str = "reference", batch_size: int = 256,
                        progress: Callable[[float], None] | None = None,
                        device: str | torch.device | None = None,
                        group: ProcessGroup | None = None) -> Statistics:
-    """One pass of all ``models`` over inputs ``x`` ``[B, ...]``.
+    """One pass of all ``models`` over the inputs ``x``: a tensor ``[B, ...]`` or any data source
+    (:func:`ccamerge.data.as_source`: a Dataset part, a DataLoader, an iterable of batches),
+    streamed ``batch_size`` samples at a time, so memory does not grow with the data.
 
     Collects, per merge point, every model's mean and covariance and the cross-covariances of
     ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
@@ -237,21 +240,22 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
     rank returns the statistics of all of ``x`` (see :mod:`ccamerge.distributed`).
     """
     place = resolve_device(device) if device is not None else module_device(models[0])
-    x = shard_rows(x, batch_size, group)  # this rank's batches; all of x without a group
+    source = shard_source(as_source(x), batch_size, group)  # all of x without a group
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
     acc = {(point.name, i, j): CrossMoments(point.width, point.width, place)
            for point in spec.points for i, j in blocks}
-    runners, x = channels_last(models, x, place)
+    runners, source = channels_last(models, source, place)
     for model in runners:
         model.eval()
     workspace = _Workspace()
+    total, seen = source.size_hint(), 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
         captures = [stack.enter_context(capture_features(m, spec)) for m in runners]
-        for start in range(0, len(x), batch_size):
+        for xb, _ in source.batches(batch_size):
             with torch.no_grad():
                 for model in runners:
-                    model(x[start:start + batch_size])
+                    model(xb)
             for point in spec.points:
                 # the k-th feature module of every model (a stream point reads several)
                 for chunk in zip(*(captured[point.name] for captured in captures), strict=True):
@@ -260,9 +264,10 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torc
                 for chunks in captured.values():
                     chunks.clear()
             _check_finite(acc, spec, len(models))
-            if progress:
-                progress(min(1.0, (start + batch_size) / len(x)))
-    samples_per_rank = all_reduce_moments(list(acc.values()), len(x), group)  # [len(x)] alone
+            seen += len(xb)
+            if progress and total:
+                progress(min(1.0, seen / total))
+    samples_per_rank = all_reduce_moments(list(acc.values()), seen, group)  # [seen] alone
     return _finish(acc, spec, len(models), reference, pairs, place, samples_per_rank)
 
 
@@ -307,27 +312,37 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
         acc[(name, i, j)].add_batch(count, means[i], means[j], products[(i, j)])
 
 
-def channels_last(models: Sequence[nn.Module], x: torch.Tensor, device: torch.device | None = None
-                  ) -> tuple[list[nn.Module], torch.Tensor]:
-    """Copies of ``models`` and ``x`` ``[B, C, H, W]`` in channels-last memory on ``device``
-    (default: where they are); other inputs only moved there. On CPU convolutions run faster
+def channels_last(models: Sequence[nn.Module], x: torch.Tensor | DataSource,
+                  device: torch.device | None = None
+                  ) -> tuple[list[nn.Module], torch.Tensor | DataSource]:
+    """Copies of ``models`` in channels-last memory on ``device`` (default: where they are),
+    and ``x`` with its images in that layout there (a tensor ``[B, C, H, W]`` converted, a data
+    source converted batch by batch); feature vectors only moved. On CPU convolutions run faster
     this way, and a feature map then reads as ``[S, C]`` samples without a transposing copy.
     Models that cannot be copied are used as they are (an error if they must move)."""
-    if x.dim() != 4:
+    shape = x.shape[1:] if isinstance(x, torch.Tensor) else x.sample_shape
+    if len(shape) != 3:
         return _placed(models, x, device)
     to = {"memory_format": torch.channels_last} | ({} if device is None else {"device": device})
     try:
         copies = [copy.deepcopy(m).to(**to) for m in models]
     except Exception:  # noqa: BLE001 - an uncopyable module only loses the speed-up
         return _placed(models, x, device)
-    return copies, x.to(**to)
+    return copies, _moved(x, to)
 
 
-def _placed(models: Sequence[nn.Module], x: torch.Tensor, device: torch.device | None
-            ) -> tuple[list[nn.Module], torch.Tensor]:
+def _placed(models: Sequence[nn.Module], x: torch.Tensor | DataSource,
+            device: torch.device | None) -> tuple[list[nn.Module], torch.Tensor | DataSource]:
     if device is None:
         return list(models), x
-    return models_to(models, device), x.to(device)
+    return models_to(models, device), _moved(x, {"device": device})
+
+
+def _moved(x: torch.Tensor | DataSource, to: dict) -> torch.Tensor | DataSource:
+    """``x.to(**to)`` for a tensor, batch by batch for a data source."""
+    if isinstance(x, torch.Tensor):
+        return x.to(**to)
+    return x.map(lambda xb: xb.to(**to))
 
 
 def _finish(acc, spec, num_models, reference, pairs, device: torch.device,

@@ -1,10 +1,12 @@
 """The model zoo: train reference models from several seeds or data splits, cached on disk.
 
-Training is deterministic for a seed on CPU: the seed fixes the initialisation (through a forked
-global RNG, so the caller's RNG state is untouched) and a private ``torch.Generator`` the batch
-order. Recipe: SGD with Nesterov momentum 0.9, weight decay 5e-4, gradient norm clipped at 5, and a
-one-cycle learning rate (peak 0.1; linear warm-up over the first 20% of steps, then linear decay
-to 0). On the digits this reaches ~97% (MLP, VGG) and ~98% (ResNet20) in 20 epochs.
+Training streams shuffled batches from the dataset's training source (a subset is a list of
+indices, never a copy). It is deterministic for a seed on CPU: the seed fixes the initialisation
+(through a forked global RNG, so the caller's RNG state is untouched) and a private
+``torch.Generator`` the batch order (a DataLoader source comes in its own order). Recipe: SGD
+with Nesterov momentum 0.9, weight decay 5e-4, gradient norm clipped at 5, and a one-cycle
+learning rate (peak 0.1; linear warm-up over the first 20% of steps, then linear decay to 0). On
+the digits this reaches ~97% (MLP, VGG) and ~98% (ResNet20) in 20 epochs.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccamerge.data import Dataset, split_indices
+from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
+from ccamerge.evaluate import evaluate_model
 from ccamerge.io import read_info, save_model
-from ccamerge.models import ARCHITECTURES, build_model
+from ccamerge.models import ARCHITECTURES, build_model, check_input_fit, shape_config
 
 Progress = Callable[[float, str], None]
 
@@ -34,12 +38,16 @@ WARMUP = 0.2  # fraction of all steps spent warming up
 
 
 def default_config(arch: str, dataset: Dataset, *, width: float = 1.0) -> dict:
-    """Config for ``build_model(arch, **config)`` sized to ``dataset`` (channels, image size,
-    classes) at width multiplier ``width``: MLP hidden [128, 128], VGG without BatchNorm."""
+    """Config for ``build_model(arch, **config)`` sized to ``dataset`` (its input shape: feature
+    width, or channels, height and width; its classes) at width multiplier ``width``: MLP hidden
+    [128, 128], VGG without BatchNorm. Feature vectors need the MLP."""
     if arch not in ARCHITECTURES:
         raise CcamergeError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    config = {"in_channels": dataset.in_channels, "image_size": dataset.image_size,
-              "num_classes": dataset.num_classes, "width": float(width)}
+    shape = dataset.input_shape
+    if len(shape) == 1 and arch != "mlp":
+        raise CcamergeError(f"{arch} takes images [C, H, W] but {dataset.name} holds feature "
+                            f"vectors [{shape[0]}]; use the mlp architecture")
+    config = {**shape_config(shape), "num_classes": dataset.num_classes, "width": float(width)}
     if arch == "mlp":
         config["hidden"] = [128, 128]
     if arch == "vgg":
@@ -51,7 +59,8 @@ def train_model(arch: str, config: dict, dataset: Dataset, *, seed: int,
                 indices: np.ndarray | None = None, epochs: int = 20, lr: float | None = None,
                 batch_size: int = 128, progress: Progress | None = None,
                 split: dict | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Train ``build_model(arch, **config)`` on ``dataset.x_train[indices]`` (all when None).
+    """Train ``build_model(arch, **config)`` on the training samples ``indices`` of ``dataset``
+    (all when None), streamed in shuffled batches.
 
     Same seed, data and settings give bitwise-equal weights on CPU. ``progress(fraction, message)``
     is called after every epoch. ``split`` (e.g. ``{"kind": "skewed", "part": 0, "parts": 2,
@@ -61,40 +70,46 @@ def train_model(arch: str, config: dict, dataset: Dataset, *, seed: int,
     if epochs < 1 or batch_size < 1:
         raise CcamergeError(f"epochs and batch_size must be positive (got {epochs}, {batch_size})")
     lr = DEFAULT_LR.get(arch, 0.1) if lr is None else float(lr)
-    index = _train_index(dataset, indices)
+    source = _train_part(dataset, indices)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(arch, **config).to(device)
-    _fit(model, dataset.x_train[index], dataset.y_train[index], seed=seed, epochs=epochs, lr=lr,
-         batch_size=batch_size, progress=progress, device=device)
+    check_input_fit(model, source.sample_shape, dataset.num_classes)
+    _fit(model, source, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
+         progress=progress, device=device)
     model = model.cpu().eval()
-    accuracy, loss = _test_metrics(model, dataset.x_test, dataset.y_test)
+    scores = evaluate_model(model, dataset.test)
     model.info = {
         "dataset": dataset.name, "seed": int(seed),
         "split": split or ({"kind": "same"} if indices is None else {"kind": "subset"}),
-        "train_size": int(len(index)), "epochs": int(epochs), "lr": lr, "batch_size": batch_size,
+        "train_size": int(len(source)), "epochs": int(epochs), "lr": lr, "batch_size": batch_size,
         "optimizer": f"sgd nesterov momentum={MOMENTUM} wd={WEIGHT_DECAY} clip={GRAD_CLIP} one-cycle",
-        "test_accuracy": accuracy, "test_loss": loss,
+        "test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
     }
     return model
 
 
-def _train_index(dataset: Dataset, indices) -> torch.Tensor:
-    n = len(dataset.y_train)
+def _train_part(dataset: Dataset, indices) -> DataSource:
+    """The training source, or its subset ``indices`` (at least 2 samples)."""
+    n = len(dataset.train)
     if indices is None:
-        return torch.arange(n)
-    index = torch.as_tensor(np.asarray(indices), dtype=torch.int64).reshape(-1)
+        if n < 2:
+            raise CcamergeError(f"training needs at least 2 samples; {dataset.name} has {n}")
+        return dataset.train
+    index = np.asarray(indices).reshape(-1)
     if len(index) < 2 or index.min() < 0 or index.max() >= n:
         raise CcamergeError(f"training indices must hold at least 2 entries in 0..{n - 1}")
-    return index
+    return dataset.train.subset(index)
 
 
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, epochs: int, lr: float,
+def _fit(model: nn.Module, source: DataSource, *, seed: int, epochs: int, lr: float,
          batch_size: int, progress: Progress | None, device) -> None:
-    """SGD on ``x`` ``[N, C, S, S]`` / ``y`` ``[N]`` with a per-step one-cycle schedule."""
+    """SGD over shuffled batches ``x`` ``[B, ...]`` / ``y`` ``[B]`` of ``source`` with a
+    per-step one-cycle schedule."""
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(y) / batch_size)
-    if steps_per_epoch > 1 and len(y) % batch_size == 1:
+    n = len(source)
+    steps_per_epoch = math.ceil(n / batch_size)
+    if steps_per_epoch > 1 and n % batch_size == 1:
         steps_per_epoch -= 1  # a batch of one sample breaks BatchNorm; drop it
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
@@ -102,10 +117,11 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, epoch
         optimizer, _one_cycle(steps_per_epoch * epochs))
     model.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for step in range(steps_per_epoch):
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            loss = F.cross_entropy(model(x[batch].to(device)), y[batch].to(device))
+        batches = source.batches(batch_size, shuffle=source.random_access, generator=generator)
+        for _step, (xb, yb) in zip(range(steps_per_epoch), batches, strict=False):
+            if yb is None:
+                raise CcamergeError("training needs labels, but the data has inputs only")
+            loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -125,21 +141,6 @@ def _one_cycle(total_steps: int) -> Callable[[int], float]:
         return max(0.0, (total_steps - step) / max(1, total_steps - peak))
 
     return factor
-
-
-@torch.no_grad()
-def _test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy in percent 0..100, mean cross-entropy) of ``model`` on ``x`` ``[N, ...]``, ``y``
-    ``[N]``, in eval mode."""
-    model.eval()
-    correct, total_loss = 0, 0.0
-    for start in range(0, len(y), batch_size):
-        out = model(x[start:start + batch_size])  # [B, classes]
-        target = y[start:start + batch_size]
-        total_loss += F.cross_entropy(out, target, reduction="sum").item()
-        correct += int((out.argmax(dim=1) == target).sum())
-    return 100.0 * correct / len(y), total_loss / len(y)
 
 
 def zoo_filename(arch: str, width: float, split: str, seed: int) -> str:
@@ -199,7 +200,7 @@ def _zoo_member(path: Path, recipe: dict, dataset: Dataset, overwrite: bool,
         report(1.0, f"reused {path.name}")
     else:
         split = recipe["split"]
-        indices = split_indices(dataset.y_train, split["kind"], parts=split["parts"],
+        indices = split_indices(dataset.train.labels(), split["kind"], parts=split["parts"],
                                 part=split["part"], seed=split["seed"])
         model = train_model(recipe["arch"], recipe["config"], dataset, seed=recipe["seed"],
                             indices=indices, epochs=recipe["epochs"], lr=recipe["lr"],

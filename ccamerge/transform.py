@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccamerge.data import as_source
+from ccamerge.models import check_input_fit
 from ccamerge.spec import AlignmentSpec, Axis
 
 
@@ -105,31 +107,36 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reset_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
+def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
                     progress: Callable[[float], None] | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics in place with one train-mode pass over
-    ``x`` ``[B, ...]`` (average of the batch statistics weighted by batch size, no gradients).
-    Image models run the pass in channels-last memory (faster on CPU) and come back with
-    standard-layout (contiguous) parameters. No-op without BatchNorm."""
+    ``x``: a tensor ``[B, ...]`` or any data source (:func:`ccamerge.data.as_source`), streamed
+    ``batch_size`` samples at a time (average of the batch statistics weighted by batch size, no
+    gradients). Image models run the pass in channels-last memory (faster on CPU) and come back
+    with standard-layout (contiguous) parameters. No-op without BatchNorm."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
+    source = as_source(x)
+    check_input_fit(model, source.sample_shape)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-    image = x.dim() == 4
+    image = len(source.sample_shape) == 3
     if image:
         model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     model.train()
+    total, seen = source.size_hint(), 0
     try:
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size]
+        for xb, _ in source.batches(batch_size):
+            if image:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             for m in norms:  # sample-weighted running average: a short last batch weighs less
-                m.momentum = len(xb) / (start + len(xb))
+                m.momentum = len(xb) / (seen + len(xb))
             model(xb)
-            if progress:
-                progress(min(1.0, (start + batch_size) / len(x)))
+            seen += len(xb)
+            if progress and total:
+                progress(min(1.0, seen / total))
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum

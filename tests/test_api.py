@@ -123,3 +123,44 @@ def test_repair_on_batchnorm_nets_says_it_did_nothing(vgg_bn, digits):
     assert any("REPAIR found no merge point" in w for w in result.warnings)
     with pytest.raises(CcamergeError, match="REPAIR"):
         merge(vgg_bn, digits.x_train[:200], "zipit", repair=True)
+
+
+def test_merge_and_evaluation_read_data_loaders(mlps, digits):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ccamerge.data import Dataset
+
+    loaders = Dataset("loaders", train=DataLoader(TensorDataset(digits.x_train, digits.y_train),
+                                                  batch_size=64),
+                      test=DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=50))
+    merged = merge(mlps[:2], loaders, "cca").model
+    assert evaluate_model(merged, loaders.test) == pytest.approx(
+        evaluate_model(merge(mlps[:2], digits, "cca").model, digits.x_test, digits.y_test))
+    curve = interpolate(*mlps[:2], loaders, "permute", steps=3)
+    expected = interpolate(*mlps[:2], digits, "permute", steps=3)
+    assert curve["loss"] == pytest.approx(expected["loss"], rel=1e-9)
+    assert curve["accuracy"] == expected["accuracy"]
+
+
+def test_bad_loaders_fail_with_one_clear_line(mlps, digits):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ccamerge.data import Dataset
+
+    cropped = DataLoader(TensorDataset(digits.x_train[:, :, :6], digits.y_train), batch_size=64)
+    with pytest.raises(CcamergeError, match="shape \\[1, 8, 8\\] but the data has \\[1, 6, 8\\]"):
+        merge(mlps[:2], cropped, "cca")
+    mixed = [(digits.x_train[:64], digits.y_train[:64]), (digits.x_train[64:128, :, :6], None)]
+    with pytest.raises(CcamergeError, match="batch 1 holds samples of shape \\[1, 6, 8\\]"):
+        merge(mlps[:2], mixed, "cca")
+    wrong = digits.y_train.clone()
+    wrong[100] = 12
+    labels = Dataset("bad", train=DataLoader(TensorDataset(digits.x_train, wrong), batch_size=64),
+                     test=[(digits.x_test, digits.y_test)], num_classes=10)
+    with pytest.raises(CcamergeError, match="batch 1: label 12 is out of range for 10 classes"):
+        merge(mlps[:2], labels, "cca")
+    with pytest.raises(CcamergeError, match="label 12 is out of range for a model with 10"):
+        evaluate_model(mlps[0], [(digits.x_test[:4], torch.tensor([0, 1, 12, 3]))])
+    with pytest.raises(CcamergeError, match="one-shot iterator"):
+        merge(mlps[:2], (b for b in [digits.x_train]), "cca")

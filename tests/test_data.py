@@ -98,8 +98,8 @@ def _bad(case: str) -> dict:
         del arrays["y_test"]
     elif case == "2d":
         arrays["x_train"] = arrays["x_train"].reshape(40, 36)
-    elif case == "square":
-        arrays["x_train"] = np.zeros((40, 6, 5))
+    elif case == "5d":
+        arrays["x_train"] = np.zeros((40, 1, 1, 6, 6))
     elif case == "nan":
         arrays["x_train"] = arrays["x_train"].astype(float)
         arrays["x_train"][0, 0, 0] = np.nan
@@ -125,8 +125,8 @@ def _bad(case: str) -> dict:
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "lacks y_test"),
-    ("2d", "x_train has shape \\[40, 36\\]"),
-    ("square", "only square images"),
+    ("2d", "x_train samples are \\[36\\] but x_test images are \\[1, 6, 6\\]"),
+    ("5d", "x_train has shape \\[40, 1, 1, 6, 6\\]; expected \\[N, F\\]"),
     ("nan", "x_train contains NaN"),
     ("strings", "y_train has dtype"),
     ("fractional", "y_train holds non-integer"),
@@ -249,3 +249,77 @@ def test_holdout_split():
     assert np.array_equal(holdout_split(100, 0.2, seed=1)[1], val)
     with pytest.raises(CcamergeError):
         holdout_split(100, 1.5, seed=0)
+
+
+# -- feature vectors, any image shape, lazy reading ------------------------------------------------
+
+def test_npz_feature_vectors_are_standardised_per_feature(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.normal(3, 2, (60, 48)), "y_train": np.arange(60) % 6,
+              "x_test": rng.normal(3, 2, (30, 48)), "y_test": np.arange(30) % 6}
+    ds = load_dataset(_save(tmp_path, "tab.npz", **arrays))
+    assert ds.input_shape == (48,) and ds.in_channels is None and ds.image_size is None
+    assert ds.describe() == {"name": str(tmp_path / "tab.npz"), "train_size": 60, "test_size": 30,
+                             "num_classes": 6, "input_shape": [48]}
+    assert len(ds.mean) == 48 and ds.x_train.shape == (60, 48)
+    low, high = arrays["x_train"].min(), arrays["x_train"].max()
+    scaled = (arrays["x_train"].astype(np.float32) - low) / (high - low)
+    expected = (scaled - scaled.mean(0)) / scaled.std(0)  # numpy's own per-feature statistics
+    assert np.allclose(ds.x_train.numpy(), expected, atol=1e-5)
+    assert np.allclose(ds.mean, scaled.mean(0, dtype=np.float64), rtol=1e-12)
+
+
+def test_npz_non_square_images_are_streamed_from_a_memory_map(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {"x_train": rng.integers(0, 256, (40, 3, 6, 8)).astype(np.uint8),
+              "y_train": np.arange(40) % 4,
+              "x_test": rng.integers(0, 256, (12, 3, 6, 8)).astype(np.uint8),
+              "y_test": np.arange(12) % 4}
+    ds = load_dataset(_save(tmp_path, "img.npz", **arrays))
+    assert ds.input_shape == (3, 6, 8) and ds.in_channels == 3 and ds.image_size is None
+    assert isinstance(ds.train.x, np.memmap)  # nothing read into memory at load time
+    per_channel = ds.x_train.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-5)
+    raw = arrays["x_test"].astype(np.float32) / 255.0
+    mean, std = np.asarray(ds.mean)[:, None, None], np.asarray(ds.std)[:, None, None]
+    assert np.allclose(ds.x_test.numpy(), (raw - mean) / std, atol=1e-5)
+
+
+def test_compressed_npz_is_read_whole_below_the_limit(tmp_path, monkeypatch):
+    from ccamerge.data import npz
+
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, **_arrays())
+    plain = load_dataset(_save(tmp_path, "p.npz", **_arrays()))
+    packed = load_dataset(str(path))
+    assert not isinstance(packed.train.x, np.memmap)
+    assert torch.equal(packed.x_train, plain.x_train) and packed.mean == plain.mean
+    monkeypatch.setattr(npz, "INFLATE_LIMIT", 100)
+    data._load_cached.cache_clear()
+    with pytest.raises(CcamergeError, match="x_train is compressed .* np.savez"):
+        load_dataset(str(path))
+
+
+def test_rewritten_npz_is_refused_instead_of_crashing(tmp_path):
+    path = _save(tmp_path, **_arrays())
+    ds = load_dataset(path)
+    _save(tmp_path, **_arrays(n_train=30))  # rewritten in place under the memory map
+    with pytest.raises(CcamergeError, match="changed on disk"):
+        ds.x_train  # noqa: B018
+
+
+def test_npy_folder_matches_the_same_arrays_in_an_npz(tmp_path):
+    arrays = _arrays(size=5)
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    for key, value in arrays.items():
+        np.save(folder / f"{key}.npy", value)
+    ds, same = load_dataset(str(folder)), load_dataset(_save(tmp_path, **arrays))
+    assert isinstance(ds.train.x, np.memmap) and ds.describe()["train_size"] == 40
+    assert torch.equal(ds.x_train, same.x_train) and torch.equal(ds.y_test, same.y_test)
+    (folder / "y_test.npy").unlink()
+    with pytest.raises(CcamergeError, match="lacks y_test.npy"):
+        load_dataset(str(folder))
+    np.save(folder / "y_test.npy", np.array([object()] * 20, dtype=object))
+    with pytest.raises(CcamergeError, match="y_test is not a plain numeric array"):
+        load_dataset(str(folder))

@@ -99,3 +99,46 @@ def test_zoo_reuses_files_built_from_partial_configs(digits, tmp_path):
     again = train_zoo("vgg", digits, [0], tmp_path, width=0.25, epochs=1)
     assert not rows[0]["cached"] and again[0]["cached"]
     assert rows[0]["path"].endswith("vgg_w0.25_same_s0.safetensors")
+
+
+def test_training_streams_the_same_batches_from_disk_as_from_memory(tmp_path):
+    from ccamerge.data import make_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (90, 3, 4, 6)).astype(np.uint8)
+    y, arrays = np.arange(90) % 3, {}
+    for part, rows in (("train", slice(0, 70)), ("test", slice(70, 90))):
+        arrays[f"x_{part}"], arrays[f"y_{part}"] = x[rows], y[rows]
+    np.savez(tmp_path / "d.npz", **arrays)
+    disk = load_dataset(str(tmp_path / "d.npz"))
+    memory = make_dataset("memory", arrays["x_train"].astype(np.float32) / 255.0, arrays["y_train"],
+                          arrays["x_test"].astype(np.float32) / 255.0, arrays["y_test"])
+    assert default_config("vgg", disk) == default_config("vgg", memory)
+    config = default_config("vgg", disk, width=0.25) | {"batch_norm": True}
+    subset = np.arange(3, 70, 2)
+    a, b = (train_model("vgg", config, d, seed=1, indices=subset, epochs=2, batch_size=8)
+            for d in (disk, memory))
+    assert all(torch.allclose(a.state_dict()[k], v, atol=1e-5) for k, v in b.state_dict().items())
+    assert a.info["train_size"] == 34 and a.config["image_shape"] == [3, 4, 6]
+
+
+def test_training_on_loaders_and_on_feature_vectors():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ccamerge.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 10, generator=g) * 3
+    y = torch.arange(300) % 3
+    x = centres[y] + torch.randn(300, 10, generator=g)
+    data = Dataset("vectors", train=DataLoader(TensorDataset(x[:240], y[:240]), batch_size=32,
+                                               shuffle=True, generator=g),
+                   test=DataLoader(TensorDataset(x[240:], y[240:]), batch_size=32))
+    config = default_config("mlp", data)
+    assert config["in_features"] == 10 and "in_channels" not in config
+    model = train_model("mlp", config, data, seed=0, epochs=3)
+    assert model.info["test_accuracy"] > 90 and model.info["train_size"] == 240
+    with pytest.raises(CcamergeError, match="resnet20 takes images"):
+        default_config("resnet20", data)
+    with pytest.raises(CcamergeError, match="feature vectors of width 12 but the data has 10"):
+        train_model("mlp", dict(config, in_features=12), data, seed=0, epochs=1)

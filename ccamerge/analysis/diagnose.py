@@ -22,14 +22,22 @@ import torch
 from torch import nn
 
 from ccamerge.analysis.checklist import findings_for
-from ccamerge.api import align, aligned_states, resolve_spec, score_merge, subsample, train_inputs
-from ccamerge.data import holdout_split
+from ccamerge.api import (
+    align,
+    aligned_states,
+    resolve_spec,
+    score_merge,
+    score_source,
+    subsample,
+    train_source,
+)
+from ccamerge.data import as_source, holdout_split
+from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.methods import get_method
 from ccamerge.methods.base import hungarian
 from ccamerge.methods.cca import solve_near_exact
-from ccamerge.models import logits
 from ccamerge.spec import AlignmentSpec
 from ccamerge.stats import CrossMoments, batch_features, collect_statistics
 from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
@@ -58,26 +66,27 @@ def partial_state(reference_state: dict[str, torch.Tensor], merged_state: dict[s
 def partial_curve(reference: nn.Module, merged_state: dict[str, torch.Tensor], spec: AlignmentSpec,
                   data, bn_reset: bool) -> list[dict]:
     """Test accuracy and loss of the partial merges k = 0 (the reference) .. all points."""
-    x_train = train_inputs(data)
+    train, test = train_source(data), score_source(data)
     rows = []
     for k in range(len(spec.points) + 1):
         model = with_state(reference, partial_state(reference.state_dict(), merged_state, spec, k))
         if bn_reset:
-            reset_batchnorm(model, x_train)
-        rows.append(evaluate_model(model, data.x_test, data.y_test))
+            reset_batchnorm(model, train)
+        rows.append(evaluate_model(model, test))
     return rows
 
 
 @torch.no_grad()
-def _total_variance(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor,
+def _total_variance(model: nn.Module, spec: AlignmentSpec, x,
                     batch_size: int = 256) -> dict[str, float | None]:
-    """Per point: the trace of ``model``'s feature covariance over ``x``; None where the features
-    are not finite (e.g. negative BatchNorm variances after a non-permutation transform)."""
+    """Per point: the trace of ``model``'s feature covariance over ``x`` (a tensor or a source,
+    streamed); None where the features are not finite (e.g. negative BatchNorm variances after
+    a non-permutation transform)."""
     moments = {p.name: CrossMoments(p.width, p.width) for p in spec.points}
     broken: set[str] = set()
     model.eval()
-    for start in range(0, len(x), batch_size):
-        for name, feats in batch_features(model, spec, x[start:start + batch_size]).items():
+    for xb, _ in as_source(x).batches(batch_size):
+        for name, feats in batch_features(model, spec, xb).items():
             if not bool(torch.isfinite(feats).all()):
                 broken.add(name)
             elif name not in broken:
@@ -86,7 +95,7 @@ def _total_variance(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor,
             for name, m in moments.items()}
 
 
-def _collapse(merged: nn.Module, spec: AlignmentSpec, stats, x: torch.Tensor) -> dict[str, float | None]:
+def _collapse(merged: nn.Module, spec: AlignmentSpec, stats, x) -> dict[str, float | None]:
     """Per point: total variance of the merged model's features / mean over the endpoints
     (None where the merged model's features are NaN/inf)."""
     merged_var = _total_variance(merged, spec, x)
@@ -128,7 +137,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     seed=seed, **options)
     # statistics of every model against the reference are needed even for data-free methods
-    x = train_inputs(data)
+    x, test = train_source(data), score_source(data)
     x_stats = subsample(x, stats_samples, seed)
     stats = aligned.statistics or collect_statistics(models, aligned.spec, x_stats, reference=reference)
     report(0.3, "merging")
@@ -136,7 +145,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     merged = with_state(models[reference], merged_state)
     if bn_reset:
         reset_batchnorm(merged, x)
-    base = [evaluate_model(with_bn_reset(m, x), data.x_test, data.y_test) for m in models]
+    base = [evaluate_model(with_bn_reset(m, x), test) for m in models]
     report(0.5, "partial merges")
     partial = partial_curve(models[reference], merged_state, aligned.spec, data, bn_reset)
     collapse = _collapse(merged, aligned.spec, stats, x_stats)
@@ -151,18 +160,18 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         points.append(row)
     result = {
         "method": method, "options": aligned.options, "reference": reference, "bn_reset": bn_reset,
-        "has_batchnorm": has_batchnorm(models[0]), "num_classes": int(data.y_test.max()) + 1,
-        "base": base, "ensemble": evaluate_ensemble(models, data.x_test, data.y_test),
-        "merged": evaluate_model(merged, data.x_test, data.y_test),
+        "has_batchnorm": has_batchnorm(models[0]), "num_classes": int(test.labels().max()) + 1,
+        "base": base, "ensemble": evaluate_ensemble(models, test),
+        "merged": evaluate_model(merged, test),
         "reference_only": partial[0], "points": points,
         "ranking": [p["name"] for p in sorted(points, key=_damage_order)],
-        "predicted_classes": [_predicted_classes(m, data.x_test) for m in models],
+        "predicted_classes": [_predicted_classes(m, test) for m in models],
     }
     if method == "cca" and result["has_batchnorm"]:
         # a permutation merge from the same statistics: do CCA's dense maps, rather than the
         # models, cost the accuracy on this BatchNorm net?
         result["permute_check"] = score_merge(models, "permute", {}, stats, aligned.spec, x,
-                                               data.x_test, data.y_test, reference, bn_reset)
+                                               test, None, reference, bn_reset)
     if with_sweep and method in ("cca", "zipit"):
         report(0.7, f"sweeping {method} hyperparameters")
         result["sweep"] = sweep(models, data, method, reference=reference, bn_reset=bn_reset,
@@ -188,10 +197,15 @@ def _damage_order(point: dict) -> tuple[float, float]:
     return (-loss if loss is not None else float("inf"), -point["damage_accuracy"])
 
 
-def _predicted_classes(model: nn.Module, x: torch.Tensor) -> list[float]:
+@torch.no_grad()
+def _predicted_classes(model: nn.Module, source: DataSource, batch_size: int = 1024) -> list[float]:
     """Share of test inputs predicted as each class (which labels a model actually uses)."""
-    pred = logits(model, x).argmax(1)
-    counts = torch.bincount(pred, minlength=int(pred.max()) + 1).double()
+    model.eval()
+    counts = np.zeros(0)
+    for xb, _ in source.batches(batch_size):
+        batch = np.bincount(model(xb).argmax(1).numpy())
+        counts = np.pad(counts, (0, max(0, len(batch) - len(counts))))
+        counts[:len(batch)] += batch
     return (counts / counts.sum()).tolist()
 
 
@@ -207,32 +221,31 @@ def default_grid(method: str) -> list[dict]:
 def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[dict] | None = None,
           holdout: float = 0.2, reference: int = 0, bn_reset: bool = True,
           stats_samples: int | None = None, seed: int = 0, current: dict | None = None,
-          validation: tuple[torch.Tensor, torch.Tensor] | None = None, progress=None) -> dict:
+          validation=None, progress=None) -> dict:
     """Merged accuracy over a grid of option settings, measured on a held-out slice of the
     training set (never the test set); statistics and BatchNorm reset use the rest.
-    ``validation=(x [B, ...], y [B])`` gives the held-out images explicitly (then all of
-    ``data.x_train`` is used for statistics). Returns ``{"method", "grid", "accuracy", "loss",
-    "best", "best_index", "best_at_edge", "parameter", "selected_on"}``, and
+    ``validation`` (``(x [B, ...], y [B])`` or a labelled source) gives the held-out samples
+    explicitly (then all of ``data.train`` is used for statistics). Returns ``{"method", "grid",
+    "accuracy", "loss", "best", "best_index", "best_at_edge", "parameter", "selected_on"}``, and
     ``"current": {"options", "accuracy", "loss"}`` for the ``current`` options (the ones a merge
     used) scored the same way."""
     report = progress or (lambda _f, _m: None)
     grid = grid or default_grid(method)
     if validation is None:
-        fit_idx, val_idx = holdout_split(len(data.y_train), holdout, seed)
-        x_fit = data.x_train[fit_idx]
-        x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+        fit_idx, val_idx = holdout_split(len(data.train), holdout, seed)
+        x_fit, val = data.train.subset(fit_idx), data.train.subset(val_idx)
         selected_on = f"held-out {holdout:.0%} of the training set ({len(val_idx)} images)"
     else:
-        x_fit, (x_val, y_val) = data.x_train, validation
-        selected_on = f"{len(y_val)} held-out images"
+        x_fit, val = data.train, as_source(validation)
+        selected_on = f"{len(val)} held-out images"
     method_info = get_method(method)
     spec = resolve_spec(models, x_fit)
     stats = collect_statistics(models, spec, subsample(x_fit, stats_samples, seed),
                                reference=reference, pairs=method_info.statistics or "reference")
 
     def score(options: dict) -> dict:
-        return score_merge(models, method, options, stats, spec, x_fit, x_val, y_val, reference,
-                            bn_reset)
+        return score_merge(models, method, options, stats, spec, x_fit, val, None, reference,
+                           bn_reset)
 
     scores = []
     for k, options in enumerate(grid):

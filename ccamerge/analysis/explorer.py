@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccamerge.api import align, aligned_states, train_inputs
+from ccamerge.api import align, aligned_states, score_source, train_source
+from ccamerge.data import as_source
 from ccamerge.errors import CcamergeError
 from ccamerge.methods.base import hungarian
 from ccamerge.spec import AlignmentSpec
@@ -35,9 +36,10 @@ EMBEDDINGS = ("pca", "umap")
 
 # ----------------------------------------------------------------------------- features
 @torch.no_grad()
-def point_features(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor, point: str, *,
+def point_features(model: nn.Module, spec: AlignmentSpec, x, point: str, *,
                    pool: str = "mean", batch_size: int = 256) -> np.ndarray:
-    """Features of merge point ``point`` per input of ``x`` ``[B, ...]``: ``pool="mean"`` gives
+    """Features of merge point ``point`` per input of ``x`` (``[B, ...]``, or a data source,
+    streamed): ``pool="mean"`` gives
     ``[B, n]`` (each unit averaged over spatial positions), ``"flatten"`` the whole map
     ``[B, n * H * W]`` (position-major). A residual stream's writers are averaged."""
     if pool not in ("mean", "flatten"):
@@ -45,8 +47,7 @@ def point_features(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor, point
     sub = AlignmentSpec((spec.point(point),))
     model.eval()
     out = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size]
+    for xb, _ in as_source(x).batches(batch_size):
         with capture_features(model, sub) as captured:
             model(xb)
         # each chunk is [B * H * W, n] (channel last); [B, H * W, n] per writer, then averaged
@@ -61,12 +62,14 @@ def unit_profiles(model: nn.Module, spec: AlignmentSpec, x: torch.Tensor, point:
 
 
 def sample_inputs(data, samples: int = SAMPLES, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
-    """A fixed random sample of at most ``samples`` test images ``[S, C, H, W]`` and labels ``[S]``."""
-    x, y = data.x_test, data.y_test
+    """A fixed random sample of at most ``samples`` test inputs ``[S, ...]`` and labels ``[S]``
+    (only the sample is read)."""
+    test = score_source(data)
     if samples < 2:
         raise CcamergeError(f"need at least 2 inputs, got {samples}")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:samples]
-    return x[order].float(), np.asarray(y[order])
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:samples]
+    sample = test.subset(order.numpy())
+    return sample.inputs().float(), sample.labels().numpy()
 
 
 def aligned_and_merged(models: Sequence[nn.Module], data, method: str = "cca", *,
@@ -85,7 +88,7 @@ def aligned_and_merged(models: Sequence[nn.Module], data, method: str = "cca", *
                                                        aligned.alignment.transforms[other]))
     merged = with_state(models[reference], average_states(states))
     if bn_reset:
-        x = train_inputs(data)
+        x = train_source(data)
         reset_batchnorm(moved, x)
         reset_batchnorm(merged, x)
     return moved.eval(), merged.eval(), aligned.spec

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccamerge.api import align, resolve_spec, train_inputs
+from ccamerge.api import align, resolve_spec, score_source, train_source
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_model
 from ccamerge.methods.cca import solve_pair, sym_powers
@@ -31,8 +31,11 @@ from ccamerge.transform import (
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.eval()(x)
+def _max_output_diff(a: nn.Module, b: nn.Module, source, batch_size: int = 1024) -> float:
+    """``max |a(x) - b(x)|`` over every batch of ``source`` (both in eval mode)."""
+    a.eval()
+    b.eval()
+    return max(float((a(xb) - b(xb)).abs().max()) for xb, _ in source.batches(batch_size))
 
 
 def _perm_of(transform: Transform) -> np.ndarray:
@@ -46,11 +49,11 @@ def swap_demo(model: nn.Module, data, *, seed: int = 0, show: int = 12) -> dict:
     of its swapped twin, of their plain average and of their average after matching the twin
     back (``permute``); ``recovered``: share of units whose swap the matching undid. ``point``,
     ``perm``: the first merge point and the first ``show`` entries of its permutation."""
-    x = train_inputs(data)
+    x, test = train_source(data), score_source(data)
     spec = resolve_spec([model], x)
     perms = random_permutations(spec, seed)
     twin = with_state(model, apply_transforms(model.state_dict(), spec, perms))
-    diff = float((_outputs(model, data.x_test) - _outputs(twin, data.x_test)).abs().max())
+    diff = _max_output_diff(model, twin, test)
     plain = with_state(model, average_states([model.state_dict(), twin.state_dict()]))
     aligned = align([model, twin], data, "permute")
     back = aligned.alignment.transforms[1]
@@ -62,7 +65,7 @@ def swap_demo(model: nn.Module, data, *, seed: int = 0, show: int = 12) -> dict:
     recovered = np.mean([np.mean(_perm_of(back[p.name]) == np.argsort(_perm_of(perms[p.name])))
                          for p in spec.points])
     first = spec.points[0].name
-    score = lambda m: evaluate_model(m, data.x_test, data.y_test)["accuracy"]  # noqa: E731
+    score = lambda m: evaluate_model(m, test)["accuracy"]  # noqa: E731
     return {"point": first, "width": spec.points[0].width,
             "perm": _perm_of(perms[first])[:show].tolist(), "max_abs_diff": diff,
             "accuracy": {"original": score(model), "swapped": score(twin),
