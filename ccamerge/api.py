@@ -26,133 +26,47 @@ from ccamerge.batchnorm import (
     reset_to_endpoints,
     without_static_vectors,
 )
-from ccamerge.data import Dataset, TensorSource, as_source
-from ccamerge.data.sources import DataSource
+from ccamerge.data.fit import (
+    check_compatible,
+    is_builtin,
+    resolve_spec,
+    score_source,
+    subsample,
+    train_inputs,
+    train_source,
+)
+from ccamerge.devices import models_to, module_device, resolve_device
+from ccamerge.distributed import rank_and_size, reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method, hungarian
 from ccamerge.methods.cca import solve_near_exact, solve_pair
-from ccamerge.models import ARCHITECTURES, check_input_fit, same_architecture
 from ccamerge.repair import repair as repair_units
-from ccamerge.spec import AlignmentSpec, build_spec
+from ccamerge.spec import AlignmentSpec
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
-from ccamerge.trace.derive import derive_and_verify
 from ccamerge.transform import (
     apply_transforms,
     average_states,
     has_batchnorm,
-    reset_batchnorm,
     with_state,
 )
 
 Progress = Callable[[float, str], None]
+__all__ = ["AlignResult", "MergeResult", "align", "aligned_states", "check_compatible",
+           "interpolate", "is_builtin", "merge", "resolve_spec", "score_merge", "score_source",
+           "spectrum", "subsample", "train_inputs", "train_source"]
 
 
 def _silent(_fraction: float, _message: str) -> None:
     pass
 
 
-def train_source(data) -> DataSource:
-    """The source statistics and the BatchNorm reset stream: a Dataset's training part, or data
-    given directly (a tensor / array ``[N, ...]`` as float32, a DataSource, a DataLoader, an
-    iterable of ``(x, y)`` batches)."""
-    if isinstance(data, Dataset):
-        return data.train
-    if isinstance(data, np.ndarray | torch.Tensor):
-        return TensorSource(torch.as_tensor(data).float())
-    return as_source(data)
-
-
-def score_source(data) -> DataSource:
-    """A Dataset's test part (what interpolation and diagnosis score on)."""
-    if not isinstance(data, Dataset):
-        raise CcamergeError(f"scoring needs a Dataset with a test part, got {type(data).__name__}; "
-                            "build one with Dataset(name, train=..., test=...)")
-    return data.test
-
-
-def train_inputs(data) -> torch.Tensor:
-    """Training inputs ``[N, ...]`` as one tensor (the tensor itself for data in memory). For
-    callers that need a tensor; the library streams :func:`train_source` instead."""
-    return train_source(data).inputs()
-
-
-def is_builtin(model: nn.Module) -> bool:
-    return getattr(model, "arch", None) in ARCHITECTURES
-
-
-def check_compatible(models: Sequence[nn.Module], data, reference: int) -> None:
-    """Before any work, fail with one clear line for < 2 models, mismatched models, a bad
-    reference index, fewer than 2 samples, or data whose sample shape (feature width, channels,
-    height, width) or number of classes does not fit the models. ``data``: anything
-    :func:`train_source` takes."""
-    if len(models) < 2:
-        raise CcamergeError(f"merging needs at least 2 models, got {len(models)}")
-    if not 0 <= reference < len(models):
-        raise CcamergeError(f"reference must be in 0..{len(models) - 1}, got {reference}")
-    source = train_source(data)
-    size = source.size_hint()
-    if size is not None and size < 2:
-        raise CcamergeError(f"the data holds {size} sample(s); statistics need at least 2")
-    if all(is_builtin(m) for m in models):
-        same_architecture(list(models))
-        check_input_fit(models[0], source.sample_shape, source.num_classes)
-        return
-    _same_state_shapes(models)
-    _check_runs(models[0], source)
-
-
-def _check_runs(model: nn.Module, source: DataSource) -> None:
-    """A model outside the built-in families runs on two samples with one output per class."""
-    try:
-        with torch.no_grad():
-            out = model.eval()(source.head(2))
-    except Exception as exc:
-        raise CcamergeError(f"model 0 cannot run on inputs of shape {list(source.sample_shape)}: "
-                            f"{exc}; pick the dataset it was trained on") from exc
-    classes = source.num_classes
-    if classes is not None and isinstance(out, torch.Tensor) and out.dim() == 2 \
-            and out.shape[1] != classes:
-        raise CcamergeError(f"model 0 has {out.shape[1]} outputs but the data has {classes} "
-                            "classes; pick the dataset it was trained on")
-
-
-def _same_state_shapes(models: Sequence[nn.Module]) -> None:
-    first = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
-    for index, model in enumerate(models[1:], start=1):
-        other = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for key in sorted(set(first) | set(other)):
-            if first.get(key) != other.get(key):
-                raise CcamergeError(f"model {index} does not match model 0 at {key} "
-                                    f"({other.get(key)} vs {first.get(key)}); only models of one "
-                                    "architecture and size merge")
-
-
-def resolve_spec(models: Sequence[nn.Module], x) -> AlignmentSpec:
-    """The hand-written spec of a built-in family, else one derived by tracing and verified
-    with a random permutation on the first 64 inputs of ``x`` (a tensor or a data source;
-    points that fail verification are not used)."""
-    if is_builtin(models[0]):
-        return build_spec(models[0])
-    derived = derive_and_verify(models[0], x[:64] if isinstance(x, torch.Tensor) else x.head(64))
-    if not derived.spec.points:
-        reasons = "; ".join(derived.unmerged[:3]) or "no Linear/Conv layer feeds another"
-        raise CcamergeError(f"found no merge point that can be aligned safely ({reasons}); "
-                            "run `ccamerge spec MODEL` for details")
-    return derived.spec
-
-
-def subsample(x, samples: int | None, seed: int):
-    """``samples`` rows of ``x`` chosen at random with ``seed`` (all rows when None): rows of a
-    tensor, or for a data source a lazy subset (its indices only; see ``DataSource.take``)."""
-    if isinstance(x, DataSource):
-        return x.take(samples, seed)
-    if samples is None or samples >= len(x):
-        return x
-    if samples < 2:
-        raise CcamergeError(f"need at least 2 statistics samples, got {samples}")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return x[order[:samples]]
+def place_models(models: Sequence[nn.Module], device=None) -> tuple[list[nn.Module], torch.device]:
+    """``models`` on ``device`` (``"auto" | "cpu" | "cuda" | "cuda:N"`` or a torch.device;
+    default: where model 0 is) and that device: the models already there, copies of the others
+    (the caller's models never move). A device that is not there fails in one line."""
+    place = resolve_device(device) if device is not None else module_device(models[0])
+    return models_to(models, place), place
 
 
 @dataclass
@@ -167,17 +81,21 @@ class AlignResult:
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
           statistics: Statistics | None = None, spec: AlignmentSpec | None = None,
-          progress: Progress = _silent, **options) -> AlignResult:
+          device=None, group=None, progress: Progress = _silent, **options) -> AlignResult:
     """Transforms bringing every model into the reference's basis (jointly for ZipIt).
 
     ``statistics``: reuse statistics collected earlier (same models and reference, and every
     pair when the method is joint) instead of a new pass over the data. ``spec``: the merge
     points (default: the family's spec, or one derived by tracing for other models).
+    ``device``: where the statistics pass runs (see :func:`place_models`); ``group``: a
+    torch.distributed process group whose ranks share the statistics data (every rank passes
+    the same data and gets the same result; see :mod:`ccamerge.distributed`).
     """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
     source = train_source(data)
     check_compatible(models, source, reference)
+    models, place = place_models(models, device)
     spec = spec or resolve_spec(models, source)
     stats = statistics if spec_method.statistics else None
     if spec_method.statistics and stats is None:
@@ -185,7 +103,8 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
         stats = collect_statistics(models, spec, subsample(source, stats_samples, seed),
                                    reference=reference,
                                    pairs=spec_method.statistics, batch_size=batch_size,
-                                   progress=lambda f: progress(0.6 * f, "collecting activation statistics"))
+                                   device=place, group=group,
+                                   progress=lambda f: progress(0.6 * f, "collecting statistics"))
     progress(0.6, f"solving {method}")
     ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed)
     return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved, method)
@@ -218,6 +137,7 @@ class MergeResult:
     spec: AlignmentSpec
     recipe: dict
     warnings: list[str] = field(default_factory=list)
+    collection: dict = field(default_factory=dict)
 
     def correlations(self) -> dict[str, dict[int, np.ndarray]]:
         """Per merge point and model: canonical (CCA) or matched (permutations) correlations."""
@@ -247,6 +167,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           weights: Sequence[float] | None = None, stats_samples: int | None = None,
           batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
           sources: Sequence[str | None] | None = None, data_dir: str | None = None,
+          statistics: Statistics | None = None, device=None, group=None,
           progress: Progress = _silent, **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
@@ -259,13 +180,21 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     (see :mod:`ccamerge.batchnorm`).
     ``sources``: the file each model was loaded from (default: each model's ``.source``) and
     ``data_dir``: the folder the dataset was read from, both recorded in the recipe.
+    ``statistics``: reuse statistics collected earlier (:func:`align`), so several methods
+    and settings need one pass over the data. ``device``, ``group``: where it runs and which torch.distributed ranks share the data (see
+    :func:`align`); the result's ``collection`` says ``device``, ``world_size`` and
+    ``samples_per_rank`` (statistics inputs each rank read). The merged model stays on
+    ``device``.
     Returns the merged model (eval mode) in the reference's basis, with details and the recipe
     (see :class:`MergeResult`).
     """
     if bn_policy not in POLICIES:
         raise CcamergeError(f"bn_policy must be one of {POLICIES}, not {bn_policy!r}")
+    recorded = model_sources(models, sources)
+    models, place = place_models(models, device)
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
-                    batch_size=batch_size, seed=seed, spec=spec, progress=progress, **options)
+                    batch_size=batch_size, seed=seed, spec=spec, statistics=statistics,
+                    group=group, progress=progress, **options)
     progress(0.8, "averaging")
     folded = conv_bn_pairs(models[0]) if bn_policy == "fold" and has_batchnorm(models[0]) else []
     states = aligned_states(models, aligned, folded)
@@ -282,15 +211,24 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                            subsample(train_source(data), stats_samples, seed))
     elif bn_reset:
         progress(0.9, "resetting BatchNorm statistics")
-        reset_batchnorm(merged, train_source(data), batch_size=batch_size)
+        reset_batchnorm_sharded(merged, train_source(data), batch_size=batch_size, group=group)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
               "bn_reset": bn_reset, "bn_policy": bn_policy, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
-              "data": describe_data(data, data_dir), "models": model_sources(models, sources)}
+              "data": describe_data(data, data_dir), "models": recorded}
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
-                       notes)
+                       notes, collection_of(aligned.statistics, place, group))
+
+
+def collection_of(stats: Statistics | None, place: torch.device, group=None) -> dict:
+    """``{"device", "world_size", "samples_per_rank", "samples"}`` of a merge (no samples for a
+    data-free method)."""
+    if stats is not None:
+        return stats.collection()
+    return {"device": str(place), "world_size": rank_and_size(group)[1], "samples_per_rank": [],
+            "samples": 0}
 
 
 def describe_data(data, data_dir: str | None = None) -> dict | None:
@@ -312,16 +250,17 @@ def model_sources(models: Sequence[nn.Module], sources: Sequence[str | None] | N
 
 
 def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
-                y_eval: torch.Tensor | None, reference: int, bn_reset: bool) -> dict:
+                y_eval: torch.Tensor | None, reference: int, bn_reset: bool, *,
+                group=None) -> dict:
     """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` (or a labelled source
     ``x_eval`` with ``y_eval`` None) of a merge built from statistics collected earlier (to score
     several methods or settings on one pass over the data), its BatchNorm reset (if on) run over
-    ``x_fit`` (a tensor or a source)."""
+    ``x_fit`` (a tensor or a source; shared by the ranks of ``group``)."""
     aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
                     **options)
     merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
     if bn_reset:
-        reset_batchnorm(merged, train_source(x_fit))
+        reset_batchnorm_sharded(merged, train_source(x_fit), group=group)
     return evaluate_model(merged, labelled_source(x_eval, y_eval))
 
 
@@ -341,11 +280,14 @@ def _repair(merged, models, states, weights, aligned, data, stats_samples, seed)
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "average", *,
                 steps: int = 11, bn_reset: bool = True, stats_samples: int | None = None,
-                seed: int = 0, progress: Progress = _silent, **options) -> dict:
+                seed: int = 0, statistics: Statistics | None = None, device=None, group=None,
+                progress: Progress = _silent, **options) -> dict:
     """Test accuracy and loss along ``(1 - l) A + l B'`` for ``l`` on a grid of ``steps``.
 
     B' is B aligned to A. For methods whose transforms are not exact (CCA), the second half uses
     A aligned to B instead, so both endpoints are the true models (the paper's protocol).
+    ``statistics``: reuse statistics of the pair collected earlier (A as reference);
+    ``device``, ``group``: see :func:`align`.
     Returns ``{"method", "lambdas", "accuracy", "loss", "barrier"}``.
     """
     spec_method = get_method(method)
@@ -355,9 +297,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     if steps < 2:
         raise CcamergeError(f"steps must be >= 2, got {steps}")
     train, test = train_source(data), score_source(data)
-    pair = [model_a, model_b]
-    common = dict(stats_samples=stats_samples, seed=seed, **options)
-    to_a = align(pair, data, method, reference=0, **common)
+    pair, _place = place_models([model_a, model_b], device)
+    model_a, model_b = pair
+    common = dict(stats_samples=stats_samples, seed=seed, group=group, **options)
+    to_a = align(pair, data, method, reference=0, statistics=statistics, **common)
     states_a = aligned_states(pair, to_a)
     states_b = states_a
     if not spec_method.exact:  # same statistics, other reference
@@ -369,7 +312,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
         states, base = (states_a, model_a) if lam <= 0.5 else (states_b, model_b)
         model = with_state(base, average_states(states, [1.0 - lam, lam]))
         if bn_reset:
-            reset_batchnorm(model, train)
+            reset_batchnorm_sharded(model, train, group=group)
         scores = evaluate_model(model, test)
         curve["accuracy"].append(scores["accuracy"])
         curve["loss"].append(scores["loss"])
@@ -380,16 +323,17 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
 
 def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: float | None = None,
              relative: bool | None = None, stats_samples: int | None = None, seed: int = 0,
-             statistics: Statistics | None = None) -> list[dict]:
+             statistics: Statistics | None = None, device=None, group=None) -> list[dict]:
     """Per merge point and non-reference model: canonical correlations at ``gamma`` (default: the
     cca method's) and nearly unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the
     Hungarian-matched unit correlations sorted descending (``matched``), their means, and
-    numerical health."""
+    numerical health. ``device``, ``group``: see :func:`align`."""
     source = train_source(data)
     check_compatible(models, source, reference)
     spec = resolve_spec(models, source)
+    models, place = place_models(models, device)
     stats = statistics or collect_statistics(models, spec, subsample(source, stats_samples, seed),
-                                             reference=reference)
+                                             reference=reference, device=place, group=group)
     rows = []
     for point in spec.points:
         p = stats[point.name]

@@ -163,14 +163,6 @@ def batch_block(num_samples: int, batch_size: int, rank: int, world_size: int) -
     return slice(min(first * batch_size, num_samples), min(last * batch_size, num_samples))
 
 
-def shard_rows(x: torch.Tensor, batch_size: int, group: ProcessGroup | None) -> torch.Tensor:
-    """This rank's :func:`batch_block` of ``x`` ``[B, ...]`` (a view; all of ``x`` without a
-    group)."""
-    if group is None:
-        return x
-    return x[batch_block(len(x), batch_size, *rank_and_size(group))]
-
-
 def shard_source(source, batch_size: int, group: ProcessGroup | None):
     """This rank's :func:`batch_block` of a data source of known length (lazily, as a subset;
     the whole source without a group)."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from ccamerge.data import TensorSource, as_source
 from ccamerge.data.sources import DataSource
+from ccamerge.devices import module_device
 from ccamerge.errors import CcamergeError
 from ccamerge.models import check_input_fit, logits
 from ccamerge.transform import has_batchnorm, reset_batchnorm
@@ -64,7 +65,14 @@ def evaluate_model(model: nn.Module, x, y: torch.Tensor | None = None) -> dict[s
     source = labelled_source(x, y)
     check_input_fit(model, source.sample_shape, source.num_classes)
     model.eval()
-    return stream_metrics(model, source)
+    return stream_metrics(on_host(model), source)
+
+
+def on_host(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> logits``: the batch moved to the model's device, the logits ``[B, K]`` back to
+    the host as float32 (labels and metrics stay on the CPU)."""
+    place = module_device(model)
+    return lambda xb: model(xb.to(place)).float().cpu()
 
 
 def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +87,8 @@ def evaluate_ensemble(models: Sequence[nn.Module], x,
     for m in models:
         check_input_fit(m, source.sample_shape, source.num_classes)
         m.eval()
-    return stream_metrics(lambda xb: torch.stack([m(xb) for m in models]).mean(0), source)
+    forwards = [on_host(m) for m in models]
+    return stream_metrics(lambda xb: torch.stack([f(xb) for f in forwards]).mean(0), source)
 
 
 def with_bn_reset(model: nn.Module, x_train) -> nn.Module:

@@ -299,4 +299,6 @@ def count_parameters(model: nn.Module) -> int:
 def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Eval-mode logits ``[B, classes]`` for inputs ``x`` ``[B, ...]``, in batches."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    place = next((t.device for t in (*model.parameters(), *model.buffers())), x.device)
+    return torch.cat([model(x[i:i + batch_size].to(place)).cpu()
+                      for i in range(0, len(x), batch_size)])

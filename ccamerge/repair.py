@@ -80,8 +80,9 @@ def unit_moments(model: nn.Module, names: Sequence[str], x,
     model.eval()
     moments = {name: UnitMoments() for name in names}
     with _recording(model, names) as seen:
+        place = next((t.device for t in model.parameters()), torch.device("cpu"))
         for xb, _ in as_source(x).batches(batch_size):
-            model(xb)
+            model(xb.to(place))
             for name, chunks in seen.items():
                 for c in chunks:
                     moments[name].update(c.movedim(1, -1).reshape(-1, c.shape[1]))

@@ -191,7 +191,7 @@ def capture_features(model: nn.Module, spec: AlignmentSpec) -> Iterator[dict[str
 def batch_features(model: nn.Module, spec: AlignmentSpec, xb: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{point: samples [S, n]}`` of one forward pass of ``model`` on the batch ``xb``."""
     with capture_features(model, spec) as captured, torch.no_grad():
-        model(xb)
+        model(xb.to(module_device(model)))
     return {name: chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             for name, chunks in captured.items()}
 

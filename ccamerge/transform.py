@@ -55,7 +55,8 @@ def _apply_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.
     n = matrix.shape[0]
     block = moved[axis.span(n)]
     # channel-major flatten keeps each unit's `repeat` entries together: [n, repeat * rest]
-    moved[axis.span(n)] = (torch.from_numpy(matrix) @ block.reshape(n, -1)).reshape(block.shape)
+    product = torch.from_numpy(matrix).to(moved.device) @ block.reshape(n, -1)
+    moved[axis.span(n)] = product.reshape(block.shape)
     return moved.movedim(0, axis.axis).to(tensor.dtype)
 
 
@@ -127,8 +128,10 @@ def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
         model.to(memory_format=torch.channels_last)
     model.train()
     total, seen = source.size_hint(), 0
+    place = norms[0].running_mean.device
     try:
         for xb, _ in source.batches(batch_size):
+            xb = xb.to(place)
             if image:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             for m in norms:  # sample-weighted running average: a short last batch weighs less

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from ccamerge.api import interpolate, merge, spectrum
 from ccamerge.errors import CcamergeError
@@ -164,3 +165,49 @@ def test_bad_loaders_fail_with_one_clear_line(mlps, digits):
         evaluate_model(mlps[0], [(digits.x_test[:4], torch.tensor([0, 1, 12, 3]))])
     with pytest.raises(CcamergeError, match="one-shot iterator"):
         merge(mlps[:2], (b for b in [digits.x_train]), "cca")
+
+
+def test_merge_on_an_explicit_cpu_device_is_the_default_merge(mlps, digits):
+    default = merge(mlps[:2], digits, "cca")
+    on_cpu = merge(mlps[:2], digits, "cca", device="cpu")
+    for key, value in default.model.state_dict().items():
+        assert torch.equal(value, on_cpu.model.state_dict()[key]), key
+    assert on_cpu.collection == {"device": "cpu", "world_size": 1,
+                                 "samples_per_rank": [len(digits.y_train)],
+                                 "samples": len(digits.y_train)}
+    assert merge(mlps[:2], digits, "weight_matching").collection["samples"] == 0
+
+
+def test_a_missing_device_fails_before_any_work(mlps, digits, monkeypatch):
+    import ccamerge.api as api_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    monkeypatch.setattr(api_module, "collect_statistics", lambda *a, **k: calls.append(1))
+    with pytest.raises(CcamergeError, match="CUDA is not available"):
+        merge(mlps[:2], digits, "cca", device="cuda")
+    assert calls == []
+
+
+def test_one_statistics_pass_serves_every_method_interpolation_and_spectrum(
+        mlps, digits, monkeypatch):
+    import ccamerge.api as api_module
+    from ccamerge.api import align
+
+    real, calls = api_module.collect_statistics, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("pairs", "reference"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api_module, "collect_statistics", counted)
+    stats = align(mlps[:2], digits, "zipit").statistics  # every pair: serves every method
+    assert calls == ["all"]
+    for method in ("cca", "permute", "ot", "zipit"):
+        reused = merge(mlps[:2], digits, method, statistics=stats).model.state_dict()
+        fresh = merge(mlps[:2], digits, method).model.state_dict()
+        assert all(torch.allclose(v, fresh[k], atol=1e-6) for k, v in reused.items()), method
+    assert len(calls) == 5  # the four fresh merges collected, the four reuses did not
+    interpolate(*mlps[:2], digits, "cca", steps=3, statistics=stats)
+    spectrum(mlps[:2], digits, statistics=stats)
+    assert len(calls) == 5

@@ -1,0 +1,123 @@
+"""Between the data and the models: the part of the data a computation streams
+(:func:`train_source`, :func:`score_source`), a random statistics sample (:func:`subsample`),
+the merge points of the models (:func:`resolve_spec`) and the fit check that runs before any
+work (:func:`check_compatible`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ccamerge.data.adapt import as_source
+from ccamerge.data.dataset import Dataset
+from ccamerge.data.sources import DataSource, TensorSource
+from ccamerge.errors import CcamergeError
+from ccamerge.models import ARCHITECTURES, check_input_fit, same_architecture
+from ccamerge.spec import AlignmentSpec, build_spec
+from ccamerge.trace.derive import derive_and_verify
+
+
+def train_source(data) -> DataSource:
+    """The source statistics and the BatchNorm reset stream: a Dataset's training part, or data
+    given directly (a tensor / array ``[N, ...]`` as float32, a DataSource, a DataLoader, an
+    iterable of ``(x, y)`` batches)."""
+    if isinstance(data, Dataset):
+        return data.train
+    if isinstance(data, np.ndarray | torch.Tensor):
+        return TensorSource(torch.as_tensor(data).float())
+    return as_source(data)
+
+
+def score_source(data) -> DataSource:
+    """A Dataset's test part (what interpolation and diagnosis score on)."""
+    if not isinstance(data, Dataset):
+        raise CcamergeError(f"scoring needs a Dataset with a test part, got {type(data).__name__}; "
+                            "build one with Dataset(name, train=..., test=...)")
+    return data.test
+
+
+def train_inputs(data) -> torch.Tensor:
+    """Training inputs ``[N, ...]`` as one tensor (the tensor itself for data in memory). For
+    callers that need a tensor; the library streams :func:`train_source` instead."""
+    return train_source(data).inputs()
+
+
+def is_builtin(model: nn.Module) -> bool:
+    return getattr(model, "arch", None) in ARCHITECTURES
+
+
+def check_compatible(models: Sequence[nn.Module], data, reference: int) -> None:
+    """Before any work, fail with one clear line for < 2 models, mismatched models, a bad
+    reference index, fewer than 2 samples, or data whose sample shape (feature width, channels,
+    height, width) or number of classes does not fit the models. ``data``: anything
+    :func:`train_source` takes."""
+    if len(models) < 2:
+        raise CcamergeError(f"merging needs at least 2 models, got {len(models)}")
+    if not 0 <= reference < len(models):
+        raise CcamergeError(f"reference must be in 0..{len(models) - 1}, got {reference}")
+    source = train_source(data)
+    size = source.size_hint()
+    if size is not None and size < 2:
+        raise CcamergeError(f"the data holds {size} sample(s); statistics need at least 2")
+    if all(is_builtin(m) for m in models):
+        same_architecture(list(models))
+        check_input_fit(models[0], source.sample_shape, source.num_classes)
+        return
+    _same_state_shapes(models)
+    _check_runs(models[0], source)
+
+
+def _check_runs(model: nn.Module, source: DataSource) -> None:
+    """A model outside the built-in families runs on two samples with one output per class."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(source.head(2))
+    except Exception as exc:
+        raise CcamergeError(f"model 0 cannot run on inputs of shape {list(source.sample_shape)}: "
+                            f"{exc}; pick the dataset it was trained on") from exc
+    classes = source.num_classes
+    if classes is not None and isinstance(out, torch.Tensor) and out.dim() == 2 \
+            and out.shape[1] != classes:
+        raise CcamergeError(f"model 0 has {out.shape[1]} outputs but the data has {classes} "
+                            "classes; pick the dataset it was trained on")
+
+
+def _same_state_shapes(models: Sequence[nn.Module]) -> None:
+    first = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
+    for index, model in enumerate(models[1:], start=1):
+        other = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise CcamergeError(f"model {index} does not match model 0 at {key} "
+                                    f"({other.get(key)} vs {first.get(key)}); only models of one "
+                                    "architecture and size merge")
+
+
+def resolve_spec(models: Sequence[nn.Module], x) -> AlignmentSpec:
+    """The hand-written spec of a built-in family, else one derived by tracing and verified
+    with a random permutation on the first 64 inputs of ``x`` (a tensor or a data source;
+    points that fail verification are not used)."""
+    if is_builtin(models[0]):
+        return build_spec(models[0])
+    derived = derive_and_verify(models[0], x[:64] if isinstance(x, torch.Tensor) else x.head(64))
+    if not derived.spec.points:
+        reasons = "; ".join(derived.unmerged[:3]) or "no Linear/Conv layer feeds another"
+        raise CcamergeError(f"found no merge point that can be aligned safely ({reasons}); "
+                            "run `ccamerge spec MODEL` for details")
+    return derived.spec
+
+
+def subsample(x, samples: int | None, seed: int):
+    """``samples`` rows of ``x`` chosen at random with ``seed`` (all rows when None): rows of a
+    tensor, or for a data source a lazy subset (its indices only; see ``DataSource.take``)."""
+    if isinstance(x, DataSource):
+        return x.take(samples, seed)
+    if samples is None or samples >= len(x):
+        return x
+    if samples < 2:
+        raise CcamergeError(f"need at least 2 statistics samples, got {samples}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[order[:samples]]
