@@ -25,6 +25,7 @@ from ccamerge.analysis.checklist import findings_for
 from ccamerge.api import (
     align,
     aligned_states,
+    place_models,
     resolve_spec,
     score_merge,
     score_source,
@@ -128,11 +129,12 @@ def _similarity(stats, point: str, ref: int, others: Sequence[int]) -> dict:
 
 def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
              bn_reset: bool = True, stats_samples: int | None = None, seed: int = 0,
-             with_sweep: bool = False, progress=None, **options) -> dict:
+             with_sweep: bool = False, device=None, progress=None, **options) -> dict:
     """A JSON-able report: base, ensemble and merged scores; per point similarity, health,
     collapse and damage (``points``, in depth order); ``ranking`` (points by loss added);
     ``sweep`` (with ``with_sweep``, for cca and zipit); ``findings`` (checklist, most severe
-    first) and ``healthy``."""
+    first) and ``healthy``. ``device``: where it runs (see :func:`ccamerge.api.place_models`)."""
+    models, _place = place_models(models, device)
     report = progress or (lambda _f, _m: None)
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     seed=seed, **options)
@@ -221,14 +223,15 @@ def default_grid(method: str) -> list[dict]:
 def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[dict] | None = None,
           holdout: float = 0.2, reference: int = 0, bn_reset: bool = True,
           stats_samples: int | None = None, seed: int = 0, current: dict | None = None,
-          validation=None, progress=None) -> dict:
+          validation=None, device=None, progress=None) -> dict:
     """Merged accuracy over a grid of option settings, measured on a held-out slice of the
     training set (never the test set); statistics and BatchNorm reset use the rest.
     ``validation`` (``(x [B, ...], y [B])`` or a labelled source) gives the held-out samples
     explicitly (then all of ``data.train`` is used for statistics). Returns ``{"method", "grid",
     "accuracy", "loss", "best", "best_index", "best_at_edge", "parameter", "selected_on"}``, and
     ``"current": {"options", "accuracy", "loss"}`` for the ``current`` options (the ones a merge
-    used) scored the same way."""
+    used) scored the same way. ``device``: where it runs."""
+    models, _place = place_models(models, device)
     report = progress or (lambda _f, _m: None)
     grid = grid or default_grid(method)
     if validation is None:
