@@ -46,7 +46,8 @@ def table_for(arch: str, seeds: list[str], out: Path) -> list[str]:
     header = ["arch", "N", "base", "ensemble", *METHODS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(v if isinstance(v, str) else (f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(v if isinstance(v, str)
+                                       else (f"{v:.1f}" if isinstance(v, float) else str(v))
                                        for v in (row[h] for h in header)) + " |")
     return lines
 

@@ -112,7 +112,8 @@ def plots(table, barrier_rows: list[dict], path: Path) -> None:
     for r in barrier_rows:
         curves.add_trace(go.Scatter(x=json.loads(r["lambdas"]), y=json.loads(r["loss"]),
                                     mode="lines+markers",
-                                    name=f"{r['arch']} x{float(r['width']):g} {r['setting']} {r['method']}"))
+                                    name=f"{r['arch']} x{float(r['width']):g} "
+                                         f"{r['setting']} {r['method']}"))
     curves.update_layout(title="Interpolation loss between two models (N = 2)",
                          xaxis_title="lambda", yaxis_title="test loss", height=600)
     path.write_text(fig.to_html(include_plotlyjs="cdn", full_html=True)
@@ -134,7 +135,8 @@ def write_report(out: Path, readme: Path | None = None) -> str:
     table = grouped(read(out / "accuracy.csv"))
     barriers = read(out / "barriers.csv")
     selected = read(out / "selected.csv")
-    command = "python benchmarks/reproduce.py" + {"quick": " --quick", "full": " --full"}.get(run["profile"], "")
+    command = "python benchmarks/reproduce.py" + {"quick": " --quick",
+                                                  "full": " --full"}.get(run["profile"], "")
     epochs = ", ".join(f"{arch} {e}" for arch, e in run["epochs"].items())
     size = run.get("image_size")
     data = run["data"] + (f" at {size}x{size} px ({run['downsample']}x{run['downsample']} average "

@@ -1,8 +1,8 @@
 """Reproduce the paper's protocol: merged accuracy vs number of models, per method and setting.
 
-    python benchmarks/reproduce.py            # Fashion-MNIST (14 px, subsets), VGG + ResNet20, x1 x2
-    python benchmarks/reproduce.py --quick    # digits (minutes)
-    python benchmarks/reproduce.py --full     # widths x1..x8, N up to 6, more data and epochs
+    python benchmarks/reproduce.py           # Fashion-MNIST (14 px, subsets), VGG + ResNet20, x1 x2
+    python benchmarks/reproduce.py --quick   # digits (minutes)
+    python benchmarks/reproduce.py --full    # widths x1..x8, N up to 6, more data and epochs
 
 Pools of models trained from different seeds (cached in ``--cache``; a rerun reuses them) in
 three settings: the same data, class-skewed 80/20 halves, Dirichlet(0.5) splits (a model that
@@ -144,8 +144,8 @@ def run_pool(arch, width, setting, data, held, profile, cache, writer, barrier_w
                                  "method": method, "accuracy": round(accuracy, 3)})
         log(f"  N={n} done")
     for method in (m for m in METHODS if not METHODS[m].joint):
-        curve = interpolate(models[0], models[1], data, method, steps=6, stats_samples=profile["stats"],
-                            **options[method])
+        curve = interpolate(models[0], models[1], data, method, steps=6,
+                            stats_samples=profile["stats"], **options[method])
         barrier_writer.writerow({**key, "method": method, "barrier": round(curve["barrier"], 4),
                                  "lambdas": json.dumps(curve["lambdas"]),
                                  "loss": json.dumps([round(v, 4) for v in curve["loss"]]),

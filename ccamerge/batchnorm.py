@@ -65,7 +65,8 @@ def without_static_vectors(spec: AlignmentSpec, bns: Sequence[str]) -> Alignment
     """``spec`` minus the folded BatchNorms' scale and running statistics as producers."""
     static = {f"{bn}.{v}" for bn in bns for v in STATIC}
     return AlignmentSpec(tuple(
-        MergePoint(p.name, p.width, p.features, tuple(a for a in p.producers if a.param not in static),
+        MergePoint(p.name, p.width, p.features,
+                   tuple(a for a in p.producers if a.param not in static),
                    p.consumers) for p in spec.points))
 
 

@@ -299,10 +299,10 @@ def reset_batchnorm_sharded(model: nn.Module, x, *, batch_size: int = 256,
                             device: str | torch.device | None = None,
                             group: ProcessGroup | None = None) -> nn.Module:
     """:func:`ccamerge.transform.reset_batchnorm` of ``model`` over inputs ``x`` (a tensor
-    ``[B, ...]`` or a data source) on ``device`` (default: the model's) in exact float32. With ``group``, each rank passes
-    all of ``x``, runs only its :func:`batch_block` and the results are all-reduced, so every
-    rank ends with the single-process reset's statistics. In place; the model comes back on
-    its own device, in eval mode."""
+    ``[B, ...]`` or a data source) on ``device`` (default: the model's) in exact float32. With
+    ``group``, each rank passes all of ``x``, runs only its :func:`batch_block` and the results
+    are all-reduced, so every rank ends with the single-process reset's statistics. In place;
+    the model comes back on its own device, in eval mode."""
     home = module_device(model)
     place = resolve_device(device) if device is not None else home
     rows = shard_source(as_source(x), batch_size, group).map(lambda xb: xb.to(place))

@@ -26,7 +26,8 @@ EVAL_BATCH = 1024
 
 
 def metrics_from_logits(out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """``{"accuracy": percent, "loss": mean cross-entropy}`` for logits ``[B, K]``, labels ``[B]``."""
+    """``{"accuracy": percent, "loss": mean cross-entropy}`` for logits ``[B, K]``, labels
+    ``[B]``."""
     return {"accuracy": float((out.argmax(1) == y).double().mean() * 100.0),
             "loss": float(F.cross_entropy(out.double(), y))}
 

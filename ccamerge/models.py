@@ -169,8 +169,9 @@ class VGG(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with BatchNorm; output ``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut(x))``.
-    The shortcut is a 1x1 conv + BatchNorm when stride or width changes, else the identity."""
+    """Two 3x3 convs with BatchNorm; output
+    ``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut(x))``. The shortcut is a 1x1 conv +
+    BatchNorm when stride or width changes, else the identity."""
 
     def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
@@ -248,7 +249,8 @@ def describe(model: nn.Module) -> dict:
 
 
 def same_architecture(models: list[nn.Module]) -> None:
-    """Raise a CcamergeError naming the first model whose architecture or config differs from model 0."""
+    """Raise a CcamergeError naming the first model whose architecture or config differs from
+    model 0."""
     first = describe(models[0])
     for index, model in enumerate(models[1:], start=1):
         other = describe(model)
@@ -257,8 +259,9 @@ def same_architecture(models: list[nn.Module]) -> None:
                     if first["config"].get(k) != other["config"].get(k)]
             what = "architecture" if other["arch"] != first["arch"] else ", ".join(sorted(diff))
             raise CcamergeError(
-                f"model {index} does not match model 0 ({what}: {other['arch']} {other['config']} vs "
-                f"{first['arch']} {first['config']}); only models of one architecture and size merge")
+                f"model {index} does not match model 0 ({what}: {other['arch']} "
+                f"{other['config']} vs {first['arch']} {first['config']}); only models of one "
+                "architecture and size merge")
 
 
 def check_input_fit(model: nn.Module, sample_shape: tuple[int, ...],

@@ -117,7 +117,8 @@ def _bn_producers(prefix: str) -> list[Axis]:
     return [Axis(f"{prefix}.{v}", 0) for v in BN_VECTORS]
 
 
-def _sequential_spec(model: nn.Module, containers: list[str], repeats: dict[str, int]) -> AlignmentSpec:
+def _sequential_spec(model: nn.Module, containers: list[str],
+                     repeats: dict[str, int]) -> AlignmentSpec:
     """Spec for a plain chain (MLP, VGG): every Linear/Conv followed by an activation opens a merge
     point that its [BatchNorm ->] ReLU defines and the next Linear/Conv consumes.
     ``repeats`` gives the flatten block size seen by a consumer module, by module name."""
@@ -158,12 +159,14 @@ def _resnet_spec(model) -> AlignmentSpec:
     plus one internal merge point per block between conv1 and conv2. Points are in depth order:
     each stream before the blocks that read and write it."""
     points: list[MergePoint] = []
-    stream = _Stream(model.conv.out_channels, [Axis("conv.weight", 0)] + _bn_producers("bn"), ["relu"])
+    stream = _Stream(model.conv.out_channels, [Axis("conv.weight", 0)] + _bn_producers("bn"),
+                     ["relu"])
     for s, stage in enumerate(model.stages):
         for b, block in enumerate(stage):
             pre = f"stages.{s}.{b}"
             if not isinstance(block.shortcut, nn.Identity):  # reads the old stream, opens a new one
-                stream.consumers += [Axis(f"{pre}.conv1.weight", 1), Axis(f"{pre}.shortcut.0.weight", 1)]
+                stream.consumers += [Axis(f"{pre}.conv1.weight", 1),
+                                     Axis(f"{pre}.shortcut.0.weight", 1)]
                 points.insert(stream.slot, stream.close(f"stream{s}"))
                 stream = _Stream(block.conv2.out_channels, [Axis(f"{pre}.shortcut.0.weight", 0)]
                                  + _bn_producers(f"{pre}.shortcut.1"), [], slot=len(points))

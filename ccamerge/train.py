@@ -83,7 +83,8 @@ def train_model(arch: str, config: dict, dataset: Dataset, *, seed: int,
         "dataset": dataset.name, "seed": int(seed),
         "split": split or ({"kind": "same"} if indices is None else {"kind": "subset"}),
         "train_size": int(len(source)), "epochs": int(epochs), "lr": lr, "batch_size": batch_size,
-        "optimizer": f"sgd nesterov momentum={MOMENTUM} wd={WEIGHT_DECAY} clip={GRAD_CLIP} one-cycle",
+        "optimizer": f"sgd nesterov momentum={MOMENTUM} wd={WEIGHT_DECAY} clip={GRAD_CLIP} "
+                     "one-cycle",
         "test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
     }
     return model

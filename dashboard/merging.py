@@ -112,4 +112,5 @@ def _ensemble_curve(out: dict, inputs: Inputs, bn_reset: bool, n_max: int | None
     for n in range(2, (n_max or n_models) + 1) if n_max else [n_models]:
         models, digests = inputs.pick(subset_indices(n_models, inputs.reference, n))
         scores = data.base_scores(digests, inputs.data_key, bn_reset, models, inputs.data)
-        out["curve"].append({"method": "ensemble", "n": n, "accuracy": scores["ensemble"]["accuracy"]})
+        out["curve"].append({"method": "ensemble", "n": n,
+                             "accuracy": scores["ensemble"]["accuracy"]})

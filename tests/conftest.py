@@ -35,7 +35,8 @@ def vgg_bn(digits):
 @pytest.fixture(scope="session")
 def resnets(digits):
     """Two small ResNets (2 blocks per stage, width 0.5: BatchNorm, residual streams)."""
-    return [_train("resnet20", digits, seed, 2, samples=600, width=0.5, blocks=2) for seed in range(2)]
+    return [_train("resnet20", digits, seed, 2, samples=600, width=0.5, blocks=2)
+            for seed in range(2)]
 
 
 @pytest.fixture

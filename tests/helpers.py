@@ -12,7 +12,8 @@ from ccamerge.transform import apply_transforms, random_permutations, with_state
 def permuted_twin(model, seed=1):
     """A copy of ``model`` with every merge point's units randomly permuted (same function)."""
     spec = build_spec(model)
-    twin = with_state(model, apply_transforms(model.state_dict(), spec, random_permutations(spec, seed)))
+    twin = with_state(model, apply_transforms(model.state_dict(), spec,
+                                              random_permutations(spec, seed)))
     twin.info = dict(getattr(model, "info", {}))
     return twin
 

@@ -74,8 +74,10 @@ def test_interpolation_endpoints_are_the_true_models(mlps, digits):
     for method in ("average", "permute", "cca"):
         curve = interpolate(a, b, digits, method, steps=5)
         assert curve["lambdas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-        assert curve["accuracy"][0] == pytest.approx(evaluate_model(a, digits.x_test, digits.y_test)["accuracy"])
-        assert curve["loss"][-1] == pytest.approx(evaluate_model(b, digits.x_test, digits.y_test)["loss"], rel=1e-4)
+        assert curve["accuracy"][0] == pytest.approx(
+            evaluate_model(a, digits.x_test, digits.y_test)["accuracy"])
+        assert curve["loss"][-1] == pytest.approx(
+            evaluate_model(b, digits.x_test, digits.y_test)["loss"], rel=1e-4)
         assert curve["barrier"] == pytest.approx(barrier(curve["lambdas"], curve["loss"]))
     with pytest.raises(CcamergeError, match="jointly"):
         interpolate(a, b, digits, "zipit")

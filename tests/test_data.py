@@ -195,7 +195,8 @@ def test_idx_errors(tmp_path):
         load_dataset("fashion-mnist", data_dir=str(tmp_path / "nowhere"))
 
 
-@pytest.mark.skipif(data._find_fashion_dir(None) is None, reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(data._find_fashion_dir(None) is None,
+                    reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_debian_package():
     ds = load_dataset("fashion-mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)

@@ -51,7 +51,8 @@ def test_every_parameter_with_hidden_axes_is_covered():
             continue
         assert name in covered, f"{name} is in no merge point"
     # the stem, block conv2s and shortcuts all write stream widths
-    assert [p.name for p in spec.points if p.name.startswith("stream")] == ["stream1", "stream2", "stream3"]
+    assert ([p.name for p in spec.points if p.name.startswith("stream")]
+            == ["stream1", "stream2", "stream3"])
 
 
 def test_vgg_flatten_consumer_has_spatial_repeat():

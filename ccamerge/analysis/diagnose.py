@@ -116,7 +116,8 @@ def _similarity(stats, point: str, ref: int, others: Sequence[int]) -> dict:
         corr = p.corr(ref, i)
         rho.append(fit.rho.mean())
         matched.append(corr[np.arange(p.width), hungarian(corr)].mean())
-        same.append(np.diag(corr).mean())  # unit j with unit j: what averaging without alignment pairs
+        # unit j with unit j: what averaging without alignment pairs
+        same.append(np.diag(corr).mean())
         cond_x.append(fit.cond_xx)
         cond_y.append(fit.cond_yy)
     dead = [len(p.dead_units(i)) for i in range(stats.num_models)]
@@ -141,7 +142,8 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     # statistics of every model against the reference are needed even for data-free methods
     x, test = train_source(data), score_source(data)
     x_stats = subsample(x, stats_samples, seed)
-    stats = aligned.statistics or collect_statistics(models, aligned.spec, x_stats, reference=reference)
+    stats = aligned.statistics or collect_statistics(models, aligned.spec, x_stats,
+                                                     reference=reference)
     report(0.3, "merging")
     merged_state = average_states(aligned_states(models, aligned))
     merged = with_state(models[reference], merged_state)
@@ -154,7 +156,8 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     others = [i for i in range(len(models)) if i != reference]
     points = []
     for k, point in enumerate(aligned.spec.points, start=1):
-        row = {"name": point.name, "width": point.width, **_similarity(stats, point.name, reference, others),
+        row = {"name": point.name, "width": point.width,
+               **_similarity(stats, point.name, reference, others),
                "variance_ratio": collapse[point.name],
                "partial_accuracy": partial[k]["accuracy"], "partial_loss": partial[k]["loss"],
                "damage_loss": _loss_added(partial[k - 1]["loss"], partial[k]["loss"]),
@@ -254,7 +257,8 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
     for k, options in enumerate(grid):
         scores.append(score(options))
         report((k + 1) / len(grid), f"{method} {options}")
-    best = int(np.argmax([s["accuracy"] - 1e-9 * np.nan_to_num(s["loss"], nan=1e9) for s in scores]))
+    best = int(np.argmax([s["accuracy"] - 1e-9 * np.nan_to_num(s["loss"], nan=1e9)
+                          for s in scores]))
     varied = [key for key in grid[0] if len({str(g[key]) for g in grid}) > 1]
     edge = any(grid[best][key] in (grid[0][key], grid[-1][key]) for key in varied
                if isinstance(grid[best][key], (int, float)) and len(varied) == 1)

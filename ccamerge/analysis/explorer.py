@@ -107,7 +107,8 @@ def standardise(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, float)
     centred = rows - rows.mean(1, keepdims=True)
     std = centred.std(1, keepdims=True)
-    return np.divide(centred, std, out=np.zeros_like(centred), where=std > 1e-12 * max(float(std.max()), 1e-300))
+    return np.divide(centred, std, out=np.zeros_like(centred),
+                     where=std > 1e-12 * max(float(std.max()), 1e-300))
 
 
 def matched_partners(reference: np.ndarray, model: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +144,8 @@ class UnitSet:
 def unit_set(reference: nn.Module, model: nn.Module, aligned: nn.Module, merged: nn.Module,
              spec: AlignmentSpec, x: torch.Tensor, point: str) -> UnitSet:
     """Profiles of the four models' units at ``point`` over inputs ``x``, with partners."""
-    ref, mod, ali, mer = (unit_profiles(m, spec, x, point) for m in (reference, model, aligned, merged))
+    ref, mod, ali, mer = (unit_profiles(m, spec, x, point)
+                          for m in (reference, model, aligned, merged))
     n = len(ref)
     perm, matched = matched_partners(ref, mod)
     inverse = np.empty(n, dtype=int)
@@ -182,7 +184,8 @@ def umap_2d(x: np.ndarray, *, seed: int = 0, neighbours: int = 15) -> np.ndarray
     try:
         import umap
     except ImportError as exc:
-        raise CcamergeError("UMAP needs umap-learn: pip install umap-learn (PCA works without it)") from exc
+        raise CcamergeError("UMAP needs umap-learn: pip install umap-learn "
+                            "(PCA works without it)") from exc
     if len(x) < 4:
         raise CcamergeError(f"UMAP needs at least 4 points, got {len(x)}")
     reducer = umap.UMAP(n_components=2, n_neighbors=min(neighbours, len(x) - 1), random_state=seed,

@@ -37,7 +37,8 @@ def _permute_axis(tensor: np.ndarray, axis: Axis, perm: np.ndarray) -> np.ndarra
     return np.moveaxis(moved, 0, axis.axis)
 
 
-def _permuted_except(b: np.ndarray, entries, perms: dict[str, np.ndarray], skip: Axis) -> np.ndarray:
+def _permuted_except(b: np.ndarray, entries, perms: dict[str, np.ndarray],
+                     skip: Axis) -> np.ndarray:
     for axis, point, _role in entries:
         if axis != skip:
             b = _permute_axis(b, axis, perms[point.name])
@@ -45,11 +46,13 @@ def _permuted_except(b: np.ndarray, entries, perms: dict[str, np.ndarray], skip:
 
 
 def match_pair(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
-               spec: AlignmentSpec, *, seed: int = 0, max_sweeps: int = 100) -> dict[str, np.ndarray]:
+               spec: AlignmentSpec, *, seed: int = 0,
+               max_sweeps: int = 100) -> dict[str, np.ndarray]:
     """``{point: perm}`` bringing model B's units into model A's order (``perm[j]`` = B's unit
     placed at A's position j)."""
     table = spec.axes_by_param()
-    a = {k: v.double().numpy() for k, v in state_a.items() if k in table and not k.endswith(NOT_WEIGHTS)}
+    a = {k: v.double().numpy() for k, v in state_a.items()
+         if k in table and not k.endswith(NOT_WEIGHTS)}
     b = {k: state_b[k].double().numpy() for k in a}
     perms = {p.name: np.arange(p.width) for p in spec.points}
     rng = np.random.default_rng(seed)
@@ -61,7 +64,8 @@ def match_pair(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor
             for axis in point.producers + point.consumers:
                 if axis.param in a:
                     other = _permuted_except(b[axis.param], table[axis.param], perms, axis)
-                    score += _rows(a[axis.param], axis, point.width) @ _rows(other, axis, point.width).T
+                    score += (_rows(a[axis.param], axis, point.width)
+                              @ _rows(other, axis, point.width).T)
             perm = hungarian(score)
             rows = np.arange(point.width)
             if score[rows, perm].sum() > score[rows, perms[point.name]].sum() + 1e-9:

@@ -5,12 +5,13 @@
     >>> explain(derived)                                  # JSON-able, with DOT and Mermaid diagrams
 
 :func:`derive_spec` traces an ``nn.Module`` with ``torch.fx`` (a TorchScript archive is replayed
-as an fx graph first, :mod:`ccamerge.trace.torchscript`), propagates shapes with ``example_input`` and
-follows channel spaces through the graph (:mod:`ccamerge.trace.graph`). The result is a plain
-:class:`~ccamerge.spec.AlignmentSpec`, the same data as a hand-written one. Operations that
-break alignment are reported by name, location and reason, and every channel group touching
-them is left unmerged (``DerivedSpec.unmerged``), never merged wrongly. :func:`derive_and_verify`
-then permutes each merge point at random and drops any point that changes the outputs.
+as an fx graph first, :mod:`ccamerge.trace.torchscript`), propagates shapes with
+``example_input`` and follows channel spaces through the graph (:mod:`ccamerge.trace.graph`).
+The result is a plain :class:`~ccamerge.spec.AlignmentSpec`, the same data as a hand-written
+one. Operations that break alignment are reported by name, location and reason, and every
+channel group touching them is left unmerged (``DerivedSpec.unmerged``), never merged wrongly.
+:func:`derive_and_verify` then permutes each merge point at random and drops any point that
+changes the outputs.
 
 A merge point's features are the output of the module the next layer reads (after its
 activation). When that value comes from a function call (``F.relu``) or a module used twice, no

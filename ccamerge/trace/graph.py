@@ -98,7 +98,8 @@ class Propagator:
         """The handler's layout; a tensor computed from tracked channels must keep a layout,
         else the channels would be lost from sight (and their readers never transformed)."""
         layout = getattr(self, f"_on_{info.kind}")(node, info)
-        tensor_out = dims(node) is not None or isinstance(node.meta.get("tensor_meta"), (tuple, list))
+        tensor_out = (dims(node) is not None
+                      or isinstance(node.meta.get("tensor_meta"), (tuple, list)))
         tracked_in = any(self.layout(arg) for arg in flat_nodes((node.args, node.kwargs)))
         if layout is None and tensor_out and tracked_in and info.kind != "output":
             raise Unsupported(f"ccamerge cannot follow the channels through {info.name}")
@@ -120,7 +121,8 @@ class Propagator:
             self.spaces.block(seg.space, f"reaches unsupported {info.name} at {where}")
         out = self._opaque(node, f"comes out of unsupported {info.name} at {where}")
         if info.kind in ("linear", "conv"):
-            self._orphan_layer(node, info, out, f"{info.name} at {where} cannot be aligned: {reason}")
+            self._orphan_layer(node, info, out,
+                               f"{info.name} at {where} cannot be aligned: {reason}")
         return out
 
     def _orphan_layer(self, node: fx.Node, info: OpInfo, out: Layout | None, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""What each traced operation does to the channel axis: the table behind :mod:`ccamerge.trace.derive`.
+"""What each traced operation does to the channel axis: the table behind
+:mod:`ccamerge.trace.derive`.
 
 Every node of a ``torch.fx`` graph (from ``symbolic_trace`` or from a TorchScript archive, see
 :mod:`ccamerge.trace.torchscript`) gets an :class:`OpInfo` whose ``kind`` tells the channel-space

@@ -93,7 +93,8 @@ def test_zipit_pairs_identical_features():
 
 def test_registry_validates_options_and_names():
     assert get_method("cca").resolve({}) == {"gamma": 0.1, "relative": True}
-    assert get_method("cca").resolve({"gamma": "2", "relative": "false"}) == {"gamma": 2.0, "relative": False}
+    assert get_method("cca").resolve({"gamma": "2", "relative": "false"}) == {"gamma": 2.0,
+                                                                            "relative": False}
     with pytest.raises(CcamergeError, match="no option"):
         get_method("permute").resolve({"gamma": 1.0})
     with pytest.raises(CcamergeError, match=">= 0"):

@@ -1,4 +1,5 @@
-"""TorchScript archives: replayed, traced, verified and merged like eager models; pickles refused."""
+"""TorchScript archives: replayed, traced, verified and merged like eager models; pickles
+refused."""
 
 from __future__ import annotations
 
