@@ -6,7 +6,6 @@ black for the ensemble.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,123 +16,17 @@ from plotly.subplots import make_subplots
 
 from ccamerge.analysis.features import MAX_DISPLAY, block_reduce
 from ccamerge.methods import METHODS
-from ccamerge.stats import MIN_SAMPLES_PER_FEATURE
 
 METHOD_COLORS = dict(zip(METHODS, qualitative.D3, strict=False))
 MODEL_COLORS = qualitative.Set2
 BASE_COLOR = "#9e9e9e"
 ENSEMBLE_COLOR = "#222222"
 
-MAX_CONDITION = 1e8
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 
 
 def method_color(method: str) -> str:
     return METHOD_COLORS.get(method, "#636efa")
-
-
-def _points(rows: Sequence[dict]) -> list[str]:
-    return list(dict.fromkeys(r["name"] for r in rows))
-
-
-def _grid(count: int, max_cols: int = 3) -> tuple[int, int]:
-    cols = min(count, max_cols) or 1
-    return math.ceil(count / cols) or 1, cols
-
-
-# ----------------------------------------------------------------------------- spectra
-def spectrum_figure(rows: Sequence[dict], *, model_names: dict[int, str] | None = None) -> go.Figure:
-    """Canonical correlations (solid: at the chosen gamma; dashed: nearly unregularised) and
-    sorted Hungarian-matched correlations (dotted) per merge point, one colour per model."""
-    names = model_names or {}
-    points = _points(rows)
-    n_rows, n_cols = _grid(len(points))
-    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=points, shared_yaxes=True,
-                        horizontal_spacing=0.04, vertical_spacing=0.12)
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    for row in rows:
-        k = points.index(row["name"])
-        color = MODEL_COLORS[models.index(row["model"]) % len(MODEL_COLORS)]
-        label = names.get(row["model"], f"model {row['model']}")
-        x = np.arange(1, len(row["rho"]) + 1)
-        for series, dash, kind in (("rho", "solid", "CCA ρ"), ("rho_exact", "dash", "CCA ρ (γ≈0)"),
-                                   ("matched", "dot", "matched corr.")):
-            fig.add_trace(go.Scatter(
-                x=x, y=row[series], mode="lines", line=dict(color=color, dash=dash, width=2),
-                name=f"{kind}: {label}", legendgroup=f"{kind}{row['model']}", showlegend=k == 0,
-                hovertemplate=f"{label}<br>{kind} #%{{x}}: %{{y:.3f}}<extra>{row['name']}</extra>"),
-                row=k // n_cols + 1, col=k % n_cols + 1)
-    fig.update_yaxes(range=[0, 1.02])
-    fig.update_yaxes(title_text="correlation", col=1)
-    fig.update_xaxes(title_text="component / unit (sorted)", row=n_rows)
-    fig.update_layout(height=320 * n_rows + 90, margin=_MARGIN,
-                      legend=dict(orientation="h", yanchor="top", y=-0.12 / n_rows - 0.06))
-    return fig
-
-
-def mean_correlations(rows: Sequence[dict]) -> dict[str, float]:
-    """Means over ``rows`` (models) of the mean canonical correlation at gamma (``rho``), nearly
-    unregularised (``rho_exact``) and of the matched unit pairs (``matched``)."""
-    return {"rho": float(np.mean([r["mean_rho"] for r in rows])),
-            "rho_exact": float(np.mean([np.mean(r["rho_exact"]) for r in rows])),
-            "matched": float(np.mean([r["mean_matched"] for r in rows]))}
-
-
-def mean_rho_figure(rows: Sequence[dict]) -> go.Figure:
-    """Per merge point, averaged over the models shown: mean canonical correlation at gamma and
-    nearly unregularised, and mean correlation of the Hungarian-matched unit pairs."""
-    points = _points(rows)
-    means = [mean_correlations([r for r in rows if r["name"] == p]) for p in points]
-    bars = (("rho", "mean ρ (CCA, chosen γ)", method_color("cca"), None),
-            ("rho_exact", "mean ρ (CCA, γ≈0)", method_color("cca"), "/"),
-            ("matched", "mean matched corr. (permutation)", method_color("permute"), None))
-    fig = go.Figure([go.Bar(x=points, y=[m[key] for m in means], name=label, marker_color=color,
-                            marker_pattern_shape=pattern, text=[f"{m[key]:.3f}" for m in means],
-                            textposition="outside") for key, label, color, pattern in bars])
-    fig.update_layout(barmode="group", height=340, margin=_MARGIN, yaxis=dict(range=[0, 1.1],
-                      title="mean correlation"), xaxis_title="merge point",
-                      legend=dict(orientation="h", y=1.12))
-    return fig
-
-
-def health_frame(rows: Sequence[dict], model_names: dict[int, str] | None = None) -> pd.DataFrame:
-    """Numerical health per merge point and model."""
-    names = model_names or {}
-    return pd.DataFrame([{
-        "merge point": r["name"], "model": names.get(r["model"], str(r["model"])), "width": r["width"],
-        "samples": r["samples"], "samples / feature": r["samples_per_feature"],
-        "cond(S_xx)": r["cond_xx"], "cond(S_yy)": r["cond_yy"],
-        "dead (reference)": r["dead_reference"], "dead (model)": r["dead_model"],
-        "mean ρ": r["mean_rho"], "mean matched": r["mean_matched"]} for r in rows])
-
-
-def health_warnings(rows: Sequence[dict], model_names: dict[int, str] | None = None, *,
-                    min_samples: float = MIN_SAMPLES_PER_FEATURE,
-                    max_condition: float = MAX_CONDITION) -> list[str]:
-    """Readable warnings, one per kind: too few samples per feature, dead units, ill-conditioned
-    covariances (each listing the merge points and models concerned)."""
-    names = model_names or {}
-    few, dead, cond = [], [], []
-    for r in rows:
-        who = f"{r['name']} ({names.get(r['model'], 'model ' + str(r['model']))})"
-        if r["samples_per_feature"] < min_samples:
-            few.append(f"{r['name']}: {r['samples_per_feature']:.1f}")
-        if r["dead_reference"] or r["dead_model"]:
-            dead.append(f"{who}: {r['dead_reference']} in the reference, {r['dead_model']} in the model")
-        worst = max(r["cond_xx"], r["cond_yy"])
-        if not np.isfinite(worst) or worst > max_condition:
-            cond.append(f"{who}: {worst:.3g}")
-    out = []
-    if few:
-        out.append(f"Few samples per feature (under {min_samples:g}; covariances are unreliable, "
-                   f"use more statistics data): {'; '.join(dict.fromkeys(few))}")
-    if dead:
-        out.append("Dead units (never active on these images, CCA pairs them aside): "
-                   + "; ".join(dead))
-    if cond:
-        out.append(f"Ill-conditioned covariances (condition number over {max_condition:.0e}; "
-                   f"raise γ): {'; '.join(cond)}")
-    return out
 
 
 # ----------------------------------------------------------------------------- feature matching

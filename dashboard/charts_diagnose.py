@@ -347,15 +347,25 @@ def eigen_figure(eig_x: np.ndarray, eig_y: np.ndarray) -> go.Figure:
     return fig
 
 
-def rho_figure(rho: np.ndarray, matched: np.ndarray | None = None) -> go.Figure:
-    """Singular values of M = canonical correlations, with the sorted matched correlations."""
-    fig = go.Figure(go.Bar(x=np.arange(1, len(rho) + 1), y=rho, name="ρ (singular values of M)",
+def rho_figure(shrunk: np.ndarray, reached: np.ndarray, matched: np.ndarray | None = None, *,
+               shrunk_name: str = "shrunk singular values of M",
+               where: str = "held-out") -> go.Figure:
+    """Bars: the correlation ``reached`` ``[n]`` each canonical pair reaches (canonical order);
+    grey line: the ridge-shrunk singular values ``shrunk`` ``[n]``; line: the matched unit
+    pairs' correlations ``matched`` ``[n]``, sorted."""
+    k = np.arange(1, len(reached) + 1)
+    fig = go.Figure(go.Bar(x=k, y=reached, name=f"correlation reached by pair k ({where})",
                            marker_color=method_color("cca"),
-                           hovertemplate="ρ%{x}: %{y:.3f}<extra></extra>"))
+                           hovertemplate="pair %{x}: %{y:.3f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=np.arange(1, len(shrunk) + 1), y=shrunk, mode="lines",
+                             name=shrunk_name, line=dict(color=BASE_COLOR, width=2, dash="dashdot"),
+                             hovertemplate="s%{x}: %{y:.3f}<extra></extra>"))
     if matched is not None:
         fig.add_trace(go.Scatter(x=np.arange(1, len(matched) + 1), y=np.sort(matched)[::-1],
-                                 mode="lines", name="matched unit pairs (sorted)",
+                                 mode="lines", name=f"matched unit pairs, sorted ({where})",
                                  line=dict(color=method_color("permute"), width=2)))
-    fig.update_layout(height=300, margin=_MARGIN, yaxis=dict(title="correlation", range=[0, 1.05]),
-                      xaxis_title="component", legend=dict(orientation="h", y=1.12), bargap=0.1)
+    low = min(0.0, float(np.min(reached))) - 0.02
+    fig.update_layout(height=320, margin=_MARGIN, xaxis_title="canonical pair / unit pair",
+                      yaxis=dict(title="correlation / singular value", range=[low, 1.05]),
+                      legend=dict(orientation="h", y=1.16), bargap=0.1)
     return fig

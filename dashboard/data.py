@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ccamerge import api
-from ccamerge.analysis import explorer, teach
+from ccamerge.analysis import explorer, spectra, teach
 from ccamerge.analysis.diagnose import diagnose
 from ccamerge.analysis.features import FeatureMatching, feature_matching
 from ccamerge.data import Dataset, load_dataset
@@ -232,6 +232,30 @@ def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: flo
     stats = statistics(digests, data_key, reference, stats_samples, _models, _data)
     return api.spectrum(fresh(_models), _data, reference=reference, gamma=gamma, relative=relative,
                         stats_samples=stats_samples, seed=SEED, statistics=stats)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
+                     _models: Sequence[nn.Module],
+                     _data: Dataset) -> tuple[Statistics, Statistics | None]:
+    """Statistics on a random 80% of the training images and, in a separate pass, on the
+    held-out 20% (``ccamerge.analysis.spectra.split_statistics``; None when too few)."""
+    models = fresh(_models)
+    check_fit(models, _data)
+    x = api.train_inputs(_data)
+    api.check_compatible(models, x, reference)
+    return spectra.split_statistics(models, api.resolve_spec(models, x), x, reference=reference,
+                                    holdout=spectra.HOLDOUT, seed=SEED)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def held_out_spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float,
+                      relative: bool, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
+    """``ccamerge.analysis.spectra.spectrum_rows``: CCA fitted on 80% of the training images,
+    the correlations its pairs reach there and on the held-out 20%, beside the shrunk
+    singular values and the matched unit pairs."""
+    fit, held = split_statistics(digests, data_key, reference, _models, _data)
+    return spectra.spectrum_rows(fit, held, gamma=gamma, relative=relative)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

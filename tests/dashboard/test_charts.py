@@ -10,50 +10,9 @@ from ccamerge.methods import METHODS
 from dashboard import charts, merging
 
 
-def spectrum_row(name="fc1", model=1, n=8, dead=0, spf=50.0, cond=10.0):
-    rho = np.linspace(0.99, 0.1, n)
-    return {"name": name, "model": model, "width": n, "samples": int(spf * n),
-            "samples_per_feature": spf, "rho": rho.tolist(), "rho_exact": (rho + 0.005).tolist(),
-            "matched": (rho * 0.8).tolist(), "mean_rho": float(rho.mean()),
-            "mean_matched": float(rho.mean() * 0.8), "cond_xx": cond, "cond_yy": cond,
-            "dead_reference": dead, "dead_model": 0}
-
-
-ROWS = [spectrum_row("fc1", 1), spectrum_row("fc2", 1), spectrum_row("fc1", 2), spectrum_row("fc2", 2)]
-
-
 def test_every_method_has_its_own_colour():
     colours = [charts.method_color(m) for m in METHODS]
     assert len(set(colours)) == len(METHODS)
-
-
-def test_spectrum_figure_has_a_panel_per_point_and_three_curves_per_model():
-    fig = charts.spectrum_figure(ROWS, model_names={1: "b", 2: "c"})
-    assert isinstance(fig, go.Figure)
-    assert len(fig.data) == 3 * len(ROWS)
-    assert [a.text for a in fig.layout.annotations] == ["fc1", "fc2"]
-    assert sum(t.showlegend for t in fig.data) == 6  # legend only once per model and curve
-    assert any("b" in t.name for t in fig.data)
-
-
-def test_mean_correlations_and_bars():
-    means = charts.mean_correlations(ROWS[:1])
-    assert means["rho_exact"] > means["rho"] > means["matched"]
-    fig = charts.mean_rho_figure(ROWS)
-    assert len(fig.data) == 3 and list(fig.data[0].x) == ["fc1", "fc2"]
-
-
-def test_health_table_and_warnings():
-    frame = charts.health_frame(ROWS, {1: "b", 2: "c"})
-    assert len(frame) == 4 and "samples / feature" in frame
-    assert charts.health_warnings(ROWS) == []
-    bad = [spectrum_row(dead=2, spf=3.0, cond=1e12)]
-    warnings = charts.health_warnings(bad)
-    assert len(warnings) == 3
-    assert any("samples per feature" in w for w in warnings)
-    assert any("Dead units" in w for w in warnings)
-    assert any("raise γ" in w for w in warnings)
-    assert charts.health_warnings([spectrum_row(cond=float("inf"))])
 
 
 def test_matrix_pair_figure_shares_one_centred_scale():
