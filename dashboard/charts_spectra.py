@@ -104,7 +104,8 @@ def spectrum_figure(rows: Sequence[dict], *, gamma: float, relative: bool,
         label = names.get(row["model"], f"model {row['model']}")
         for key, kind, dash in _series(rows, gamma, relative):
             fig.add_trace(go.Scatter(
-                x=np.arange(1, len(row[key]) + 1), y=row[key], mode="lines", name=f"{kind}: {label}",
+                x=np.arange(1, len(row[key]) + 1), y=row[key], mode="lines",
+                name=f"{kind}: {label}",
                 line=dict(color=color, dash=dash, width=1.5 if key == "shrunk" else 2),
                 legendgroup=f"{key}{row['model']}", showlegend=k == 0,
                 hovertemplate=f"{label}<br>{kind} #%{{x}}: %{{y:.3f}}<extra>{row['name']}</extra>"),
@@ -145,12 +146,14 @@ def _name(names: dict[int, str], model: int) -> str:
     return names.get(model, f"model {model}")
 
 
-def correlation_frame(rows: Sequence[dict], model_names: dict[int, str] | None = None) -> pd.DataFrame:
+def correlation_frame(rows: Sequence[dict],
+                      model_names: dict[int, str] | None = None) -> pd.DataFrame:
     """Mean correlations per merge point and model, on fitting and held-out images."""
     names = model_names or {}
     return pd.DataFrame([{
         "merge point": r["name"], "model": _name(names, r["model"]),
-        "CCA pairs, held-out": r["mean_reached_heldout"], "CCA pairs, fitting": r["mean_reached_fit"],
+        "CCA pairs, held-out": r["mean_reached_heldout"],
+        "CCA pairs, fitting": r["mean_reached_fit"],
         "γ≈0 pairs, held-out": r["mean_exact_heldout"], "γ≈0 pairs, fitting": r["mean_exact_fit"],
         "matched, held-out": r["mean_matched_heldout"], "matched, fitting": r["mean_matched_fit"],
         "shrunk singular values": r["mean_shrunk"]} for r in rows])
@@ -206,7 +209,8 @@ def health_warnings(rows: Sequence[dict], model_names: dict[int, str] | None = N
         if r["samples_per_feature"] < min_samples:
             few.append(f"{r['name']}: {r['samples_per_feature']:.1f}")
         if r["dead_reference"] or r["dead_model"]:
-            dead.append(f"{who}: {r['dead_reference']} in the reference, {r['dead_model']} in the model")
+            dead.append(f"{who}: {r['dead_reference']} in the reference, "
+                        f"{r['dead_model']} in the model")
         worst = max(r["cond_xx"], r["cond_yy"])
         if not math.isfinite(worst) or worst > max_condition:
             cond.append(f"{who}: {format_condition(worst)}")
