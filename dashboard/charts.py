@@ -78,6 +78,77 @@ def spread_figure(top1: np.ndarray, participation: np.ndarray, k90: np.ndarray) 
     return fig
 
 
+def aligned_units_figure(cca: np.ndarray, permute: np.ndarray, mix: np.ndarray, *,
+                         where: str) -> go.Figure:
+    """Per reference unit ``[n]``, each sorted high to low: how closely CCA's mapped features
+    (``cca``) and the matched unit (``permute``) reproduce it, and how much of CCA's mix is
+    the matched unit (``mix``)."""
+    fig = go.Figure()
+    for values, name, color, dash in (
+            (cca, "CCA's mix vs the reference unit", method_color("cca"), "solid"),
+            (permute, "matched unit vs the reference unit", method_color("permute"), "solid"),
+            (mix, "CCA's mix vs the matched unit", BASE_COLOR, "dot")):
+        values = np.sort(np.asarray(values, float)[np.isfinite(values)])[::-1]
+        fig.add_trace(go.Scatter(x=np.arange(1, len(values) + 1), y=values, mode="lines",
+                                 name=name, line=dict(color=color, dash=dash, width=2),
+                                 hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>"))
+    fig.update_layout(height=360, margin=_MARGIN, legend=dict(orientation="h", y=-0.25),
+                      xaxis_title="reference units (sorted, best first)",
+                      yaxis=dict(title=f"correlation ({where})", range=[-0.05, 1.02]))
+    return fig
+
+
+def accuracy_axis(values: Sequence[float], *, title: str = "test accuracy (%)") -> dict:
+    """A y axis for accuracies (percent): from 0 unless every value is above 60, then from 5
+    points below the lowest (rounded down to 5) and the title says where it starts."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    low = min(finite, default=0.0)
+    if low <= 60:
+        return dict(title=title, range=[0, 101])
+    start = float(5 * np.floor((low - 5) / 5))
+    return dict(title=f"{title}, axis from {start:g}", range=[start, 101])
+
+
+def partial_merges_figure(curves: Sequence[dict]) -> go.Figure:
+    """Test accuracy of merging the first k merge points, one line per method (``curves``:
+    ``{"method", "points", "accuracy"}``); k = 0 is the reference alone."""
+    fig = go.Figure()
+    for curve in curves:
+        labels = ["reference", *[f"+ {p}" for p in curve["points"]]]
+        fig.add_trace(go.Scatter(
+            x=labels, y=curve["accuracy"], mode="lines+markers", name=curve["method"],
+            line=dict(color=method_color(curve["method"]), width=2),
+            hovertemplate=f"{curve['method']}<br>%{{x}}: %{{y:.2f}}%<extra></extra>"))
+    values = [v for c in curves for v in c["accuracy"]]
+    fig.update_layout(height=360, margin=_MARGIN, legend=dict(orientation="h", y=-0.25),
+                      xaxis_title="merged up to", yaxis=accuracy_axis(values))
+    return fig
+
+
+def alignment_conclusion(means: dict, participation: float, curves: Sequence[dict], *,
+                         where: str) -> str:
+    """What to conclude from :func:`aligned_units_figure`'s means (``cca``, ``permute``,
+    ``mix_vs_match``) and the partial merges of ``cca`` and ``permute`` (``curves``)."""
+    by = {c["method"]: c["accuracy"] for c in curves}
+    ref, cca, perm = by["cca"][0], by["cca"][-1], by["permute"][-1]
+    text = (f"Each CCA feature mixes about {participation:.0f} units of model i, yet on {where} "
+            f"images the mix correlates **{means['cca']:.2f}** with the reference unit it stands "
+            f"for, the single matched unit **{means['permute']:.2f}**, and the mix correlates "
+            f"{means['mix_vs_match']:.2f} with that matched unit: spread weights over correlated "
+            "units build a closer copy of the same feature, not a different one. ")
+    gap_cca, gap_perm = ref - cca, ref - perm
+    text += (f"Merged, the pair scores {cca:.1f}% with CCA and {perm:.1f}% with the permutation "
+             f"(reference alone {ref:.1f}%): ")
+    if max(gap_cca, gap_perm) < 2.0:
+        return text + ("both stay within 2 points of the reference, so a permutation is already "
+                       "close enough here and the closer alignment has little accuracy to win.")
+    if gap_cca < gap_perm:
+        return text + (f"the closer alignment pays off, CCA recovers {gap_perm - gap_cca:.1f} of "
+                       f"the {gap_perm:.1f} points the permutation loses.")
+    return text + ("here the closer alignment does not pay off in accuracy; for BatchNorm nets "
+                   "see Why did it fail?, a dense map does not commute with BatchNorm.")
+
+
 # ----------------------------------------------------------------------------- interpolation
 def interpolation_figure(curves: Sequence[dict]) -> go.Figure:
     """Test loss and accuracy along the path from model A (0) to model B (1), one line per method."""

@@ -30,9 +30,14 @@ import torch
 from torch import nn
 
 from ccamerge import api
-from ccamerge.analysis import explorer, spectra, teach
+from ccamerge.analysis import compare, explorer, spectra, teach
 from ccamerge.analysis.diagnose import diagnose
-from ccamerge.analysis.features import FeatureMatching, feature_matching
+from ccamerge.analysis.features import (
+    AlignedUnits,
+    FeatureMatching,
+    aligned_units,
+    feature_matching,
+)
 from ccamerge.data import Dataset, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
@@ -256,6 +261,28 @@ def held_out_spectrum(digests: tuple[str, ...], data_key: str, reference: int, g
     singular values and the matched unit pairs."""
     fit, held = split_statistics(digests, data_key, reference, _models, _data)
     return spectra.spectrum_rows(fit, held, gamma=gamma, relative=relative)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def held_out_alignment(digests: tuple[str, ...], data_key: str, reference: int, other: int,
+                       point: str, gamma: float, relative: bool, _models: Sequence[nn.Module],
+                       _data: Dataset) -> AlignedUnits:
+    """How closely CCA's map and the Hungarian match (fitted on 80% of the training images)
+    reproduce the reference's units at ``point`` on the held-out 20%."""
+    fit, held = split_statistics(digests, data_key, reference, _models, _data)
+    if point not in fit.points:
+        raise CcamergeError(f"no merge point {point!r}; the models have {list(fit.points)}")
+    return aligned_units(fit[point], None if held is None else held[point], reference, other,
+                         gamma=gamma, relative=relative)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def partial_merges(digests: tuple[str, ...], data_key: str, method: str, options: dict,
+                   bn_reset: bool, _pair: Sequence[nn.Module], _data: Dataset) -> dict:
+    """``ccamerge.analysis.compare.partial_merges`` of the reference (first) and one model."""
+    check_fit(_pair, _data)
+    return compare.partial_merges(fresh(_pair), _data, method, bn_reset=bn_reset, seed=SEED,
+                                  **resolve_options(method, options))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -66,7 +66,8 @@ def test_similar_points_give_no_finding_and_an_unexplained_gap_says_so():
 def test_an_untuned_setting_carries_the_setting_to_apply(current, best, applies):
     sweep = {"method": "cca", "grid": [{"gamma": 0.1, "relative": True},
                                        {"gamma": 1.0, "relative": True}],
-             "accuracy": [current, best], "loss": [0.3, 0.2], "best": {"gamma": 1.0, "relative": True},
+             "accuracy": [current, best], "loss": [0.3, 0.2],
+             "best": {"gamma": 1.0, "relative": True},
              "best_index": 1, "best_at_edge": False, "parameter": "gamma",
              "current": {"options": {"gamma": 0.1, "relative": True}, "accuracy": current,
                          "loss": 0.3}}

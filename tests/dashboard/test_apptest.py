@@ -81,7 +81,7 @@ def test_opens_on_the_demo_with_a_default_selection(app):
     assert metrics(app)["classes"] == "10"
 
 
-@pytest.mark.parametrize("page, n_charts", [("spectra", 2), ("features", 3), ("interpolation", 1),
+@pytest.mark.parametrize("page, n_charts", [("spectra", 2), ("features", 5), ("interpolation", 1),
                                             ("merge", 0)])
 def test_every_page_renders_with_charts_and_explanations(app, page, n_charts):
     visit(app, page)
@@ -135,7 +135,7 @@ def test_features_react_to_point_gamma_and_order(app):
     app.select_slider(key=state.W_FEAT_GAMMA).set_value(1.0).run()
     app.toggle(key=state.W_FEAT_ORDER).set_value(False).run()
     assert_ok(app)
-    assert len(charts(app)) == 3
+    assert len(charts(app)) == 5
 
 
 def test_features_on_a_wide_layer_aggregate_and_zoom(app, tmp_path):
@@ -153,7 +153,7 @@ def test_features_on_a_wide_layer_aggregate_and_zoom(app, tmp_path):
     app.radio(key=state.W_FEAT_VIEW).set_value("zoom").run()
     app.slider(key=state.W_FEAT_START).set_value(100).run()
     assert_ok(app)
-    assert len(charts(app)) == 3
+    assert len(charts(app)) == 5
 
 
 def test_interpolation_offers_pairwise_methods_and_shows_barriers(app):

@@ -105,3 +105,37 @@ def test_merge_plan_and_subsets():
     assert merging.plan(3, ["a", "b"], curve=False) == [("a", 3), ("b", 3)]
     assert merging.plan(3, ["a"], curve=True) == [("a", 3), ("a", 2)]
     assert merging.repairs("cca", True) and not merging.repairs("zipit", True)
+
+
+@pytest.mark.parametrize("values, start", [([95.2, 97.0], 90), ([12.0, 97.0], 0),
+                                           ([61.0, 99.0], 55), ([], 0)])
+def test_accuracy_axes_start_at_0_or_say_where_they_start(values, start):
+    axis = charts.accuracy_axis(values)
+    assert axis["range"] == [start, 101]
+    assert (f"axis from {start}" in axis["title"]) is (start > 0)
+
+
+def curves_of(cca: float, permute: float, reference: float = 97.5) -> list[dict]:
+    return [{"method": m, "points": ["fc1", "fc2"], "accuracy": [reference, (reference + a) / 2, a]}
+            for m, a in (("cca", cca), ("permute", permute))]
+
+
+@pytest.mark.parametrize("cca, permute, says", [
+    (96.7, 95.8, "a permutation is already close enough"),
+    (96.0, 90.0, "CCA recovers 6.0 of the 7.5 points"),
+    (75.0, 91.9, "does not pay off")])
+def test_the_alignment_conclusion_follows_the_numbers(cca, permute, says):
+    means = {"cca": 0.88, "permute": 0.6, "mix_vs_match": 0.61}
+    text = charts.alignment_conclusion(means, 22.04, curves_of(cca, permute), where="held-out")
+    assert "mixes about 22 units" in text and "**0.88**" in text and "**0.60**" in text
+    assert says in text and f"{cca:.1f}% with CCA and {permute:.1f}% with the permutation" in text
+
+
+def test_partial_merges_and_aligned_units_figures():
+    fig = charts.partial_merges_figure(curves_of(96.7, 95.8))
+    assert [t.name for t in fig.data] == ["cca", "permute"]
+    assert list(fig.data[0].x) == ["reference", "+ fc1", "+ fc2"]
+    assert fig.layout.yaxis.range[0] == 90
+    values = np.array([0.2, np.nan, 0.9, 0.5])
+    fig = charts.aligned_units_figure(values, values / 2, values, where="held-out")
+    assert list(fig.data[0].y) == [0.9, 0.5, 0.2]  # sorted, dead (NaN) units left out

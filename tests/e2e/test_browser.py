@@ -15,7 +15,7 @@ from ccamerge.models import build_model
 pytestmark = pytest.mark.e2e
 
 DEMO_TIMEOUT_MS = 240_000  # a cold start trains the demo zoo (about 20 s on 2 busy cores)
-PAGES = [("Spectra", 2), ("Feature matching", 3), ("Interpolation", 1), ("Why did it fail?", 4),
+PAGES = [("Spectra", 2), ("Feature matching", 5), ("Interpolation", 1), ("Why did it fail?", 4),
          ("Feature explorer", 2), ("Teaching mode", 5), ("Merge and compare", 0)]
 
 
