@@ -150,19 +150,47 @@ def alignment_conclusion(means: dict, participation: float, curves: Sequence[dic
 
 
 # ----------------------------------------------------------------------------- interpolation
+SWITCH_LAMBDA = 0.5  # api.interpolate: lambda <= 0.5 aligns B to A, above it A to B (inexact maps)
+
+
+def path_segments(curve: dict) -> list[dict]:
+    """The parts of an interpolation ``curve`` that share one alignment: the whole path for a
+    method whose maps are exact (permutations), else ``aligned to A`` (λ <= 0.5, B brought into
+    A's basis) and ``aligned to B`` (λ > 0.5), as ``api.interpolate`` computes them. Each part:
+    ``{"label", "dash", "lambdas", "accuracy", "loss"}``."""
+    lambdas = np.asarray(curve["lambdas"])
+    parts = [("", "solid", np.ones(len(lambdas), bool))]
+    if not METHODS[curve["method"]].exact:
+        first = lambdas <= SWITCH_LAMBDA
+        parts = [(", aligned to A", "solid", first), (", aligned to B", "dash", ~first)]
+    return [{"label": curve["method"] + suffix, "dash": dash,
+             "lambdas": lambdas[mask].tolist(),
+             "accuracy": np.asarray(curve["accuracy"])[mask].tolist(),
+             "loss": np.asarray(curve["loss"])[mask].tolist()}
+            for suffix, dash, mask in parts if mask.any()]
+
+
 def interpolation_figure(curves: Sequence[dict]) -> go.Figure:
-    """Test loss and accuracy along the path from model A (0) to model B (1), one line per method."""
+    """Test loss and accuracy along the path from model A (0) to model B (1), one line per
+    method; a method with inexact maps (CCA) is drawn as its two halves (:func:`path_segments`),
+    not joined."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("test loss", "test accuracy (%)"),
                         horizontal_spacing=0.08)
     for curve in curves:
         color = method_color(curve["method"])
-        for col, series in ((1, "loss"), (2, "accuracy")):
-            fig.add_trace(go.Scatter(
-                x=curve["lambdas"], y=curve[series], mode="lines+markers", name=curve["method"],
-                legendgroup=curve["method"], showlegend=col == 1, line=dict(color=color, width=2),
-                hovertemplate=f"{curve['method']}<br>λ=%{{x:.2f}}: %{{y:.3f}}<extra></extra>"),
-                row=1, col=col)
+        for part in path_segments(curve):
+            for col, series in ((1, "loss"), (2, "accuracy")):
+                fig.add_trace(go.Scatter(
+                    x=part["lambdas"], y=part[series], mode="lines+markers", name=part["label"],
+                    legendgroup=part["label"], showlegend=col == 1,
+                    line=dict(color=color, width=2, dash=part["dash"]),
+                    hovertemplate=f"{part['label']}<br>λ=%{{x:.2f}}: %{{y:.3f}}<extra></extra>"),
+                    row=1, col=col)
+    accuracy = [v for c in curves for v in c["accuracy"]]
     fig.update_xaxes(title_text="λ  (0 = model A, 1 = model B)")
+    fig.update_yaxes(title_text="test loss", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(**{"title_text" if k == "title" else k: v
+                        for k, v in accuracy_axis(accuracy).items()}, row=1, col=2)
     fig.update_layout(height=380, margin=_MARGIN, legend=dict(orientation="h", y=-0.2))
     return fig
 

@@ -382,17 +382,20 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
 
 def interpolation(pair: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
                   method: str, *, steps: int, bn_reset: bool, stats_samples: int | None,
-                  progress: Progress | None = None) -> dict:
-    """``api.interpolate`` between ``pair`` (method defaults), cached by content and options:
-    ``{"method", "lambdas", "accuracy", "loss", "barrier"}``."""
-    key = _key("interpolate", list(digests), data_key, method, steps, bn_reset, stats_samples)
+                  options: dict | None = None, progress: Progress | None = None) -> dict:
+    """``api.interpolate`` between ``pair`` with the method's ``options`` (defaults filled in),
+    cached by content and options: ``{"method", "lambdas", "accuracy", "loss", "barrier"}``."""
+    options = resolve_options(method, options or {})
+    key = _key("interpolate", list(digests), data_key, method, steps, bn_reset, stats_samples,
+               options)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(pair, data)
     a, b = fresh(pair)
     curve = api.interpolate(a, b, data, method, steps=steps, bn_reset=bn_reset,
-                            stats_samples=stats_samples, seed=SEED, progress=progress or _quiet)
+                            stats_samples=stats_samples, seed=SEED, progress=progress or _quiet,
+                            **options)
     memo().put(key, curve)
     return curve
 

@@ -68,9 +68,15 @@ def curve(method, peak):
 def test_interpolation_figure_and_barrier_table():
     curves = [curve("average", 0.5), curve("cca", 0.01)]
     fig = charts.interpolation_figure(curves)
-    assert len(fig.data) == 4
+    assert len(fig.data) == 2 + 4  # average whole; cca's two halves, loss and accuracy each
     assert {t.line.color for t in fig.data} == {charts.method_color("average"),
                                                  charts.method_color("cca")}
+    names = [t.name for t in fig.data if t.showlegend]
+    assert names == ["average", "cca, aligned to A", "cca, aligned to B"]
+    halves = [t for t in fig.data if t.name.startswith("cca") and t.xaxis == "x2"]
+    assert [list(t.x) for t in halves] == [[0.0, 0.25, 0.5], [0.75, 1.0]]
+    assert fig.layout.yaxis2.range == (85, 101)  # every accuracy above 60: the axis says so
+    assert fig.layout.yaxis2.title.text == "test accuracy (%), axis from 85"
     frame = charts.barrier_frame(curves)
     assert list(frame["method"]) == ["average", "cca"]
     assert frame["accuracy at λ=0.5 (%)"].iloc[0] == pytest.approx(92.0)
