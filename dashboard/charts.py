@@ -6,6 +6,7 @@ black for the ensemble.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -208,7 +209,8 @@ def barrier_frame(curves: Sequence[dict]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- merge results
 def results_frame(names: Sequence[str], base: dict, merges: Sequence[dict]) -> pd.DataFrame:
-    """Rows: each base model, the logit ensemble, each merge (accuracy %, loss, seconds)."""
+    """Rows: each base model, the logit ensemble, each merge (test accuracy %, loss, seconds;
+    with the merges' held-out accuracy when they have one)."""
     rows = [{"kind": "base model", "name": n, "accuracy (%)": s["accuracy"], "loss": s["loss"],
              "seconds": np.nan} for n, s in zip(names, base["models"], strict=True)]
     rows.append({"kind": "ensemble", "name": "ensemble (mean logits)",
@@ -216,7 +218,18 @@ def results_frame(names: Sequence[str], base: dict, merges: Sequence[dict]) -> p
                  "seconds": np.nan})
     rows += [{"kind": "merge", "name": m["method"], "accuracy (%)": m["accuracy"], "loss": m["loss"],
               "seconds": m["seconds"]} for m in merges]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if any(m.get("held_out_accuracy") is not None for m in merges):
+        held = [np.nan] * (len(rows) - len(merges)) + [m.get("held_out_accuracy") for m in merges]
+        frame.insert(3, "held-out accuracy (%)", held)
+    return frame
+
+
+def merge_label(merge: dict) -> str:
+    """``cca (97.2% held-out, 96.4% test)`` or, without a held-out score, ``cca (96.4% test)``."""
+    held = merge.get("held_out_accuracy")
+    prefix = f"{held:.1f}% held-out, " if held is not None else ""
+    return f"{merge['method']} ({prefix}{merge['accuracy']:.1f}% test)"
 
 
 def table_height(frame: pd.DataFrame, row: int = 35) -> int:
@@ -224,12 +237,28 @@ def table_height(frame: pd.DataFrame, row: int = 35) -> int:
     return row * (min(len(frame), 20) + 1) + 3
 
 
+DEAD_NOTE = re.compile(r"^merge point (?P<point>.+): dead units per model (?P<counts>\[.*\])$")
+
+
 def merge_warnings(merges: Sequence[dict]) -> dict[str, list[str]]:
-    """Each distinct warning of the merges, with the methods that raised it."""
+    """Each distinct warning of the merges, with the methods that raised it; the per-point
+    dead-unit notes (``api.sample_warnings``) become one warning listing every point."""
     out: dict[str, list[str]] = {}
+    dead: dict[str, str] = {}
+    dead_methods: list[str] = []
     for merge in merges:
         for warning in merge["warnings"]:
-            out.setdefault(warning, []).append(merge["method"])
+            note = DEAD_NOTE.match(warning)
+            if note:
+                dead[note["point"]] = note["counts"]
+                dead_methods += [merge["method"]] if merge["method"] not in dead_methods else []
+            else:
+                out.setdefault(warning, []).append(merge["method"])
+    if dead:
+        text = ("Dead units (never active on the training images; CCA pairs them aside, other "
+                "methods match them like any unit), per model in selection order: "
+                + "; ".join(f"{point} {counts}" for point, counts in dead.items()))
+        out = {text: dead_methods, **out}
     return out
 
 
@@ -242,9 +271,8 @@ def results_figure(frame: pd.DataFrame) -> go.Figure:
                            text=[f"{v:.1f}" for v in acc], textposition="outside",
                            cliponaxis=False, customdata=frame["kind"],
                            hovertemplate="%{x} (%{customdata}): %{y:.2f}%<extra></extra>"))
-    low = max(0.0, float(acc.min()) - 10.0)
     fig.update_layout(height=380, margin=dict(_MARGIN, t=50), xaxis_title=None,
-                      yaxis=dict(title="test accuracy (%)", range=[low, 101]))
+                      yaxis=dict(title="test accuracy (%)", range=[0, 106]))  # bars start at 0
     return fig
 
 
@@ -262,7 +290,8 @@ def accuracy_vs_n_figure(points: Sequence[dict]) -> go.Figure:
                       dash="dash" if is_ens else "solid", width=2),
             hovertemplate=f"{method}<br>N=%{{x}}: %{{y:.2f}}%<extra></extra>"))
     fig.update_layout(height=360, margin=_MARGIN, xaxis=dict(title="number of merged models N",
-                      dtick=1), yaxis_title="test accuracy (%)", legend=dict(orientation="h", y=-0.2))
+                      dtick=1), yaxis=accuracy_axis(frame["accuracy"].tolist()),
+                      legend=dict(orientation="h", y=-0.2))
     return fig
 
 

@@ -14,7 +14,14 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ccamerge.analysis.checklist import COLLAPSE_RATIO
-from dashboard.charts import BASE_COLOR, ENSEMBLE_COLOR, matrix_pair_figure, method_color, window
+from dashboard.charts import (
+    BASE_COLOR,
+    ENSEMBLE_COLOR,
+    accuracy_axis,
+    matrix_pair_figure,
+    method_color,
+    window,
+)
 
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 # the chart a finding points to: (anchor on the diagnosis page, its title)
@@ -83,7 +90,7 @@ def summary_figure(report: dict, names: Sequence[str]) -> go.Figure:
                            textposition="outside", cliponaxis=False,
                            hovertemplate="%{x}: %{y:.2f}%<extra></extra>"))
     fig.update_layout(height=320, margin=dict(_MARGIN, t=30), yaxis=dict(
-        title="test accuracy (%)", range=[max(0.0, min(values) - 10.0), 104]))
+        title="test accuracy (%)", range=[0, 106]))  # bars start at 0
     return fig
 
 
@@ -122,7 +129,9 @@ def damage_figure(report: dict) -> go.Figure:
                          customdata=[p["damage_accuracy"] for p in ranked],
                          hovertemplate="%{y}: loss %{text}, accuracy −%{customdata:.1f} points"
                                        "<extra></extra>"), row=1, col=2)
-    fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1, secondary_y=False)
+    axis = accuracy_axis(acc)
+    fig.update_yaxes(title_text=axis["title"], range=axis["range"], row=1, col=1,
+                     secondary_y=False)
     fig.update_yaxes(title_text="test loss", row=1, col=1, secondary_y=True, showgrid=False,
                      rangemode="tozero")
     fig.update_xaxes(title_text="loss added", row=1, col=2)
@@ -223,7 +232,7 @@ def sweep_figure(sweep: dict) -> go.Figure:
     fig.update_layout(height=340, margin=_MARGIN, legend=dict(orientation="h", y=-0.25),
                       xaxis=dict(title=key, type="log" if positive else "linear", tickvals=x,
                                  ticktext=[f"{v:g}" for v in x]),
-                      yaxis_title="held-out accuracy (%)")
+                      yaxis=accuracy_axis(acc, title="held-out accuracy (%)"))
     return fig
 
 

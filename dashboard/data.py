@@ -31,7 +31,7 @@ from torch import nn
 
 from ccamerge import api
 from ccamerge.analysis import compare, explorer, spectra, teach
-from ccamerge.analysis.diagnose import diagnose
+from ccamerge.analysis.diagnose import diagnose, sweep
 from ccamerge.analysis.features import (
     AlignedUnits,
     FeatureMatching,
@@ -378,6 +378,21 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
            "model": result.model, "recipe": result.recipe}
     memo().put(key, out)
     return out
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def held_out_score(digests: tuple[str, ...], data_key: str, method: str, options: dict,
+                   reference: int, bn_reset: bool, stats_samples: int | None,
+                   _models: Sequence[nn.Module], _data: Dataset) -> dict:
+    """The merge with ``method`` and ``options`` scored on a held-out 20% of the training
+    images, merged (statistics, BatchNorm reset) from the other 80%: the diagnosis sweep with
+    one setting, so that merges are ranked without the test set. ``{"accuracy", "loss",
+    "selected_on"}`` (``selected_on`` names the images)."""
+    check_fit(_models, _data)
+    out = sweep(fresh(_models), _data, method, grid=[resolve_options(method, options)],
+                reference=reference, bn_reset=bn_reset, stats_samples=stats_samples, seed=SEED)
+    return {"accuracy": out["accuracy"][0], "loss": out["loss"][0],
+            "selected_on": out["selected_on"]}
 
 
 def interpolation(pair: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,

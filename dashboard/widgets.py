@@ -208,18 +208,47 @@ def pick_model_and_point(label: str, sel: state.Selection, models: dict, points:
     return other, point
 
 
+TAG_CHARS = 17  # a sidebar tag shows about 19 characters before "…"
+REFERENCE_CHARS = 30  # the sidebar's closed selectbox shows about 32
+
+
+def tag_label(name: str, width: int = TAG_CHARS) -> str:
+    """``name`` shortened to ``width`` characters by cutting its middle, so the ends, where
+    names of one experiment differ (``..._seed_11``), stay visible."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 2
+    return f"{name[:width - 1 - tail]}…{name[-tail:]}"
+
+
+def tag_labels(names: dict[str, str], width: int = TAG_CHARS) -> dict[str, str]:
+    """Distinct short labels (id -> label) for the models' tags: :func:`tag_label`, and
+    ``#1``, ``#2``, ... in load order where two of them still read the same."""
+    short = {i: tag_label(n, width) for i, n in names.items()}
+    clashes = {label for label in short.values() if list(short.values()).count(label) > 1}
+    seen: dict[str, int] = {}
+    for i, label in short.items():
+        if label in clashes:
+            seen[label] = seen.get(label, 0) + 1
+            short[i] = f"{tag_label(names[i], width - 3)} #{seen[label]}"
+    return short
+
+
 def sidebar() -> state.Selection:
     """Models, reference and dataset; stored as the session's :class:`state.Selection`."""
     models = st.session_state[state.MODELS]
     datasets = st.session_state[state.DATASETS]
     with st.sidebar:
         st.markdown("### Experiment")
+        tags = tag_labels({i: e.name for i, e in models.items()})
         ids = st.multiselect("Models", list(models), key=state.W_MODELS,
-                             format_func=lambda i: model_label(models, i),
-                             help="2 or more models of one architecture; the Models page adds uploads")
+                             format_func=lambda i: tags.get(i, i),
+                             help="2 or more models of one architecture; the Models page adds "
+                                  "uploads and shows the full names")
         valid_choice(state.W_REFERENCE, ids)
+        wide = tag_labels({i: e.name for i, e in models.items()}, width=REFERENCE_CHARS)
         reference = st.selectbox("Reference", ids, key=state.W_REFERENCE,
-                                 format_func=lambda i: model_label(models, i),
+                                 format_func=lambda i: wide.get(i, i),
                                  help="the model whose basis the others are aligned to")
         names = available_datasets() + list(datasets)
         valid_choice(state.W_DATASET, names)

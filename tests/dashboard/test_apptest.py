@@ -204,6 +204,29 @@ def test_merge_every_registered_method_and_replay_its_recipe(app, tmp_path):
             assert torch.equal(tensor, replayed.state_dict()[key]), (method, key)
 
 
+def test_merges_are_ranked_on_held_out_training_images_not_the_test_set(app):
+    results = run_merge(app, ["average", "permute", "cca"])
+    held = {m["method"]: m["held_out_accuracy"] for m in results["merges"]}
+    assert all(v is not None for v in held.values())
+    assert "held-out 20% of the training set" in results["held_out_on"]
+    best = max(held, key=held.get)
+    label = next(m.label for m in app.metric if m.label.startswith("best merge"))
+    assert label == f"best merge on held-out training images: {best}"
+    picker = app.selectbox(key=state.W_MERGE_DOWNLOAD_METHOD)
+    assert picker.options == [charts_label(m, results) for m in sorted(held, key=held.get,
+                                                                        reverse=True)]
+    assert "held-out accuracy (%)" in app.dataframe[0].value
+    dead = [w.value for w in app.warning if str(w.value).startswith("Dead units")]
+    assert len(dead) <= 1  # the per-point notes of every method, grouped
+
+
+def charts_label(method: str, results: dict) -> str:
+    from dashboard import charts as dashboard_charts
+
+    merge = next(m for m in results["merges"] if m["method"] == method)
+    return dashboard_charts.merge_label(merge)
+
+
 def test_merge_options_progress_and_accuracy_vs_n(app):
     results = run_merge(app, ["average", "cca"])
     assert {p["n"] for p in results["curve"]} == {2, 3, 4}

@@ -92,7 +92,7 @@ def test_results_table_chart_and_warnings():
     assert list(frame["kind"]) == ["base model", "base model", "ensemble", "merge", "merge"]
     fig = charts.results_figure(frame)
     assert list(fig.data[0].marker.color)[-1] == charts.method_color("cca")
-    assert fig.layout.yaxis.range[0] == 40.0
+    assert fig.layout.yaxis.range[0] == 0  # bars start at 0
     assert charts.merge_warnings(merges) == {"w1": ["average", "cca"]}
 
 
@@ -145,3 +145,45 @@ def test_partial_merges_and_aligned_units_figures():
     values = np.array([0.2, np.nan, 0.9, 0.5])
     fig = charts.aligned_units_figure(values, values / 2, values, where="held-out")
     assert list(fig.data[0].y) == [0.9, 0.5, 0.2]  # sorted, dead (NaN) units left out
+
+
+def test_dead_unit_notes_of_every_point_and_method_become_one_warning():
+    from ccamerge.api import sample_warnings
+    from ccamerge.stats import PointStatistics, Statistics
+
+    def point(name, dead):
+        var = np.ones(4)
+        var[:dead] = 0.0
+        return PointStatistics(name, 4, 400, [np.zeros(4)] * 2,
+                               {(0, 0): np.diag(var), (1, 1): np.eye(4), (0, 1): np.zeros((4, 4))})
+
+    notes = sample_warnings(Statistics({f"conv{k}": point(f"conv{k}", k % 3 + 1)
+                                        for k in range(1, 7)}, 2, 0, "reference"))
+    assert len(notes) == 6  # one per merge point, as the library says it
+    merges = [{"method": m, "warnings": notes + (["other"] if m == "cca" else [])}
+              for m in ("permute", "ot", "cca")]
+    grouped = charts.merge_warnings(merges)
+    assert len(grouped) == 2 and grouped["other"] == ["cca"]
+    dead, methods = next(iter(grouped.items()))
+    assert dead.startswith("Dead units") and methods == ["permute", "ot", "cca"]
+    assert "conv1 [2, 0]" in dead and "conv6 [1, 0]" in dead
+
+
+def test_merges_are_ranked_and_labelled_by_held_out_accuracy():
+    merges = [{"method": "average", "accuracy": 50.0, "loss": 1.5, "seconds": 0.1,
+               "held_out_accuracy": 52.0},
+              {"method": "permute", "accuracy": 96.9, "loss": 0.1, "seconds": 0.1,
+               "held_out_accuracy": 97.0},
+              {"method": "cca", "accuracy": 96.4, "loss": 0.1, "seconds": 0.1,
+               "held_out_accuracy": 98.1},
+              {"method": "ot", "accuracy": 99.0, "loss": 0.1, "seconds": 0.1,
+               "held_out_accuracy": None}]
+    assert [m["method"] for m in merging.ranked(merges)] == ["cca", "permute", "average", "ot"]
+    assert charts.merge_label(merges[2]) == "cca (98.1% held-out, 96.4% test)"
+    assert charts.merge_label(merges[3]) == "ot (99.0% test)"
+    base = {"models": [{"accuracy": 97.0, "loss": 0.1}],
+            "ensemble": {"accuracy": 97.5, "loss": 0.09}}
+    frame = charts.results_frame(["a"], base, merges)
+    held = frame["held-out accuracy (%)"]
+    assert held.iloc[:2].isna().all() and list(held.iloc[2:5]) == [52.0, 97.0, 98.1]
+    assert charts.results_figure(frame).layout.yaxis.range[0] == 0
