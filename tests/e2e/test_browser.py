@@ -86,6 +86,7 @@ def test_every_page_a_merge_and_its_downloads(browser, server, tmp_path):
     assert recipe["method"] == merged.info["merge"]["method"]
     go_to(page, "Models and data", 0)  # results and selection survive the page switches
     go_to(page, "Merge and compare", 2)
+    page.get_by_text("Download merged model").first.wait_for()  # drawn after the charts
     assert page.get_by_text("Download merged model").count() == 1
     context.close()
 
