@@ -6,7 +6,7 @@ black for the ensemble.
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,123 +17,17 @@ from plotly.subplots import make_subplots
 
 from ccamerge.analysis.features import MAX_DISPLAY, block_reduce
 from ccamerge.methods import METHODS
-from ccamerge.stats import MIN_SAMPLES_PER_FEATURE
 
 METHOD_COLORS = dict(zip(METHODS, qualitative.D3, strict=False))
 MODEL_COLORS = qualitative.Set2
 BASE_COLOR = "#9e9e9e"
 ENSEMBLE_COLOR = "#222222"
 
-MAX_CONDITION = 1e8
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 
 
 def method_color(method: str) -> str:
     return METHOD_COLORS.get(method, "#636efa")
-
-
-def _points(rows: Sequence[dict]) -> list[str]:
-    return list(dict.fromkeys(r["name"] for r in rows))
-
-
-def _grid(count: int, max_cols: int = 3) -> tuple[int, int]:
-    cols = min(count, max_cols) or 1
-    return math.ceil(count / cols) or 1, cols
-
-
-# ----------------------------------------------------------------------------- spectra
-def spectrum_figure(rows: Sequence[dict], *, model_names: dict[int, str] | None = None) -> go.Figure:
-    """Canonical correlations (solid: at the chosen gamma; dashed: nearly unregularised) and
-    sorted Hungarian-matched correlations (dotted) per merge point, one colour per model."""
-    names = model_names or {}
-    points = _points(rows)
-    n_rows, n_cols = _grid(len(points))
-    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=points, shared_yaxes=True,
-                        horizontal_spacing=0.04, vertical_spacing=0.12)
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    for row in rows:
-        k = points.index(row["name"])
-        color = MODEL_COLORS[models.index(row["model"]) % len(MODEL_COLORS)]
-        label = names.get(row["model"], f"model {row['model']}")
-        x = np.arange(1, len(row["rho"]) + 1)
-        for series, dash, kind in (("rho", "solid", "CCA ρ"), ("rho_exact", "dash", "CCA ρ (γ≈0)"),
-                                   ("matched", "dot", "matched corr.")):
-            fig.add_trace(go.Scatter(
-                x=x, y=row[series], mode="lines", line=dict(color=color, dash=dash, width=2),
-                name=f"{kind}: {label}", legendgroup=f"{kind}{row['model']}", showlegend=k == 0,
-                hovertemplate=f"{label}<br>{kind} #%{{x}}: %{{y:.3f}}<extra>{row['name']}</extra>"),
-                row=k // n_cols + 1, col=k % n_cols + 1)
-    fig.update_yaxes(range=[0, 1.02])
-    fig.update_yaxes(title_text="correlation", col=1)
-    fig.update_xaxes(title_text="component / unit (sorted)", row=n_rows)
-    fig.update_layout(height=320 * n_rows + 90, margin=_MARGIN,
-                      legend=dict(orientation="h", yanchor="top", y=-0.12 / n_rows - 0.06))
-    return fig
-
-
-def mean_correlations(rows: Sequence[dict]) -> dict[str, float]:
-    """Means over ``rows`` (models) of the mean canonical correlation at gamma (``rho``), nearly
-    unregularised (``rho_exact``) and of the matched unit pairs (``matched``)."""
-    return {"rho": float(np.mean([r["mean_rho"] for r in rows])),
-            "rho_exact": float(np.mean([np.mean(r["rho_exact"]) for r in rows])),
-            "matched": float(np.mean([r["mean_matched"] for r in rows]))}
-
-
-def mean_rho_figure(rows: Sequence[dict]) -> go.Figure:
-    """Per merge point, averaged over the models shown: mean canonical correlation at gamma and
-    nearly unregularised, and mean correlation of the Hungarian-matched unit pairs."""
-    points = _points(rows)
-    means = [mean_correlations([r for r in rows if r["name"] == p]) for p in points]
-    bars = (("rho", "mean ρ (CCA, chosen γ)", method_color("cca"), None),
-            ("rho_exact", "mean ρ (CCA, γ≈0)", method_color("cca"), "/"),
-            ("matched", "mean matched corr. (permutation)", method_color("permute"), None))
-    fig = go.Figure([go.Bar(x=points, y=[m[key] for m in means], name=label, marker_color=color,
-                            marker_pattern_shape=pattern, text=[f"{m[key]:.3f}" for m in means],
-                            textposition="outside") for key, label, color, pattern in bars])
-    fig.update_layout(barmode="group", height=340, margin=_MARGIN, yaxis=dict(range=[0, 1.1],
-                      title="mean correlation"), xaxis_title="merge point",
-                      legend=dict(orientation="h", y=1.12))
-    return fig
-
-
-def health_frame(rows: Sequence[dict], model_names: dict[int, str] | None = None) -> pd.DataFrame:
-    """Numerical health per merge point and model."""
-    names = model_names or {}
-    return pd.DataFrame([{
-        "merge point": r["name"], "model": names.get(r["model"], str(r["model"])), "width": r["width"],
-        "samples": r["samples"], "samples / feature": r["samples_per_feature"],
-        "cond(S_xx)": r["cond_xx"], "cond(S_yy)": r["cond_yy"],
-        "dead (reference)": r["dead_reference"], "dead (model)": r["dead_model"],
-        "mean ρ": r["mean_rho"], "mean matched": r["mean_matched"]} for r in rows])
-
-
-def health_warnings(rows: Sequence[dict], model_names: dict[int, str] | None = None, *,
-                    min_samples: float = MIN_SAMPLES_PER_FEATURE,
-                    max_condition: float = MAX_CONDITION) -> list[str]:
-    """Readable warnings, one per kind: too few samples per feature, dead units, ill-conditioned
-    covariances (each listing the merge points and models concerned)."""
-    names = model_names or {}
-    few, dead, cond = [], [], []
-    for r in rows:
-        who = f"{r['name']} ({names.get(r['model'], 'model ' + str(r['model']))})"
-        if r["samples_per_feature"] < min_samples:
-            few.append(f"{r['name']}: {r['samples_per_feature']:.1f}")
-        if r["dead_reference"] or r["dead_model"]:
-            dead.append(f"{who}: {r['dead_reference']} in the reference, {r['dead_model']} in the model")
-        worst = max(r["cond_xx"], r["cond_yy"])
-        if not np.isfinite(worst) or worst > max_condition:
-            cond.append(f"{who}: {worst:.3g}")
-    out = []
-    if few:
-        out.append(f"Few samples per feature (under {min_samples:g}; covariances are unreliable, "
-                   f"use more statistics data): {'; '.join(dict.fromkeys(few))}")
-    if dead:
-        out.append("Dead units (never active on these images, CCA pairs them aside): "
-                   + "; ".join(dead))
-    if cond:
-        out.append(f"Ill-conditioned covariances (condition number over {max_condition:.0e}; "
-                   f"raise γ): {'; '.join(cond)}")
-    return out
 
 
 # ----------------------------------------------------------------------------- feature matching
@@ -185,20 +79,119 @@ def spread_figure(top1: np.ndarray, participation: np.ndarray, k90: np.ndarray) 
     return fig
 
 
+def aligned_units_figure(cca: np.ndarray, permute: np.ndarray, mix: np.ndarray, *,
+                         where: str) -> go.Figure:
+    """Per reference unit ``[n]``, each sorted high to low: how closely CCA's mapped features
+    (``cca``) and the matched unit (``permute``) reproduce it, and how much of CCA's mix is
+    the matched unit (``mix``)."""
+    fig = go.Figure()
+    for values, name, color, dash in (
+            (cca, "CCA's mix vs the reference unit", method_color("cca"), "solid"),
+            (permute, "matched unit vs the reference unit", method_color("permute"), "solid"),
+            (mix, "CCA's mix vs the matched unit", BASE_COLOR, "dot")):
+        values = np.sort(np.asarray(values, float)[np.isfinite(values)])[::-1]
+        fig.add_trace(go.Scatter(x=np.arange(1, len(values) + 1), y=values, mode="lines",
+                                 name=name, line=dict(color=color, dash=dash, width=2),
+                                 hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>"))
+    fig.update_layout(height=360, margin=_MARGIN, legend=dict(orientation="h", y=-0.25),
+                      xaxis_title="reference units (sorted, best first)",
+                      yaxis=dict(title=f"correlation ({where})", range=[-0.05, 1.02]))
+    return fig
+
+
+def accuracy_axis(values: Sequence[float], *, title: str = "test accuracy (%)") -> dict:
+    """A y axis for accuracies (percent): from 0 unless every value is above 60, then from 5
+    points below the lowest (rounded down to 5) and the title says where it starts."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    low = min(finite, default=0.0)
+    if low <= 60:
+        return dict(title=title, range=[0, 101])
+    start = float(5 * np.floor((low - 5) / 5))
+    return dict(title=f"{title}, axis from {start:g}", range=[start, 101])
+
+
+def partial_merges_figure(curves: Sequence[dict]) -> go.Figure:
+    """Test accuracy of merging the first k merge points, one line per method (``curves``:
+    ``{"method", "points", "accuracy"}``); k = 0 is the reference alone."""
+    fig = go.Figure()
+    for curve in curves:
+        labels = ["reference", *[f"+ {p}" for p in curve["points"]]]
+        fig.add_trace(go.Scatter(
+            x=labels, y=curve["accuracy"], mode="lines+markers", name=curve["method"],
+            line=dict(color=method_color(curve["method"]), width=2),
+            hovertemplate=f"{curve['method']}<br>%{{x}}: %{{y:.2f}}%<extra></extra>"))
+    values = [v for c in curves for v in c["accuracy"]]
+    fig.update_layout(height=360, margin=_MARGIN, legend=dict(orientation="h", y=-0.25),
+                      xaxis_title="merged up to", yaxis=accuracy_axis(values))
+    return fig
+
+
+def alignment_conclusion(means: dict, participation: float, curves: Sequence[dict], *,
+                         where: str) -> str:
+    """What to conclude from :func:`aligned_units_figure`'s means (``cca``, ``permute``,
+    ``mix_vs_match``) and the partial merges of ``cca`` and ``permute`` (``curves``)."""
+    by = {c["method"]: c["accuracy"] for c in curves}
+    ref, cca, perm = by["cca"][0], by["cca"][-1], by["permute"][-1]
+    text = (f"Each CCA feature mixes about {participation:.0f} units of model i, yet on {where} "
+            f"images the mix correlates **{means['cca']:.2f}** with the reference unit it stands "
+            f"for, the single matched unit **{means['permute']:.2f}**, and the mix correlates "
+            f"{means['mix_vs_match']:.2f} with that matched unit: spread weights over correlated "
+            "units build a closer copy of the same feature, not a different one. ")
+    gap_cca, gap_perm = ref - cca, ref - perm
+    text += (f"Merged, the pair scores {cca:.1f}% with CCA and {perm:.1f}% with the permutation "
+             f"(reference alone {ref:.1f}%): ")
+    if max(gap_cca, gap_perm) < 2.0:
+        return text + ("both stay within 2 points of the reference, so a permutation is already "
+                       "close enough here and the closer alignment has little accuracy to win.")
+    if gap_cca < gap_perm:
+        return text + (f"the closer alignment pays off, CCA recovers {gap_perm - gap_cca:.1f} of "
+                       f"the {gap_perm:.1f} points the permutation loses.")
+    return text + ("here the closer alignment does not pay off in accuracy; for BatchNorm nets "
+                   "see Why did it fail?, a dense map does not commute with BatchNorm.")
+
+
 # ----------------------------------------------------------------------------- interpolation
+SWITCH_LAMBDA = 0.5  # api.interpolate: lambda <= 0.5 aligns B to A, above it A to B (inexact maps)
+
+
+def path_segments(curve: dict) -> list[dict]:
+    """The parts of an interpolation ``curve`` that share one alignment: the whole path for a
+    method whose maps are exact (permutations), else ``aligned to A`` (λ <= 0.5, B brought into
+    A's basis) and ``aligned to B`` (λ > 0.5), as ``api.interpolate`` computes them. Each part:
+    ``{"label", "dash", "lambdas", "accuracy", "loss"}``."""
+    lambdas = np.asarray(curve["lambdas"])
+    parts = [("", "solid", np.ones(len(lambdas), bool))]
+    if not METHODS[curve["method"]].exact:
+        first = lambdas <= SWITCH_LAMBDA
+        parts = [(", aligned to A", "solid", first), (", aligned to B", "dash", ~first)]
+    return [{"label": curve["method"] + suffix, "dash": dash,
+             "lambdas": lambdas[mask].tolist(),
+             "accuracy": np.asarray(curve["accuracy"])[mask].tolist(),
+             "loss": np.asarray(curve["loss"])[mask].tolist()}
+            for suffix, dash, mask in parts if mask.any()]
+
+
 def interpolation_figure(curves: Sequence[dict]) -> go.Figure:
-    """Test loss and accuracy along the path from model A (0) to model B (1), one line per method."""
+    """Test loss and accuracy along the path from model A (0) to model B (1), one line per
+    method; a method with inexact maps (CCA) is drawn as its two halves (:func:`path_segments`),
+    not joined."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("test loss", "test accuracy (%)"),
                         horizontal_spacing=0.08)
     for curve in curves:
         color = method_color(curve["method"])
-        for col, series in ((1, "loss"), (2, "accuracy")):
-            fig.add_trace(go.Scatter(
-                x=curve["lambdas"], y=curve[series], mode="lines+markers", name=curve["method"],
-                legendgroup=curve["method"], showlegend=col == 1, line=dict(color=color, width=2),
-                hovertemplate=f"{curve['method']}<br>λ=%{{x:.2f}}: %{{y:.3f}}<extra></extra>"),
-                row=1, col=col)
+        for part in path_segments(curve):
+            for col, series in ((1, "loss"), (2, "accuracy")):
+                fig.add_trace(go.Scatter(
+                    x=part["lambdas"], y=part[series], mode="lines+markers", name=part["label"],
+                    legendgroup=part["label"], showlegend=col == 1,
+                    line=dict(color=color, width=2, dash=part["dash"]),
+                    hovertemplate=f"{part['label']}<br>λ=%{{x:.2f}}: %{{y:.3f}}<extra></extra>"),
+                    row=1, col=col)
+    accuracy = [v for c in curves for v in c["accuracy"]]
     fig.update_xaxes(title_text="λ  (0 = model A, 1 = model B)")
+    fig.update_yaxes(title_text="test loss", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(**{"title_text" if k == "title" else k: v
+                        for k, v in accuracy_axis(accuracy).items()}, row=1, col=2)
     fig.update_layout(height=380, margin=_MARGIN, legend=dict(orientation="h", y=-0.2))
     return fig
 
@@ -216,7 +209,8 @@ def barrier_frame(curves: Sequence[dict]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- merge results
 def results_frame(names: Sequence[str], base: dict, merges: Sequence[dict]) -> pd.DataFrame:
-    """Rows: each base model, the logit ensemble, each merge (accuracy %, loss, seconds)."""
+    """Rows: each base model, the logit ensemble, each merge (test accuracy %, loss, seconds;
+    with the merges' held-out accuracy when they have one)."""
     rows = [{"kind": "base model", "name": n, "accuracy (%)": s["accuracy"], "loss": s["loss"],
              "seconds": np.nan} for n, s in zip(names, base["models"], strict=True)]
     rows.append({"kind": "ensemble", "name": "ensemble (mean logits)",
@@ -224,7 +218,18 @@ def results_frame(names: Sequence[str], base: dict, merges: Sequence[dict]) -> p
                  "seconds": np.nan})
     rows += [{"kind": "merge", "name": m["method"], "accuracy (%)": m["accuracy"], "loss": m["loss"],
               "seconds": m["seconds"]} for m in merges]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if any(m.get("held_out_accuracy") is not None for m in merges):
+        held = [np.nan] * (len(rows) - len(merges)) + [m.get("held_out_accuracy") for m in merges]
+        frame.insert(3, "held-out accuracy (%)", held)
+    return frame
+
+
+def merge_label(merge: dict) -> str:
+    """``cca (97.2% held-out, 96.4% test)`` or, without a held-out score, ``cca (96.4% test)``."""
+    held = merge.get("held_out_accuracy")
+    prefix = f"{held:.1f}% held-out, " if held is not None else ""
+    return f"{merge['method']} ({prefix}{merge['accuracy']:.1f}% test)"
 
 
 def table_height(frame: pd.DataFrame, row: int = 35) -> int:
@@ -232,12 +237,28 @@ def table_height(frame: pd.DataFrame, row: int = 35) -> int:
     return row * (min(len(frame), 20) + 1) + 3
 
 
+DEAD_NOTE = re.compile(r"^merge point (?P<point>.+): dead units per model (?P<counts>\[.*\])$")
+
+
 def merge_warnings(merges: Sequence[dict]) -> dict[str, list[str]]:
-    """Each distinct warning of the merges, with the methods that raised it."""
+    """Each distinct warning of the merges, with the methods that raised it; the per-point
+    dead-unit notes (``api.sample_warnings``) become one warning listing every point."""
     out: dict[str, list[str]] = {}
+    dead: dict[str, str] = {}
+    dead_methods: list[str] = []
     for merge in merges:
         for warning in merge["warnings"]:
-            out.setdefault(warning, []).append(merge["method"])
+            note = DEAD_NOTE.match(warning)
+            if note:
+                dead[note["point"]] = note["counts"]
+                dead_methods += [merge["method"]] if merge["method"] not in dead_methods else []
+            else:
+                out.setdefault(warning, []).append(merge["method"])
+    if dead:
+        text = ("Dead units (never active on the training images; CCA pairs them aside, other "
+                "methods match them like any unit), per model in selection order: "
+                + "; ".join(f"{point} {counts}" for point, counts in dead.items()))
+        out = {text: dead_methods, **out}
     return out
 
 
@@ -250,9 +271,8 @@ def results_figure(frame: pd.DataFrame) -> go.Figure:
                            text=[f"{v:.1f}" for v in acc], textposition="outside",
                            cliponaxis=False, customdata=frame["kind"],
                            hovertemplate="%{x} (%{customdata}): %{y:.2f}%<extra></extra>"))
-    low = max(0.0, float(acc.min()) - 10.0)
     fig.update_layout(height=380, margin=dict(_MARGIN, t=50), xaxis_title=None,
-                      yaxis=dict(title="test accuracy (%)", range=[low, 101]))
+                      yaxis=dict(title="test accuracy (%)", range=[0, 106]))  # bars start at 0
     return fig
 
 
@@ -270,7 +290,8 @@ def accuracy_vs_n_figure(points: Sequence[dict]) -> go.Figure:
                       dash="dash" if is_ens else "solid", width=2),
             hovertemplate=f"{method}<br>N=%{{x}}: %{{y:.2f}}%<extra></extra>"))
     fig.update_layout(height=360, margin=_MARGIN, xaxis=dict(title="number of merged models N",
-                      dtick=1), yaxis_title="test accuracy (%)", legend=dict(orientation="h", y=-0.2))
+                      dtick=1), yaxis=accuracy_axis(frame["accuracy"].tolist()),
+                      legend=dict(orientation="h", y=-0.2))
     return fig
 
 

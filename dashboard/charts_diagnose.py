@@ -14,7 +14,14 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ccamerge.analysis.checklist import COLLAPSE_RATIO
-from dashboard.charts import BASE_COLOR, ENSEMBLE_COLOR, matrix_pair_figure, method_color, window
+from dashboard.charts import (
+    BASE_COLOR,
+    ENSEMBLE_COLOR,
+    accuracy_axis,
+    matrix_pair_figure,
+    method_color,
+    window,
+)
 
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 # the chart a finding points to: (anchor on the diagnosis page, its title)
@@ -83,7 +90,7 @@ def summary_figure(report: dict, names: Sequence[str]) -> go.Figure:
                            textposition="outside", cliponaxis=False,
                            hovertemplate="%{x}: %{y:.2f}%<extra></extra>"))
     fig.update_layout(height=320, margin=dict(_MARGIN, t=30), yaxis=dict(
-        title="test accuracy (%)", range=[max(0.0, min(values) - 10.0), 104]))
+        title="test accuracy (%)", range=[0, 106]))  # bars start at 0
     return fig
 
 
@@ -122,7 +129,9 @@ def damage_figure(report: dict) -> go.Figure:
                          customdata=[p["damage_accuracy"] for p in ranked],
                          hovertemplate="%{y}: loss %{text}, accuracy −%{customdata:.1f} points"
                                        "<extra></extra>"), row=1, col=2)
-    fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1, secondary_y=False)
+    axis = accuracy_axis(acc)
+    fig.update_yaxes(title_text=axis["title"], range=axis["range"], row=1, col=1,
+                     secondary_y=False)
     fig.update_yaxes(title_text="test loss", row=1, col=1, secondary_y=True, showgrid=False,
                      rangemode="tozero")
     fig.update_xaxes(title_text="loss added", row=1, col=2)
@@ -223,7 +232,7 @@ def sweep_figure(sweep: dict) -> go.Figure:
     fig.update_layout(height=340, margin=_MARGIN, legend=dict(orientation="h", y=-0.25),
                       xaxis=dict(title=key, type="log" if positive else "linear", tickvals=x,
                                  ticktext=[f"{v:g}" for v in x]),
-                      yaxis_title="held-out accuracy (%)")
+                      yaxis=accuracy_axis(acc, title="held-out accuracy (%)"))
     return fig
 
 
@@ -347,15 +356,25 @@ def eigen_figure(eig_x: np.ndarray, eig_y: np.ndarray) -> go.Figure:
     return fig
 
 
-def rho_figure(rho: np.ndarray, matched: np.ndarray | None = None) -> go.Figure:
-    """Singular values of M = canonical correlations, with the sorted matched correlations."""
-    fig = go.Figure(go.Bar(x=np.arange(1, len(rho) + 1), y=rho, name="ρ (singular values of M)",
+def rho_figure(shrunk: np.ndarray, reached: np.ndarray, matched: np.ndarray | None = None, *,
+               shrunk_name: str = "shrunk singular values of M",
+               where: str = "held-out") -> go.Figure:
+    """Bars: the correlation ``reached`` ``[n]`` each canonical pair reaches (canonical order);
+    grey line: the ridge-shrunk singular values ``shrunk`` ``[n]``; line: the matched unit
+    pairs' correlations ``matched`` ``[n]``, sorted."""
+    k = np.arange(1, len(reached) + 1)
+    fig = go.Figure(go.Bar(x=k, y=reached, name=f"correlation reached by pair k ({where})",
                            marker_color=method_color("cca"),
-                           hovertemplate="ρ%{x}: %{y:.3f}<extra></extra>"))
+                           hovertemplate="pair %{x}: %{y:.3f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=np.arange(1, len(shrunk) + 1), y=shrunk, mode="lines",
+                             name=shrunk_name, line=dict(color=BASE_COLOR, width=2, dash="dashdot"),
+                             hovertemplate="s%{x}: %{y:.3f}<extra></extra>"))
     if matched is not None:
         fig.add_trace(go.Scatter(x=np.arange(1, len(matched) + 1), y=np.sort(matched)[::-1],
-                                 mode="lines", name="matched unit pairs (sorted)",
+                                 mode="lines", name=f"matched unit pairs, sorted ({where})",
                                  line=dict(color=method_color("permute"), width=2)))
-    fig.update_layout(height=300, margin=_MARGIN, yaxis=dict(title="correlation", range=[0, 1.05]),
-                      xaxis_title="component", legend=dict(orientation="h", y=1.12), bargap=0.1)
+    low = min(0.0, float(np.min(reached))) - 0.02
+    fig.update_layout(height=320, margin=_MARGIN, xaxis_title="canonical pair / unit pair",
+                      yaxis=dict(title="correlation / singular value", range=[low, 1.05]),
+                      legend=dict(orientation="h", y=1.16), bargap=0.1)
     return fig

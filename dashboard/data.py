@@ -30,9 +30,14 @@ import torch
 from torch import nn
 
 from ccamerge import api
-from ccamerge.analysis import explorer, teach
-from ccamerge.analysis.diagnose import diagnose
-from ccamerge.analysis.features import FeatureMatching, feature_matching
+from ccamerge.analysis import compare, explorer, spectra, teach
+from ccamerge.analysis.diagnose import diagnose, sweep
+from ccamerge.analysis.features import (
+    AlignedUnits,
+    FeatureMatching,
+    aligned_units,
+    feature_matching,
+)
 from ccamerge.data import Dataset, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
@@ -234,6 +239,52 @@ def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: flo
                         stats_samples=stats_samples, seed=SEED, statistics=stats)
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
+                     _models: Sequence[nn.Module],
+                     _data: Dataset) -> tuple[Statistics, Statistics | None]:
+    """Statistics on a random 80% of the training images and, in a separate pass, on the
+    held-out 20% (``ccamerge.analysis.spectra.split_statistics``; None when too few)."""
+    models = fresh(_models)
+    check_fit(models, _data)
+    x = api.train_inputs(_data)
+    api.check_compatible(models, x, reference)
+    return spectra.split_statistics(models, api.resolve_spec(models, x), x, reference=reference,
+                                    holdout=spectra.HOLDOUT, seed=SEED)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def held_out_spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float,
+                      relative: bool, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
+    """``ccamerge.analysis.spectra.spectrum_rows``: CCA fitted on 80% of the training images,
+    the correlations its pairs reach there and on the held-out 20%, beside the shrunk
+    singular values and the matched unit pairs."""
+    fit, held = split_statistics(digests, data_key, reference, _models, _data)
+    return spectra.spectrum_rows(fit, held, gamma=gamma, relative=relative)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def held_out_alignment(digests: tuple[str, ...], data_key: str, reference: int, other: int,
+                       point: str, gamma: float, relative: bool, _models: Sequence[nn.Module],
+                       _data: Dataset) -> AlignedUnits:
+    """How closely CCA's map and the Hungarian match (fitted on 80% of the training images)
+    reproduce the reference's units at ``point`` on the held-out 20%."""
+    fit, held = split_statistics(digests, data_key, reference, _models, _data)
+    if point not in fit.points:
+        raise CcamergeError(f"no merge point {point!r}; the models have {list(fit.points)}")
+    return aligned_units(fit[point], None if held is None else held[point], reference, other,
+                         gamma=gamma, relative=relative)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def partial_merges(digests: tuple[str, ...], data_key: str, method: str, options: dict,
+                   bn_reset: bool, _pair: Sequence[nn.Module], _data: Dataset) -> dict:
+    """``ccamerge.analysis.compare.partial_merges`` of the reference (first) and one model."""
+    check_fit(_pair, _data)
+    return compare.partial_merges(fresh(_pair), _data, method, bn_reset=bn_reset, seed=SEED,
+                                  **resolve_options(method, options))
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def features(digests: tuple[str, ...], data_key: str, reference: int, other: int, point: str,
              gamma: float, relative: bool, stats_samples: int | None, _models: Sequence[nn.Module],
@@ -329,19 +380,37 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
     return out
 
 
+@st.cache_data(max_entries=128, show_spinner=False)
+def held_out_score(digests: tuple[str, ...], data_key: str, method: str, options: dict,
+                   reference: int, bn_reset: bool, stats_samples: int | None,
+                   _models: Sequence[nn.Module], _data: Dataset) -> dict:
+    """The merge with ``method`` and ``options`` scored on a held-out 20% of the training
+    images, merged (statistics, BatchNorm reset) from the other 80%: the diagnosis sweep with
+    one setting, so that merges are ranked without the test set. ``{"accuracy", "loss",
+    "selected_on"}`` (``selected_on`` names the images)."""
+    check_fit(_models, _data)
+    out = sweep(fresh(_models), _data, method, grid=[resolve_options(method, options)],
+                reference=reference, bn_reset=bn_reset, stats_samples=stats_samples, seed=SEED)
+    return {"accuracy": out["accuracy"][0], "loss": out["loss"][0],
+            "selected_on": out["selected_on"]}
+
+
 def interpolation(pair: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
                   method: str, *, steps: int, bn_reset: bool, stats_samples: int | None,
-                  progress: Progress | None = None) -> dict:
-    """``api.interpolate`` between ``pair`` (method defaults), cached by content and options:
-    ``{"method", "lambdas", "accuracy", "loss", "barrier"}``."""
-    key = _key("interpolate", list(digests), data_key, method, steps, bn_reset, stats_samples)
+                  options: dict | None = None, progress: Progress | None = None) -> dict:
+    """``api.interpolate`` between ``pair`` with the method's ``options`` (defaults filled in),
+    cached by content and options: ``{"method", "lambdas", "accuracy", "loss", "barrier"}``."""
+    options = resolve_options(method, options or {})
+    key = _key("interpolate", list(digests), data_key, method, steps, bn_reset, stats_samples,
+               options)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(pair, data)
     a, b = fresh(pair)
     curve = api.interpolate(a, b, data, method, steps=steps, bn_reset=bn_reset,
-                            stats_samples=stats_samples, seed=SEED, progress=progress or _quiet)
+                            stats_samples=stats_samples, seed=SEED, progress=progress or _quiet,
+                            **options)
     memo().put(key, curve)
     return curve
 

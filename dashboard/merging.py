@@ -49,16 +49,17 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
         stats_samples: int | None, curve: bool, step: StepFactory,
         bn_policy: str = "paper") -> dict:
     """Merge with every method; returns ``{"signature", "names", "reference", "data_name",
-    "base", "merges", "errors", "curve", "files", "recipes", "suffix"}`` (``files``/``recipes``:
-    method -> merged model bytes / recipe JSON text; ``suffix``: ``.safetensors``, or ``.pt`` for
-    a TorchScript archive when the reference is one)."""
+    "base", "merges", "errors", "curve", "files", "recipes", "suffix", "held_out_on"}``
+    (``files``/``recipes``: method -> merged model bytes / recipe JSON text; ``suffix``:
+    ``.safetensors``, or ``.pt`` for a TorchScript archive when the reference is one; each merge
+    has a ``held_out_accuracy`` on the training images ``held_out_on`` names, for ranking)."""
     n_models = len(inputs.models)
     tasks = plan(n_models, methods, curve)
     out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,
                                   bn_policy),
            "names": [e.name for e in inputs.entries], "reference": inputs.reference,
            "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
-           "recipes": {}, "suffix": ".safetensors"}
+           "recipes": {}, "suffix": ".safetensors", "held_out_on": None}
     out["base"] = data.base_scores(inputs.digests, inputs.data_key, bn_reset, inputs.models,
                                    inputs.data)
     for k, (method, n) in enumerate(tasks):
@@ -80,9 +81,33 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
         if n == n_models:
             out["merges"].append({k2: result[k2] for k2 in
                                   ("method", "options", "accuracy", "loss", "seconds", "warnings")})
+            out["merges"][-1].update(_held_out(out, inputs, method, options, bn_reset,
+                                               stats_samples))
             _attach_files(out, inputs, result)
     _ensemble_curve(out, inputs, bn_reset, n_models if curve else None)
     return out
+
+
+def _held_out(out: dict, inputs: Inputs, method: str, options: dict, bn_reset: bool,
+              stats_samples: int | None) -> dict:
+    """``{"held_out_accuracy"}``: the merge of every selected model scored on held-out training
+    images (``data.held_out_score``; None when the data is too small to hold some out); the
+    images are named in ``out["held_out_on"]``."""
+    try:
+        score = data.held_out_score(inputs.digests, inputs.data_key, method,
+                                    options.get(method, {}), inputs.reference, bn_reset,
+                                    stats_samples, inputs.models, inputs.data)
+    except CcamergeError:
+        return {"held_out_accuracy": None}
+    out["held_out_on"] = score["selected_on"]
+    return {"held_out_accuracy": score["accuracy"]}
+
+
+def ranked(merges: Sequence[dict]) -> list[dict]:
+    """Merges best first by held-out accuracy (those without one last), then by method order."""
+    scored = [m for m in merges if m.get("held_out_accuracy") is not None]
+    return sorted(scored, key=lambda m: -m["held_out_accuracy"]) + [
+        m for m in merges if m.get("held_out_accuracy") is None]
 
 
 def dashboard_recipe(inputs: Inputs, recipe: dict) -> dict:

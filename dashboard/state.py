@@ -24,6 +24,7 @@ UPLOAD_MESSAGES = "ccm_upload_messages"  # list of (level, text) from the last u
 PROCESSED_UPLOADS = "ccm_processed_uploads"  # uploader file ids already handled
 MERGE_RESULTS = "ccm_merge_results"    # the last merge run (dict), survives page switches
 DEMO_LOADED = "ccm_demo_loaded"        # the demo zoo was added to this session
+APPLIED = "ccm_applied"                # {"method", "options", "source"}: the last setting applied
 
 # Widget keys: sidebar
 W_MODELS = "w_models"
@@ -79,6 +80,11 @@ W_TEACH_MODEL = "w_teach_model"
 W_TEACH_POINT = "w_teach_point"
 W_TEACH_GAMMA = "w_teach_gamma"
 W_TEACH_RELATIVE = "w_teach_relative"
+
+
+# Pages whose method-option widgets (prefix) and method pickers take an applied setting
+APPLY_TO = {"merge": W_MERGE_METHODS, "interp": W_INTERP_METHODS}
+W_DIAG_APPLY = "w_diag_apply"          # "apply this setting" buttons: w_diag_apply_<where>
 
 
 def option_key(prefix: str, method: str, option: str) -> str:

@@ -71,22 +71,71 @@ def gamma_controls(gamma_key: str, relative_key: str) -> tuple[float, bool]:
 
 def method_options(method: str, prefix: str) -> dict:
     """One widget per option of ``method`` from the registry (defaults, minimum, help);
-    returns ``{option: value}``."""
+    returns ``{option: value}``. The defaults are seeded into session state, so a setting put
+    there by :func:`apply_setting` shows without a conflicting ``value=``."""
     values = {}
     for name, opt in catalog.METHODS[method].options.items():
         key = state.option_key(prefix, method, name)
         label = f"{method}: {name}"
+        st.session_state.setdefault(key, opt.kind(opt.default))
         if opt.kind is bool:
-            values[name] = st.checkbox(label, value=bool(opt.default), key=key, help=opt.help, **KEEP)
+            values[name] = st.checkbox(label, key=key, help=opt.help, **KEEP)
         elif opt.kind is int:
-            values[name] = int(st.number_input(label, value=int(opt.default), step=1, key=key,
+            values[name] = int(st.number_input(label, step=1, key=key,
                                                min_value=None if opt.minimum is None else int(opt.minimum),
                                                help=opt.help, **KEEP))
         else:
-            values[name] = float(st.number_input(label, value=float(opt.default), key=key,
-                                                 min_value=opt.minimum, format="%g", help=opt.help,
-                                                 **KEEP))
+            values[name] = float(st.number_input(label, key=key, min_value=opt.minimum,
+                                                 format="%g", help=opt.help, **KEEP))
     return values
+
+
+def setting_text(options: dict) -> str:
+    """``gamma = 1, relative = True``."""
+    return ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                     for k, v in options.items())
+
+
+def apply_setting(method: str, options: dict, source: str) -> None:
+    """Put ``options`` of ``method`` into the option widgets of the pages in
+    :data:`state.APPLY_TO` (and select the method there), and remember it in
+    :data:`state.APPLIED` for those pages to say where the values came from. A button
+    callback: it runs before the next script run, when any widget's state may be set."""
+    known = catalog.METHODS[method].options
+    for prefix, methods_key in state.APPLY_TO.items():
+        if prefix == "interp" and catalog.METHODS[method].joint:
+            continue
+        for name, value in options.items():
+            if name in known:
+                st.session_state[state.option_key(prefix, method, name)] = known[name].kind(value)
+        chosen = st.session_state.get(methods_key)
+        if chosen is not None and method not in chosen:
+            st.session_state[methods_key] = [*chosen, method]
+    st.session_state[state.APPLIED] = {"method": method, "options": dict(options),
+                                       "source": source}
+
+
+def apply_button(method: str, options: dict, *, source: str, key: str) -> None:
+    """A button that applies ``options`` of ``method`` (:func:`apply_setting`) and, once
+    pressed, links to the pages it changed."""
+    st.button(f"Apply {method} {setting_text(options)} on the Merge and Interpolation pages",
+              key=key, on_click=apply_setting, args=(method, options, source),
+              icon=":material/tune:")
+    applied = st.session_state.get(state.APPLIED)
+    if applied and applied["method"] == method and applied["options"] == dict(options):
+        st.success(f"Applied: {method} {setting_text(options)}. Open "
+                   "**Merge and compare** or **Interpolation** to use it.",
+                   icon=":material/check:")
+
+
+def applied_note(method: str, values: dict) -> None:
+    """Where a page's option values for ``method`` came from, while they are still the ones
+    :func:`apply_setting` put there."""
+    applied = st.session_state.get(state.APPLIED)
+    if applied and applied["method"] == method and all(
+            values.get(k) == v for k, v in applied["options"].items()):
+        st.info(f"{method}: {setting_text(applied['options'])}, applied from "
+                f"{applied['source']}.", icon=":material/tune:")
 
 
 class ProgressDisplay:
@@ -159,18 +208,47 @@ def pick_model_and_point(label: str, sel: state.Selection, models: dict, points:
     return other, point
 
 
+TAG_CHARS = 17  # a sidebar tag shows about 19 characters before "…"
+REFERENCE_CHARS = 30  # the sidebar's closed selectbox shows about 32
+
+
+def tag_label(name: str, width: int = TAG_CHARS) -> str:
+    """``name`` shortened to ``width`` characters by cutting its middle, so the ends, where
+    names of one experiment differ (``..._seed_11``), stay visible."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 2
+    return f"{name[:width - 1 - tail]}…{name[-tail:]}"
+
+
+def tag_labels(names: dict[str, str], width: int = TAG_CHARS) -> dict[str, str]:
+    """Distinct short labels (id -> label) for the models' tags: :func:`tag_label`, and
+    ``#1``, ``#2``, ... in load order where two of them still read the same."""
+    short = {i: tag_label(n, width) for i, n in names.items()}
+    clashes = {label for label in short.values() if list(short.values()).count(label) > 1}
+    seen: dict[str, int] = {}
+    for i, label in short.items():
+        if label in clashes:
+            seen[label] = seen.get(label, 0) + 1
+            short[i] = f"{tag_label(names[i], width - 3)} #{seen[label]}"
+    return short
+
+
 def sidebar() -> state.Selection:
     """Models, reference and dataset; stored as the session's :class:`state.Selection`."""
     models = st.session_state[state.MODELS]
     datasets = st.session_state[state.DATASETS]
     with st.sidebar:
         st.markdown("### Experiment")
+        tags = tag_labels({i: e.name for i, e in models.items()})
         ids = st.multiselect("Models", list(models), key=state.W_MODELS,
-                             format_func=lambda i: model_label(models, i),
-                             help="2 or more models of one architecture; the Models page adds uploads")
+                             format_func=lambda i: tags.get(i, i),
+                             help="2 or more models of one architecture; the Models page adds "
+                                  "uploads and shows the full names")
         valid_choice(state.W_REFERENCE, ids)
+        wide = tag_labels({i: e.name for i, e in models.items()}, width=REFERENCE_CHARS)
         reference = st.selectbox("Reference", ids, key=state.W_REFERENCE,
-                                 format_func=lambda i: model_label(models, i),
+                                 format_func=lambda i: wide.get(i, i),
                                  help="the model whose basis the others are aligned to")
         names = available_datasets() + list(datasets)
         valid_choice(state.W_DATASET, names)
@@ -223,11 +301,13 @@ def selected_statistics(inputs: registry.Inputs):
 
 
 def interpolation_curves(pair, digests, inputs: registry.Inputs, methods, *, steps: int,
-                         bn_reset: bool) -> list[dict]:
-    """One cached interpolation curve per method between the two models of ``pair``, with a
-    progress display; on a problem the page shows why and stops."""
+                         bn_reset: bool, options: dict | None = None) -> list[dict]:
+    """One cached interpolation curve per method between the two models of ``pair`` (with
+    ``options[method]``, else the defaults), with a progress display; on a problem the page
+    shows why and stops."""
+    options = options or {}
     with stop_on_error(), ProgressDisplay("interpolating", len(methods)) as progress:
         return [data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
                                    steps=steps, bn_reset=bn_reset, stats_samples=None,
-                                   progress=progress.step(k, method))
+                                   options=options.get(method), progress=progress.step(k, method))
                 for k, method in enumerate(methods)]

@@ -50,6 +50,9 @@ icons = {"failure": ":material/error:", "warning": ":material/warning:", "info":
 for severity, findings in cd.checklist_groups(report["findings"]).items():
     for finding in findings:
         show[severity](cd.finding_markdown(finding), icon=icons[severity])
+        if "apply" in finding:
+            widgets.apply_button(**finding["apply"], source="the diagnosis checklist",
+                                 key=f"{state.W_DIAG_APPLY}_{finding['id']}")
 st.caption("Models: " + " · ".join(f"model {k} = {n}" for k, n in enumerate(names))
            + f" (reference: model {inputs.reference}). Diagnosed in {report['seconds']:.1f} s.")
 
@@ -108,6 +111,9 @@ if "sweep" in report:
                     "of the training set (never the test set, so choosing by it is fair). The "
                     "star marks the best setting, the diamond the one this merge used. "
                     + cd.sweep_caption(report["sweep"]) + ".")
+    widgets.apply_button(report["sweep"]["method"], report["sweep"]["best"],
+                         source=f"the sweep ({report['sweep']['selected_on']})",
+                         key=f"{state.W_DIAG_APPLY}_sweep")
 elif sweepable:
     st.info("Tick **Hyperparameter sweep** above to search the best setting on held-out data.")
 else:

@@ -87,3 +87,43 @@ widgets.explain("one count per reference unit j, from column j of T̃: the top-1
 with st.expander("Per-unit values"):
     st.dataframe(charts.spread_frame(fm.top1, fm.participation, fm.k90, fm.agrees, fm.perm),
                  hide_index=True)
+
+st.subheader("Spread weights, the same feature?")
+st.markdown("The map above spreads each feature over many units, the permutation copies one. "
+            "Do they align different features? Measured on held-out training images: how closely "
+            "each alignment reproduces the reference's units, and what merging costs, layer by "
+            "layer, with each method.")
+pair, pair_digests = inputs.pick([inputs.reference, other])
+with widgets.stop_on_error():
+    units = data.held_out_alignment(inputs.digests, inputs.data_key, inputs.reference, other,
+                                    point, gamma, relative, inputs.models, inputs.data)
+    curves = [data.partial_merges(pair_digests, inputs.data_key, method, opts,
+                                  data.uses_batchnorm(pair), pair, inputs.data)
+              for method, opts in (("cca", {"gamma": gamma, "relative": relative}),
+                                   ("permute", {}))]
+where = "held-out" if units.held_out else "fitting"
+means = units.means()
+q = st.columns(3)
+q[0].metric(f"CCA's mix vs reference unit ({where})", f"{means['cca']:.3f}",
+            help="mean over reference units j of corr(x_j, (y·T)_j): CCA's mapped features "
+                 "against the unit they stand for")
+q[1].metric(f"matched unit vs reference unit ({where})", f"{means['permute']:.3f}",
+            help="mean over reference units j of corr(x_j, y_perm(j)): the permutation's copy")
+q[2].metric(f"CCA's mix vs matched unit ({where})", f"{means['mix_vs_match']:.3f}",
+            help="mean over j of corr((y·T)_j, y_perm(j)): how much of CCA's mix is the unit "
+                 "the permutation picks")
+st.markdown(charts.alignment_conclusion(means, summary["mean_participation"], curves,
+                                        where=where))
+left, right = st.columns(2)
+with left:
+    st.plotly_chart(charts.aligned_units_figure(units.cca, units.permute, units.mix_vs_match,
+                                                where=where), key="aligned_units_chart")
+    widgets.explain(f"one value per reference unit at {point}, sorted: the correlation of CCA's "
+                    "mapped features with the reference unit, of the matched unit with it and "
+                    "of CCA's mix with the matched unit (dotted). CCA and the matching are "
+                    "fitted on 80% of the training images and measured on the other 20%.")
+with right:
+    st.plotly_chart(charts.partial_merges_figure(curves), key="partial_merges_chart")
+    widgets.explain(f"test accuracy of merging {ref_name} and {other_name} at the first k merge "
+                    "points only (the reference's own layers after them), for CCA at this γ and "
+                    "for the permutation; 'reference' is the reference alone.")

@@ -23,9 +23,17 @@ with c2:
     b_id = st.selectbox("Model B (λ = 1)", b_choices, key=state.W_INTERP_B,
                         format_func=lambda i: widgets.model_label(models, i), **widgets.KEEP)
 methods = st.multiselect("Methods", pairwise, default=pairwise, key=state.W_INTERP_METHODS,
-                         **widgets.KEEP)
+                         help=catalog.methods_help(), **widgets.KEEP)
 st.caption(f"Not offered: {', '.join(joint)} aligns all models jointly and defines no path between "
-           "two models (it is on the Merge page). Methods use their default options.")
+           "two models (it is on the Merge page).")
+options = {}
+with st.expander("Method options (defaults from the registry)",
+                 expanded=state.APPLIED in st.session_state):
+    for method in methods:
+        if catalog.METHODS[method].options:
+            st.markdown(f"**{method}**: {catalog.METHODS[method].summary}")
+            options[method] = widgets.method_options(method, "interp")
+            widgets.applied_note(method, options[method])
 c3, c4 = st.columns(2)
 steps = c3.slider("Points on the path", 3, 21, 11, step=2, key=state.W_INTERP_STEPS, **widgets.KEEP)
 has_bn = data.uses_batchnorm(inputs.models)
@@ -43,7 +51,7 @@ if not methods or b_id is None:
 indices = [sel.ids.index(a_id), sel.ids.index(b_id)]
 pair, digests = inputs.pick(indices)
 curves = widgets.interpolation_curves(pair, digests, inputs, methods, steps=steps,
-                                      bn_reset=bn_reset and has_bn)
+                                      bn_reset=bn_reset and has_bn, options=options)
 
 cols = st.columns(len(curves))
 for col, curve in zip(cols, curves, strict=True):
@@ -55,11 +63,16 @@ widgets.explain(f"left, the test loss; right, the test accuracy of the blended m
                 f"from {models[a_id].name} (0) to {models[b_id].name} (1). *average* blends the raw "
                 "weights; the other curves first align B's units to A's. The barrier is the "
                 "highest point of the loss above the straight line joining the two ends: near 0 "
-                "means no barrier between the aligned models. For CCA the second half of the "
-                "path uses A aligned to B so both ends are the real models.")
+                "means no barrier between the aligned models. A dense map (CCA) does not "
+                "reproduce a model's function exactly, so its path is two halves, drawn apart: "
+                "up to λ = 0.5 B is aligned to A (solid), after it A is aligned to B (dashed), so "
+                "that both ends are the real models; the step between the halves is not part of "
+                "either path.")
 st.dataframe(charts.barrier_frame(curves), hide_index=True, column_config={
     "loss barrier": st.column_config.NumberColumn(format="%.3f"),
     "accuracy at λ=0.5 (%)": st.column_config.NumberColumn(format="%.1f"),
     "lowest accuracy (%)": st.column_config.NumberColumn(format="%.1f")})
 st.caption(f"Regenerate: `ccamerge interpolate A.safetensors B.safetensors --method METHOD --data "
-           f"{inputs.data_name} --steps {steps}{'' if bn_reset or not has_bn else ' --no-bn-reset'} --json`")
+           f"{inputs.data_name} --steps {steps}{'' if bn_reset or not has_bn else ' --no-bn-reset'}"
+           " --json`" + "".join(f", for {m} add `{catalog.option_flags(m, o)}`"
+                                for m, o in options.items()))

@@ -18,11 +18,13 @@ registered = list(catalog.METHODS)
 methods = st.multiselect("Methods", registered, default=registered, key=state.W_MERGE_METHODS,
                          help=catalog.methods_help(), **widgets.KEEP)
 options = {}
-with st.expander("Method options (defaults from the registry)"):
+with st.expander("Method options (defaults from the registry)",
+                 expanded=state.APPLIED in st.session_state):
     for method in methods:
         if catalog.METHODS[method].options:
             st.markdown(f"**{method}**: {catalog.METHODS[method].summary}")
             options[method] = widgets.method_options(method, "merge")
+            widgets.applied_note(method, options[method])
 c1, c2, c3, c4 = st.columns(4)
 has_bn = data.uses_batchnorm(inputs.models)
 bn_reset = c1.toggle("Reset BatchNorm statistics", value=True, key=state.W_MERGE_BN,
@@ -60,20 +62,32 @@ for method, message in results["errors"].items():
 
 st.subheader(f"Results: {len(results['names'])} models, reference {results['names'][results['reference']]}")
 frame = charts.results_frame(results["names"], results["base"], results["merges"])
-best = max(results["merges"], key=lambda m: m["accuracy"], default=None)
+ranked = merging.ranked(results["merges"])
+held_on = results.get("held_out_on")
 cols = st.columns(3)
-cols[0].metric("best base model", f"{max(s['accuracy'] for s in results['base']['models']):.1f}%")
-cols[1].metric("ensemble", f"{results['base']['ensemble']['accuracy']:.1f}%")
-if best:
-    cols[2].metric(f"best merge ({best['method']})", f"{best['accuracy']:.1f}%")
+cols[0].metric("best base model", f"{max(s['accuracy'] for s in results['base']['models']):.1f}%",
+               help="test accuracy")
+cols[1].metric("ensemble", f"{results['base']['ensemble']['accuracy']:.1f}%", help="test accuracy")
+if ranked and ranked[0].get("held_out_accuracy") is not None:
+    best = ranked[0]
+    cols[2].metric(f"best merge on held-out training images: {best['method']}",
+                   f"{best['accuracy']:.1f}% test", f"{best['held_out_accuracy']:.1f}% held-out",
+                   delta_color="off", delta_arrow="off",
+                   help=f"chosen by accuracy on the {held_on}, merged (statistics, BatchNorm "
+                        "reset) from the rest of the training set, so the test set plays no part "
+                        "in the choice; the value is its test accuracy. The base models were "
+                        "trained on those images, so held-out accuracies run high.")
 st.plotly_chart(charts.results_figure(frame), key="results_chart")
 widgets.explain("test accuracy of each base model (grey), of their ensemble (black: averages the "
                 "models' outputs, costs N forward passes, the ceiling a merge aims for) and of the "
                 "single model each method produces (colours). Plain *average* without alignment "
                 "usually collapses: units in the same position do different things.")
 st.dataframe(frame, hide_index=True, height=charts.table_height(frame), placeholder="—", column_config={
-    "accuracy (%)": st.column_config.NumberColumn(format="%.2f"),
-    "loss": st.column_config.NumberColumn(format="%.4f"),
+    "accuracy (%)": st.column_config.NumberColumn("test accuracy (%)", format="%.2f"),
+    "held-out accuracy (%)": st.column_config.NumberColumn(
+        format="%.2f", help=f"the merge redone without the {held_on}, scored on them (the base "
+                            "models trained on them: accuracies run high)" if held_on else None),
+    "loss": st.column_config.NumberColumn("test loss", format="%.4f"),
     "seconds": st.column_config.NumberColumn("merge time (s)", format="%.2f")})
 for warning, methods_with in charts.merge_warnings(results["merges"]).items():
     st.warning(f"{warning} ({', '.join(methods_with)})")
@@ -87,11 +101,13 @@ if len({p["n"] for p in results["curve"]}) > 1:
 
 if results["files"]:
     st.subheader("Download")
-    accuracy = {r["method"]: r["accuracy"] for r in results["merges"]}
-    ranked = sorted(results["files"], key=accuracy.get, reverse=True)
-    widgets.valid_choice(state.W_MERGE_DOWNLOAD_METHOD, ranked)
-    chosen = st.selectbox("Merged model (best first)", ranked, key=state.W_MERGE_DOWNLOAD_METHOD,
-                          format_func=lambda m: f"{m} ({accuracy[m]:.1f}% test accuracy)")
+    by_method = {m["method"]: m for m in results["merges"]}
+    order = [m["method"] for m in ranked if m["method"] in results["files"]]
+    widgets.valid_choice(state.W_MERGE_DOWNLOAD_METHOD, order)
+    chosen = st.selectbox("Merged model (best first on held-out training images)" if held_on
+                          else "Merged model", order, key=state.W_MERGE_DOWNLOAD_METHOD,
+                          format_func=lambda m: charts.merge_label(by_method[m]),
+                          help=f"ranked by accuracy on the {held_on}" if held_on else None)
     suffix = results.get("suffix", ".safetensors")
     kind = "TorchScript archive, .pt" if suffix == ".pt" else ".safetensors"
     d1, d2 = st.columns(2)

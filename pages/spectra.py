@@ -1,14 +1,18 @@
-"""Spectra: canonical correlations of every merge point against the reference, with the
-Hungarian-matched correlations overlaid, and the numerical health of the statistics."""
+"""Spectra: the correlations CCA's canonical pairs reach per merge point, against the
+Hungarian-matched unit pairs, both on held-out training images; the ridge-shrunk singular values
+beside them; the numerical health of the statistics."""
 
 import streamlit as st
 
-from dashboard import charts, data, state, widgets
+from dashboard import catalog, data, state, widgets
+from dashboard import charts_spectra as cs
 
 st.title("Spectra")
-st.markdown("How much do the models' features have in common, layer by layer? CCA finds the "
-            "linear combinations of units that correlate best; a permutation can only pair units "
-            "one to one.")
+st.markdown("How much do the models' features have in common, layer by layer? CCA finds pairs of "
+            "directions (linear combinations of units) that correlate best; a permutation can "
+            "only pair units one to one. Both are fitted on "
+            f"{100 - round(100 * catalog.SPECTRA_HOLDOUT)}% of the training images and measured "
+            f"on the held-out {round(100 * catalog.SPECTRA_HOLDOUT)}%.")
 
 sel, models, inputs = widgets.selected_inputs()
 
@@ -19,54 +23,72 @@ shown = st.selectbox("Model compared with the reference", choices, key=state.W_S
                      format_func=lambda i: "every model" if i == "all" else widgets.model_label(models, i),
                      **widgets.KEEP)
 with widgets.stop_on_error():
-    rows = data.spectrum(inputs.digests, inputs.data_key, inputs.reference, gamma, relative, None,
-                         inputs.models, inputs.data)
+    rows = data.held_out_spectrum(inputs.digests, inputs.data_key, inputs.reference, gamma,
+                                  relative, inputs.models, inputs.data)
 names = {k: e.name for k, e in enumerate(inputs.entries)}
 if shown != "all" and shown in sel.ids:
     rows = [r for r in rows if r["model"] == sel.ids.index(shown)]
+where = "held-out" if cs.held_out(rows) else "fitting images"
+measured = "heldout" if cs.held_out(rows) else "fit"
+if not cs.held_out(rows):
+    st.warning("Too few training images to hold some out: the correlations below are measured "
+               "on the images CCA was fitted on, and overstate what generalises.")
 
 points = list(dict.fromkeys(r["name"] for r in rows))
 for col, point in zip(st.columns(len(points)), points, strict=True):
-    means = charts.mean_correlations([r for r in rows if r["name"] == point])
-    col.metric(f"mean ρ, {point}", f"{means['rho']:.3f}",
-               f"γ≈0: {means['rho_exact']:.3f} · matched: {means['matched']:.3f}",
-               delta_color="off", delta_arrow="off",
-               help="mean canonical correlation at this γ; below, nearly unregularised and the "
-                    "mean correlation of the unit pairs a permutation matches")
+    at_point = [r for r in rows if r["name"] == point]
+    means = cs.point_means(at_point)
+    col.metric(f"correlation reached, {point}", f"{means['reached_' + measured]:.3f}",
+               f"matched pairs {means['matched_' + measured]:.3f} · shrunk s.v. "
+               f"{means['shrunk']:.3f}", delta_color="off", delta_arrow="off",
+               help=f"mean correlation CCA's canonical pairs reach ({where}); below, the matched "
+                    "unit pairs' and the mean of the shrunk singular values (not correlations)")
+    col.caption(cs.headline(at_point, gamma, relative))
 
-st.subheader(f"Canonical correlations against {inputs.entries[inputs.reference].name}")
-st.plotly_chart(charts.spectrum_figure(rows, model_names=names), key="spectrum_chart")
-widgets.explain("one panel per merge point. Solid: canonical correlations ρ₁ ≥ ρ₂ ≥ … at the γ "
-                "chosen above; dashed: the same, nearly unregularised (γ ≈ 0, can overfit); "
-                "dotted: the correlations of the unit pairs a permutation (Hungarian matching) "
-                "finds, sorted. The gap between solid and dotted is what CCA Merge gains over "
-                "permutation methods. A curve that drops to 0 means directions the other model "
-                "does not have.")
+st.subheader(f"Correlations against {inputs.entries[inputs.reference].name}")
+st.plotly_chart(cs.spectrum_figure(rows, gamma=gamma, relative=relative, model_names=names),
+                key="spectrum_chart")
+widgets.explain(
+    f"one panel per merge point. Solid: the correlation each canonical pair of directions reaches "
+    f"on {where} (pairs in CCA's order, fitted at the γ above). Dotted: the correlations of the "
+    "unit pairs a permutation (Hungarian matching) pairs, on the same images, sorted. Dash-dot: "
+    "shrunk singular values of the ridge-regularised problem; the ridge pulls them towards 0, "
+    "they are not correlations. Where solid is above dotted, a canonical pair captures a shared "
+    "signal more cleanly than any single unit pair. Further right the solid curve falls below "
+    "the dotted one: each canonical pair must be uncorrelated with the earlier ones, while "
+    "matched pairs may repeat one signal. A curve near 0 means directions the other model lacks.")
 
 st.subheader("Mean correlation per layer")
-st.plotly_chart(charts.mean_rho_figure(rows), key="mean_rho_chart")
-widgets.explain("one number per merge point: the mean canonical correlation at the chosen γ "
-                "and nearly unregularised (hatched), next to the mean correlation of the unit "
-                "pairs a permutation matches. A ridge shrinks the correlations (it trades fit for "
-                "stability); with γ≈0 CCA is always at least as high as the matching. Similarity "
-                "usually falls with depth.")
+st.plotly_chart(cs.means_figure(rows, gamma=gamma, relative=relative), key="mean_rho_chart")
+widgets.explain("per merge point, averaged over the models shown: the mean correlation the "
+                "canonical pairs reach on held-out and on fitting images, the matched unit pairs' "
+                "on held-out images, and the mean shrunk singular value (grey). Fitting above "
+                "held-out is overfitting. The ridge changes the shrunk values far more than the "
+                "correlations the pairs reach, so compare the coloured bars. Similarity usually "
+                "falls with depth.")
+st.dataframe(cs.correlation_frame(rows, names), hide_index=True, placeholder="—",
+             column_config={c: st.column_config.NumberColumn(format="%.3f") for c in (
+                 "CCA pairs, held-out", "CCA pairs, fitting", "γ≈0 pairs, held-out",
+                 "γ≈0 pairs, fitting", "matched, held-out", "matched, fitting",
+                 "shrunk singular values")})
 
 st.subheader("Numerical health")
-warnings = charts.health_warnings(rows, names)
+warnings = cs.health_warnings(rows, names)
 for text in warnings:
     st.warning(text)
 if not warnings:
     st.success("No warnings: enough samples per feature, no dead units, well-conditioned "
                "covariances.")
-st.dataframe(charts.health_frame(rows, names), hide_index=True, column_config={
+st.dataframe(cs.health_frame(rows, names), hide_index=True, column_config={
     "samples / feature": st.column_config.NumberColumn(format="%.1f"),
-    "cond(S_xx)": st.column_config.NumberColumn(format="%.3g"),
-    "cond(S_yy)": st.column_config.NumberColumn(format="%.3g"),
-    "mean ρ": st.column_config.NumberColumn(format="%.3f"),
-    "mean matched": st.column_config.NumberColumn(format="%.3f")})
-widgets.explain("per merge point: samples behind the covariances (images × pixels of the "
-                "feature map) per feature (warn under 10), condition numbers of the regularised "
-                "covariances S_xx (reference) and S_yy (model) (huge = unstable inverse square "
-                "roots, raise γ), and dead units that never activate on this data.")
-st.caption("Regenerate: `ccamerge spectrum A.safetensors B.safetensors --data "
-           f"{inputs.data_name} --gamma {gamma:g}{'' if relative else ' --absolute'} --json`")
+    "chance correlation": st.column_config.NumberColumn(format="%.2f")})
+widgets.explain("per merge point: samples behind the fitting covariances (images × pixels of the "
+                "feature map) per feature (warn under 10), the largest canonical correlation "
+                "unrelated features would reach by chance with that many samples (Wachter's "
+                "limit), condition numbers of the regularised covariances S_xx (reference) and "
+                "S_yy (model) (huge = unstable inverse square roots, raise γ), and dead units "
+                "that never activate on this data.")
+st.caption("Regenerate (Python): `from ccamerge import load_dataset, load_model; from "
+           "ccamerge.analysis.spectra import held_out_spectrum; held_out_spectrum([load_model(p) "
+           f"for p in MODEL_FILES], load_dataset('{inputs.data_name}'), reference="
+           f"{inputs.reference}, gamma={gamma:g}, relative={relative})`")

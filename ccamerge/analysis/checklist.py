@@ -1,8 +1,9 @@
 """A plain-language checklist computed from a :func:`ccamerge.analysis.diagnose.diagnose` report.
 
 Each finding: ``id``, ``severity`` ("failure" explains a broken merge, "warning" weakens it, "info"),
-``title`` (one sentence with the numbers), ``next_step`` (what to try) and ``chart`` (the view that
-shows the evidence: "summary", "partial", "spectra", "health", "collapse" or "sweep").
+``title`` (one sentence with the numbers), ``next_step`` (what to try), ``chart`` (the view that
+shows the evidence: "summary", "partial", "spectra", "health", "collapse" or "sweep") and, where the
+next step is a setting, ``apply``: ``{"method", "options"}``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE
 
 FAR_APART_RHO = 0.35  # two digits MLP seeds: ~0.6; random first layers still ~0.5
+FAR_APART_MATCHED = 0.35  # matched unit pairs: digits MLP seeds 0.6-0.7; demo VGG+BN 0.30-0.48
 DEAD_FRACTION = 0.25
 COLLAPSE_RATIO = 0.5
 UNDERTRAINED_GAP = 20.0  # accuracy points below the best model
@@ -18,8 +20,12 @@ SWEEP_MARGIN = 2.0  # held-out accuracy points the sweep's best must beat the se
 RARE_SHARE, COMMON_SHARE = 0.001, 0.02
 
 
-def _finding(id_, severity, title, next_step, chart) -> dict:
-    return {"id": id_, "severity": severity, "title": title, "next_step": next_step, "chart": chart}
+def _finding(id_, severity, title, next_step, chart, apply: dict | None = None) -> dict:
+    """One finding; ``apply`` (``{"method", "options"}``) is a setting the next step suggests,
+    for a front end to apply in one click."""
+    found = {"id": id_, "severity": severity, "title": title, "next_step": next_step,
+             "chart": chart}
+    return found | ({"apply": apply} if apply else {})
 
 
 def _batchnorm(r) -> list[dict]:
@@ -81,16 +87,34 @@ def _samples(r) -> list[dict]:
                      "training set).", "health")]
 
 
+def _dissimilar(point: dict) -> bool:
+    return point["mean_rho"] < FAR_APART_RHO or point["mean_matched"] < FAR_APART_MATCHED
+
+
 def _far_apart(r) -> list[dict]:
-    first = r["points"][0]
-    if first["mean_rho"] >= FAR_APART_RHO:
+    """Every merge point where the models share little, the worst named with its numbers."""
+    low = [p for p in r["points"] if _dissimilar(p)]
+    if not low:
         return []
-    return [_finding("far_apart_early", "warning",
-                     f"The models are far apart already at the first merge point {first['name']} "
-                     f"(mean canonical correlation {first['mean_rho']:.2f}): they did not learn the "
-                     "same low-level features.",
-                     "Check that they saw the same inputs and preprocessing; models from a shared "
-                     "initialisation or more similar data merge better.", "spectra")]
+    worst = min(low, key=lambda p: (p["mean_matched"], p["mean_rho"]))
+    where = ", ".join(f"{p['name']} {p['mean_matched']:.2f}" for p in low)
+    numbers = (f"mean matched correlation {worst['mean_matched']:.2f}, mean canonical "
+               f"correlation {worst['mean_rho']:.2f}")
+    count = f"{len(low)} of {len(r['points'])} merge points dissimilar"
+    if worst is r["points"][0]:
+        return [_finding("far_apart_early", "warning",
+                         f"The models are far apart already at the first merge point "
+                         f"{worst['name']} ({numbers}; {count}, matched correlation {where}): "
+                         "they did not learn the same low-level features.",
+                         "Check that they saw the same inputs and preprocessing; models from a "
+                         "shared initialisation or more similar data merge better.", "spectra")]
+    return [_finding("far_apart", "warning",
+                     f"The models are far apart at {worst['name']} ({numbers}; {count}, matched "
+                     f"correlation {where}): merging there averages features the models do not "
+                     "share.",
+                     f"Look at the partial merges: merging only the points before {worst['name']} "
+                     "may keep the accuracy; models from a shared initialisation, trained longer "
+                     "or on more similar data merge better at depth.", "spectra")]
 
 
 def _dead(r) -> list[dict]:
@@ -209,19 +233,35 @@ def _untuned(r) -> list[dict]:
                      f"{_setting(sweep['current']['options'], varied)} is not the best setting: on "
                      f"held-out training data {_setting(sweep['best'], varied)} merges to "
                      f"{best:.1f}% against {current:.1f}%.",
-                     f"Merge with {_setting(sweep['best'])} (chosen on held-out data).", "sweep")]
+                     f"Merge with {_setting(sweep['best'])} (chosen on held-out data).", "sweep",
+                     apply={"method": sweep["method"], "options": dict(sweep["best"])})]
 
 
-def _summary(r, failures: bool) -> list[dict]:
+def _headline(finding: dict) -> str:
+    """A finding's title up to its first colon or parenthesis, e.g. ``The models are far apart
+    at conv3``."""
+    return finding["title"].split(" (")[0].split(":")[0].rstrip(".")
+
+
+def _causes(warnings: list[dict]) -> str:
+    """What the merge-gap finding says about causes: none known, or the warnings found."""
+    if not warnings:
+        return " and no known cause explains it"
+    return ("; no failure explains it, but these warnings may: "
+            + "; ".join(_headline(w) for w in warnings))
+
+
+def _summary(r, found: list[dict]) -> list[dict]:
     base = sum(b["accuracy"] for b in r["base"]) / len(r["base"])
     merged = r["merged"]["accuracy"]
-    if failures:
+    if any(f["severity"] == "failure" for f in found):
         return []
     if _gap(r) >= GAP_FAILURE:
         sweepable = r["method"] in ("cca", "zipit") and "sweep" not in r
+        warnings = [f for f in found if f["severity"] == "warning"]
         return [_finding("merge_gap", "failure",
-                         f"The merge loses {_gap(r):.1f} points against the mean base model and no "
-                         f"known cause explains it; most loss is added at {r['ranking'][0]} "
+                         f"The merge loses {_gap(r):.1f} points against the mean base model"
+                         f"{_causes(warnings)}. Most loss is added at {r['ranking'][0]} "
                          "(partial merges).",
                          ("Run the hyperparameter sweep: the default may not suit this network. "
                           if sweepable else "") + "Inspect that layer's spectrum and feature "
@@ -247,5 +287,5 @@ def findings_for(report: dict) -> list[dict]:
     found = (_batchnorm(report) + undertrained + _label_spaces(report, weak) + _samples(report)
              + _far_apart(report) + _dead(report) + _non_finite(report) + _collapse(report)
              + _unaligned(report) + _untuned(report) + _gamma(report) + _dense_batchnorm(report))
-    found += _summary(report, any(f["severity"] == "failure" for f in found))
+    found += _summary(report, found)
     return sorted(found, key=lambda f: SEVERITY_ORDER[f["severity"]])

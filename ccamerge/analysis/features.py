@@ -13,7 +13,13 @@ Quantities, per column j of ``T~ = D_y T D_x^-1`` (T in correlation units, D = d
 * agreement: whether ``argmax_k |T~_kj|`` is the Hungarian match ``perm[j]``.
 
 Columns with no mass (dead reference units) get NaN shares and ratios, k90 = 0, and do not count
-towards the agreement. Pure numpy; the dashboard draws these arrays.
+towards the agreement.
+
+A spread-out map is not a different alignment: :func:`aligned_units` measures, per reference unit
+j, how closely each alignment reproduces it (``corr(x_j, (y T)_j)`` for CCA's T and for the
+permutation) and how much of CCA's mix is the matched unit (``corr((y T)_j, y_perm[j])``), fitted
+on one set of statistics and measured on held-out ones. Pure numpy; the dashboard draws these
+arrays.
 """
 
 from __future__ import annotations
@@ -172,3 +178,68 @@ def feature_matching(point: PointStatistics, reference: int, other: int, *,
     return FeatureMatching(point.name, point.width, corr, perm, reorder_by_matching(corr, perm), t,
                            permutation_matrix(perm), top1_share(t), participation_ratio(t), k90(t),
                            agreement(t, perm), agreement_rate(t, perm), fit.rho)
+
+
+# ----------------------------------------------------------------------------- aligned units
+def _pearson(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    """``cov / sqrt(var_a var_b)`` elementwise ``[n]``; NaN where a side has no variance."""
+    den = np.sqrt(np.clip(var_a, 0, None) * np.clip(var_b, 0, None))
+    return np.clip(np.divide(cov, den, out=np.full(den.shape, np.nan), where=den > 0), -1, 1)
+
+
+def aligned_correlations(T: np.ndarray, point: PointStatistics, reference: int,
+                         other: int) -> np.ndarray:
+    """Per reference unit j ``[n_x]``: ``corr(x_j, (y T)_j)`` on ``point``'s statistics, how
+    closely model ``other``'s features mapped by ``T`` ``[n_y, n_x]`` reproduce reference unit j
+    (for a permutation, ``corr[j, perm[j]]``). NaN where either side has no variance."""
+    cross = np.einsum("jk,kj->j", point.cov(reference, other), T)  # (C_xy T)_jj
+    mapped = np.einsum("kj,kl,lj->j", T, point.cov(other, other), T)  # (T^T C_yy T)_jj
+    return _pearson(cross, np.diag(point.cov(reference, reference)), mapped)
+
+
+def mix_vs_match(T: np.ndarray, perm: np.ndarray, point: PointStatistics, other: int) -> np.ndarray:
+    """Per reference unit j ``[n_x]``: ``corr((y T)_j, y_perm[j])``, how much of the mix of
+    model ``other``'s units that ``T`` ``[n_y, n_x]`` builds is the one unit the Hungarian
+    match ``perm`` ``[n_x]`` picks. NaN where either side has no variance."""
+    c_yy, cols = point.cov(other, other), np.arange(len(perm))
+    cross = (c_yy @ T)[perm, cols]
+    mapped = np.einsum("kj,kl,lj->j", T, c_yy, T)
+    return _pearson(cross, np.diag(c_yy)[perm], mapped)
+
+
+@dataclass(frozen=True)
+class AlignedUnits:
+    """How closely each alignment reproduces the reference's units at one merge point, fitted on
+    one set of statistics and measured on another (held-out). Per reference unit ``[n]``:
+    ``cca`` (CCA-mapped features vs the reference unit), ``permute`` (the matched unit vs the
+    reference unit), ``mix_vs_match`` (the CCA mix vs the matched unit) and ``variance`` (of the
+    reference unit, for weighting); ``participation`` is the mean participation ratio of the
+    CCA map (units per feature)."""
+
+    name: str
+    cca: np.ndarray
+    permute: np.ndarray
+    mix_vs_match: np.ndarray
+    variance: np.ndarray
+    participation: float
+    held_out: bool
+
+    def means(self) -> dict[str, float]:
+        """Means over live reference units of ``cca``, ``permute`` and ``mix_vs_match``."""
+        return {k: float(np.nanmean(getattr(self, k))) for k in ("cca", "permute", "mix_vs_match")}
+
+
+def aligned_units(fit_point: PointStatistics, eval_point: PointStatistics | None, reference: int,
+                  other: int, *, gamma: float | None = None,
+                  relative: bool | None = None) -> AlignedUnits:
+    """CCA's map and the Hungarian match fitted on ``fit_point``, measured on ``eval_point``
+    (held-out statistics of the same point; ``fit_point`` itself when None)."""
+    measured = eval_point if eval_point is not None else fit_point
+    fit = solve_pair(fit_point, reference, other, gamma=gamma, relative=relative)
+    perm = hungarian(fit_point.corr(reference, other))
+    t_tilde = correlation_units(fit.T, fit_point.std(reference), fit_point.std(other))
+    return AlignedUnits(fit_point.name, aligned_correlations(fit.T, measured, reference, other),
+                        aligned_correlations(permutation_matrix(perm), measured, reference, other),
+                        mix_vs_match(fit.T, perm, measured, other),
+                        np.diag(measured.cov(reference, reference)).copy(),
+                        float(np.nanmean(participation_ratio(t_tilde))), eval_point is not None)

@@ -6,10 +6,13 @@ import pytest
 from ccamerge.analysis.features import (
     agreement,
     agreement_rate,
+    aligned_correlations,
+    aligned_units,
     block_reduce,
     correlation_units,
     feature_matching,
     k90,
+    mix_vs_match,
     participation_ratio,
     permutation_matrix,
     reorder_by_matching,
@@ -110,3 +113,51 @@ def test_feature_matching_sees_a_rotation_as_spread():
     fm = feature_matching(_point_from_features(x, x @ q), 0, 1, gamma=1e-6)
     np.testing.assert_allclose(fm.rho, 1.0, atol=1e-6)
     assert np.mean(fm.participation) > 1.3
+
+
+def stats_of(x: np.ndarray, y: np.ndarray) -> PointStatistics:
+    c = np.cov(np.hstack([x, y]), rowvar=False)
+    n = x.shape[1]
+    return PointStatistics("p", n, len(x), [x.mean(0), y.mean(0)],
+                           {(0, 0): c[:n, :n], (1, 1): c[n:, n:], (0, 1): c[:n, n:]})
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(a.shape[1])])
+
+
+def test_aligned_correlations_are_pearson_correlations_of_the_mapped_samples():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
+    y = x @ rng.standard_normal((6, 6)) + rng.standard_normal((500, 6))
+    t, perm = rng.standard_normal((6, 6)), rng.permutation(6)
+    point = stats_of(x, y)
+    np.testing.assert_allclose(aligned_correlations(t, point, 0, 1), pearson(x, y @ t), atol=1e-9)
+    np.testing.assert_allclose(aligned_correlations(permutation_matrix(perm), point, 0, 1),
+                               point.corr(0, 1)[np.arange(6), perm], atol=1e-9)
+    np.testing.assert_allclose(mix_vs_match(t, perm, point, 1), pearson(y @ t, y[:, perm]),
+                               atol=1e-9)
+
+
+def test_aligned_units_of_a_mixed_copy_cca_reproduces_what_a_permutation_cannot():
+    rng = np.random.default_rng(1)
+    mix = np.eye(8) + 0.6 * rng.standard_normal((8, 8))  # every unit of Y mixes several of X
+    x_fit, x_held = rng.standard_normal((2000, 8)), rng.standard_normal((800, 8))
+    units = aligned_units(stats_of(x_fit, x_fit @ mix), stats_of(x_held, x_held @ mix), 0, 1,
+                          gamma=1e-6, relative=True)
+    means = units.means()
+    assert units.held_out and means["cca"] > 0.999 and means["permute"] < 0.9
+    assert units.participation > 1.5
+    np.testing.assert_allclose(units.variance, np.diag(np.cov(x_held, rowvar=False)))
+    same = aligned_units(stats_of(x_fit, x_fit), None, 0, 1)  # a copy: both methods are exact
+    assert not same.held_out
+    np.testing.assert_allclose([same.means()["cca"], same.means()["permute"]], 1.0, atol=1e-6)
+
+
+def test_dead_units_give_nan_and_do_not_count():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((300, 4))
+    x[:, 3] = 0.0
+    units = aligned_units(stats_of(x, x), None, 0, 1)
+    assert np.isnan(units.cca[3]) and np.isnan(units.permute[3])
+    assert units.means()["permute"] == pytest.approx(1.0)

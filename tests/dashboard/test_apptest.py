@@ -81,7 +81,7 @@ def test_opens_on_the_demo_with_a_default_selection(app):
     assert metrics(app)["classes"] == "10"
 
 
-@pytest.mark.parametrize("page, n_charts", [("spectra", 2), ("features", 3), ("interpolation", 1),
+@pytest.mark.parametrize("page, n_charts", [("spectra", 2), ("features", 5), ("interpolation", 1),
                                             ("merge", 0)])
 def test_every_page_renders_with_charts_and_explanations(app, page, n_charts):
     visit(app, page)
@@ -103,12 +103,13 @@ def test_selection_stays_set_on_every_page(app):
 def test_spectra_numbers_react_to_gamma_and_the_model(app):
     visit(app, "spectra")
     before = metrics(app)
-    assert set(before) == {"mean ρ, fc1", "mean ρ, fc2"}
+    assert set(before) == {"correlation reached, fc1", "correlation reached, fc2"}
     assert all(0.0 < float(v) <= 1.0 for v in before.values())
+    shrunk = {m.label: float(m.delta.split("shrunk s.v. ")[1]) for m in app.metric}
     app.select_slider(key=state.W_SPEC_GAMMA).set_value(0.001).run()
     assert_ok(app)
-    after = metrics(app)
-    assert float(after["mean ρ, fc1"]) > float(before["mean ρ, fc1"])
+    after = {m.label: float(m.delta.split("shrunk s.v. ")[1]) for m in app.metric}
+    assert after["correlation reached, fc1"] > shrunk["correlation reached, fc1"] + 0.1
     app.toggle(key=state.W_SPEC_RELATIVE).set_value(False).run()
     assert_ok(app)
     assert len(app.dataframe[0].value) == 2 * 3  # 2 merge points x 3 non-reference models
@@ -134,7 +135,7 @@ def test_features_react_to_point_gamma_and_order(app):
     app.select_slider(key=state.W_FEAT_GAMMA).set_value(1.0).run()
     app.toggle(key=state.W_FEAT_ORDER).set_value(False).run()
     assert_ok(app)
-    assert len(charts(app)) == 3
+    assert len(charts(app)) == 5
 
 
 def test_features_on_a_wide_layer_aggregate_and_zoom(app, tmp_path):
@@ -152,7 +153,7 @@ def test_features_on_a_wide_layer_aggregate_and_zoom(app, tmp_path):
     app.radio(key=state.W_FEAT_VIEW).set_value("zoom").run()
     app.slider(key=state.W_FEAT_START).set_value(100).run()
     assert_ok(app)
-    assert len(charts(app)) == 3
+    assert len(charts(app)) == 5
 
 
 def test_interpolation_offers_pairwise_methods_and_shows_barriers(app):
@@ -201,6 +202,29 @@ def test_merge_every_registered_method_and_replay_its_recipe(app, tmp_path):
         replayed = load_model(out)
         for key, tensor in downloaded.state_dict().items():
             assert torch.equal(tensor, replayed.state_dict()[key]), (method, key)
+
+
+def test_merges_are_ranked_on_held_out_training_images_not_the_test_set(app):
+    results = run_merge(app, ["average", "permute", "cca"])
+    held = {m["method"]: m["held_out_accuracy"] for m in results["merges"]}
+    assert all(v is not None for v in held.values())
+    assert "held-out 20% of the training set" in results["held_out_on"]
+    best = max(held, key=held.get)
+    label = next(m.label for m in app.metric if m.label.startswith("best merge"))
+    assert label == f"best merge on held-out training images: {best}"
+    picker = app.selectbox(key=state.W_MERGE_DOWNLOAD_METHOD)
+    assert picker.options == [charts_label(m, results) for m in sorted(held, key=held.get,
+                                                                        reverse=True)]
+    assert "held-out accuracy (%)" in app.dataframe[0].value
+    dead = [w.value for w in app.warning if str(w.value).startswith("Dead units")]
+    assert len(dead) <= 1  # the per-point notes of every method, grouped
+
+
+def charts_label(method: str, results: dict) -> str:
+    from dashboard import charts as dashboard_charts
+
+    merge = next(m for m in results["merges"] if m["method"] == method)
+    return dashboard_charts.merge_label(merge)
 
 
 def test_merge_options_progress_and_accuracy_vs_n(app):

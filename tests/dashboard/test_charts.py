@@ -10,50 +10,9 @@ from ccamerge.methods import METHODS
 from dashboard import charts, merging
 
 
-def spectrum_row(name="fc1", model=1, n=8, dead=0, spf=50.0, cond=10.0):
-    rho = np.linspace(0.99, 0.1, n)
-    return {"name": name, "model": model, "width": n, "samples": int(spf * n),
-            "samples_per_feature": spf, "rho": rho.tolist(), "rho_exact": (rho + 0.005).tolist(),
-            "matched": (rho * 0.8).tolist(), "mean_rho": float(rho.mean()),
-            "mean_matched": float(rho.mean() * 0.8), "cond_xx": cond, "cond_yy": cond,
-            "dead_reference": dead, "dead_model": 0}
-
-
-ROWS = [spectrum_row("fc1", 1), spectrum_row("fc2", 1), spectrum_row("fc1", 2), spectrum_row("fc2", 2)]
-
-
 def test_every_method_has_its_own_colour():
     colours = [charts.method_color(m) for m in METHODS]
     assert len(set(colours)) == len(METHODS)
-
-
-def test_spectrum_figure_has_a_panel_per_point_and_three_curves_per_model():
-    fig = charts.spectrum_figure(ROWS, model_names={1: "b", 2: "c"})
-    assert isinstance(fig, go.Figure)
-    assert len(fig.data) == 3 * len(ROWS)
-    assert [a.text for a in fig.layout.annotations] == ["fc1", "fc2"]
-    assert sum(t.showlegend for t in fig.data) == 6  # legend only once per model and curve
-    assert any("b" in t.name for t in fig.data)
-
-
-def test_mean_correlations_and_bars():
-    means = charts.mean_correlations(ROWS[:1])
-    assert means["rho_exact"] > means["rho"] > means["matched"]
-    fig = charts.mean_rho_figure(ROWS)
-    assert len(fig.data) == 3 and list(fig.data[0].x) == ["fc1", "fc2"]
-
-
-def test_health_table_and_warnings():
-    frame = charts.health_frame(ROWS, {1: "b", 2: "c"})
-    assert len(frame) == 4 and "samples / feature" in frame
-    assert charts.health_warnings(ROWS) == []
-    bad = [spectrum_row(dead=2, spf=3.0, cond=1e12)]
-    warnings = charts.health_warnings(bad)
-    assert len(warnings) == 3
-    assert any("samples per feature" in w for w in warnings)
-    assert any("Dead units" in w for w in warnings)
-    assert any("raise γ" in w for w in warnings)
-    assert charts.health_warnings([spectrum_row(cond=float("inf"))])
 
 
 def test_matrix_pair_figure_shares_one_centred_scale():
@@ -109,9 +68,15 @@ def curve(method, peak):
 def test_interpolation_figure_and_barrier_table():
     curves = [curve("average", 0.5), curve("cca", 0.01)]
     fig = charts.interpolation_figure(curves)
-    assert len(fig.data) == 4
+    assert len(fig.data) == 2 + 4  # average whole; cca's two halves, loss and accuracy each
     assert {t.line.color for t in fig.data} == {charts.method_color("average"),
                                                  charts.method_color("cca")}
+    names = [t.name for t in fig.data if t.showlegend]
+    assert names == ["average", "cca, aligned to A", "cca, aligned to B"]
+    halves = [t for t in fig.data if t.name.startswith("cca") and t.xaxis == "x2"]
+    assert [list(t.x) for t in halves] == [[0.0, 0.25, 0.5], [0.75, 1.0]]
+    assert fig.layout.yaxis2.range == (85, 101)  # every accuracy above 60: the axis says so
+    assert fig.layout.yaxis2.title.text == "test accuracy (%), axis from 85"
     frame = charts.barrier_frame(curves)
     assert list(frame["method"]) == ["average", "cca"]
     assert frame["accuracy at λ=0.5 (%)"].iloc[0] == pytest.approx(92.0)
@@ -127,7 +92,7 @@ def test_results_table_chart_and_warnings():
     assert list(frame["kind"]) == ["base model", "base model", "ensemble", "merge", "merge"]
     fig = charts.results_figure(frame)
     assert list(fig.data[0].marker.color)[-1] == charts.method_color("cca")
-    assert fig.layout.yaxis.range[0] == 40.0
+    assert fig.layout.yaxis.range[0] == 0  # bars start at 0
     assert charts.merge_warnings(merges) == {"w1": ["average", "cca"]}
 
 
@@ -146,3 +111,79 @@ def test_merge_plan_and_subsets():
     assert merging.plan(3, ["a", "b"], curve=False) == [("a", 3), ("b", 3)]
     assert merging.plan(3, ["a"], curve=True) == [("a", 3), ("a", 2)]
     assert merging.repairs("cca", True) and not merging.repairs("zipit", True)
+
+
+@pytest.mark.parametrize("values, start", [([95.2, 97.0], 90), ([12.0, 97.0], 0),
+                                           ([61.0, 99.0], 55), ([], 0)])
+def test_accuracy_axes_start_at_0_or_say_where_they_start(values, start):
+    axis = charts.accuracy_axis(values)
+    assert axis["range"] == [start, 101]
+    assert (f"axis from {start}" in axis["title"]) is (start > 0)
+
+
+def curves_of(cca: float, permute: float, reference: float = 97.5) -> list[dict]:
+    return [{"method": m, "points": ["fc1", "fc2"], "accuracy": [reference, (reference + a) / 2, a]}
+            for m, a in (("cca", cca), ("permute", permute))]
+
+
+@pytest.mark.parametrize("cca, permute, says", [
+    (96.7, 95.8, "a permutation is already close enough"),
+    (96.0, 90.0, "CCA recovers 6.0 of the 7.5 points"),
+    (75.0, 91.9, "does not pay off")])
+def test_the_alignment_conclusion_follows_the_numbers(cca, permute, says):
+    means = {"cca": 0.88, "permute": 0.6, "mix_vs_match": 0.61}
+    text = charts.alignment_conclusion(means, 22.04, curves_of(cca, permute), where="held-out")
+    assert "mixes about 22 units" in text and "**0.88**" in text and "**0.60**" in text
+    assert says in text and f"{cca:.1f}% with CCA and {permute:.1f}% with the permutation" in text
+
+
+def test_partial_merges_and_aligned_units_figures():
+    fig = charts.partial_merges_figure(curves_of(96.7, 95.8))
+    assert [t.name for t in fig.data] == ["cca", "permute"]
+    assert list(fig.data[0].x) == ["reference", "+ fc1", "+ fc2"]
+    assert fig.layout.yaxis.range[0] == 90
+    values = np.array([0.2, np.nan, 0.9, 0.5])
+    fig = charts.aligned_units_figure(values, values / 2, values, where="held-out")
+    assert list(fig.data[0].y) == [0.9, 0.5, 0.2]  # sorted, dead (NaN) units left out
+
+
+def test_dead_unit_notes_of_every_point_and_method_become_one_warning():
+    from ccamerge.api import sample_warnings
+    from ccamerge.stats import PointStatistics, Statistics
+
+    def point(name, dead):
+        var = np.ones(4)
+        var[:dead] = 0.0
+        return PointStatistics(name, 4, 400, [np.zeros(4)] * 2,
+                               {(0, 0): np.diag(var), (1, 1): np.eye(4), (0, 1): np.zeros((4, 4))})
+
+    notes = sample_warnings(Statistics({f"conv{k}": point(f"conv{k}", k % 3 + 1)
+                                        for k in range(1, 7)}, 2, 0, "reference"))
+    assert len(notes) == 6  # one per merge point, as the library says it
+    merges = [{"method": m, "warnings": notes + (["other"] if m == "cca" else [])}
+              for m in ("permute", "ot", "cca")]
+    grouped = charts.merge_warnings(merges)
+    assert len(grouped) == 2 and grouped["other"] == ["cca"]
+    dead, methods = next(iter(grouped.items()))
+    assert dead.startswith("Dead units") and methods == ["permute", "ot", "cca"]
+    assert "conv1 [2, 0]" in dead and "conv6 [1, 0]" in dead
+
+
+def test_merges_are_ranked_and_labelled_by_held_out_accuracy():
+    merges = [{"method": "average", "accuracy": 50.0, "loss": 1.5, "seconds": 0.1,
+               "held_out_accuracy": 52.0},
+              {"method": "permute", "accuracy": 96.9, "loss": 0.1, "seconds": 0.1,
+               "held_out_accuracy": 97.0},
+              {"method": "cca", "accuracy": 96.4, "loss": 0.1, "seconds": 0.1,
+               "held_out_accuracy": 98.1},
+              {"method": "ot", "accuracy": 99.0, "loss": 0.1, "seconds": 0.1,
+               "held_out_accuracy": None}]
+    assert [m["method"] for m in merging.ranked(merges)] == ["cca", "permute", "average", "ot"]
+    assert charts.merge_label(merges[2]) == "cca (98.1% held-out, 96.4% test)"
+    assert charts.merge_label(merges[3]) == "ot (99.0% test)"
+    base = {"models": [{"accuracy": 97.0, "loss": 0.1}],
+            "ensemble": {"accuracy": 97.5, "loss": 0.09}}
+    frame = charts.results_frame(["a"], base, merges)
+    held = frame["held-out accuracy (%)"]
+    assert held.iloc[:2].isna().all() and list(held.iloc[2:5]) == [52.0, 97.0, 98.1]
+    assert charts.results_figure(frame).layout.yaxis.range[0] == 0

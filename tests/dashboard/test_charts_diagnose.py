@@ -166,7 +166,9 @@ def test_teaching_figures_and_number_tables():
     eig = np.linalg.eigvalsh(cov)
     assert cd.eigen_figure(eig, eig).layout.yaxis.type == "log"
     rho = np.linspace(0.9, 0.1, 6)
-    fig = cd.rho_figure(rho, rho[::-1] * 0.5)
-    assert list(fig.data[1].y) == sorted(rho * 0.5, reverse=True)
+    fig = cd.rho_figure(rho * 0.5, rho, rho[::-1] * 0.7, shrunk_name="shrunk (γ = 1)")
+    assert list(fig.data[0].y) == list(rho) and fig.data[0].name.startswith("correlation reached")
+    assert fig.data[1].name == "shrunk (γ = 1)" and list(fig.data[1].y) == list(rho * 0.5)
+    assert list(fig.data[2].y) == sorted(rho * 0.7, reverse=True)
     cov_fig = cd.covariance_figure(cov, cov * 0.1)
     assert cov_fig.layout.coloraxis.cmax < 1.0 or np.abs(cov).max() >= 1.0

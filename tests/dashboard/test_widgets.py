@@ -157,3 +157,16 @@ def test_the_picker_draws_into_columns_it_is_given():
     assert at.columns[0].selectbox[0].key == "model"
     assert at.columns[1].selectbox[0].key == "point"
     assert len(at.columns[2].children) == 0
+
+
+def test_tag_labels_keep_the_distinguishing_ends_and_are_distinct():
+    names = {"a": "resnet_cifar_finetune_lr0.01_seed_11",
+             "b": "resnet_cifar_finetune_lr0.01_seed_12",
+             "c": "mlp seed 0", "d": "alpha_beta_" + "1" * 10 + "_gamma_" + "z" * 10,
+             "e": "alpha_beta_" + "2" * 10 + "_gamma_" + "z" * 10}
+    tags = widgets.tag_labels(names)
+    assert tags["c"] == "mlp seed 0"
+    assert tags["a"].endswith("seed_11") and tags["b"].endswith("seed_12")
+    assert len(set(tags.values())) == len(tags)  # even d and e, alike at both ends
+    assert tags["d"].endswith("#1") and tags["e"].endswith("#2")
+    assert all(len(t) <= widgets.TAG_CHARS + 1 for t in tags.values())

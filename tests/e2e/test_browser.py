@@ -15,7 +15,7 @@ from ccamerge.models import build_model
 pytestmark = pytest.mark.e2e
 
 DEMO_TIMEOUT_MS = 240_000  # a cold start trains the demo zoo (about 20 s on 2 busy cores)
-PAGES = [("Spectra", 2), ("Feature matching", 3), ("Interpolation", 1), ("Why did it fail?", 4),
+PAGES = [("Spectra", 2), ("Feature matching", 5), ("Interpolation", 1), ("Why did it fail?", 4),
          ("Feature explorer", 2), ("Teaching mode", 5), ("Merge and compare", 0)]
 
 
@@ -86,6 +86,7 @@ def test_every_page_a_merge_and_its_downloads(browser, server, tmp_path):
     assert recipe["method"] == merged.info["merge"]["method"]
     go_to(page, "Models and data", 0)  # results and selection survive the page switches
     go_to(page, "Merge and compare", 2)
+    page.get_by_text("Download merged model").first.wait_for()  # drawn after the charts
     assert page.get_by_text("Download merged model").count() == 1
     context.close()
 
