@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ccamerge import validate
 from ccamerge.batchnorm import (
     POLICIES,
     conv_bn_pairs,
@@ -169,9 +171,10 @@ class MergeResult:
     ``recipe`` is the one record of the merge that every front end saves and shows: ``method``,
     ``options`` (resolved, defaults filled in), ``reference``, ``bn_reset``, ``bn_policy``,
     ``repair``, ``weights`` ``[N]``, ``stats_samples``, ``seed``, ``data`` (``name`` and
-    ``data_dir`` for ``load_dataset``, plus sizes; None for a bare input tensor) and ``models``
-    (each model's source file, None when unknown). ``ccamerge replay`` turns it into the same
-    weights.
+    ``data_dir`` for ``load_dataset``, plus sizes; None for a bare input tensor), ``models``
+    (each model's source file, None when unknown), ``model_sha256`` (the sha256 of the bytes
+    each model was loaded from, None when unknown) and ``model_files`` (each file's name).
+    ``ccamerge replay`` checks the sha256 and turns it into the same weights.
     """
 
     model: nn.Module
@@ -221,8 +224,12 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     ``sources``: the file each model was loaded from (default: each model's ``.source``) and
     ``data_dir``: the folder the dataset was read from, both recorded in the recipe.
     Returns the merged model (eval mode) in the reference's basis, with details and the recipe
-    (see :class:`MergeResult`).
+    (see :class:`MergeResult`). Arguments are checked before any work (finite numbers, counts
+    and indices in range); a bad one raises :class:`CcamergeError`.
     """
+    weights = validate.merge_arguments(models, method, reference=reference, weights=weights,
+                                       stats_samples=stats_samples, batch_size=batch_size,
+                                       seed=seed, bn_reset=bn_reset, repair=repair)
     if bn_policy not in POLICIES:
         raise CcamergeError(f"bn_policy must be one of {POLICIES}, not {bn_policy!r}")
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
@@ -230,7 +237,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     progress(0.8, "averaging")
     folded = conv_bn_pairs(models[0]) if bn_policy == "fold" and has_batchnorm(models[0]) else []
     states = aligned_states(models, aligned, folded)
-    weights = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
+    weights = weights if weights is not None else [1.0 / len(models)] * len(models)
     merged = with_state(models[reference], average_states(states, weights))
     notes = sample_warnings(aligned.statistics)
     if repair:
@@ -248,10 +255,18 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     recipe = {"method": method, "options": aligned.options, "reference": reference,
               "bn_reset": bn_reset, "bn_policy": bn_policy, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
-              "data": describe_data(data, data_dir), "models": model_sources(models, sources)}
+              "data": describe_data(data, data_dir), "models": model_sources(models, sources),
+              "model_sha256": [getattr(m, "sha256", None) for m in models],
+              "model_files": [_file_name(m) for m in models]}
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
                        notes)
+
+
+def _file_name(model: nn.Module) -> str | None:
+    """The name of the file a model was loaded from (its ``.source``), None when unknown."""
+    source = getattr(model, "source", None)
+    return None if source is None else Path(str(source)).name
 
 
 def describe_data(data, data_dir: str | None = None) -> dict | None:
@@ -308,12 +323,15 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     A aligned to B instead, so both endpoints are the true models (the paper's protocol).
     Returns ``{"method", "lambdas", "accuracy", "loss", "barrier"}``.
     """
-    spec_method = get_method(method)
+    validate.models([model_a, model_b])
+    spec_method = get_method(validate.method_name(method))
     if spec_method.joint:
         raise CcamergeError(f"{method} aligns all models jointly and defines no path between two "
                             "models; use it with merge")
-    if steps < 2:
-        raise CcamergeError(f"steps must be >= 2, got {steps}")
+    validate.integer("steps", steps, 2, validate.MAX_STEPS)
+    validate.flag("bn_reset", bn_reset)
+    validate.sampling(stats_samples, seed)
+    spec_method.resolve(options)
     pair = [model_a, model_b]
     common = dict(stats_samples=stats_samples, seed=seed, **options)
     to_a = align(pair, data, method, reference=0, **common)
@@ -344,6 +362,11 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     cca method's) and nearly unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the
     Hungarian-matched unit correlations sorted descending (``matched``), their means, and
     numerical health."""
+    validate.models(models)
+    validate.integer("reference", reference, 0, len(models) - 1)
+    validate.sampling(stats_samples, seed)
+    get_method("cca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
+                               if v is not None})
     x = train_inputs(data)
     check_compatible(models, x, reference)
     spec = resolve_spec(models, x)
