@@ -168,3 +168,23 @@ def check_zip_sizes(source, name: str, *, max_bytes: int, max_deflated: int = 0)
                 f"{deflated:,} bytes of compressed members, over the {max_deflated:,} bytes "
                 "PyTorch ever writes")
         raise CcamergeError(f"{name} would unpack to {what}; it was refused before unpacking")
+
+
+def check_output_path(path: str | os.PathLike, *, folder: bool = False,
+                      flag: str = "--out") -> None:
+    """Before any work: ``path`` can be written, as a file (``folder`` False: not an existing
+    folder) or as a folder (not an existing file), under a writable folder (created if missing)."""
+    if os.path.lexists(path):
+        is_dir = os.path.isdir(path)
+        if folder and not is_dir:
+            raise CcamergeError(f"{flag} {path} exists and is not a folder; give a folder for "
+                                "the model files")
+        if not folder:
+            check_writable_target(path, flag=flag)
+    parent = Path(path).absolute().parent if not folder else Path(path).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CcamergeError(f"cannot write {flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CcamergeError(f"cannot write {flag} {path}: permission denied in {parent}")
