@@ -85,22 +85,22 @@ def _load(path: str, args, data=None):
     return load_archive_model(path, (data or _data(args)).x_train[:8])
 
 
-def _models(paths, args, data=None):
+def _models(paths, args, data, *, classes: bool = True):
+    """The model files, loaded and checked to fit ``data`` (its classes too when ``classes``)."""
     models = [_load(p, args, data) for p in paths]
-    if data is not None:
-        _check_fit(models, paths, data)
+    _check_fit(models, paths, data, classes)
     return models
 
 
-def _check_fit(models, paths, data) -> None:
-    """Each model must take the dataset's images and predict its classes (checked on two
-    training images for models outside the built-in families)."""
+def _check_fit(models, paths, data, classes: bool = True) -> None:
+    """Each model must take the dataset's images and (``classes``) predict its classes;
+    checked on two training images for models outside the built-in families."""
     have = (data.in_channels, data.image_size, data.num_classes)
     for model, path in zip(models, paths, strict=True):
         config = getattr(model, "config", None) if api.is_builtin(model) else None
         want = _expects(model, data) if config is None else (
             config.get("in_channels"), config.get("image_size"), config.get("num_classes"))
-        if tuple(want) != have:
+        if tuple(want[:2]) != have[:2] or (classes and want[2] != have[2]):
             raise CcamergeError(
                 f"{path} expects {want[0]}x{want[1]}x{want[1]} images in {want[2]} classes but "
                 f"dataset {data.name} has {have[0]}x{have[1]}x{have[1]} images in {have[2]} "
@@ -268,7 +268,7 @@ def cmd_diagnose(args) -> dict:
 def cmd_spec(args) -> dict:
     """Every merge point of a model (traced and verified), unsupported operations, diagrams."""
     data = _data(args)
-    (model,) = _models([args.model], args, data)
+    (model,) = _models([args.model], args, data, classes=False)
     derived = derive_and_verify(model, data.x_train[:64])
     report = explain(derived, diagrams=args.diagrams)
     if api.is_builtin(model):

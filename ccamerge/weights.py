@@ -32,6 +32,7 @@ from ccamerge.models import ARCHITECTURES, build_model
 FORMAT = 1
 METADATA_KEY = "ccamerge"
 LAYER_SLACK = 16  # a config's layer list may be this much longer than the file has tensors
+MAX_HEADER_BYTES = 16 * 2**20  # a safetensors header (JSON): ~100 000 tensors
 LAYER_COUNT_KEYS = ("blocks",)  # config integers that count layers (ResNet blocks per stage)
 Declared = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype kind)
 
@@ -61,6 +62,8 @@ def read_safetensors_file(path: Path, describe) -> tuple[dict, dict]:
     """``(tensors, header)`` of a ``.safetensors`` file; ``describe(metadata)`` gives the header
     (arch, config, info) and :func:`check_declared` runs on the file's header before any tensor
     is read."""
+    with open(path, "rb") as handle:
+        _check_header_length(path.name, int.from_bytes(handle.read(8), "little"))
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = describe(handle.metadata())
@@ -92,6 +95,7 @@ def _safetensors_header(data: bytes, name: str) -> tuple[Declared, dict | None]:
     """``({name: (shape, kind)}, metadata)`` from a safetensors header (8-byte little-endian
     length, then JSON), without touching the tensor bytes."""
     length = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    _check_header_length(name, length)
     try:
         if not 0 < length <= len(data) - 8:
             raise ValueError(f"header length {length} does not fit in {len(data)} bytes")
@@ -103,6 +107,13 @@ def _safetensors_header(data: bytes, name: str) -> tuple[Declared, dict | None]:
         raise CcamergeError(f"{name} is not a valid safetensors file, it may be truncated or "
                             f"corrupt ({short(exc)})") from exc
     return declared, metadata
+
+
+def _check_header_length(name: str, length: int) -> None:
+    """A header longer than :data:`MAX_HEADER_BYTES` would take many times that to parse."""
+    if length > MAX_HEADER_BYTES:
+        raise CcamergeError(f"{name} is not a valid safetensors file: its header claims "
+                            f"{length:,} bytes, over the {MAX_HEADER_BYTES:,}-byte limit")
 
 
 def read_torch(source: Path | io.BytesIO, name: str, size: int) -> dict[str, torch.Tensor]:

@@ -232,7 +232,7 @@ def test_a_bad_command_line_fails_in_one_line_and_changes_nothing(d, capsys, cas
 
 
 def test_the_case_table_is_large_and_distinct():
-    ids = [c[0] for c in CLI_CASES] + [c[0] for c in API_CASES]
+    ids = [c[0] for c in CLI_CASES] + [_id(c) for c in API_CASES]
     assert len(ids) == len(set(ids)) and len(CLI_CASES) >= 60 and len(API_CASES) >= 40
 
 
@@ -324,7 +324,7 @@ API_CASES = [
     ("api-load-dev-zero", _load("zero.safetensors"), "is a character device"),
     ("api-load-declared-size", _load("huge.safetensors"), "does not describe its tensors"),
     ("api-load-bytes-declared-size", _load_bytes("big.safetensors"), "does not describe"),
-    ("api-load-bytes-header-length", _load_bytes("long.safetensors"), "does not fit"),
+    ("api-load-bytes-header-length", _load_bytes("long.safetensors"), "header claims"),
     ("api-load-pt-wrong-config", _load("plain.pt", arch="mlp", config={**MLP["config"],
                                                                        "hidden": [9, 9]}),
      "check the architecture description"),
@@ -333,9 +333,21 @@ API_CASES = [
     ("api-save-into-a-folder", lambda p, _x, d: save_model(p[0], d / "sub"), "safetensors"),
     ("api-save-under-a-file", lambda p, _x, d: save_model(p[0], d / "m0.bin" / "x.safetensors"),
      "cannot write"),
-    ("api-data-fifo", lambda _p, _x, d: load_dataset(str(d / "fifo.npz")), "fifo.npz"),
-    ("api-data-dev-zero", lambda _p, _x, d: load_dataset(str(d / "zero.npz")), "zero.npz"),
+    ("api-data-missing", lambda _p, _x, d: load_dataset(str(d / "absent.npz")), "absent.npz"),
+    pytest.param("api-data-fifo", lambda _p, _x, d: load_dataset(str(d / "fifo.npz")),
+                 "fifo.npz is a FIFO", marks=NEEDS_DATA),
+    pytest.param("api-data-dev-zero", lambda _p, _x, d: load_dataset(str(d / "zero.npz")),
+                 "zero.npz is a character device", marks=NEEDS_DATA),
+    pytest.param("api-classes-do-not-fit", lambda p, x, d: api.interpolate(
+        load_model(d / "three.safetensors"), load_model(d / "three.safetensors"), x, steps=2),
+        "classes", marks=NEEDS_DATA),
+    ("api-shape-does-not-fit", lambda p, _x, d: api.merge(p, load_dataset(str(d / "small4.npz"))),
+     "pick the dataset"),
 ]
+
+
+def _id(case) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]
 
 
 def _state_digest(models) -> str:
@@ -346,9 +358,9 @@ def _state_digest(models) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
-def test_a_bad_api_call_raises_one_clear_line_and_changes_nothing(d, pair, digits, case):
-    _, call, says = case
+@pytest.mark.parametrize("name, call, says", API_CASES, ids=[_id(c) for c in API_CASES])
+def test_a_bad_api_call_raises_one_clear_line_and_changes_nothing(d, pair, digits, name, call,
+                                                                   says):
     files, states = snapshot(d), _state_digest(pair)
     with pytest.raises(CcamergeError) as caught:
         call(pair, digits, d)
