@@ -386,3 +386,37 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
+KILLED_SCRIPT = """
+import sys, time
+import ccamerge.io as cio
+from ccamerge.io import load_model, save_merged
+def slow(tensors, tmp, metadata=None):
+    with open(tmp, "wb") as handle:
+        handle.write(b"the first half of a file")
+        handle.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+cio.save_file = slow
+model = load_model(sys.argv[1])
+save_merged(model, model, sys.argv[2], {})
+"""
+
+
+def test_a_write_killed_midway_leaves_the_previous_file_whole(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    source = save_model(_model("mlp"), tmp_path / "m.safetensors")
+    target = save_model(_model("mlp", seed=1), tmp_path / "out.safetensors")
+    before = target.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SCRIPT, str(source), str(target)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)  # kill -9: no cleanup runs
+    proc.wait(timeout=60)
+    assert target.read_bytes() == before  # never truncated: the rename had not happened
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"m.safetensors", "out.safetensors"}
+    assert all(n.startswith(".out.safetensors.") and n.endswith(".tmp") for n in leftovers)
