@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ccamerge import validate
 from ccamerge.batchnorm import (
     POLICIES,
     conv_bn_pairs,
@@ -126,9 +128,10 @@ class MergeResult:
     ``recipe`` is the one record of the merge that every front end saves and shows: ``method``,
     ``options`` (resolved, defaults filled in), ``reference``, ``bn_reset``, ``bn_policy``,
     ``repair``, ``weights`` ``[N]``, ``stats_samples``, ``seed``, ``data`` (``name`` and
-    ``data_dir`` for ``load_dataset``, plus sizes; None for a bare input tensor) and ``models``
-    (each model's source file, None when unknown). ``ccamerge replay`` turns it into the same
-    weights.
+    ``data_dir`` for ``load_dataset``, plus sizes; None for a bare input tensor), ``models``
+    (each model's source file, None when unknown), ``model_sha256`` (the sha256 of the bytes
+    each model was loaded from, None when unknown) and ``model_files`` (each file's name).
+    ``ccamerge replay`` checks the sha256 and turns it into the same weights.
     """
 
     model: nn.Module
@@ -181,13 +184,17 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     ``sources``: the file each model was loaded from (default: each model's ``.source``) and
     ``data_dir``: the folder the dataset was read from, both recorded in the recipe.
     ``statistics``: reuse statistics collected earlier (:func:`align`), so several methods
-    and settings need one pass over the data. ``device``, ``group``: where it runs and which torch.distributed ranks share the data (see
-    :func:`align`); the result's ``collection`` says ``device``, ``world_size`` and
+    and settings need one pass over the data. ``device``, ``group``:
+    where it runs and which torch.distributed ranks share the data (see :func:`align`); the result's ``collection`` says ``device``, ``world_size`` and
     ``samples_per_rank`` (statistics inputs each rank read). The merged model stays on
     ``device``.
     Returns the merged model (eval mode) in the reference's basis, with details and the recipe
-    (see :class:`MergeResult`).
+    (see :class:`MergeResult`). Arguments are checked before any work (finite numbers, counts
+    and indices in range); a bad one raises :class:`CcamergeError`.
     """
+    weights = validate.merge_arguments(models, method, reference=reference, weights=weights,
+                                       stats_samples=stats_samples, batch_size=batch_size,
+                                       seed=seed, bn_reset=bn_reset, repair=repair)
     if bn_policy not in POLICIES:
         raise CcamergeError(f"bn_policy must be one of {POLICIES}, not {bn_policy!r}")
     recorded = model_sources(models, sources)
@@ -198,7 +205,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     progress(0.8, "averaging")
     folded = conv_bn_pairs(models[0]) if bn_policy == "fold" and has_batchnorm(models[0]) else []
     states = aligned_states(models, aligned, folded)
-    weights = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
+    weights = weights if weights is not None else [1.0 / len(models)] * len(models)
     merged = with_state(models[reference], average_states(states, weights))
     notes = sample_warnings(aligned.statistics)
     if repair:
@@ -216,7 +223,9 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     recipe = {"method": method, "options": aligned.options, "reference": reference,
               "bn_reset": bn_reset, "bn_policy": bn_policy, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
-              "data": describe_data(data, data_dir), "models": recorded}
+              "data": describe_data(data, data_dir), "models": recorded,
+              "model_sha256": [getattr(m, "sha256", None) for m in models],
+              "model_files": [_file_name(m) for m in models]}
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
                        notes, collection_of(aligned.statistics, place, group))
@@ -229,6 +238,12 @@ def collection_of(stats: Statistics | None, place: torch.device, group=None) -> 
         return stats.collection()
     return {"device": str(place), "world_size": rank_and_size(group)[1], "samples_per_rank": [],
             "samples": 0}
+
+
+def _file_name(model: nn.Module) -> str | None:
+    """The name of the file a model was loaded from (its ``.source``), None when unknown."""
+    source = getattr(model, "source", None)
+    return None if source is None else Path(str(source)).name
 
 
 def describe_data(data, data_dir: str | None = None) -> dict | None:
@@ -290,12 +305,15 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     ``device``, ``group``: see :func:`align`.
     Returns ``{"method", "lambdas", "accuracy", "loss", "barrier"}``.
     """
-    spec_method = get_method(method)
+    validate.models([model_a, model_b])
+    spec_method = get_method(validate.method_name(method))
     if spec_method.joint:
         raise CcamergeError(f"{method} aligns all models jointly and defines no path between two "
                             "models; use it with merge")
-    if steps < 2:
-        raise CcamergeError(f"steps must be >= 2, got {steps}")
+    validate.integer("steps", steps, 2, validate.MAX_STEPS)
+    validate.flag("bn_reset", bn_reset)
+    validate.sampling(stats_samples, seed)
+    spec_method.resolve(options)
     train, test = train_source(data), score_source(data)
     pair, _place = place_models([model_a, model_b], device)
     model_a, model_b = pair
@@ -328,6 +346,11 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     cca method's) and nearly unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the
     Hungarian-matched unit correlations sorted descending (``matched``), their means, and
     numerical health. ``device``, ``group``: see :func:`align`."""
+    validate.models(models)
+    validate.integer("reference", reference, 0, len(models) - 1)
+    validate.sampling(stats_samples, seed)
+    get_method("cca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
+                               if v is not None})
     source = train_source(data)
     check_compatible(models, source, reference)
     spec = resolve_spec(models, source)

@@ -9,21 +9,41 @@ import os
 import sys
 from pathlib import Path
 
-from ccamerge import api
+import torch
+
+from ccamerge import api, recipes, validate
 from ccamerge.analysis.diagnose import diagnose
+from ccamerge.cli_args import (
+    MAX_EPOCHS,
+    MAX_SEEDS,
+    MAX_WIDTH,
+    OPTION_DEST,
+    SEED,
+    Parser,
+    add_data,
+    add_merge_options,
+    add_method_flags,
+    flag_names,
+    integer,
+    option_flags,
+    positive,
+)
 from ccamerge.data import DATASETS, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
-from ccamerge.io import archive_info, load_archive_model, load_model, read_info, save_merged
-from ccamerge.methods import METHODS, Option, describe_methods, get_method
+from ccamerge.files import check_not_input, check_output_path, regular_file
+from ccamerge.io import MAX_BYTES, load_archive_model, load_model, save_merged
+from ccamerge.methods import METHODS, describe_methods, get_method
+from ccamerge.models import check_input_fit
 from ccamerge.spec import build_spec, same_points
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.explain import explain
 from ccamerge.trace.torchscript import is_torchscript_archive
 from ccamerge.train import train_zoo
 
-OPTION_DEST = "method_option:"  # argparse dest prefix of the flags made from the registry
+__all__ = ["build_parser", "flag_names", "main", "option_flags"]
 SPECTRUM_OPTIONS = ("gamma", "relative")  # the cca options api.spectrum takes
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
 def _progress(quiet: bool):
@@ -34,12 +54,30 @@ def _progress(quiet: bool):
 
 
 def _data(args):
-    return load_dataset(args.data, data_dir=args.data_dir)
+    return _dataset(args.data, args.data_dir)
+
+
+def _dataset(name: str, data_dir: str | None):
+    """``load_dataset`` after checking that a named file or folder is one (never a FIFO or a
+    device) and that ``data_dir`` is a folder."""
+    if name not in DATASETS and os.path.lexists(name) and not os.path.isdir(name):
+        regular_file(name, what="dataset file")
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise CcamergeError(f"--data-dir {data_dir} is not a folder; pass the folder that holds "
+                            "the dataset's files")
+    return load_dataset(name, data_dir=data_dir)
+
+
+def _data_file(name: str | None) -> str | None:
+    """The file a dataset name points at (an input the output must not replace), else None."""
+    return name if name and name not in DATASETS and os.path.exists(name) else None
 
 
 def _load(path: str, args, data=None):
     """A model file: safetensors / weights-only .pt, or (with --trust-code) a TorchScript
-    archive replayed as a hookable module (see :func:`ccamerge.io.load_archive_model`)."""
+    archive replayed as a hookable module (see :func:`ccamerge.io.load_archive_model`). Only a
+    regular file is opened."""
+    regular_file(path, what="model file", max_bytes=MAX_BYTES)
     if not is_torchscript_archive(path):
         return load_model(path)
     if not getattr(args, "trust_code", False):
@@ -48,8 +86,33 @@ def _load(path: str, args, data=None):
     return load_archive_model(path, (data or _data(args)).x_train[:8])
 
 
-def _models(paths, args, data=None):
-    return [_load(p, args, data) for p in paths]
+def _models(paths, args, data, *, classes: bool = True):
+    """The model files, loaded and checked to fit ``data`` (its classes too when ``classes``)."""
+    models = [_load(p, args, data) for p in paths]
+    _check_fit(models, paths, data, classes)
+    return models
+
+
+def _check_fit(models, paths, data, classes: bool = True) -> None:
+    """Each model must take the dataset's samples and (``classes``) predict its classes, named
+    by its file: the built-in families by their config, others run on two training samples."""
+    source = data.train
+    for model, path in zip(models, paths, strict=True):
+        try:
+            check_input_fit(model, source.sample_shape, source.num_classes if classes else None)
+            if not api.is_builtin(model):
+                _check_runs(model, source, classes)
+        except CcamergeError as exc:
+            raise CcamergeError(f"{path}: {exc}") from None
+
+
+@torch.no_grad()
+def _check_runs(model, source, classes: bool) -> None:
+    out = model.eval()(source.head(2))
+    width = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+    if classes and width != source.num_classes:
+        raise CcamergeError(f"the model has {width} outputs but the data has "
+                            f"{source.num_classes} classes; pick the dataset it was trained on")
 
 
 def _method_options(args) -> dict:
@@ -59,6 +122,12 @@ def _method_options(args) -> dict:
 
 
 def cmd_train(args) -> dict:
+    """Train one model per seed into the ``--out`` folder (a file there is reused when its
+    recorded recipe matches)."""
+    if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) > MAX_SEEDS:
+        raise CcamergeError(f"--seeds must be at most {MAX_SEEDS} different seeds, got "
+                            f"{args.seeds[:8]}")
+    check_output_path(args.out, folder=True)
     data = _data(args)
     rows = train_zoo(args.arch, data, args.seeds, args.out, split=args.split, width=args.width,
                      epochs=args.epochs, progress=_progress(args.quiet))
@@ -66,6 +135,7 @@ def cmd_train(args) -> dict:
 
 
 def cmd_evaluate(args) -> dict:
+    """Test accuracy and loss of each model (after a BatchNorm reset), and their ensemble."""
     data = _data(args)
     models = _models(args.models, args, data)
     if not args.no_bn_reset:
@@ -79,23 +149,48 @@ def cmd_evaluate(args) -> dict:
 
 def cmd_merge(args) -> dict:
     """Merge the models with the flags given; the request has a recipe's fields."""
-    return _merge({"method": args.method, "options": _method_options(args),
-                   "reference": args.reference, "bn_reset": not args.no_bn_reset,
-                   "bn_policy": args.bn_policy, "repair": args.repair,
-                   "stats_samples": args.stats_samples, "seed": args.seed,
-                   "data": {"name": args.data, "data_dir": args.data_dir},
-                   "models": args.models}, args)
+    _check_reference(args.reference, len(args.models))
+    request = {"method": args.method, "options": _method_options(args),
+               "reference": args.reference, "bn_reset": not args.no_bn_reset,
+               "bn_policy": args.bn_policy, "repair": args.repair,
+               "stats_samples": args.stats_samples, "seed": args.seed,
+               "data": {"name": args.data, "data_dir": args.data_dir}, "models": args.models}
+    get_method(args.method).resolve(request["options"])
+    return _merge(request, args, inputs=args.models)
 
 
 def cmd_replay(args) -> dict:
-    """Re-run the merge recorded in a recipe (.json) or in a merged model's metadata."""
-    return _merge(_read_recipe(args.recipe), args)
+    """Re-run the merge recorded in a recipe (.json) or in a merged model's metadata, on the
+    files it names or on ``--models`` (files in order, or a folder searched by sha256); every
+    recorded sha256 is verified first."""
+    recipe = recipes.read_recipe(args.recipe)
+    paths = recipes.model_paths(recipe, args.models, args.recipe)
+    notes = recipes.verify(recipe, paths, args.recipe)
+    return _merge({**recipe, "models": paths}, args, inputs=[args.recipe, *paths], notes=notes)
 
 
-def _merge(request: dict, args) -> dict:
-    """Merge as ``request`` (a recipe) says, write ``args.out`` with ``result.recipe`` in its
-    metadata, and report the scores and the settings the recipe records."""
-    data = load_dataset(request["data"]["name"], data_dir=request["data"].get("data_dir"))
+def _check_out(out: str, inputs: list, models: list[str], reference: int) -> None:
+    """Before any work: ``out`` replaces no input, is writable, and has the suffix of what will
+    be written there (a merge of TorchScript archives is an archive)."""
+    check_not_input(out, inputs)
+    check_output_path(out)
+    ref = models[reference]
+    archive = os.path.isfile(ref) and is_torchscript_archive(ref)
+    if archive and out.endswith(".safetensors"):
+        raise CcamergeError(f"--out {out}: a merge of TorchScript archives is written as an "
+                            "archive; give a .pt or .ts name")
+    if not archive and not out.endswith(".safetensors"):
+        raise CcamergeError(f"--out {out}: merged models are written as .safetensors; give a "
+                            ".safetensors name")
+
+
+def _merge(request: dict, args, *, inputs: list, notes: list[str] = ()) -> dict:
+    """Merge as ``request`` (a checked recipe) says, write ``args.out`` with ``result.recipe``
+    in its metadata, and report the scores and the settings the recipe records."""
+    data_name = request["data"]["name"]
+    _check_out(args.out, [*inputs, _data_file(data_name)], request["models"],
+               request.get("reference", 0))
+    data = _dataset(data_name, request["data"].get("data_dir"))
     models = _models(request["models"], args, data)
     result = _merge_as(request, models, data, _progress(args.quiet))
     scores = evaluate_model(result.model, data.x_test, data.y_test)
@@ -103,11 +198,21 @@ def _merge(request: dict, args) -> dict:
     info = {"merge": recipe, "dataset": recipe["data"]["name"],
             "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
     save_merged(result.model, models[recipe["reference"]], args.out, info)
-    for warning in result.warnings:
+    warnings = [*notes, *result.warnings]
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": recipe["method"], **scores, "out": str(args.out),
             **{k: recipe[k] for k in ("options", "reference", "bn_reset", "repair", "bn_policy")},
-            "warnings": result.warnings}
+            "warnings": warnings}
+
+
+def _check_reference(reference: int, count: int) -> None:
+    """At least two models, and ``--reference`` the index of one of them."""
+    if count < 2:
+        raise CcamergeError(f"merging needs at least 2 model files, got {count}")
+    if not 0 <= reference < count:
+        raise CcamergeError(f"--reference must be the index of one of the {count} models "
+                            f"(0..{count - 1}), got {reference}")
 
 
 def _merge_as(request: dict, models, data, progress) -> api.MergeResult:
@@ -122,49 +227,15 @@ def _merge_as(request: dict, models, data, progress) -> api.MergeResult:
                      **request.get("options", {}))
 
 
-def _read_recipe(path: str) -> dict:
-    """The recipe in a .json file, a merged .safetensors or a merged TorchScript archive."""
-    info = _model_info(path)
-    if info is not None and "merge" not in info:
-        raise CcamergeError(f"{path} is not a merged model (its metadata has no recipe)")
-    if info is not None:
-        recipe = info["merge"]
-    else:
-        try:
-            recipe = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise CcamergeError(f"cannot read recipe {path}: {exc}") from exc
-    _check_recipe(recipe, path)
-    return recipe
-
-
-def _model_info(path: str) -> dict | None:
-    """The info a model file's metadata records (an archive's zip is read, its code does not
-    run); None when ``path`` is no model file."""
-    if str(path).endswith(".safetensors"):
-        return read_info(path)["info"]
-    return archive_info(path) if is_torchscript_archive(path) else None
-
-
-def _check_recipe(recipe, path: str) -> None:
-    if not isinstance(recipe, dict):
-        raise CcamergeError(f"recipe {path} is not a JSON object")
-    missing = {"method", "models", "data"} - set(recipe)
-    if missing:
-        raise CcamergeError(f"recipe {path} lacks {sorted(missing)}")
-    unnamed = [i for i, p in enumerate(recipe["models"]) if not p]
-    if unnamed or not isinstance(recipe["data"], dict) or not recipe["data"].get("name"):
-        what = f"model(s) {unnamed}" if unnamed else "its dataset"
-        raise CcamergeError(f"recipe {path} names no file for {what}; it cannot be replayed")
-
-
 def _paper_policy_only(args, command: str) -> None:
     if args.bn_policy != "paper":
         raise CcamergeError(f"--bn-policy {args.bn_policy} is available for merge, not {command}")
 
 
 def cmd_interpolate(args) -> dict:
+    """Loss and accuracy along the path between two models (see :func:`api.interpolate`)."""
     _paper_policy_only(args, "interpolate")
+    get_method(args.method).resolve(_method_options(args))
     data = _data(args)
     a, b = _models([args.model_a, args.model_b], args, data)
     return api.interpolate(a, b, data, args.method, steps=args.steps, bn_reset=not args.no_bn_reset,
@@ -174,8 +245,8 @@ def cmd_interpolate(args) -> dict:
 
 def cmd_spectrum(args) -> dict:
     """Canonical correlations with the cca flags given, the registry's defaults for the rest."""
-    data = _data(args)
     resolved = get_method("cca").resolve(_method_options(args))
+    data = _data(args)
     used = {name: resolved[name] for name in SPECTRUM_OPTIONS}
     rows = api.spectrum(_models([args.model_a, args.model_b], args, data), data,
                         stats_samples=args.stats_samples, seed=args.seed, **used)
@@ -183,7 +254,10 @@ def cmd_spectrum(args) -> dict:
 
 
 def cmd_diagnose(args) -> dict:
+    """Why a merge works or fails (see :func:`ccamerge.analysis.diagnose.diagnose`)."""
     _paper_policy_only(args, "diagnose")
+    _check_reference(args.reference, len(args.models))
+    get_method(args.method).resolve(_method_options(args))
     data = _data(args)
     return diagnose(_models(args.models, args, data), data, args.method, reference=args.reference,
                     bn_reset=not args.no_bn_reset, stats_samples=args.stats_samples, seed=args.seed,
@@ -193,7 +267,7 @@ def cmd_diagnose(args) -> dict:
 def cmd_spec(args) -> dict:
     """Every merge point of a model (traced and verified), unsupported operations, diagrams."""
     data = _data(args)
-    model = _load(args.model, args, data)
+    (model,) = _models([args.model], args, data, classes=False)
     derived = derive_and_verify(model, data.x_train[:64])
     report = explain(derived, diagrams=args.diagrams)
     if api.is_builtin(model):
@@ -205,86 +279,8 @@ def cmd_methods(_args) -> dict:
     return {"methods": describe_methods()}
 
 
-def _add_data(p) -> None:
-    p.add_argument("--data", default="digits",
-                   help=f"dataset: {', '.join(DATASETS)} or a .npz file (default: digits)")
-    p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST's idx .gz files")
-
-
-def _options_by_name(methods, only=None) -> dict[str, list[tuple[str, Option]]]:
-    """``{option: [(method, Option), ...]}`` over ``methods`` (registry order); ``only``: names
-    to keep. One option shared by several methods must have one type and one negative flag."""
-    table: dict[str, list[tuple[str, Option]]] = {}
-    for method in methods:
-        for name, opt in method.options.items():
-            if only is None or name in only:
-                table.setdefault(name, []).append((method.name, opt))
-    for name, owners in table.items():
-        if len({(opt.kind, opt.negative_flag) for _, opt in owners}) > 1:
-            raise TypeError(f"option {name} differs in type or negative flag between methods "
-                            f"{[m for m, _ in owners]}")
-    return table
-
-
-def flag_names(name: str, option: Option) -> tuple[str, str | None]:
-    """``(flag, negative flag)`` of a method option: ``("--max-sweeps", None)``,
-    ``("--relative", "--absolute")``; only bool options have a negative flag."""
-    flag = "--" + name.replace("_", "-")
-    if option.kind is not bool:
-        return flag, None
-    return flag, "--" + (option.negative_flag or f"no-{name}").replace("_", "-")
-
-
-def option_flags(method: str, options: dict) -> list[str]:
-    """The command-line words that give ``method`` these ``options``, e.g. ``["--gamma", "0.3",
-    "--absolute"]`` (for front ends that print a command reproducing what they computed)."""
-    declared = get_method(method).options
-    get_method(method).resolve(options)  # unknown names fail and list the valid ones
-    words: list[str] = []
-    for name, value in options.items():
-        flag, negative = flag_names(name, declared[name])
-        words += [flag, str(value)] if negative is None else [flag if value else negative]
-    return words
-
-
-def _add_method_flags(p, methods, only=None) -> None:
-    """One flag per option of ``methods`` (``--max-sweeps`` for ``max_sweeps``), typed by the
-    Option, its help naming the method(s); a bool option gets a positive and a negative flag."""
-    for name, owners in _options_by_name(methods, only).items():
-        opt, dest = owners[0][1], OPTION_DEST + name
-        text = "; ".join(f"{m}: {o.help} (default {o.default})" for m, o in owners)
-        text = text.replace("%", "%%")  # argparse formats help strings
-        flag, negative = flag_names(name, opt)
-        if negative is None:
-            p.add_argument(flag, dest=dest, type=opt.kind, default=None,
-                           metavar=name.upper(), help=text)
-            continue
-        group = p.add_mutually_exclusive_group()
-        group.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
-        group.add_argument(negative, dest=dest, action="store_false", default=None,
-                           help=f"{', '.join(m for m, _ in owners)}: {name} = false")
-
-
-def _add_merge_options(p) -> None:
-    _add_method_flags(p, METHODS.values())
-    p.add_argument("--no-bn-reset", action="store_true", help="keep the averaged BatchNorm statistics")
-    p.add_argument("--bn-policy", choices=["paper", "fold"], default="paper",
-                   help="paper: transform BatchNorm vectors with the conv rows (default); fold: "
-                   "fold BatchNorm into the conv first and restore the endpoints' scale")
-    p.add_argument("--stats-samples", type=int, default=None,
-                   help="training images used for statistics (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, like every other error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ccamerge", description=__doc__.split(".")[0])
+    parser = Parser(prog="ccamerge", description=__doc__.split(".")[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     common.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -294,17 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[common], help="train several seeds, one file each")
     p.add_argument("--arch", required=True, choices=["mlp", "vgg", "resnet20"])
-    _add_data(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", required=True)
-    p.add_argument("--width", type=float, default=1.0)
+    add_data(p)
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1],
+                   help=f"one model per seed (0..2**32-1, at most {MAX_SEEDS})")
+    p.add_argument("--out", required=True, help="folder for the model files")
+    p.add_argument("--width", type=positive(MAX_WIDTH), default=1.0,
+                   help=f"width multiplier, in (0, {MAX_WIDTH:g}]")
     p.add_argument("--split", default="same", choices=["same", "skewed", "dirichlet"])
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=integer(1, MAX_EPOCHS), default=20)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", parents=[common], help="accuracy and loss of models")
     p.add_argument("models", nargs="+")
-    _add_data(p)
+    add_data(p)
     p.add_argument("--ensemble", action="store_true", help="also the logit-averaging ensemble")
     p.add_argument("--no-bn-reset", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -312,52 +310,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", parents=[common], help="align and average N models")
     p.add_argument("models", nargs="+")
     p.add_argument("--method", default="cca", help=f"one of {', '.join(METHODS)}")
-    _add_data(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--reference", type=int, default=0)
+    add_data(p)
+    p.add_argument("--out", required=True, help="the merged model file (never one of the inputs)")
+    p.add_argument("--reference", type=integer(0, 2**31), default=0)
     p.add_argument("--repair", action="store_true",
                    help="REPAIR: rescale merged units to the endpoints' statistics (nets without BN)")
-    _add_merge_options(p)
+    add_merge_options(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("replay", parents=[common], help="redo a merge from its recipe")
     p.add_argument("recipe", help="recipe .json, or a merged .safetensors or TorchScript archive")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the merged model file (never one of the inputs)")
+    p.add_argument("--models", nargs="+", default=None, metavar="FILE",
+                   help="your copies of the merged models: the files in the recipe's order, or "
+                   "one folder searched by the sha256 the recipe records")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("interpolate", parents=[common], help="loss along the path between two models")
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("--method", default="average", help=f"one of {', '.join(METHODS)}")
-    _add_data(p)
-    p.add_argument("--steps", type=int, default=11)
-    _add_merge_options(p)
+    add_data(p)
+    p.add_argument("--steps", type=integer(2, validate.MAX_STEPS), default=11)
+    add_merge_options(p)
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("spectrum", parents=[common], help="canonical correlations per merge point")
     p.add_argument("model_a")
     p.add_argument("model_b")
-    _add_data(p)
-    _add_method_flags(p, [get_method("cca")], SPECTRUM_OPTIONS)
-    p.add_argument("--stats-samples", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_data(p)
+    add_method_flags(p, [get_method("cca")], SPECTRUM_OPTIONS)
+    p.add_argument("--stats-samples", type=integer(2, 2**31), default=None)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_spectrum)
 
     p = sub.add_parser("diagnose", parents=[common], help="why a merge works or fails: per-layer "
                        "health, partial merges, a checklist")
     p.add_argument("models", nargs="+")
     p.add_argument("--method", default="cca", help=f"one of {', '.join(METHODS)}")
-    _add_data(p)
-    p.add_argument("--reference", type=int, default=0)
+    add_data(p)
+    p.add_argument("--reference", type=integer(0, 2**31), default=0)
     p.add_argument("--sweep", action="store_true",
                    help="also sweep gamma (cca) or alpha/beta (zipit) on held-out training data")
-    _add_merge_options(p)
+    add_merge_options(p)
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("spec", parents=[common], help="merge points of a model, derived by tracing "
                        "and verified, with unsupported operations and a diagram")
     p.add_argument("model")
-    _add_data(p)
+    add_data(p)
     p.add_argument("--no-diagrams", dest="diagrams", action="store_false",
                    help="leave out the DOT and Mermaid diagrams")
     p.set_defaults(func=cmd_spec)
@@ -388,6 +389,22 @@ def _short(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status: 0 ok, 1 unexpected error (a bug), 2 user error
+    (usage, bad input), 130 interrupted (Ctrl-C), 141 stdout closed (a broken pipe). Every
+    failure prints exactly one line on stderr, never a traceback (``CCAMERGE_DEBUG=1`` shows
+    the traceback of an unexpected error)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        _say("ccamerge: interrupted; no partial output was left behind")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _detach_stdout()
+        _say("ccamerge: error: stdout was closed before the output was written (broken pipe)")
+        return EXIT_PIPE
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors and --help: argparse already printed
@@ -395,18 +412,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except CcamergeError as exc:
-        print(f"ccamerge: error: {exc}", file=sys.stderr)
-        return 2
+        _say(f"ccamerge: error: {_one_line(exc)}")
+        return EXIT_USAGE
+    except MemoryError:
+        _say(f"ccamerge: error: out of memory in {args.command}; use smaller models or fewer "
+             "--stats-samples")
+        return EXIT_UNEXPECTED
     except Exception as exc:  # never a traceback for users; CCAMERGE_DEBUG=1 shows it
         if os.environ.get("CCAMERGE_DEBUG"):
             raise
-        print(f"ccamerge: unexpected error ({type(exc).__name__}): {exc}", file=sys.stderr)
-        return 1
+        _say(f"ccamerge: unexpected error ({type(exc).__name__}): {_one_line(exc)}; this is a "
+             "bug in ccamerge (CCAMERGE_DEBUG=1 shows where)")
+        return EXIT_UNEXPECTED
     if args.json:
         print(json.dumps(result, default=_jsonable))
     else:
         _print_human(result)
-    return 0
+    sys.stdout.flush()  # a closed pipe fails here, inside main, not at exit
+    return EXIT_OK
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries' messages may span many)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _say(line: str) -> None:
+    """One line on stderr (nothing when stderr itself is closed)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        pass
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of a closed pipe prints no
+    second error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # captured (tests): nothing to detach
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _jsonable(value):

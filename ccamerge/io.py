@@ -10,35 +10,54 @@ A TorchScript archive (``torch.jit.save``) unpickles no objects either, but its 
 whenever the model runs: :func:`load_archive_model` is for archives the user trusts, and the front
 ends ask first (``--trust-code``, the dashboard's checkbox). A merge of archives is written back
 into a copy of the reference's archive, with the recipe in its extra file ``ccamerge.json``.
-Every file is written atomically (a temporary file in the same folder, then a rename).
+Only regular files within :data:`MAX_BYTES` are read, and a file's tensors are checked against
+the architecture it describes before anything is allocated (:mod:`ccamerge.weights`). Every file
+is written atomically (a temporary file in the same folder, then a rename:
+:func:`ccamerge.files.write_atomically`), and a loaded model records the sha256 of its file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
 
 from ccamerge.errors import CcamergeError
-from ccamerge.models import ARCHITECTURES, build_model, count_parameters
+from ccamerge.files import (
+    MAX_RECIPE_BYTES,
+    check_zip_sizes,
+    regular_file,
+    sha256_file,
+    write_atomically,
+)
+from ccamerge.models import count_parameters
 from ccamerge.trace.torchscript import load_torchscript, script_to_module, with_script_state
+from ccamerge.weights import (
+    FORMAT,
+    METADATA_KEY,
+    check_declared,
+    declared_of,
+    materialise,
+    optional_info,
+    parse_header,
+    read_safetensors_bytes,
+    read_safetensors_file,
+    read_torch,
+    short,
+)
 
-FORMAT = 1
-METADATA_KEY = "ccamerge"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth")
-MAX_BYTES = 2**30
+MAX_BYTES = 2**30  # a model file: safetensors, .pt or TorchScript archive
+MAX_ARCHIVE_CODE_BYTES = 64 * 2**20  # compressed members (code) of a TorchScript archive, unpacked
 RECIPE_FILE = "ccamerge.json"  # extra file of a merged TorchScript archive: recipe and scores
 
 
@@ -52,7 +71,7 @@ def save_model(model: nn.Module, path: str | Path, *, info: dict | None = None) 
     header = {"format": FORMAT, "arch": model.arch, "config": model.config, "info": info or {}}
     metadata = {METADATA_KEY: _to_json(header, path.name)}
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
@@ -68,7 +87,7 @@ def save_merged(model: nn.Module, reference: nn.Module, path: str | Path, info: 
     path = Path(path)
     archive = with_script_state(script, model.state_dict())
     extra = {RECIPE_FILE: _to_json(info, path.name)}
-    _write_atomically(path, lambda tmp: torch.jit.save(archive, tmp, _extra_files=extra))
+    write_atomically(path, lambda tmp: torch.jit.save(archive, tmp, _extra_files=extra))
     return path
 
 
@@ -77,20 +96,6 @@ def _to_json(value: dict, name: str) -> str:
         return json.dumps(value, default=_json_default, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise CcamergeError(f"model info for {name} is not JSON-able: {exc}") from exc
-
-
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path`` (readers
-    never see a half-written file; a failed write leaves ``path`` as it was)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _json_default(value):
@@ -108,22 +113,22 @@ def load_model(path: str | Path, *, arch: str | None = None, config: dict | None
     """Load a model file into a freshly built network, in eval mode.
 
     ``.safetensors`` files describe themselves (``arch``/``config`` override the metadata if given);
-    ``.pt``/``.pth`` need both. Every tensor's name and shape is checked against the network and
-    must be finite. Sets ``model.info`` (the saved info dict, ``{}`` for ``.pt``) and
-    ``model.source``. Raises :class:`CcamergeError` for anything wrong with the file.
+    ``.pt``/``.pth`` need both. Only a regular file of at most ``max_bytes`` is read. Every
+    tensor's name, shape and dtype kind is checked against the network (built on the ``meta``
+    device first, so a file declaring more than it holds allocates nothing) and must be finite.
+    Sets ``model.info`` (the saved info dict, ``{}`` for ``.pt``), ``model.source`` and
+    ``model.sha256`` (of the file's bytes). Raises :class:`CcamergeError` for anything wrong
+    with the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CcamergeError(f"model file {path} does not exist")
-    _check_size(path.name, path.stat().st_size, max_bytes)
-    kind = _file_kind(path.name)
-    if kind == "safetensors":
-        tensors, header = _read_safetensors_file(path)
+    size = regular_file(path, what="model file").st_size
+    _check_size(path.name, size, max_bytes)
+    if _file_kind(path.name) == "safetensors":
+        tensors, header = read_safetensors_file(path, _describer(path.name, arch, config))
     else:
-        _require_description(path.name, arch, config)
-        tensors, header = _read_torch(path, path.name), {}
-    model = _assemble(path.name, tensors, header, arch, config)
-    model.source = str(path)
+        tensors, header = _torch_tensors(path, path.name, size, arch, config)
+    model = materialise(path.name, tensors, header)
+    model.source, model.sha256 = str(path), sha256_file(path)
     return model
 
 
@@ -133,13 +138,36 @@ def load_model_bytes(data: bytes, filename: str, *, arch: str | None = None,
     becomes ``model.source``."""
     _check_size(filename, len(data), max_bytes)
     if _file_kind(filename) == "safetensors":
-        tensors, header = _read_safetensors_bytes(data, filename)
+        tensors, header = read_safetensors_bytes(data, filename,
+                                                 _describer(filename, arch, config))
     else:
-        _require_description(filename, arch, config)
-        tensors, header = _read_torch(io.BytesIO(data), filename), {}
-    model = _assemble(filename, tensors, header, arch, config)
-    model.source = filename
+        tensors, header = _torch_tensors(io.BytesIO(data), filename, len(data), arch, config)
+    model = materialise(filename, tensors, header)
+    model.source, model.sha256 = filename, hashlib.sha256(data).hexdigest()
     return model
+
+
+def _describer(name: str, arch: str | None, config: dict | None):
+    """``metadata -> header`` (``arch``, ``config``, ``info``, ``given``): the file's metadata,
+    with ``arch``/``config`` overriding it where given."""
+    def describe(metadata: dict | None) -> dict:
+        if arch is not None and config is not None:
+            return {"arch": arch, "config": config, "info": optional_info(metadata), "given": True}
+        saved = parse_header(name, metadata)
+        return {"arch": arch or saved.get("arch"),
+                "config": config if config is not None else saved["config"],
+                "info": saved.get("info") or {}, "given": arch is not None or config is not None}
+    return describe
+
+
+def _torch_tensors(source, name: str, size: int, arch: str | None,
+                   config: dict | None) -> tuple[dict, dict]:
+    """A ``.pt`` state dict checked against the described network: ``(tensors, header)``."""
+    _require_description(name, arch, config)
+    header = {"arch": arch, "config": config, "info": {}, "given": True}
+    tensors = read_torch(source, name, size)
+    check_declared(name, declared_of(tensors), header)
+    return tensors, header
 
 
 def load_archive_model(source: str | Path | bytes, example_inputs: torch.Tensor, *,
@@ -154,7 +182,7 @@ def load_archive_model(source: str | Path | bytes, example_inputs: torch.Tensor,
     and ``.info`` (the ``ccamerge.json`` a merged archive carries, else ``{}``). Raises
     :class:`CcamergeError` naming ``name`` for anything wrong with the archive."""
     name = name or (str(source) if isinstance(source, str | Path) else "archive")
-    source = str(source) if isinstance(source, Path) else source
+    source = _archive_source(source, name)
     try:
         script = load_torchscript(source)
         model = script_to_module(script, example_inputs)
@@ -167,17 +195,38 @@ def load_archive_model(source: str | Path | bytes, example_inputs: torch.Tensor,
                             "pick the dataset it was trained on") from exc
     object.__setattr__(model, "script", script)  # kept out of the module tree and state dict
     model.source, model.info = name, archive_info(source)
+    model.sha256 = (hashlib.sha256(source).hexdigest() if isinstance(source, bytes)
+                    else sha256_file(source))
     return model
+
+
+def _archive_source(source: str | Path | bytes, name: str) -> str | bytes:
+    """An archive's path (a regular file) or bytes, checked for size and for members that
+    would unpack beyond what PyTorch writes (see :func:`ccamerge.files.check_zip_sizes`)."""
+    if isinstance(source, bytes | bytearray):
+        _check_size(name, len(source), MAX_BYTES)
+        check_zip_sizes(io.BytesIO(source), name, max_bytes=MAX_BYTES,
+                        max_deflated=MAX_ARCHIVE_CODE_BYTES)
+        return bytes(source)
+    _check_size(name, regular_file(source, what="model file").st_size, MAX_BYTES)
+    check_zip_sizes(str(source), name, max_bytes=MAX_BYTES, max_deflated=MAX_ARCHIVE_CODE_BYTES)
+    return str(source)
 
 
 def archive_info(source: str | Path | bytes) -> dict:
     """The ``ccamerge.json`` a merged TorchScript archive (path or bytes) carries (recipe, test
-    accuracy), else ``{}``. Reads the zip only: no code runs."""
+    accuracy), else ``{}`` (also for anything but a regular file, or a record over
+    :data:`~ccamerge.files.MAX_RECIPE_BYTES`). Reads the zip only: no code runs."""
     try:
+        if not isinstance(source, bytes):
+            regular_file(source)
         with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
-            name = next((n for n in zf.namelist() if n.endswith(f"/extra/{RECIPE_FILE}")), None)
-            info = json.loads(zf.read(name)) if name else {}
-    except (OSError, zipfile.BadZipFile, ValueError, KeyError):
+            member = next((m for m in zf.infolist()
+                           if m.filename.endswith(f"/extra/{RECIPE_FILE}")), None)
+            if member is None or member.file_size > MAX_RECIPE_BYTES:
+                return {}
+            info = json.loads(zf.read(member))
+    except (CcamergeError, OSError, zipfile.BadZipFile, ValueError, KeyError):
         return {}
     return info if isinstance(info, dict) else {}
 
@@ -205,13 +254,14 @@ def read_info(path: str | Path) -> dict:
     """The ``{"format", "arch", "config", "info"}`` header of a ``.safetensors`` model file, without
     loading its tensors (cheap: e.g. to decide whether a cached zoo file is still valid)."""
     path = Path(path)
+    regular_file(path, what="model file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return _parse_header(path.name, handle.metadata())
+            return parse_header(path.name, handle.metadata())
     except CcamergeError:
         raise
     except Exception as exc:  # the safetensors parser on an untrusted file
-        raise CcamergeError(f"{path.name} is not a valid safetensors file ({_short(exc)})") from exc
+        raise CcamergeError(f"{path.name} is not a valid safetensors file ({short(exc)})") from exc
 
 
 def _check_size(name: str, size: int, max_bytes: int) -> None:
@@ -236,117 +286,3 @@ def _require_description(name: str, arch: str | None, config: dict | None) -> No
         raise CcamergeError(f"{name} is a bare state dict: pass an architecture description (arch "
                             f"and config, e.g. arch='mlp' and its config) to load it, or convert it "
                             "to .safetensors with save_model")
-
-
-def _short(exc: Exception) -> str:
-    """``Type: first sentence`` of an exception from a parser, for a one-line message."""
-    lines = str(exc).strip().splitlines()
-    first = lines[0].split(". ")[0] if lines else ""
-    return f"{type(exc).__name__}: {first}"[:200]
-
-
-def _read_safetensors_file(path: Path) -> tuple[dict, dict | None]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # the safetensors parser on an untrusted file
-        raise CcamergeError(f"{path.name} is not a valid safetensors file, it may be truncated or "
-                            f"corrupt ({_short(exc)})") from exc
-    return tensors, metadata
-
-
-def _read_safetensors_bytes(data: bytes, name: str) -> tuple[dict, dict | None]:
-    try:
-        tensors = safetensors_load(data)
-        length = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + length]).get("__metadata__")
-    except Exception as exc:  # the safetensors parser on an untrusted upload
-        raise CcamergeError(f"{name} is not a valid safetensors file, it may be truncated or "
-                            f"corrupt ({_short(exc)})") from exc
-    return tensors, metadata
-
-
-def _read_torch(source: Path | io.BytesIO, name: str) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pt`` file, via the weights-only unpickler (never plain pickle)."""
-    try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if type(exc).__name__ == "UnpicklingError":
-            lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
-            why = lines[0] if lines else _short(exc)
-            raise CcamergeError(f"refused to unpickle {name}: {why} (only plain tensors are "
-                                "accepted)") from exc
-        raise CcamergeError(f"cannot read {name} as a PyTorch file, it may be truncated or corrupt "
-                            f"({_short(exc)})") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CcamergeError(f"{name} does not hold a state dict (a dict of name -> tensor, or "
-                            "{'state_dict': ...})")
-    return obj
-
-
-def _parse_header(name: str, metadata: dict | None) -> dict:
-    if not metadata or METADATA_KEY not in metadata:
-        raise CcamergeError(f"{name} has no ccamerge metadata; pass an architecture description "
-                            "(arch and config) to load it")
-    try:
-        header = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise CcamergeError(f"{name} has unreadable ccamerge metadata ({exc})") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        found = header.get("format") if isinstance(header, dict) else None
-        raise CcamergeError(f"{name} has ccamerge metadata format {found!r}; this version reads "
-                            f"format {FORMAT}")
-    if not isinstance(header.get("config"), dict) or not isinstance(header.get("info", {}), dict):
-        raise CcamergeError(f"{name} has malformed ccamerge metadata (config/info must be objects)")
-    return header
-
-
-def _assemble(name: str, tensors: dict, metadata, arch: str | None, config: dict | None) -> nn.Module:
-    """Build the described network, check ``tensors`` against it, load them, return it in eval."""
-    if arch is not None and config is not None:
-        header = {"arch": arch, "config": config, "info": _optional_info(metadata)}
-    else:
-        saved = _parse_header(name, metadata)
-        header = {"arch": arch or saved.get("arch"),
-                  "config": config if config is not None else saved["config"],
-                  "info": saved.get("info") or {}}
-    if header["arch"] not in ARCHITECTURES:
-        raise CcamergeError(f"{name} describes unknown architecture {header['arch']!r}; "
-                            f"choose one of {sorted(ARCHITECTURES)}")
-    model = build_model(header["arch"], **header["config"])
-    _check_tensors(name, tensors, model)
-    model.load_state_dict(tensors, strict=True)
-    model.info = header["info"]
-    return model.eval()
-
-
-def _optional_info(metadata: dict | None) -> dict:
-    """The saved info when present and well formed, else ``{}`` (the caller described the net)."""
-    try:
-        info = json.loads(metadata[METADATA_KEY]).get("info")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _check_tensors(name: str, tensors: dict, model: nn.Module) -> None:
-    expected = model.state_dict()
-    what = f"a {model.arch} with width {model.config.get('width')}"
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing or unexpected:
-        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-                ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
-        raise CcamergeError(f"{name} does not match {what}: {'; '.join(parts)}; check the "
-                            "architecture description")
-    for key, want in expected.items():
-        got = tensors[key]
-        if tuple(got.shape) != tuple(want.shape):
-            raise CcamergeError(f"tensor {key} has shape {list(got.shape)} but {what} expects "
-                                f"{list(want.shape)} (in {name}); check the architecture description")
-        if got.is_floating_point() and not torch.isfinite(got).all():
-            raise CcamergeError(f"tensor {key} in {name} contains NaN or infinite values")

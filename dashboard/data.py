@@ -5,11 +5,18 @@ Cache keys are content: the sha256 of a model file's bytes, the dataset key (a b
 identical inputs, but nothing is ever looked up by anything a session could not produce itself
 from its own files; uploaded bytes live only in that session's ``st.session_state``.
 
-Two kinds of cache: ``st.cache_data`` / ``st.cache_resource`` for quick results, and a small
-process-wide LRU (:class:`Memo`) for merges and interpolation curves, which report progress through
-a callback while they run (``st.cache_data`` would replay a progress bar drawn from inside it).
+Every cache is a process-wide LRU bounded in bytes (:class:`Memo`; the size of a cached value is
+the sum of the ``nbytes`` of the tensors and arrays it holds, a model's being its state dict's):
+loaded networks share :data:`MODEL_CACHE_BYTES`, computed results :data:`RESULT_CACHE_BYTES`. The
+oldest entries go first; a value larger than its whole cache is computed but not kept (a merge says
+so in its warnings). :func:`cached` keys a function like ``st.cache_data`` does (arguments whose
+names start with ``_`` are left out; the digests stand for them) and hands out deep copies; merges,
+curves and diagnoses report progress through a callback while they run and are shared read-only.
 Computations always run on deep copies of the cached models, so concurrent sessions never share
 forward hooks or mutate a cached network.
+
+Uploads: at most :data:`MAX_UPLOAD_BYTES` per file and, per session, :data:`SESSION_UPLOAD_BYTES`
+in :data:`SESSION_UPLOAD_FILES` files (see :mod:`dashboard.registry`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import os
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ from ccamerge.analysis.features import (
 from ccamerge.data import Dataset, load_dataset
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
+from ccamerge.files import check_output_path
 from ccamerge.io import is_archive_model, load_model_bytes, save_merged
 from ccamerge.methods import get_method
 from ccamerge.models import build_model
@@ -51,9 +58,15 @@ from ccamerge.trace.explain import explain
 from ccamerge.train import default_config, train_zoo, zoo_filename
 from ccamerge.transform import has_batchnorm
 from dashboard import archives
+from dashboard.caches import Memo, cached
+from dashboard.caches import key as _key
 
 Progress = Callable[[float, str], None]
-MAX_UPLOAD_BYTES = 200 * 2**20
+MAX_UPLOAD_BYTES = 200 * 2**20  # one uploaded file
+SESSION_UPLOAD_BYTES = 512 * 2**20  # all files one session uploads
+SESSION_UPLOAD_FILES = 32
+MODEL_CACHE_BYTES = 2 * 2**30  # loaded networks, shared by every session
+RESULT_CACHE_BYTES = 2**30  # statistics, spectra, merges, curves, diagnoses...
 SEED = 0
 
 
@@ -117,6 +130,10 @@ def ensure_demo(progress: Progress | None = None) -> list[dict]:
     the others wait and then reuse the files."""
     total = sum(len(g.seeds) for g in DEMO_ZOO)
     rows, done = [], 0
+    try:
+        check_output_path(demo_dir(), folder=True, flag="the demo folder")
+    except CcamergeError as exc:
+        raise CcamergeError(f"{exc}; set CCAMERGE_CACHE_DIR to a writable folder") from exc
     with _DEMO_LOCK:
         data = load_dataset(DEMO_DATASET)
         for group in DEMO_ZOO:
@@ -141,7 +158,7 @@ def ensure_demo(progress: Progress | None = None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- models, data
-@st.cache_resource(max_entries=64, show_spinner=False)
+@cached(lambda: model_memo(), share=True)
 def _load_model(digest: str, filename: str, arch: str | None, config_json: str,
                 _read: Callable[[], bytes]) -> nn.Module:
     config = json.loads(config_json) if config_json else None
@@ -207,7 +224,7 @@ def uses_batchnorm(models: Sequence[nn.Module]) -> bool:
 
 
 # ----------------------------------------------------------------------------- cached analyses
-@st.cache_data(max_entries=256, show_spinner=False)
+@cached(lambda: memo())
 def model_scores(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> dict | None:
     """Test accuracy (percent) and loss of one model, None when the dataset does not fit it."""
     try:
@@ -217,7 +234,7 @@ def model_scores(digest: str, data_key: str, _model: nn.Module, _data: Dataset) 
     return evaluate_model(copy.deepcopy(_model), _data.x_test, _data.y_test)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
+@cached(lambda: memo())
 def statistics(digests: tuple[str, ...], data_key: str, reference: int, stats_samples: int | None,
                _models: Sequence[nn.Module], _data: Dataset) -> Statistics:
     """Activation statistics of every merge point: each model's moments and its cross-covariance
@@ -230,7 +247,7 @@ def statistics(digests: tuple[str, ...], data_key: str, reference: int, stats_sa
                               api.subsample(x, stats_samples, SEED), reference=reference)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float, relative: bool,
              stats_samples: int | None, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
     """``api.spectrum`` rows (per merge point and non-reference model) on cached statistics."""
@@ -239,7 +256,7 @@ def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: flo
                         stats_samples=stats_samples, seed=SEED, statistics=stats)
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
+@cached(lambda: memo())
 def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
                      _models: Sequence[nn.Module],
                      _data: Dataset) -> tuple[Statistics, Statistics | None]:
@@ -253,7 +270,7 @@ def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
                                     holdout=spectra.HOLDOUT, seed=SEED)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def held_out_spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float,
                       relative: bool, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
     """``ccamerge.analysis.spectra.spectrum_rows``: CCA fitted on 80% of the training images,
@@ -263,7 +280,7 @@ def held_out_spectrum(digests: tuple[str, ...], data_key: str, reference: int, g
     return spectra.spectrum_rows(fit, held, gamma=gamma, relative=relative)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def held_out_alignment(digests: tuple[str, ...], data_key: str, reference: int, other: int,
                        point: str, gamma: float, relative: bool, _models: Sequence[nn.Module],
                        _data: Dataset) -> AlignedUnits:
@@ -276,7 +293,7 @@ def held_out_alignment(digests: tuple[str, ...], data_key: str, reference: int, 
                          gamma=gamma, relative=relative)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
+@cached(lambda: memo())
 def partial_merges(digests: tuple[str, ...], data_key: str, method: str, options: dict,
                    bn_reset: bool, _pair: Sequence[nn.Module], _data: Dataset) -> dict:
     """``ccamerge.analysis.compare.partial_merges`` of the reference (first) and one model."""
@@ -285,7 +302,7 @@ def partial_merges(digests: tuple[str, ...], data_key: str, method: str, options
                                   **resolve_options(method, options))
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def features(digests: tuple[str, ...], data_key: str, reference: int, other: int, point: str,
              gamma: float, relative: bool, stats_samples: int | None, _models: Sequence[nn.Module],
              _data: Dataset) -> FeatureMatching:
@@ -296,7 +313,7 @@ def features(digests: tuple[str, ...], data_key: str, reference: int, other: int
     return feature_matching(stats[point], reference, other, gamma=gamma, relative=relative)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def base_scores(digests: tuple[str, ...], data_key: str, bn_reset: bool,
                 _models: Sequence[nn.Module], _data: Dataset) -> dict:
     """``{"models": [{"accuracy", "loss"}], "ensemble": {...}}`` on the test set; BatchNorm
@@ -310,36 +327,16 @@ def base_scores(digests: tuple[str, ...], data_key: str, bn_reset: bool,
 
 
 # ----------------------------------------------------------------------------- merges, curves
-class Memo:
-    """A small thread-safe LRU of results that were computed with a progress display."""
-
-    def __init__(self, size: int = 256):
-        self._items: OrderedDict[str, object] = OrderedDict()
-        self._lock = threading.Lock()
-        self._size = size
-
-    def get(self, key: str):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        return None
-
-    def put(self, key: str, value) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+@st.cache_resource(show_spinner=False)
+def memo() -> Memo:
+    """The cache of computed results (statistics, spectra, merges, curves, diagnoses)."""
+    return Memo(RESULT_CACHE_BYTES)
 
 
 @st.cache_resource(show_spinner=False)
-def memo() -> Memo:
-    return Memo()
-
-
-def _key(*parts) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
+def model_memo() -> Memo:
+    """The cache of loaded networks (model files and replayed archives)."""
+    return Memo(MODEL_CACHE_BYTES)
 
 
 def resolve_options(method: str, options: dict) -> dict:
@@ -376,7 +373,10 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
     out = {"method": method, "options": options, "accuracy": scores["accuracy"],
            "loss": scores["loss"], "seconds": seconds, "warnings": list(result.warnings),
            "model": result.model, "recipe": result.recipe}
-    memo().put(key, out)
+    if not memo().put(key, out):
+        out["warnings"].append(f"this merge holds more than the dashboard's result cache "
+                               f"({RESULT_CACHE_BYTES / 2**30:g} GB) and is not kept; it is "
+                               "recomputed when asked for again")
     return out
 
 
@@ -429,7 +429,7 @@ def merged_file(model: nn.Module, info: dict, *, reference: nn.Module) -> bytes:
 
 
 # ----------------------------------------------------------------------------- archives, merge points
-@st.cache_resource(max_entries=64, show_spinner=False)
+@cached(lambda: model_memo(), share=True)
 def _load_archive(digest: str, filename: str, example_key: str, _read: Callable[[], bytes],
                   _example: torch.Tensor) -> nn.Module:
     return archives.load(_read(), filename, _example)
@@ -442,7 +442,7 @@ def load_archive(digest: str, filename: str, read: Callable[[], bytes],
     return _load_archive(digest, filename, str(list(example.shape)), read, example)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
                  _data: Dataset) -> dict:
     """``explain(derive_and_verify(model, first samples training images))`` (merge points,
@@ -487,7 +487,7 @@ def diagnosis(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset
     return report
 
 
-@st.cache_resource(max_entries=16, show_spinner=False)
+@cached(lambda: memo(), share=True)
 def _explored(digests: tuple[str, ...], data_key: str, method: str, reference: int, other: int,
               bn_reset: bool, _models: Sequence[nn.Module], _data: Dataset):
     """Model ``other`` aligned to the reference with ``method`` (default options), the merged
@@ -497,7 +497,7 @@ def _explored(digests: tuple[str, ...], data_key: str, method: str, reference: i
                                        other=other, bn_reset=bn_reset, seed=SEED)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
+@cached(lambda: memo())
 def unit_set(digests: tuple[str, ...], data_key: str, method: str, reference: int, other: int,
              point: str, samples: int, bn_reset: bool, _models: Sequence[nn.Module],
              _data: Dataset) -> explorer.UnitSet:
@@ -510,7 +510,7 @@ def unit_set(digests: tuple[str, ...], data_key: str, method: str, reference: in
     return explorer.unit_set(ref, mod, moved, merged, spec, x, point)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def unit_embedding(digests: tuple[str, ...], data_key: str, method: str, reference: int,
                    other: int, point: str, samples: int, bn_reset: bool, embedding: str,
                    _models: Sequence[nn.Module], _data: Dataset):
@@ -520,7 +520,7 @@ def unit_embedding(digests: tuple[str, ...], data_key: str, method: str, referen
     return explorer.embed_units(units.profiles, embedding, seed=SEED)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
+@cached(lambda: memo())
 def input_embeddings(digests: tuple[str, ...], data_key: str, method: str, reference: int,
                      other: int, point: str, samples: int, bn_reset: bool, embedding: str,
                      _models: Sequence[nn.Module],
@@ -535,14 +535,14 @@ def input_embeddings(digests: tuple[str, ...], data_key: str, method: str, refer
             for group, net in zip(explorer.GROUPS, nets, strict=True)}
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
+@cached(lambda: memo())
 def swap_demo(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> dict:
     """``ccamerge.analysis.teach.swap_demo`` on one model."""
     check_fit([_model], _data)
     return teach.swap_demo(fresh([_model])[0], _data, seed=SEED)
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
+@cached(lambda: memo())
 def cca_steps(digests: tuple[str, ...], data_key: str, reference: int, other: int, point: str,
               gamma: float, relative: bool, _models: Sequence[nn.Module],
               _data: Dataset) -> teach.CCASteps:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ccamerge import api
 from ccamerge.errors import CcamergeError
-from ccamerge.io import model_summary, save_model
+from ccamerge.io import load_model_bytes, model_summary, save_model
 from ccamerge.models import count_parameters, same_architecture
 from dashboard import archives, data
 
@@ -26,8 +26,10 @@ MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".torchscript")
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One loaded model. ``path`` is a ``.safetensors`` file with these weights (the demo cache or
-    this session's private folder) so that a recipe can name it; uploads also keep their bytes."""
+    """One loaded model. ``path`` is a file with these weights (the demo cache or this session's
+    private folder): a ``.safetensors`` a recipe can name (a ``.pt`` upload converted), or a
+    TorchScript archive. An upload is held once, as that file; ``file_digest`` is its sha256
+    when it differs from ``digest`` (the sha256 of the uploaded bytes, e.g. of a ``.pt``)."""
 
     id: str
     digest: str
@@ -37,7 +39,7 @@ class ModelEntry:
     path: str
     arch: str | None = None  # architecture description a .pt upload was loaded with
     config: str = ""  # its config as JSON
-    content: bytes | None = None  # uploaded bytes, kept only in this session's state
+    file_digest: str = ""
     # the images a TorchScript archive (arch "torchscript") is replayed on [B, C, S, S]
     example: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
@@ -46,14 +48,17 @@ class ModelEntry:
         return self.arch == archives.ARCH
 
     def read(self) -> bytes:
-        return self.content if self.content is not None else Path(self.path).read_bytes()
+        """The bytes of :attr:`path` (read from disk each time a cache misses)."""
+        return Path(self.path).read_bytes()
 
     def model(self) -> nn.Module:
         """The loaded network (shared cache, read-only)."""
         if self.is_archive:
             return data.load_archive(self.digest, self.filename, self.read, self.example)
-        config = json.loads(self.config) if self.config else None
-        return data.load_model(self.digest, self.filename, self.read, arch=self.arch, config=config)
+        name = self.filename
+        if not name.lower().endswith(".safetensors"):  # a .pt upload, converted
+            name = f"{Path(name).stem}.safetensors"
+        return data.load_model(self.file_digest or self.digest, name, self.read)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,27 @@ def _unique_name(models: dict[str, ModelEntry], name: str) -> str:
     return candidate
 
 
+def check_budget(filename: str, size: int, session_dir: Path) -> None:
+    """Refuse an upload of ``size`` bytes that would bring this session's files (those in
+    ``session_dir``, one per upload) over :data:`dashboard.data.SESSION_UPLOAD_BYTES` or
+    :data:`~dashboard.data.SESSION_UPLOAD_FILES`; what was loaded stays."""
+    max_bytes, max_files = data.SESSION_UPLOAD_BYTES, data.SESSION_UPLOAD_FILES
+    files = [p for p in Path(session_dir).iterdir() if p.is_file()]
+    used = sum(p.stat().st_size for p in files)
+    if len(files) >= max_files:
+        raise CcamergeError(f"{filename} was not loaded: this session already holds {len(files)} "
+                            f"uploads, the most one session keeps; the models loaded so far stay. "
+                            "Reload the page for a new session, or use the ccamerge CLI")
+    if used + size > max_bytes:
+        raise CcamergeError(f"{filename} was not loaded: with its {size / 2**20:.1f} MB this "
+                            f"session's uploads would reach {(used + size) / 2**20:.1f} MB, over "
+                            f"the {max_bytes / 2**20:.0f} MB budget per session; the models "
+                            "loaded so far stay. Reload the page for a new session, or use the "
+                            "ccamerge CLI")
+
+
 def check_size(filename: str, size: int, max_bytes: int) -> None:
+    """Refuse one uploaded file over ``max_bytes``."""
     if size > max_bytes:
         raise CcamergeError(f"{filename} is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB "
                             "upload limit of this dashboard; merge large models with the ccamerge CLI")
@@ -136,6 +161,7 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
     digest = sha256(content)
     if digest[:16] in models:
         return models[digest[:16]], False
+    check_budget(filename, len(content), session_dir)
     if not filename.lower().endswith(".safetensors"):
         archive = Path(session_dir) / f"{digest[:16]}.pt"
         if archives.write_and_sniff(content, archive):
@@ -145,8 +171,10 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
         if filename.lower().endswith((".ts", ".torchscript")):
             raise CcamergeError(f"{filename} is not a TorchScript archive (torch.jit.save)")
     is_torch = not filename.lower().endswith(".safetensors")
-    described = dict(arch=arch, config=config) if is_torch else {}
-    model = data.load_model(digest, filename, lambda: content, **described)
+    if is_torch:  # converted once, not cached: the entry loads the converted file
+        model = load_model_bytes(content, filename, arch=arch, config=config, max_bytes=max_bytes)
+    else:
+        model = data.load_model(digest, filename, lambda: content)
     _check_fits_selection(models, selected, filename, model)
     path = Path(session_dir) / f"{digest[:16]}.safetensors"
     if is_torch:
@@ -155,7 +183,8 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
         path.write_bytes(content)
     entry = ModelEntry(digest[:16], digest, _unique_name(models, Path(filename).stem), filename,
                        "upload", str(path), arch if is_torch else None,
-                       json.dumps(config, sort_keys=True) if is_torch else "", content)
+                       json.dumps(config, sort_keys=True) if is_torch else "",
+                       sha256(path.read_bytes()) if is_torch else "")
     models[entry.id] = entry
     return entry, True
 
@@ -176,7 +205,7 @@ def _add_archive(models: dict[str, ModelEntry], selected: list[str], filename: s
         path.unlink(missing_ok=True)
         raise
     entry = ModelEntry(digest[:16], digest, _unique_name(models, Path(filename).stem), filename,
-                       "upload", str(path), archives.ARCH, "", content, example)
+                       "upload", str(path), archives.ARCH, "", "", example)
     models[entry.id] = entry
     return entry
 
@@ -228,6 +257,7 @@ def add_dataset_upload(datasets: dict[str, DatasetEntry], filename: str, content
     key = f"npz:{digest[:16]}"
     if key in datasets:
         return datasets[key]
+    check_budget(filename, len(content), session_dir)
     path = Path(session_dir) / f"{digest[:16]}.npz"
     path.write_bytes(content)
     try:

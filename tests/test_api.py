@@ -49,6 +49,7 @@ def test_the_recipe_is_complete_and_names_the_sources(mlps, digits):
         "method": "zipit", "options": {"alpha": 0.5, "beta": 0.125}, "reference": 0,
         "bn_reset": False, "bn_policy": "fold", "repair": False, "weights": [0.25, 0.75],
         "stats_samples": 500, "seed": 4, "models": ["a.safetensors", None],
+        "model_sha256": [None, None], "model_files": [None, None],  # trained here, not loaded
         "data": {"name": "digits", "data_dir": "/data", "train_size": len(digits.y_train),
                  "test_size": len(digits.y_test), "num_classes": 10, "image_shape": [1, 8, 8]}}
     for model, source in zip(mlps[:2], ["m0.safetensors", "m1.safetensors"], strict=True):
@@ -59,6 +60,7 @@ def test_the_recipe_is_complete_and_names_the_sources(mlps, digits):
         for model in mlps[:2]:
             del model.source
     assert by_default["models"] == ["m0.safetensors", "m1.safetensors"]
+    assert by_default["model_files"] == ["m0.safetensors", "m1.safetensors"]
     assert by_default["data"] is None  # a bare tensor names no dataset
     with pytest.raises(CcamergeError, match="2 models"):
         merge(mlps[:2], digits, "average", sources=["a.safetensors"])

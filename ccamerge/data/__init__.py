@@ -29,6 +29,7 @@ from ccamerge.data.sources import DataSource, Subset, TensorSource
 from ccamerge.data.splits import SPLITS, holdout_split, split_indices
 from ccamerge.data.stream import StreamSource
 from ccamerge.errors import CcamergeError
+from ccamerge.files import regular_file
 
 DATASETS = ("digits", "fashion-mnist")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -61,9 +62,10 @@ def load_dataset(name, *, data_dir: str | None = None, image_shape=None) -> Data
     if path.is_dir():
         return _load_cached(name, None, _folder_key(path, image_shape))
     if name.endswith(".npz") or path.exists():
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise CcamergeError(f"dataset file {name} does not exist; pass a path to an .npz "
                                 "file, a folder of .npy files or an image folder")
+        regular_file(path, what="dataset file")  # a FIFO or a device is never opened
         if image_shape is not None:
             raise CcamergeError("image_shape applies to image folders; an .npz keeps its shape")
         return _load_cached(name, None, ("npz", str(path.resolve()), _stamp(path)))

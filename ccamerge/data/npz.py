@@ -20,6 +20,7 @@ from ccamerge.data.dataset import Dataset
 from ccamerge.errors import CcamergeError
 
 INFLATE_LIMIT = 1 << 30  # bytes of one compressed array read whole; larger ones are refused
+BOMB_RATIO, BOMB_FLOOR = 100, 64 << 20  # above the floor, a member may unpack to 100x its size
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
                    (2, 0): np.lib.format.read_array_header_2_0,
                    (3, 0): np.lib.format.read_array_header_2_0}  # 3.0: utf8 names, same layout
@@ -84,6 +85,10 @@ def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, key: st
                             f"unpacked (limit {INFLATE_LIMIT / 2**20:.0f} MB); save it with "
                             "np.savez (uncompressed, streamed from disk) or as a folder of .npy "
                             "files")
+    if info.file_size > BOMB_FLOOR and info.file_size > BOMB_RATIO * max(info.compress_size, 1):
+        raise CcamergeError(f"{name}: {key} would unpack from {info.compress_size:,} to "
+                            f"{info.file_size:,} bytes (over {BOMB_RATIO}x, a zip bomb?); save "
+                            "real data with np.savez or as a folder of .npy files")
     with archive.open(info) as member:
         return np.lib.format.read_array(member, allow_pickle=False)
 

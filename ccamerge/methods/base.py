@@ -9,6 +9,7 @@ defaults of their own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -71,10 +72,11 @@ def per_model(ctx: AlignContext,
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a method: its default, type, help text and lowest allowed value.
+    """One option of a method: its default, type, help text and allowed range.
 
     Front ends offer it under its name (CLI flag ``--max-sweeps`` for ``max_sweeps``); a bool
     option also gets a flag that sets it false: ``--<negative_flag>``, default ``--no-<name>``.
+    Numbers must be finite and within ``[minimum, maximum]`` (either bound None: open).
     """
 
     default: object
@@ -82,6 +84,45 @@ class Option:
     help: str
     minimum: float | None = None
     negative_flag: str | None = None
+    maximum: float | None = None
+
+    def check(self, method: str, name: str, value) -> object:
+        """``value`` as this option's type, checked; raises :class:`CcamergeError` saying what
+        is allowed (``nan``, ``inf``, ``2.5`` for an int and ``"yes please"`` are refused)."""
+        if self.kind is bool:
+            return _as_bool(value, f"{method} option {name}")
+        number = _as_number(value, self.kind, f"{method} option {name}")
+        low = -math.inf if self.minimum is None else self.minimum
+        high = math.inf if self.maximum is None else self.maximum
+        if not low <= number <= high:
+            raise CcamergeError(f"{method} option {name} must be in {self.range()}, got {number}")
+        return number
+
+    def range(self) -> str:
+        """The allowed values in words, e.g. ``[0, 1]`` or ``>= 1``."""
+        if self.minimum is not None and self.maximum is not None:
+            return f"[{self.minimum:g}, {self.maximum:g}]"
+        if self.minimum is not None:
+            return f">= {self.minimum:g}"
+        return "any finite number" if self.maximum is None else f"<= {self.maximum:g}"
+
+
+def _as_number(value, kind: type, what: str):
+    """``value`` as a finite ``kind`` (int or float); bools and non-integral ints refused."""
+    wanted = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float | str | np.number):
+        raise CcamergeError(f"{what} must be {wanted}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise CcamergeError(f"{what} must be {wanted}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise CcamergeError(f"{what} must be a finite number, got {value!r}")
+    if kind is int:
+        if not number.is_integer():
+            raise CcamergeError(f"{what} must be an integer, got {value!r}")
+        return int(number)
+    return number
 
 
 @dataclass(frozen=True)
@@ -105,24 +146,20 @@ class Method:
         return {name: opt.default for name, opt in self.options.items()}
 
     def resolve(self, options: dict) -> dict:
-        """Defaults filled in, types coerced; unknown names fail and list the valid ones."""
+        """Defaults filled in, types coerced, values checked (finite, in range); unknown names
+        fail and list the valid ones."""
         unknown = set(options) - set(self.options)
         if unknown:
             valid = ", ".join(sorted(self.options)) or "none"
             raise CcamergeError(f"method {self.name} has no option {sorted(unknown)}; valid: {valid}")
-        out = {}
-        for name, opt in self.options.items():
-            value = options.get(name, opt.default)
-            value = opt.kind(value) if opt.kind is not bool else _as_bool(value)
-            if opt.minimum is not None and value < opt.minimum:
-                raise CcamergeError(f"{self.name} option {name} must be >= {opt.minimum}, got {value}")
-            out[name] = value
-        return out
+        return {name: opt.check(self.name, name, options.get(name, opt.default))
+                for name, opt in self.options.items()}
 
 
-def _as_bool(value) -> bool:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise CcamergeError(f"expected true/false, got {value!r}")
+def _as_bool(value, what: str = "value") -> bool:
+    """True/False, 1/0 or the words true/false/yes/no/1/0; anything else is refused."""
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.lower() in ("true", "1", "yes")
-    return bool(value)
+    if isinstance(value, bool | int | np.bool_ | np.integer) and value in (0, 1):
+        return bool(value)
+    raise CcamergeError(f"{what} must be true or false, got {value!r}")

@@ -24,6 +24,7 @@ from ccamerge.stats import PointStatistics
 from ccamerge.transform import Transform
 
 EIG_FLOOR = 1e-12
+MAX_GAMMA = 1e6  # beyond this the ridge swamps every covariance (relative or absolute units)
 NEAR_EXACT_GAMMA = 1e-4  # relative ridge of "nearly unregularised" CCA (spectra, diagnosis)
 
 
@@ -169,7 +170,8 @@ def align_cca(ctx: AlignContext, *, gamma: float, relative: bool) -> Alignment:
 
 METHOD = Method("cca", "CCA Merge: linear maps from canonical correlation analysis.", align_cca,
                 "reference",
-                {"gamma": Option(0.1, float, "ridge added to the covariances", 0.0),
+                {"gamma": Option(0.1, float, "ridge added to the covariances", 0.0,
+                                 maximum=MAX_GAMMA),
                  "relative": Option(True, bool, "gamma in units of each layer's mean variance "
                                     "(tr(S)/n); false = absolute, as in the paper's code",
                                     negative_flag="absolute")})

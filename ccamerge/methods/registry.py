@@ -22,9 +22,11 @@ def get_method(name: str) -> Method:
 
 
 def describe_methods() -> dict:
-    """JSON-able registry: name -> summary, options with defaults, needs data or not."""
+    """JSON-able registry: name -> summary, options with defaults and ranges, needs data or
+    not."""
     return {m.name: {"summary": m.summary, "needs_data": m.statistics is not None,
                      "exact": m.exact, "joint": m.joint,
-                     "options": {k: {"default": o.default, "type": o.kind.__name__, "help": o.help}
+                     "options": {k: {"default": o.default, "type": o.kind.__name__, "help": o.help,
+                                     "minimum": o.minimum, "maximum": o.maximum}
                                  for k, o in m.options.items()}}
             for m in METHODS.values()}

@@ -89,4 +89,5 @@ def align_weight_matching(ctx: AlignContext, *, max_sweeps: int) -> Alignment:
 
 METHOD = Method("weight_matching", "Git Re-Basin weight matching: coordinate descent over "
                 "permutations; needs no data.", align_weight_matching, None,
-                {"max_sweeps": Option(100, int, "stop after this many sweeps", 1)}, exact=True)
+                {"max_sweeps": Option(100, int, "stop after this many sweeps", 1,
+                                      maximum=10_000)}, exact=True)

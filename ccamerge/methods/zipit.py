@@ -104,6 +104,7 @@ def align_zipit(ctx: AlignContext, *, alpha: float, beta: float) -> Alignment:
 
 METHOD = Method("zipit", "ZipIt!: greedy joint matching of all models' features, same-model "
                 "merges allowed.", align_zipit, "all",
-                {"alpha": Option(0.3, float, "similarity kept by a merged group (0..1)", 0.0),
+                {"alpha": Option(0.3, float, "similarity kept by a merged group (0..1)", 0.0,
+                                 maximum=1.0),
                  "beta": Option(0.125, float, "fraction of a model's units that may merge within "
-                                "the model", 0.0)}, joint=True)
+                                "the model", 0.0, maximum=1.0)}, joint=True)

@@ -12,7 +12,7 @@ from ccamerge import cli
 from ccamerge.io import load_model, load_model_bytes, save_model
 from dashboard import data, merging, registry
 
-ADDED = {"model_sha256", "model_names", "replay"}  # what the dashboard adds to api's recipe
+ADDED = {"model_names", "replay"}  # what the dashboard adds to api's recipe (sha256: api's own)
 
 
 def quiet_step(_index: int, _label: str):

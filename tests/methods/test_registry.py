@@ -97,7 +97,7 @@ def test_registry_validates_options_and_names():
                                                                             "relative": False}
     with pytest.raises(CcamergeError, match="no option"):
         get_method("permute").resolve({"gamma": 1.0})
-    with pytest.raises(CcamergeError, match=">= 0"):
+    with pytest.raises(CcamergeError, match=r"gamma must be in \[0, 1e\+06\], got -1"):
         get_method("cca").resolve({"gamma": -1})
     with pytest.raises(CcamergeError, match="choose one of"):
         get_method("magic")
