@@ -29,6 +29,7 @@ from ccamerge.cli_args import (
     positive,
 )
 from ccamerge.data import DATASETS, load_dataset
+from ccamerge.distributed import init_from_env, shutdown
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.files import check_not_input, check_output_path, regular_file
@@ -129,21 +130,23 @@ def cmd_train(args) -> dict:
                             f"{args.seeds[:8]}")
     check_output_path(args.out, folder=True)
     data = _data(args)
+    if not args.ctx.is_main:  # training is not sharded: under torchrun rank 0 trains alone
+        return {"models": []}
     rows = train_zoo(args.arch, data, args.seeds, args.out, split=args.split, width=args.width,
-                     epochs=args.epochs, progress=_progress(args.quiet))
+                     epochs=args.epochs, device=args.ctx.device, progress=_progress(args.quiet))
     return {"models": rows}
 
 
 def cmd_evaluate(args) -> dict:
     """Test accuracy and loss of each model (after a BatchNorm reset), and their ensemble."""
     data = _data(args)
-    models = _models(args.models, args, data)
+    models, _place = api.place_models(_models(args.models, args, data), args.ctx.device)
     if not args.no_bn_reset:
-        models = [with_bn_reset(m, data.x_train) for m in models]
-    out = {"models": [{"path": str(p), **evaluate_model(m, data.x_test, data.y_test)}
+        models = [with_bn_reset(m, data.train) for m in models]
+    out = {"models": [{"path": str(p), **evaluate_model(m, data.test)}
                       for p, m in zip(args.models, models, strict=True)]}
     if args.ensemble:
-        out["ensemble"] = evaluate_ensemble(models, data.x_test, data.y_test)
+        out["ensemble"] = evaluate_ensemble(models, data.test)
     return out
 
 
@@ -192,18 +195,20 @@ def _merge(request: dict, args, *, inputs: list, notes: list[str] = ()) -> dict:
                request.get("reference", 0))
     data = _dataset(data_name, request["data"].get("data_dir"))
     models = _models(request["models"], args, data)
-    result = _merge_as(request, models, data, _progress(args.quiet))
-    scores = evaluate_model(result.model, data.x_test, data.y_test)
+    result = _merge_as(request, models, data, _progress(args.quiet or not args.ctx.is_main),
+                       args.ctx)
+    scores = evaluate_model(result.model, data.test)
     recipe = result.recipe
     info = {"merge": recipe, "dataset": recipe["data"]["name"],
             "test_accuracy": scores["accuracy"], "test_loss": scores["loss"]}
-    save_merged(result.model, models[recipe["reference"]], args.out, info)
+    if args.ctx.is_main:  # every rank holds the same merge; one writes it
+        save_merged(result.model, models[recipe["reference"]], args.out, info)
     warnings = [*notes, *result.warnings]
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": recipe["method"], **scores, "out": str(args.out),
             **{k: recipe[k] for k in ("options", "reference", "bn_reset", "repair", "bn_policy")},
-            "warnings": warnings}
+            "warnings": warnings, **result.collection}
 
 
 def _check_reference(reference: int, count: int) -> None:
@@ -215,7 +220,7 @@ def _check_reference(reference: int, count: int) -> None:
                             f"(0..{count - 1}), got {reference}")
 
 
-def _merge_as(request: dict, models, data, progress) -> api.MergeResult:
+def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
     """``api.merge`` with a recipe's settings (missing ones at their defaults)."""
     return api.merge(models, data, request["method"], reference=request.get("reference", 0),
                      bn_reset=request.get("bn_reset", True),
@@ -223,8 +228,8 @@ def _merge_as(request: dict, models, data, progress) -> api.MergeResult:
                      repair=request.get("repair", False), weights=request.get("weights"),
                      stats_samples=request.get("stats_samples"), seed=request.get("seed", 0),
                      sources=[str(Path(p).resolve()) for p in request["models"]],
-                     data_dir=request["data"].get("data_dir"), progress=progress,
-                     **request.get("options", {}))
+                     data_dir=request["data"].get("data_dir"), device=ctx.device,
+                     group=ctx.group, progress=progress, **request.get("options", {}))
 
 
 def _paper_policy_only(args, command: str) -> None:
@@ -240,7 +245,9 @@ def cmd_interpolate(args) -> dict:
     a, b = _models([args.model_a, args.model_b], args, data)
     return api.interpolate(a, b, data, args.method, steps=args.steps, bn_reset=not args.no_bn_reset,
                            stats_samples=args.stats_samples, seed=args.seed,
-                           progress=_progress(args.quiet), **_method_options(args))
+                           device=args.ctx.device, group=args.ctx.group,
+                           progress=_progress(args.quiet or not args.ctx.is_main),
+                           **_method_options(args))
 
 
 def cmd_spectrum(args) -> dict:
@@ -249,7 +256,8 @@ def cmd_spectrum(args) -> dict:
     data = _data(args)
     used = {name: resolved[name] for name in SPECTRUM_OPTIONS}
     rows = api.spectrum(_models([args.model_a, args.model_b], args, data), data,
-                        stats_samples=args.stats_samples, seed=args.seed, **used)
+                        stats_samples=args.stats_samples, seed=args.seed,
+                        device=args.ctx.device, group=args.ctx.group, **used)
     return {**used, "merge_points": rows}
 
 
@@ -261,7 +269,8 @@ def cmd_diagnose(args) -> dict:
     data = _data(args)
     return diagnose(_models(args.models, args, data), data, args.method, reference=args.reference,
                     bn_reset=not args.no_bn_reset, stats_samples=args.stats_samples, seed=args.seed,
-                    with_sweep=args.sweep, progress=_progress(args.quiet), **_method_options(args))
+                    with_sweep=args.sweep, device=args.ctx.device,
+                    progress=_progress(args.quiet), **_method_options(args))
 
 
 def cmd_spec(args) -> dict:
@@ -284,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     common.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    common.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto); "
+                        "under torchrun each rank takes its own GPU")
     common.add_argument("--trust-code", action="store_true",
                         help="accept TorchScript archives (their code runs when the model runs)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -410,7 +422,11 @@ def _run(argv: list[str] | None) -> int:
     except SystemExit as exc:  # usage errors and --help: argparse already printed
         return int(exc.code or 0)
     try:
-        result = args.func(args)
+        args.ctx = init_from_env(device=args.device)
+        try:
+            result = args.func(args)
+        finally:
+            shutdown()
     except CcamergeError as exc:
         _say(f"ccamerge: error: {_one_line(exc)}")
         return EXIT_USAGE
@@ -424,6 +440,8 @@ def _run(argv: list[str] | None) -> int:
         _say(f"ccamerge: unexpected error ({type(exc).__name__}): {_one_line(exc)}; this is a "
              "bug in ccamerge (CCAMERGE_DEBUG=1 shows where)")
         return EXIT_UNEXPECTED
+    if not args.ctx.is_main:  # under torchrun only rank 0 reports (and writes files)
+        return EXIT_OK
     if args.json:
         print(json.dumps(result, default=_jsonable))
     else:

@@ -49,7 +49,8 @@ SEED = integer(0, validate.MAX_SEED)
 def add_data(p) -> None:
     """``--data`` and ``--data-dir``."""
     p.add_argument("--data", default="digits",
-                   help=f"dataset: {', '.join(DATASETS)} or a .npz file (default: digits)")
+                   help=f"dataset: {', '.join(DATASETS)}, an .npz file, a folder of .npy files or "
+                   "an image folder (root/<class>/*.png) (default: digits)")
     p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST's idx .gz files")
 
 

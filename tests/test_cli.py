@@ -279,3 +279,27 @@ def test_options_shared_by_methods_must_agree(monkeypatch):
     monkeypatch.setitem(METHODS, "toy2", other)
     with pytest.raises(TypeError, match="toy_level differs"):
         cli.build_parser()
+
+
+def test_device_flag_on_every_command_and_a_missing_device_is_one_line(tmp_path, capsys,
+                                                                      monkeypatch):
+    zoo = tmp_path / "zoo"
+    assert main(["train", "--arch", "mlp", "--seeds", "0", "1", "--epochs", "1", "--out",
+                 str(zoo), "--device", "cpu", "--json", "--quiet"]) == 0
+    a, b = sorted(str(p) for p in zoo.glob("*.safetensors"))
+    capsys.readouterr()
+    out = str(tmp_path / "m.safetensors")
+    for argv in (["evaluate", a, b], ["merge", a, b, "--out", out], ["spectrum", a, b],
+                 ["interpolate", a, b, "--steps", "2"], ["diagnose", a, b], ["replay", out,
+                 "--out", str(tmp_path / "r.safetensors")]):
+        assert main([*argv, "--device", "cpu", "--json", "--quiet"]) == 0, argv
+        capsys.readouterr()
+    merged = json.loads((main(["merge", a, b, "--out", out, "--json", "--quiet"]), capsys
+                         .readouterr().out)[1])
+    assert merged["device"] == "cpu" and merged["world_size"] == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["merge", a, b, "--out", str(tmp_path / "x.safetensors"), "--device", "cuda:7"
+                 ]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]
+    assert not (tmp_path / "x.safetensors").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -184,3 +185,36 @@ def test_a_rank_that_dies_or_hangs_is_one_error_line_not_a_hang(tmp_path, mlps, 
     assert lines[-1].startswith("error: ") and "rank 0 of 2" in lines[-1], err[-3000:]
     assert "statistics" in lines[-1]  # failed in the reduction, not while joining
     assert elapsed < 40
+
+
+@pytest.mark.slow
+def test_ccamerge_merge_under_torchrun_reports_once_and_matches_one_process(tmp_path, mlps):
+    """`torchrun --nproc_per_node=2 -m ccamerge merge ... --json`: one JSON object (rank 0)
+    with world_size 2 and each rank's statistics samples, one file written, and the weights of
+    the single-process CLI merge."""
+    from ccamerge.io import load_model, save_model
+
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(2)]
+    for model, path in zip(mlps[:2], paths, strict=True):
+        save_model(model, path)
+    args = ["merge", *map(str, paths), "--method", "cca", "--json", "--quiet", "--device", "cpu"]
+    alone = subprocess.run([sys.executable, "-m", "ccamerge", *args, "--out",
+                            str(tmp_path / "alone.safetensors")],
+                           env=_env(), capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ccamerge",
+               *args, "--out", str(tmp_path / "ranks.safetensors")]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    report = json.loads(line)
+    single = json.loads(alone.stdout)
+    assert report["world_size"] == 2 and single["world_size"] == 1
+    assert len(report["samples_per_rank"]) == 2 and min(report["samples_per_rank"]) > 0
+    assert sum(report["samples_per_rank"]) == single["samples"] == report["samples"]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "alone.safetensors", "m0.safetensors", "m1.safetensors", "ranks.safetensors"]
+    a = load_model(tmp_path / "alone.safetensors").state_dict()
+    b = load_model(tmp_path / "ranks.safetensors").state_dict()
+    assert max(_relative(b[k], a[k]) for k in a) < 1e-6
