@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from ccamerge.data import DataSource, as_source
-from ccamerge.devices import exact_float32, models_to, module_device, resolve_device
-from ccamerge.distributed import all_reduce_moments, shard_source
+from ccamerge.devices import exact_float32, model_to, models_to, module_device, resolve_device
+from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size, shard_source
 from ccamerge.errors import CcamergeError
+from ccamerge.moments import UNCENTRED_LIMIT, _add_chunk, _Workspace  # noqa: F401 - re-exported
+from ccamerge.positions import PositionSampler
 from ccamerge.spec import AlignmentSpec
 
 if TYPE_CHECKING:
@@ -141,6 +143,7 @@ class Statistics:
     device: str = "cpu"  # where the forward passes and accumulators ran (rank 0's, if several)
     world_size: int = 1  # processes that shared the data (torch.distributed)
     samples_per_rank: list[int] = field(default_factory=list)  # input rows each process read
+    positions: int | float | None = None  # per conv map and image: all (None), k, or a fraction
 
     def __getitem__(self, name: str) -> PointStatistics:
         return self.points[name]
@@ -161,31 +164,45 @@ class Statistics:
 
 
 def _as_samples(out: torch.Tensor) -> torch.Tensor:
-    """``[B, C]`` -> ``[B, C]``; ``[B, C, H, W]`` -> ``[B*H*W, C]``."""
+    """``[B, C]`` -> ``[B, C]``; ``[B, C, H, W]`` -> ``[B*H*W, C]`` (a view in channels-last)."""
     if out.dim() == 2:
         return out
     return out.movedim(1, -1).reshape(-1, out.shape[1])
 
 
+Select = Callable[[tuple[str, int], torch.Tensor], torch.Tensor]
+
+
 @contextlib.contextmanager
-def capture_features(model: nn.Module, spec: AlignmentSpec) -> Iterator[dict[str, list[torch.Tensor]]]:
+def capture_features(model: nn.Module, spec: AlignmentSpec, select: Select | None = None
+                     ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record each merge point's features while the block runs. Yields ``{point: [samples, ...]}``
-    (one ``[S, n]`` entry per feature module per forward; clear it between batches)."""
+    (one ``[S, n]`` entry per feature module per forward; clear it between batches).
+    ``select(key, output)``: the samples ``[S, n]`` to keep of a module's output, ``key`` =
+    ``(point name, index of the feature module in the point)`` (default: every sample)."""
     modules = dict(model.named_modules())
     captured: dict[str, list[torch.Tensor]] = {p.name: [] for p in spec.points}
     handles = []
     for point in spec.points:
-        for feature in point.features:
+        for k, feature in enumerate(point.features):
             if feature not in modules:
                 raise CcamergeError(f"merge point {point.name} reads module {feature!r}, which the "
                                     "model does not have")
-            hook = (lambda name: lambda _m, _i, out: captured[name].append(_as_samples(out.detach())))(point.name)
+            hook = _recorder(captured[point.name], (point.name, k), select)
             handles.append(modules[feature].register_forward_hook(hook))
     try:
         yield captured
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _recorder(chunks: list, key: tuple[str, int], select: Select | None) -> Callable:
+    """A forward hook appending the samples of a module's output to ``chunks``."""
+    def hook(_module, _inputs, out):
+        out = out.detach()
+        chunks.append(_as_samples(out) if select is None else select(key, out))
+    return hook
 
 
 def batch_features(model: nn.Module, spec: AlignmentSpec, xb: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -223,15 +240,21 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
                        reference: int = 0, pairs: str = "reference", batch_size: int = 256,
                        progress: Callable[[float], None] | None = None,
                        device: str | torch.device | None = None,
-                       group: ProcessGroup | None = None) -> Statistics:
+                       group: ProcessGroup | None = None, positions: int | float | None = None,
+                       seed: int = 0) -> Statistics:
     """One pass of all ``models`` over the inputs ``x``: a tensor ``[B, ...]`` or any data source
     (:func:`ccamerge.data.as_source`: a Dataset part, a DataLoader, an iterable of batches),
     streamed ``batch_size`` samples at a time, so memory does not grow with the data.
 
     Collects, per merge point, every model's mean and covariance and the cross-covariances of
     ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
-    Models run in eval mode; image models run as channels-last copies (faster on CPU), so the
-    callers' parameters keep their layout and device.
+    Models run in eval mode as structural copies that share the callers' parameters (the
+    callers' modules, layout and mode are untouched); image inputs run channels-last (faster
+    on CPU, and a feature map then reads as ``[S, C]`` samples without a copy).
+
+    ``positions``: of each conv feature map ``[B, C, H, W]``, the ``H*W`` positions of every
+    image (None), ``k`` of them (an int) or a fraction (a float in (0, 1]), chosen at random
+    with ``seed``, the same positions in every model (:mod:`ccamerge.positions`).
 
     ``device``: where the passes (exact float32, no TF32) and the float64 accumulators run:
     ``"auto" | "cpu" | "cuda" | "cuda:N"`` (default: model 0's device). ``group``: a
@@ -240,76 +263,81 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     rank returns the statistics of all of ``x`` (see :mod:`ccamerge.distributed`).
     """
     place = resolve_device(device) if device is not None else module_device(models[0])
-    source = shard_source(as_source(x), batch_size, group)  # all of x without a group
+    sampler = PositionSampler(positions, seed)
+    source, first = _shard(as_source(x), batch_size, group)  # all of x without a group
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
     acc = {(point.name, i, j): CrossMoments(point.width, point.width, place)
            for point in spec.points for i, j in blocks}
-    runners, source = channels_last(models, source, place)
-    for model in runners:
-        model.eval()
+    runners, source = _runners(models, source, place)
     workspace = _Workspace()
+
+    def fold(captures: list[dict[str, list[torch.Tensor]]]) -> None:
+        for point in spec.points:  # the k-th feature module of every model (streams read several)
+            for chunk in zip(*(captured[point.name] for captured in captures), strict=True):
+                _add_chunk(acc, point.name, chunk, blocks, workspace)
+        _check_finite(acc, spec, len(models))
+
+    seen = _stream(runners, spec, source, batch_size, sampler, first, fold, progress)
+    samples_per_rank = all_reduce_moments(list(acc.values()), seen, group)  # [seen] alone
+    stats = _finish(acc, spec, len(models), reference, pairs, place, samples_per_rank)
+    stats.positions = sampler.positions
+    return stats
+
+
+def _shard(source: DataSource, batch_size: int, group: ProcessGroup | None
+           ) -> tuple[DataSource, int]:
+    """This rank's part of ``source`` and the global index of its first sample."""
+    if group is None:
+        return source, 0
+    part = shard_source(source, batch_size, group)
+    return part, batch_block(source.size_hint(), batch_size, *rank_and_size(group)).start
+
+
+def _stream(runners, spec: AlignmentSpec, source: DataSource, batch_size: int,
+            sampler: PositionSampler, first: int, fold: Callable, progress) -> int:
+    """Run every model on every batch with the features captured, ``fold(captures)`` after each
+    batch; returns the number of inputs read."""
     total, seen = source.size_hint(), 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
-        captures = [stack.enter_context(capture_features(m, spec)) for m in runners]
+        captures = [stack.enter_context(capture_features(m, spec, sampler)) for m in runners]
         for xb, _ in source.batches(batch_size):
+            sampler.start_batch(first + seen, len(xb))
             with torch.no_grad():
                 for model in runners:
                     model(xb)
-            for point in spec.points:
-                # the k-th feature module of every model (a stream point reads several)
-                for chunk in zip(*(captured[point.name] for captured in captures), strict=True):
-                    _add_chunk(acc, point.name, chunk, blocks, workspace)
+            fold(captures)
             for captured in captures:
                 for chunks in captured.values():
                     chunks.clear()
-            _check_finite(acc, spec, len(models))
             seen += len(xb)
             if progress and total:
                 progress(min(1.0, seen / total))
-    samples_per_rank = all_reduce_moments(list(acc.values()), seen, group)  # [seen] alone
-    return _finish(acc, spec, len(models), reference, pairs, place, samples_per_rank)
+    return seen
 
 
-# Up to this many columns (models x features) the products are bound by reading the samples, so
-# one product of all models' samples beats the separate blocks (measured on a 2-core CPU).
-JOINT_PRODUCT_WIDTH = 128
+def _runners(models: Sequence[nn.Module], source: DataSource, place: torch.device
+             ) -> tuple[list[nn.Module], DataSource]:
+    """Eval-mode models to run on ``place`` and ``source`` moved there (images channels-last).
+    A model already there becomes a copy of its modules that shares its parameters and buffers
+    (no memory, hooks and mode stay off the caller's modules); others are copied there."""
+    image = len(source.sample_shape) == 3
+    to = {"device": place} | ({"memory_format": torch.channels_last} if image else {})
+    runners = []
+    for model in models:
+        runner = _shared_copy(model) if module_device(model) == place else model_to(model, place)
+        runners.append(runner.eval())
+    return runners, _moved(source, to)
 
 
-class _Workspace:
-    """One reusable buffer for the centred samples of all models side by side: a fresh
-    feature-map-sized allocation per batch costs page faults that rival the product itself."""
-
-    def __init__(self):
-        self.flat = torch.empty(0)
-
-    def matrix(self, rows: int, cols: int, dtype: torch.dtype,
-               device: torch.device | None = None) -> torch.Tensor:
-        """A ``[rows, cols]`` view of the buffer, reallocated when too small or elsewhere."""
-        device = torch.device("cpu") if device is None else device
-        stale = self.flat.dtype != dtype or self.flat.device != device
-        if stale or self.flat.numel() < rows * cols:
-            self.flat = torch.empty(rows * cols, dtype=dtype, device=device)
-        return self.flat[:rows * cols].view(rows, cols)
-
-
-def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
-               workspace: _Workspace) -> None:
-    """Fold one batch of samples ``[S, n]`` per model into the moments of ``blocks``: each
-    model's samples are centred once into its columns of the shared ``[S, N*n]`` workspace."""
-    count, n = samples[0].shape
-    joint = workspace.matrix(count, len(samples) * n, samples[0].dtype, samples[0].device)
-    columns = [slice(i * n, (i + 1) * n) for i in range(len(samples))]
-    means = [s.mean(0) for s in samples]
-    for s, mean, cols in zip(samples, means, columns, strict=True):
-        torch.sub(s, mean, out=joint[:, cols])
-    if joint.shape[1] <= JOINT_PRODUCT_WIDTH:  # narrow: one product reads the data once
-        full = joint.T @ joint
-        products = {(i, j): full[columns[i], columns[j]] for i, j in blocks}
-    else:  # wide: only the blocks needed, the arithmetic dominates
-        products = {(i, j): joint[:, columns[i]].T @ joint[:, columns[j]] for i, j in blocks}
-    for i, j in blocks:
-        acc[(name, i, j)].add_batch(count, means[i], means[j], products[(i, j)])
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules holding the very same parameter and buffer tensors (the
+    model itself if it cannot be copied)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 - an uncopyable module runs as it is
+        return model
 
 
 def channels_last(models: Sequence[nn.Module], x: torch.Tensor | DataSource,

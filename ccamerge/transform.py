@@ -50,31 +50,64 @@ Transforms = dict[str, Transform]  # merge point name -> transform, for one mode
 
 def _apply_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.Tensor:
     """``matrix @ tensor`` along ``axis.axis``, on the point's entries (``n`` blocks of
-    ``repeat``, from ``offset``); other entries of the axis are left as they are."""
-    moved = tensor.movedim(axis.axis, 0).to(torch.float64)  # a copy: float64
+    ``repeat``, from ``offset``); other entries of the axis are left as they are. An identity
+    returns ``tensor`` itself, a permutation reorders the entries (exact, no arithmetic), any
+    other matrix multiplies in float64."""
+    perm = _permutation(matrix)
+    if perm is not None:
+        if np.array_equal(perm, np.arange(len(perm))):
+            return tensor
+        index = axis.offset + (perm[:, None] * axis.repeat + np.arange(axis.repeat)).ravel()
+        out = tensor.clone()
+        out.narrow(axis.axis, axis.offset, len(index)).copy_(
+            tensor.index_select(axis.axis, torch.from_numpy(index).to(tensor.device)))
+        return out
+    return _dense_along(tensor, axis, matrix)
+
+
+def _dense_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.Tensor:
+    """``matrix @ tensor`` along the point's entries of ``axis``, in float64: one converting
+    copy of those entries in, one product, one converting copy out."""
     n = matrix.shape[0]
-    block = moved[axis.span(n)]
+    part = tensor.narrow(axis.axis, axis.offset, n * axis.repeat).movedim(axis.axis, 0)
+    block = torch.empty(part.shape, dtype=torch.float64, device=tensor.device)
+    block.copy_(part)  # [n * repeat, ...] contiguous float64
     # channel-major flatten keeps each unit's `repeat` entries together: [n, repeat * rest]
-    product = torch.from_numpy(matrix).to(moved.device) @ block.reshape(n, -1)
-    moved[axis.span(n)] = product.reshape(block.shape)
-    return moved.movedim(0, axis.axis).to(tensor.dtype)
+    mixed = torch.from_numpy(matrix).to(tensor.device) @ block.view(n, -1)
+    out = tensor.clone()
+    out.narrow(axis.axis, axis.offset, n * axis.repeat).movedim(axis.axis, 0).copy_(
+        mixed.view(part.shape))
+    return out
+
+
+def _permutation(matrix: np.ndarray) -> np.ndarray | None:
+    """``perm`` with ``matrix[r, perm[r]] = 1`` when ``matrix`` ``[n, n]`` is a permutation
+    matrix (so ``matrix @ x = x[perm]``), else None."""
+    ones = matrix == 1.0
+    if np.count_nonzero(matrix) != len(matrix) or np.count_nonzero(ones) != len(matrix):
+        return None
+    if not (ones.sum(0) == 1).all() or not (ones.sum(1) == 1).all():
+        return None
+    return ones.argmax(1)
 
 
 def apply_transforms(state: dict[str, torch.Tensor], spec: AlignmentSpec,
                      transforms: Transforms) -> dict[str, torch.Tensor]:
     """New state dict with every merge point's transform applied to its producers and consumers.
 
-    Merge points missing from ``transforms`` are left as they are (identity).
+    Merge points missing from ``transforms`` are left as they are (identity), and so are the
+    entries an identity transform maps (the returned dict then shares those tensors).
     """
     out = dict(state)
     for point in spec.points:
         if point.name not in transforms:
             continue
         t = transforms[point.name]
+        producer, consumer = t.T.T, t.T_inv
         for axis in point.producers:
-            out[axis.param] = _apply_along(out[axis.param], axis, t.T.T)
+            out[axis.param] = _apply_along(out[axis.param], axis, producer)
         for axis in point.consumers:
-            out[axis.param] = _apply_along(out[axis.param], axis, t.T_inv)
+            out[axis.param] = _apply_along(out[axis.param], axis, consumer)
     return out
 
 

@@ -154,3 +154,74 @@ def test_statistics_say_where_and_from_how_many_inputs_they_were_collected(digit
     stats = collect_statistics([model, model], build_spec(model), digits.x_train[:30])
     assert stats.collection() == {"device": "cpu", "world_size": 1, "samples_per_rank": [30],
                                   "samples": 30}
+
+
+def _fold(samples, blocks, batch=1000):
+    """Moments of ``blocks`` of float32 samples ``[S, n]`` per model, through ``_add_chunk``."""
+    from ccamerge.moments import _add_chunk, _Workspace
+
+    n = samples[0].shape[1]
+    acc = {("p", i, j): CrossMoments(n, n) for i, j in blocks}
+    workspace = _Workspace()
+    for start in range(0, len(samples[0]), batch):
+        _add_chunk(acc, "p", [s[start:start + batch] for s in samples], blocks, workspace)
+    return acc, workspace
+
+
+def test_uncentred_products_match_float64_and_offset_models_are_centred():
+    """ReLU features are multiplied as they are (no centring copy) and stay within the
+    precision of centred products; a model with units at mean 100 (std ~1) is centred, also
+    in its cross block with an uncentred model."""
+    g = torch.Generator().manual_seed(0)
+    relu = torch.relu(torch.randn(20000, 24, generator=g) @ torch.randn(24, 24, generator=g))
+    offset = relu @ torch.randn(24, 24, generator=g) * 0.05 + 100.0
+    offset[:, :12] = relu[:, 12:] * 0.5  # half of its units ordinary, half offset
+    blocks = [(0, 0), (1, 1), (0, 1)]
+    acc, workspace = _fold([relu, offset], blocks)
+    assert workspace.centre == {("p", 1)}
+    joint = np.cov(np.hstack([relu.double().numpy(), offset.double().numpy()]).T)
+    std = np.sqrt(np.diag(joint))
+    for i, j in blocks:
+        got = acc[("p", i, j)].covariance
+        want = joint[i * 24:(i + 1) * 24, j * 24:(j + 1) * 24]
+        scale = np.outer(std[i * 24:(i + 1) * 24], std[j * 24:(j + 1) * 24])
+        assert np.abs(got - want).max() / scale.max() < 2e-5, (i, j)
+    means = acc[("p", 0, 1)].mean_y.numpy()
+    np.testing.assert_allclose(means, offset.double().mean(0).numpy(), rtol=1e-6)
+
+
+def test_only_the_blocks_asked_for_are_collected(digits):
+    models = [build_model("mlp", hidden=[8]) for _ in range(4)]
+    stats = collect_statistics(models, build_spec(models[0]), digits.x_train[:50], reference=2)
+    assert sorted(stats["fc1"].covs) == [(0, 0), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (3, 3)]
+
+
+def test_callers_models_keep_their_mode_hooks_and_tensors(digits):
+    """The pass runs copies of the modules that share the callers' tensors: no memory for
+    parameters, and the callers' modules keep train mode and carry no hooks afterwards."""
+    torch.manual_seed(0)
+    models = [build_model("vgg", width=0.5, batch_norm=True) for _ in range(2)]  # train mode
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    stats = collect_statistics(models, build_spec(models[0]), digits.x_train[:40])
+    for model, state in zip(models, before, strict=True):
+        assert all(m.training for m in model.modules())
+        assert not any(m._forward_hooks for m in model.modules())
+        for key, value in model.state_dict().items():  # eval mode: running stats untouched
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    with torch.no_grad():
+        feats = [torch.cat(c).double().numpy() for m in models
+                 for c in [_eval_features(m, digits.x_train[:40])]]
+    n = stats["conv1"].width
+    np.testing.assert_allclose(stats["conv1"].cov(0, 1), np.cov(np.hstack(feats).T)[:n, n:],
+                               atol=1e-5)
+
+
+def _eval_features(model, x):
+    """conv1 features of ``model`` in eval mode (its mode restored)."""
+    model.eval()
+    try:
+        with capture_features(model, build_spec(model)) as captured:
+            model(x)
+        return captured["conv1"]
+    finally:
+        model.train()

@@ -28,7 +28,7 @@ def test_cca_steps_reproduce_the_library_solve(mlps, digits):
     fit = cca(stats["fc1"].cov(0, 0), stats["fc1"].cov(1, 1), stats["fc1"].cov(0, 1), gamma=0.1,
               relative=True)
     assert steps.whitening_error < 1e-8 and steps.svd_error < 1e-8 and steps.inverse_error < 1e-6
-    assert steps.library_error == 0.0
+    assert steps.library_error < 1e-12  # the library solves in the eigenbases: round-off only
     assert np.allclose(steps.rho, fit.rho[:len(steps.rho)])
     assert steps.gamma_x == pytest.approx(0.1 * np.trace(steps.c_xx) / len(steps.c_xx))
     assert np.all(np.diff(steps.rho) <= 1e-12) and steps.eig_x.min() > 0
