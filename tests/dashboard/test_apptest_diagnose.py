@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from apptest_helpers import APP, assert_ok, texts, visit
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 NOTE = "What am I looking at?"
 
 
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def visit(at: AppTest, page: str) -> AppTest:
-    at.switch_page(f"../pages/{page}.py").run()
-    assert_ok(at)
-    return at
-
-
-def texts(elements) -> str:
-    return " | ".join(str(e.value) for e in elements)
 
 
 def n_charts(at: AppTest) -> int:

@@ -4,29 +4,13 @@ diagnosis recommends is applied to the Merge and Interpolation pages in one clic
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from apptest_helpers import APP, assert_ok, texts, visit
 from streamlit.testing.v1 import AppTest
 
 from ccamerge.api import interpolate
 from dashboard import state
-
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
-
-
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def visit(at: AppTest, page: str) -> AppTest:
-    at.switch_page(f"../pages/{page}.py").run()
-    assert_ok(at)
-    return at
-
-
-def texts(elements) -> str:
-    return " | ".join(str(e.value) for e in elements)
 
 
 @pytest.fixture

@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from apptest_helpers import APP, assert_ok, texts, visit
 from streamlit.testing.v1 import AppTest
 
 from ccamerge.analysis.spectra import held_out_spectrum
 from dashboard import state
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 CONDITION = re.compile(r"^(\d+(\.\d+)?|\d\.\de\d+|∞ \(singular\))$")
 
 
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def visit(at: AppTest, page: str) -> AppTest:
-    at.switch_page(f"../pages/{page}.py").run()
-    assert_ok(at)
-    return at
-
-
-def texts(elements) -> str:
-    return " | ".join(str(e.value) for e in elements)
 
 
 def traces(at: AppTest, key: str) -> list[dict]:
