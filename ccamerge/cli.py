@@ -426,7 +426,7 @@ def _run(argv: list[str] | None) -> int:
         try:
             result = args.func(args)
         finally:
-            shutdown()
+            shutdown(synchronise=sys.exc_info()[0] is None)
     except CcamergeError as exc:
         _say(f"ccamerge: error: {_one_line(exc)}")
         return EXIT_USAGE

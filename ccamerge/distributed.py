@@ -130,14 +130,18 @@ def _init_group(dist, backend: str, timeout_s: float) -> None:
                             f"{timeout_s:g} s: {_first_line(exc)}") from exc
 
 
-def shutdown() -> None:
+def shutdown(*, synchronise: bool = True) -> None:
     """Leave the process group (if any). Call it once at the end of a torchrun process, also
     after an error (``finally``): a process that exits with a timed-out collective still
-    pending aborts (SIGABRT) instead of exiting with its own status."""
+    pending aborts (SIGABRT) instead of exiting with its own status. ``synchronise`` (a clean
+    exit): wait for every rank first, since gloo aborts a rank whose peer tears the group down
+    while its own traffic is still in flight; after an error, leave without waiting."""
     dist = _dist() if launched_by_torchrun() else None
     if dist is None or not dist.is_initialized():
         return
     with contextlib.suppress(RuntimeError):  # a broken group is left all the same
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -73,4 +73,4 @@ if __name__ == "__main__":
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     finally:
-        shutdown()  # also after a failed collective: a clean exit, not an abort
+        shutdown(synchronise=sys.exc_info()[0] is None)  # after a failure: leave, do not wait
