@@ -56,7 +56,7 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
 
     Only the blocks asked for are multiplied, each one float32 product of the samples as they
     are (no centring copy): the co-moment about the batch means is ``A^T B - s_a s_b^T / S``
-    with column sums ``s``, in float64. A model with a unit offset by more than
+    with column sums ``s``, in float64 (:meth:`CrossMoments.add_products`). A model with a unit offset by more than
     :data:`UNCENTRED_LIMIT` (mean^2 / variance, in this batch) is centred instead, from then on
     for this point."""
     count = samples[0].shape[0]
@@ -69,11 +69,9 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
         workspace.centre.update((name, i) for i in offset)
         _add_chunk(acc, name, samples, blocks, workspace)
         return
-    means = [s / count if c is None else s / count + c.to(torch.float64)
-             for s, c in zip(sums, shifts, strict=True)]
     for i, j in blocks:
-        comoment = products[(i, j)].to(torch.float64).addr_(sums[i], sums[j], alpha=-1 / count)
-        acc[(name, i, j)].add_batch(count, means[i], means[j], comoment)
+        acc[(name, i, j)].add_products(count, sums[i], sums[j], products[(i, j)], shifts[i],
+                                       shifts[j])
 
 
 def _offset_models(products: dict, sums: list[torch.Tensor], count: int,

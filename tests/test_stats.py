@@ -225,3 +225,22 @@ def _eval_features(model, x):
         return captured["conv1"]
     finally:
         model.train()
+
+
+def test_products_of_shifted_samples_fold_into_the_exact_moments():
+    """add_products with any shift (none, a rough mean, a far-off value) in uneven batches
+    equals numpy.cov in float64."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 4)) * [1, 2, 3, 4] + 7.0
+    y = x @ rng.normal(size=(4, 3)) + rng.normal(size=(300, 3))
+    moments = CrossMoments(4, 3)
+    shifts = [None, torch.full((4,), 6.5, dtype=torch.float64), torch.full((4,), -20.0,
+                                                                        dtype=torch.float64)]
+    for k, s in enumerate(_uneven_batches(len(x))):
+        sx = shifts[k % 3]
+        a = torch.tensor(x[s]) - (0.0 if sx is None else sx)
+        b = torch.tensor(y[s])
+        moments.add_products(len(a), a.sum(0), b.sum(0), a.T @ b, sx, None)
+    np.testing.assert_allclose(moments.covariance, np.cov(np.hstack([x, y]).T)[:4, 4:],
+                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(moments.mean_x.numpy(), x.mean(0), rtol=1e-12)
