@@ -14,21 +14,24 @@ from collections.abc import Sequence
 
 import torch
 
-# A unit whose batch mean^2 exceeds this many times its variance is centred before the float32
-# products; up to it, products of the samples as they are lose no more precision than centred
-# ones (measured on ReLU features: max error / (std_i std_j) ~ 4e-6 at mean^2 / var = 5.6, as
-# centred products reach at mean 0; 1e-2 at a mean of 100 standard deviations).
-UNCENTRED_LIMIT = 8.0
+# A model with a unit whose mean^2 exceeds this many times its variance is centred before the
+# float32 products. Products of the samples as they are lose about a factor 1 + mean^2 / var:
+# max error / (std_i std_j) over 256 000 ReLU samples of 64 units (float64 oracle) 8e-7 at
+# mean^2 / var = 0.5 (typical ReLU units; centred: 3e-6), 4e-6 at 6, 1.5e-5 at 28, 3e-5 at 44,
+# 1e-2 at a mean of 100 standard deviations. Trained nets' units stay near 1 (largest seen: 2.3);
+# torch's random init leaves a few units at 10-700 in deep VGG layers.
+UNCENTRED_LIMIT = 32.0
 
 
 class _Workspace:
     """Reusable buffers for centred samples (one per model slot: a fresh feature-map-sized
     allocation per batch costs page faults that rival the product itself), and which models
-    each point centres."""
+    each point centres (``centre``) or has already checked (``checked``)."""
 
     def __init__(self):
         self.flat: dict[int, torch.Tensor] = {}
         self.centre: set[tuple[str, int]] = set()
+        self.checked: set[tuple[str, int]] = set()
 
     def matrix(self, rows: int, cols: int, dtype: torch.dtype,
                device: torch.device | None = None, slot: int = 0) -> torch.Tensor:
@@ -38,6 +41,19 @@ class _Workspace:
         if flat.dtype != dtype or flat.device != device or flat.numel() < rows * cols:
             flat = self.flat[slot] = torch.empty(rows * cols, dtype=dtype, device=device)
         return flat[:rows * cols].view(rows, cols)
+
+    def first_look(self, name: str, samples: Sequence[torch.Tensor]) -> None:
+        """The first batch of a point: mark the models whose units are offset (from column
+        sums and norms, before any product), so no product is computed twice."""
+        new = [i for i in range(len(samples)) if (name, i) not in self.checked]
+        if not new:
+            return
+        flags = [_offset(samples[i].sum(0).to(torch.float64),
+                         torch.linalg.vector_norm(samples[i], dim=0).to(torch.float64) ** 2,
+                         len(samples[i])) for i in new]
+        self.centre.update((name, i) for i, bad in zip(new, torch.stack(flags).tolist(),
+                                                       strict=True) if bad)
+        self.checked.update((name, i) for i in new)
 
     def shifted(self, name: str, i: int, samples: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -50,16 +66,26 @@ class _Workspace:
         return torch.sub(samples, mean, out=out), mean
 
 
+def _offset(sums: torch.Tensor, squares: torch.Tensor, count: int) -> torch.Tensor:
+    """Whether any unit's ``mean^2 > UNCENTRED_LIMIT * variance``, from its float64 column sums
+    ``[n]`` and sums of squares ``[n]`` (a 0-dim bool tensor: no synchronisation yet)."""
+    square_of_mean = sums * sums / count  # [n]: S * mean^2
+    return (square_of_mean > UNCENTRED_LIMIT * (squares - square_of_mean)).any()
+
+
 def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
                workspace: _Workspace) -> None:
     """Fold one batch of samples ``[S, n]`` per model into the moments of ``blocks``.
 
     Only the blocks asked for are multiplied, each one float32 product of the samples as they
     are (no centring copy): the co-moment about the batch means is ``A^T B - s_a s_b^T / S``
-    with column sums ``s``, in float64. A model with a unit offset by more than
-    :data:`UNCENTRED_LIMIT` (mean^2 / variance, in this batch) is centred instead, from then on
-    for this point."""
+    with column sums ``s``, in float64 (:meth:`CrossMoments.add_products`). A model with a
+    unit offset by more than :data:`UNCENTRED_LIMIT` (mean^2 / variance) is centred instead:
+    checked on a point's first batch before its products, on later ones from the products'
+    diagonals (a model that turns offset is multiplied again, centred); from then on for this
+    point."""
     count = samples[0].shape[0]
+    workspace.first_look(name, samples)
     mats, shifts = zip(*(workspace.shifted(name, i, s) for i, s in enumerate(samples)),
                        strict=True)
     sums = [m.sum(0).to(torch.float64) for m in mats]  # [n] each
@@ -69,11 +95,9 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
         workspace.centre.update((name, i) for i in offset)
         _add_chunk(acc, name, samples, blocks, workspace)
         return
-    means = [s / count if c is None else s / count + c.to(torch.float64)
-             for s, c in zip(sums, shifts, strict=True)]
     for i, j in blocks:
-        comoment = products[(i, j)].to(torch.float64).addr_(sums[i], sums[j], alpha=-1 / count)
-        acc[(name, i, j)].add_batch(count, means[i], means[j], comoment)
+        acc[(name, i, j)].add_products(count, sums[i], sums[j], products[(i, j)], shifts[i],
+                                       shifts[j])
 
 
 def _offset_models(products: dict, sums: list[torch.Tensor], count: int,
@@ -84,9 +108,6 @@ def _offset_models(products: dict, sums: list[torch.Tensor], count: int,
     candidates = [i for i, shift in enumerate(shifts) if shift is None]
     if not candidates:
         return []
-    flags = []
-    for i in candidates:
-        square_of_mean = sums[i] * sums[i] / count  # [n]: S * mean^2
-        spread = products[(i, i)].diagonal().to(torch.float64) - square_of_mean  # S * variance
-        flags.append((square_of_mean > UNCENTRED_LIMIT * spread).any())
+    flags = [_offset(sums[i], products[(i, i)].diagonal().to(torch.float64), count)
+             for i in candidates]
     return [i for i, bad in zip(candidates, torch.stack(flags).tolist(), strict=True) if bad]

@@ -82,6 +82,26 @@ class CrossMoments:
         self.mean_y.add_(dy, alpha=count / n)
         self.count = n
 
+    def add_products(self, count: int, sum_x: torch.Tensor, sum_y: torch.Tensor,
+                     product: torch.Tensor, shift_x: torch.Tensor | None = None,
+                     shift_y: torch.Tensor | None = None) -> None:
+        """Fold in ``count`` samples given as shifted samples ``A = X - shift_x`` ``[S, p]``,
+        ``B = Y - shift_y`` ``[S, q]`` (no shift: None) through their float64 column sums
+        ``[p]``, ``[q]`` and product ``A^T B`` ``[p, q]`` (float32 is fine): their co-moment
+        about their means is ``A^T B - s_a s_b^T / S``, added with Chan's correction in place
+        (one pass over the float64 co-moment, no temporary)."""
+        if count == 0:
+            return
+        mean_x = sum_x / count if shift_x is None else sum_x / count + shift_x.to(torch.float64)
+        mean_y = sum_y / count if shift_y is None else sum_y / count + shift_y.to(torch.float64)
+        n = self.count + count
+        dx, dy = mean_x - self.mean_x, mean_y - self.mean_y  # [p], [q]
+        self.comoment.add_(product).addr_(sum_x, sum_y, alpha=-1 / count)
+        self.comoment.addr_(dx, dy, alpha=self.count * count / n)
+        self.mean_x.add_(dx, alpha=count / n)
+        self.mean_y.add_(dy, alpha=count / n)
+        self.count = n
+
     def merge(self, other: CrossMoments) -> None:
         """Fold in the moments of another disjoint set of samples (Chan et al.)."""
         self.add_batch(other.count, other.mean_x, other.mean_y, other.comoment)

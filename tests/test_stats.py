@@ -169,24 +169,29 @@ def _fold(samples, blocks, batch=1000):
 
 
 def test_uncentred_products_match_float64_and_offset_models_are_centred():
-    """ReLU features are multiplied as they are (no centring copy) and stay within the
-    precision of centred products; a model with units at mean 100 (std ~1) is centred, also
-    in its cross block with an uncentred model."""
+    """ReLU features are multiplied as they are (no centring copy), also with units offset by
+    ~3 standard deviations (mean^2 / var up to ~23, under the limit), within 3e-5 of std_i std_j;
+    a model with units at mean 100 (std ~1) is centred, also in its cross blocks."""
     g = torch.Generator().manual_seed(0)
-    relu = torch.relu(torch.randn(20000, 24, generator=g) @ torch.randn(24, 24, generator=g))
+    mix = torch.randn(24, 24, generator=g) / 5
+    relu = torch.relu(torch.randn(20000, 24, generator=g) @ mix)
+    shifted = torch.relu(torch.randn(20000, 24, generator=g) @ mix + 3.0)
     offset = relu @ torch.randn(24, 24, generator=g) * 0.05 + 100.0
     offset[:, :12] = relu[:, 12:] * 0.5  # half of its units ordinary, half offset
-    blocks = [(0, 0), (1, 1), (0, 1)]
-    acc, workspace = _fold([relu, offset], blocks)
-    assert workspace.centre == {("p", 1)}
-    joint = np.cov(np.hstack([relu.double().numpy(), offset.double().numpy()]).T)
+    blocks = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2)]
+    acc, workspace = _fold([relu, shifted, offset], blocks)
+    assert workspace.centre == {("p", 2)}
+    joint = np.cov(np.hstack([relu.double().numpy(), shifted.double().numpy(),
+                              offset.double().numpy()]).T)
     std = np.sqrt(np.diag(joint))
+    ratio = shifted.double().mean(0) ** 2 / shifted.double().var(0)
+    assert 10 < float(ratio.max()) < 32
     for i, j in blocks:
         got = acc[("p", i, j)].covariance
-        want = joint[i * 24:(i + 1) * 24, j * 24:(j + 1) * 24]
-        scale = np.outer(std[i * 24:(i + 1) * 24], std[j * 24:(j + 1) * 24])
-        assert np.abs(got - want).max() / scale.max() < 2e-5, (i, j)
-    means = acc[("p", 0, 1)].mean_y.numpy()
+        rows, cols = slice(i * 24, (i + 1) * 24), slice(j * 24, (j + 1) * 24)
+        error = np.abs(got - joint[rows, cols]) / np.outer(std[rows], std[cols])
+        assert error.max() < 3e-5, (i, j, error.max())
+    means = acc[("p", 0, 2)].mean_y.numpy()
     np.testing.assert_allclose(means, offset.double().mean(0).numpy(), rtol=1e-6)
 
 
@@ -225,3 +230,22 @@ def _eval_features(model, x):
         return captured["conv1"]
     finally:
         model.train()
+
+
+def test_products_of_shifted_samples_fold_into_the_exact_moments():
+    """add_products with any shift (none, a rough mean, a far-off value) in uneven batches
+    equals numpy.cov in float64."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 4)) * [1, 2, 3, 4] + 7.0
+    y = x @ rng.normal(size=(4, 3)) + rng.normal(size=(300, 3))
+    moments = CrossMoments(4, 3)
+    shifts = [None, torch.full((4,), 6.5, dtype=torch.float64), torch.full((4,), -20.0,
+                                                                        dtype=torch.float64)]
+    for k, s in enumerate(_uneven_batches(len(x))):
+        sx = shifts[k % 3]
+        a = torch.tensor(x[s]) - (0.0 if sx is None else sx)
+        b = torch.tensor(y[s])
+        moments.add_products(len(a), a.sum(0), b.sum(0), a.T @ b, sx, None)
+    np.testing.assert_allclose(moments.covariance, np.cov(np.hstack([x, y]).T)[:4, 4:],
+                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(moments.mean_x.numpy(), x.mean(0), rtol=1e-12)

@@ -18,9 +18,12 @@ def _oracle(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, 0, axis.axis).astype(np.float32)
 
 
+FLATTENED = Axis("w", 1, repeat=5, offset=2)  # 4 units of 5 entries after 2 others, then 3
+
+
 @pytest.mark.parametrize("shape, axis, n", [((6, 5, 3, 3), Axis("w", 0), 6),
                                             ((7, 4, 3, 3), Axis("w", 1), 4),
-                                            ((3, 2 + 4 * 5 + 3), Axis("w", 1, repeat=5, offset=2), 4),
+                                            ((3, 2 + 4 * 5 + 3), FLATTENED, 4),
                                             ((9,), Axis("b", 0, offset=3), 6)])
 def test_dense_and_permutation_paths_equal_the_oracle(shape, axis, n):
     rng = np.random.default_rng(0)
