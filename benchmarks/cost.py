@@ -2,6 +2,7 @@
 
     python benchmarks/cost.py [--widths 1 2 4] [--samples 1000] [--repeats 2] [--x8]
                               [--parts widths n memory x8] [--out DIR] [--readme README.md]
+    python benchmarks/cost.py --paper [--paper-images 512] [--fresh] [--readme README.md]
 
 The unavoidable work of an activation-based merge is N forward passes over the statistics data
 and one BatchNorm-reset pass; everything else (covariance products, the solve, applying
@@ -21,6 +22,11 @@ writes (``cost.csv``, ``cost.md``):
 
 Models are randomly initialised (cost does not depend on training); inputs are Fashion-MNIST
 training images when the Debian package is installed, else digits.
+
+``--paper`` measures the paper's architectures instead (VGG11 and ResNet20 on 3x32x32 images,
+x1..x8, N = 2 and 4; see ``cost_paper.py``), writing ``cost_paper.csv`` / ``cost_paper.md``; a
+rerun continues an interrupted one (settings already in the CSV are kept) unless ``--fresh``.
+The README's cost section gets both reports.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from cost_paper import PAPER_IMAGES, PAPER_NS, PAPER_WIDTHS, paper_rows, paper_summary, write_paper
 from report import rewrite_section
 
 from ccamerge.api import AlignResult, aligned_states
@@ -286,9 +293,14 @@ def main() -> None:
                         help="what to measure now; the summary reads every part's file in --out")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--readme", default=None, help="rewrite this README's cost section")
+    parser.add_argument("--paper", action="store_true", help="the paper's shapes (cost_paper.py)")
+    parser.add_argument("--paper-images", type=int, default=PAPER_IMAGES)
+    parser.add_argument("--fresh", action="store_true", help="--paper: forget an earlier run")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.paper:
+        return paper(args, out)
     parts = set(args.parts) | ({"x8"} if args.x8 else set())
     if "widths" in parts:
         write(time_rows(args.archs, args.widths, args.methods, [2], args.samples, args.repeats),
@@ -309,10 +321,28 @@ def main() -> None:
     body = summary(*(read_rows(out / f"{name}.csv") for name in
                      ("cost", "cost_n", "cost_memory", "cost_x8", "cost_x8_memory")), args.samples)
     (out / "cost_summary.md").write_text(body)
-    if args.readme:
-        rewrite_section(Path(args.readme), COST_START, COST_END, body)
+    write_readme(args, out, body)
     print(body)
     print(f"peak RSS of this run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def paper(args, out: Path) -> None:
+    done = [] if args.fresh else read_rows(out / "cost_paper.csv")
+    rows = paper_rows(["vgg11", "resnet20"], PAPER_WIDTHS, PAPER_NS, args.paper_images,
+                      args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images))
+    print(write_paper(rows, out, args.paper_images))
+    write_readme(args, out, (out / "cost_summary.md").read_text()
+                 if (out / "cost_summary.md").exists() else "")
+
+
+def write_readme(args, out: Path, body: str) -> None:
+    """The README's cost section: the paper shapes first (when measured), then the rest."""
+    if not args.readme:
+        return
+    paper_rows_done = read_rows(out / "cost_paper.csv")
+    paper_text = paper_summary(paper_rows_done, args.paper_images) if paper_rows_done else ""
+    rewrite_section(Path(args.readme), COST_START, COST_END,
+                    paper_text + ("\n" if paper_text and body else "") + body)
 
 
 if __name__ == "__main__":

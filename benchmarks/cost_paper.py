@@ -1,0 +1,262 @@
+"""``cost.py --paper``: a CCA merge on the paper's architectures against the bare forward.
+
+VGG11 (64-M-128-M-256-256-M-512-512-M-512-512-M times the width, no BatchNorm, one Linear
+classifier) and ResNet20 (16/32/64 times the width) on 3x32x32 inputs, 10 classes, widths x1, x2,
+x4, x8, N = 2 and 4 randomly initialised models, synthetic CIFAR-shaped images (standard normal,
+seed 0). The sample shrinks with the width, ``--paper-images / width^2`` images (at least 8), so
+that every setting's passes cost about the same time; batches of at most 500.
+
+Each setting runs in a fresh process (its peak memory is its own). Timed, interleaved:
+
+* the bare forward: N eval passes (plus one train-mode pass, the BatchNorm reset, for ResNet20)
+  over the same images without hooks, in three layouts: standard, channels-last images with the
+  weights as they are (how the merge runs) and channels-last images and weights; the fastest
+  counts;
+* the merge's phases as ``ccamerge.api.merge`` runs them: statistics, solve, transforms (every
+  model's state dict), averaging (and the merged model), BatchNorm reset.
+
+Per-image phases (the forwards, statistics, BatchNorm reset) are the best of ``--repeats`` runs;
+the solve, transforms and averaging, which do not depend on the data, are the best of
+``--repeats`` at x1 and x2 and one run at x4 and x8 (minutes each on this CPU). ``ratio`` = total
+/ bare forward at the sample measured; ``ratio_50k`` projects both to the paper's 50 000
+statistics images: the per-image phases scale with the images (they stream batch by batch), the
+solve and transforms stay. Peak memory: the whole process's VmHWM, and what the merge adds to the
+process holding the models and images (VmHWM reset before it, glibc's mmap threshold fixed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+PAPER_WIDTHS, PAPER_NS, PAPER_IMAGES, PAPER_TARGET = (1, 2, 4, 8), (2, 4), 512, 50_000
+MIN_IMAGES, MAX_BATCH = 8, 500
+LAYOUTS = ("standard", "channels_last", "channels_last_weights")
+
+
+def paper_model(arch: str, width: float, seed: int, init: str = "default") -> torch.nn.Module:
+    """A randomly initialised VGG11 (``"vgg11"``) or ResNet20 for 3x32x32 inputs, eval mode.
+    ``init="kaiming"``: He-normal weights and zero biases instead of torch's defaults, so the
+    features keep their scale through the depth like a trained net's (torch's default init
+    shrinks them, and deep VGG features become nearly constant offsets)."""
+    from ccamerge.models import build_model
+
+    torch.manual_seed(seed)
+    if arch == "vgg11":
+        model = build_model("vgg", cfg=VGG11, image_shape=[3, 32, 32], width=width).eval()
+    else:
+        model = build_model("resnet20", image_shape=[3, 32, 32], width=width).eval()
+    if init == "kaiming":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def paper_images(count: int) -> torch.Tensor:
+    """``[count, 3, 32, 32]`` standard normal images (CIFAR-shaped, as if standardised)."""
+    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def images_for(width: float, base: int = PAPER_IMAGES) -> int:
+    return max(MIN_IMAGES, round(base / width**2))
+
+
+@torch.no_grad()
+def bare_forward(models, x: torch.Tensor, batch: int, layout: str) -> float:
+    """Seconds of N eval passes (plus one train-mode pass for BatchNorm nets) over ``x`` in
+    ``layout`` (models converted in place for channels-last weights, then back)."""
+    from ccamerge.transform import has_batchnorm
+
+    cl = torch.channels_last
+    xs = x if layout == "standard" else x.contiguous(memory_format=cl)
+    if layout == "channels_last_weights":
+        for m in models:
+            m.to(memory_format=cl)
+    start = time.perf_counter()
+    for m in models:
+        for i in range(0, len(xs), batch):
+            m(xs[i:i + batch])
+    if has_batchnorm(models[0]):
+        models[0].train()
+        for i in range(0, len(xs), batch):
+            models[0](xs[i:i + batch])
+        models[0].eval()
+    seconds = time.perf_counter() - start
+    for m in models:
+        m.to(memory_format=torch.contiguous_format)
+    return seconds
+
+
+def statistics(models, x, batch: int, positions):
+    from ccamerge.spec import build_spec
+    from ccamerge.stats import collect_statistics
+
+    return collect_statistics(models, build_spec(models[0]), x, batch_size=batch,
+                              positions=positions)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def fixed_phases(models, stats) -> tuple[torch.nn.Module, dict]:
+    """Solve, transforms and averaging as ``api.merge`` runs them: ``(merged, seconds)``."""
+    from ccamerge.api import AlignResult, aligned_states
+    from ccamerge.methods import get_method
+    from ccamerge.methods.base import AlignContext
+    from ccamerge.spec import build_spec
+    from ccamerge.transform import average_states, with_state
+
+    info, spec = get_method("cca"), build_spec(models[0])
+    ctx = AlignContext([m.state_dict() for m in models], spec, stats)
+    options = info.resolve({})
+    aligned, solve = timed(lambda: AlignResult(info.solve(ctx, **options), stats, spec, options))
+    states, transforms = timed(aligned_states, models, aligned)
+    weights = [1.0 / len(models)] * len(models)
+    merged, averaging = timed(lambda: with_state(models[0], average_states(states, weights)))
+    return merged, {"solve": solve, "transforms": transforms, "averaging": averaging}
+
+
+def status_mb(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(arch: str, width: float, n: int, images: int, repeats: int,
+            positions=None) -> dict:
+    """One setting's row (run it in a fresh process: see :func:`run_setting`)."""
+    from ccamerge.transform import reset_batchnorm
+
+    models = [paper_model(arch, width, seed) for seed in range(n)]
+    x, batch = paper_images(images), min(MAX_BATCH, images)
+    for layout in LAYOUTS:  # one-time allocations and kernel choices go first
+        bare_forward(models, x[:2], 2, layout)
+    statistics(models, x[:2], 2, positions)
+    best: dict[str, float] = {}
+
+    def keep(name: str, seconds: float) -> None:
+        best[name] = min(best.get(name, float("inf")), seconds)
+
+    for _ in range(repeats):
+        for layout in LAYOUTS:
+            keep(f"forward_{layout}", bare_forward(models, x, batch, layout))
+        keep("statistics", timed(statistics, models, x, batch, positions)[1])
+    open("/proc/self/clear_refs", "w").write("5")  # the merge's own peak from here
+    before = status_mb("VmRSS")
+    stats, seconds = timed(statistics, models, x, batch, positions)
+    keep("statistics", seconds)
+    for _ in range(repeats if width <= 2 else 1):
+        merged, phases = fixed_phases(models, stats)
+        for name, value in phases.items():
+            keep(name, value)
+    for _ in range(repeats):
+        reset = timed(lambda: reset_batchnorm(merged, x, batch_size=batch))[1]
+        keep("bn_reset", reset if arch == "resnet20" else 0.0)
+    return row(arch, width, n, images, best, status_mb("VmHWM"), before, positions)
+
+
+def row(arch, width, n, images, best, peak, before, positions) -> dict:
+    forward = min(best[f"forward_{layout}"] for layout in LAYOUTS)
+    fixed = best["solve"] + best["transforms"] + best["averaging"]
+    per_image = best["statistics"] + best["bn_reset"]
+    scale = PAPER_TARGET / images
+    return {"arch": arch, "width": width, "N": n, "images": images,
+            "positions": "all" if positions is None else positions,
+            **{k: round(v, 4) for k, v in best.items()},
+            "forward": round(forward, 4), "total": round(per_image + fixed, 4),
+            "ratio": round((per_image + fixed) / forward, 3),
+            "ratio_50k": round((per_image * scale + fixed) / (forward * scale), 3),
+            "per_image_ratio": round(per_image / forward, 3),
+            "peak_gb": round(peak / 1024, 2),
+            "merge_peak_extra_gb": round((peak - before) / 1024, 2),
+            "threads": torch.get_num_threads()}
+
+
+CODE = """
+import json, sys
+sys.path.insert(0, 'benchmarks')
+from cost_paper import measure
+print(json.dumps(measure({arch!r}, {width}, {n}, {images}, {repeats}, {positions!r})))
+"""
+
+
+def run_setting(arch: str, width: float, n: int, images: int, repeats: int,
+                positions=None) -> dict:
+    """:func:`measure` in a fresh Python process (a failure, e.g. out of memory, is a row)."""
+    code = CODE.format(arch=arch, width=width, n=n, images=images, repeats=repeats,
+                       positions=positions)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"arch": arch, "width": width, "N": n, "images": images,
+                "positions": "all" if positions is None else positions,
+                "error": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def paper_rows(archs, widths, ns, base: int, repeats: int, done: list[dict],
+               on_row) -> list[dict]:
+    """Every setting not in ``done`` (rows of an earlier, interrupted run), ``on_row(rows)``
+    after each."""
+    rows = list(done)
+    have = {(r["arch"], float(r["width"]), int(r["N"])) for r in done}
+    for arch in archs:
+        for width in widths:
+            for n in ns:
+                if (arch, float(width), n) in have:
+                    continue
+                rows.append(run_setting(arch, width, n, images_for(width, base), repeats))
+                print(json.dumps(rows[-1]), flush=True)
+                on_row(rows)
+    return rows
+
+
+def paper_summary(rows: list[dict], base: int) -> str:
+    """The Markdown section for ``cost_paper.md`` and the README."""
+    from cost import markdown
+
+    cols = ["arch", "width", "N", "images", "forward", "statistics", "solve", "transforms",
+            "averaging", "bn_reset", "total", "ratio", "ratio_50k", "peak_gb",
+            "merge_peak_extra_gb"]
+    good = [r for r in rows if not r.get("error")]
+    met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r in good if r["ratio_50k"] <= 1.3]
+    missed = [f"{r['arch']} x{r['width']:g} N={r['N']} ({r['ratio_50k']})" for r in good
+              if r["ratio_50k"] > 1.3]
+    failed = [f"{r['arch']} x{r['width']:g} N={r['N']}: {r['error']}" for r in rows
+              if r.get("error")]
+    threads = good[0]["threads"] if good else torch.get_num_threads()
+    text = [f"Paper shapes (`python benchmarks/cost.py --paper`): VGG11 and ResNet20 on 3x32x32 "
+            f"synthetic images, random models, {threads} threads, {base} images at x1 and "
+            f"{base}/width^2 above (at least {MIN_IMAGES}); seconds; `forward` = the bare "
+            "forward in its fastest layout; `ratio` = total / forward at these images; "
+            f"`ratio_50k` = the same projected to {PAPER_TARGET} statistics images (per-image "
+            "phases scaled, solve and transforms as measured); peak memory in GB (whole "
+            "process, and added by the merge).", "", *markdown(good, cols), "",
+            f"ratio_50k at most 1.3: {', '.join(met) or 'nowhere'}; above: "
+            f"{', '.join(missed) or 'nowhere'}."]
+    if failed:
+        text += ["", "Did not complete: " + "; ".join(failed) + "."]
+    return "\n".join(text) + "\n"
+
+
+def write_paper(rows: list[dict], out: Path, base: int) -> str:
+    from cost import write
+
+    write(rows, out / "cost_paper")
+    body = paper_summary(rows, base)
+    (out / "cost_paper.md").write_text(body)
+    return body
