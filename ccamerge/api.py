@@ -22,11 +22,14 @@ from torch import nn
 
 from ccamerge import validate
 from ccamerge.batchnorm import (
-    POLICIES,
+    check_policy,
     conv_bn_pairs,
     fold_state,
-    reset_to_endpoints,
+    mapped_targets,
+    output_moments,
+    set_moments,
     without_static_vectors,
+    written_points,
 )
 from ccamerge.data.fit import (
     check_compatible,
@@ -44,7 +47,7 @@ from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method, hungarian
 from ccamerge.methods.cca import solve_near_exact, solve_pair
 from ccamerge.repair import repair as repair_units
-from ccamerge.spec import AlignmentSpec
+from ccamerge.spec import STREAM_POINTS, AlignmentSpec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
 from ccamerge.transform import (
     apply_transforms,
@@ -61,6 +64,11 @@ __all__ = ["AlignResult", "MergeResult", "align", "aligned_states", "check_compa
 
 def _silent(_fraction: float, _message: str) -> None:
     pass
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise CcamergeError(f"{name} must be one of {tuple(choices)}, not {value!r}")
 
 
 def place_models(models: Sequence[nn.Module], device=None) -> tuple[list[nn.Module], torch.device]:
@@ -83,18 +91,23 @@ class AlignResult:
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
           statistics: Statistics | None = None, spec: AlignmentSpec | None = None,
-          device=None, group=None, progress: Progress = _silent, **options) -> AlignResult:
+          stream_points: str = "pooled", device=None, group=None, progress: Progress = _silent,
+          **options) -> AlignResult:
     """Transforms bringing every model into the reference's basis (jointly for ZipIt).
 
     ``statistics``: reuse statistics collected earlier (same models and reference, and every
     pair when the method is joint) instead of a new pass over the data. ``spec``: the merge
     points (default: the family's spec, or one derived by tracing for other models).
-    ``device``: where the statistics pass runs (see :func:`place_models`); ``group``: a
+    ``stream_points``: which outputs of a residual stream feed its statistics: ``"pooled"``
+    (every module writing it: the stem and every block, pooled) or ``"last"`` (the last one of
+    each stage, as the official code reads it); it only matters when statistics are collected
+    here. ``device``: where the statistics pass runs (see :func:`place_models`); ``group``: a
     torch.distributed process group whose ranks share the statistics data (every rank passes
     the same data and gets the same result; see :mod:`ccamerge.distributed`).
     """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
+    _check_choice("stream_points", stream_points, STREAM_POINTS)
     source = train_source(data)
     check_compatible(models, source, reference)
     models, place = place_models(models, device)
@@ -102,7 +115,8 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     stats = statistics if spec_method.statistics else None
     if spec_method.statistics and stats is None:
         progress(0.0, "collecting activation statistics")
-        stats = collect_statistics(models, spec, subsample(source, stats_samples, seed),
+        stats = collect_statistics(models, with_stream_points(spec, stream_points),
+                                   subsample(source, stats_samples, seed),
                                    reference=reference,
                                    pairs=spec_method.statistics, batch_size=batch_size,
                                    device=place, group=group,
@@ -166,7 +180,8 @@ def sample_warnings(stats: Statistics | None) -> list[str]:
 
 
 def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
-          bn_reset: bool = True, bn_policy: str = "paper", repair: bool = False,
+          bn_reset: bool = True, bn_policy: str = "paper", reset_base_bn: bool = False,
+          stream_points: str = "pooled", repair: bool = False,
           weights: Sequence[float] | None = None, stats_samples: int | None = None,
           batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
           sources: Sequence[str | None] | None = None, data_dir: str | None = None,
@@ -178,9 +193,13 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
     Options are the method's (see ``METHODS``), keyword-only.
     ``repair``: rescale units towards the endpoints' statistics (nets without BatchNorm).
-    ``bn_policy``: "paper" transforms BatchNorm vectors with the conv rows; "fold" folds each
-    BatchNorm into its conv first and, with ``bn_reset``, restores the endpoints' per-unit scale
-    (see :mod:`ccamerge.batchnorm`).
+    ``bn_policy``: "paper" transforms BatchNorm vectors with the conv rows; "mapped" folds each
+    BatchNorm into its conv first and, with ``bn_reset``, gives each merged unit the mean and
+    scale of the mapped endpoint features, from the original models' statistics mapped by T
+    (exact for permutations; see :mod:`ccamerge.batchnorm`).
+    ``reset_base_bn``: recompute the base models' BatchNorm statistics on the training data
+    before anything else (on copies; the official code does this). ``stream_points``: see
+    :func:`align`. ``statistics`` given with ``reset_base_bn`` must be those of the reset models.
     ``sources``: the file each model was loaded from (default: each model's ``.source``) and
     ``data_dir``: the folder the dataset was read from, both recorded in the recipe.
     ``statistics``: reuse statistics collected earlier (:func:`align`), so several methods
@@ -195,33 +214,33 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     weights = validate.merge_arguments(models, method, reference=reference, weights=weights,
                                        stats_samples=stats_samples, batch_size=batch_size,
                                        seed=seed, bn_reset=bn_reset, repair=repair)
-    if bn_policy not in POLICIES:
-        raise CcamergeError(f"bn_policy must be one of {POLICIES}, not {bn_policy!r}")
+    check_policy(bn_policy)
+    validate.flag("reset_base_bn", reset_base_bn)
+    _check_choice("stream_points", stream_points, STREAM_POINTS)
     recorded = model_sources(models, sources)
     models, place = place_models(models, device)
+    if reset_base_bn:
+        progress(0.0, "resetting the base models' BatchNorm statistics")
+        models = reset_base_models(models, train_source(data), batch_size=batch_size, group=group)
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     batch_size=batch_size, seed=seed, spec=spec, statistics=statistics,
-                    group=group, progress=progress, **options)
+                    stream_points=stream_points, group=group, progress=progress, **options)
     progress(0.8, "averaging")
-    folded = conv_bn_pairs(models[0]) if bn_policy == "fold" and has_batchnorm(models[0]) else []
-    states = aligned_states(models, aligned, folded)
     weights = weights if weights is not None else [1.0 / len(models)] * len(models)
-    merged = with_state(models[reference], average_states(states, weights))
+    merged, states = average_aligned(models, aligned, weights, reference, bn_policy)
     notes = sample_warnings(aligned.statistics)
     if repair:
         progress(0.85, "REPAIR: rescaling units")
         notes += _repair(merged, models, states, weights, aligned, data, stats_samples, seed)
-    if bn_reset and folded:
-        progress(0.9, "restoring the endpoints' BatchNorm scale")
-        endpoints = [with_state(m, s) for m, s in zip(models, states, strict=True)]
-        reset_to_endpoints(merged, endpoints, weights, [bn for _conv, bn in folded],
-                           subsample(train_source(data), stats_samples, seed))
-    elif bn_reset:
-        progress(0.9, "resetting BatchNorm statistics")
-        reset_batchnorm_sharded(merged, train_source(data), batch_size=batch_size, group=group)
+    if bn_reset:
+        progress(0.9, "setting BatchNorm statistics")
+        fit = subsample(train_source(data), stats_samples, seed)
+        finish_batchnorm(merged, models, aligned, weights, bn_policy, train_source(data), fit,
+                         batch_size=batch_size, group=group)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
-              "bn_reset": bn_reset, "bn_policy": bn_policy, "repair": repair, "weights": weights,
+              "bn_reset": bn_reset, "bn_policy": bn_policy, "reset_base_bn": reset_base_bn,
+              "stream_points": stream_points, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
               "data": describe_data(data, data_dir), "models": recorded,
               "model_sha256": [getattr(m, "sha256", None) for m in models],
@@ -229,6 +248,52 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
                        notes, collection_of(aligned.statistics, place, group))
+
+
+def reset_base_models(models: Sequence[nn.Module], x, *, batch_size: int = 256,
+                      group=None) -> list[nn.Module]:
+    """Copies of ``models`` with their BatchNorm statistics recomputed on ``x`` (a tensor or a
+    data source; shared by the ranks of ``group``); models without BatchNorm as they are. The
+    (deep) copies keep attributes such as ``source`` and ``sha256``."""
+    out = []
+    for model in models:
+        if not has_batchnorm(model):
+            out.append(model)
+            continue
+        out.append(reset_batchnorm_sharded(with_state(model, model.state_dict()), x,
+                                           batch_size=batch_size, group=group))
+    return out
+
+
+def folded_pairs(model: nn.Module, bn_policy: str) -> list[tuple[str, str]]:
+    """The ``(conv, batchnorm)`` pairs ``bn_policy`` folds (none for "paper" or without BN)."""
+    return conv_bn_pairs(model) if bn_policy == "mapped" and has_batchnorm(model) else []
+
+
+def average_aligned(models: Sequence[nn.Module], aligned: AlignResult, weights: Sequence[float],
+                    reference: int, bn_policy: str = "paper"
+                    ) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """The weighted average of the aligned models (a copy of the reference carrying it) and the
+    aligned state dicts (BatchNorm folded first under the "mapped" policy)."""
+    states = aligned_states(models, aligned, folded_pairs(models[0], bn_policy))
+    return with_state(models[reference], average_states(states, weights)), states
+
+
+def finish_batchnorm(merged: nn.Module, models: Sequence[nn.Module], aligned: AlignResult,
+                     weights: Sequence[float], bn_policy: str, train, fit, *,
+                     batch_size: int = 256, group=None) -> None:
+    """The BatchNorm reset of a merged model, in place. "paper": running statistics recomputed
+    on ``train``; "mapped": each folded BatchNorm given the mapped moments of the original
+    ``models`` measured on ``fit`` (:mod:`ccamerge.batchnorm`), statistics recomputed on ``fit``.
+    No-op without BatchNorm."""
+    bns = [bn for _conv, bn in folded_pairs(models[0], bn_policy)]
+    if not bns:
+        reset_batchnorm_sharded(merged, train, batch_size=batch_size, group=group)
+        return
+    moments = output_moments(models, bns, fit, batch_size=batch_size, group=group)
+    targets = mapped_targets(moments, aligned.alignment.transforms,
+                             written_points(aligned.spec, bns), weights)
+    set_moments(merged, targets, fit, batch_size=batch_size, group=group)
 
 
 def collection_of(stats: Statistics | None, place: torch.device, group=None) -> dict:
@@ -266,16 +331,19 @@ def model_sources(models: Sequence[nn.Module], sources: Sequence[str | None] | N
 
 def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
                 y_eval: torch.Tensor | None, reference: int, bn_reset: bool, *,
-                group=None) -> dict:
+                bn_policy: str = "paper", group=None) -> dict:
     """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` (or a labelled source
     ``x_eval`` with ``y_eval`` None) of a merge built from statistics collected earlier (to score
-    several methods or settings on one pass over the data), its BatchNorm reset (if on) run over
-    ``x_fit`` (a tensor or a source; shared by the ranks of ``group``)."""
+    several methods or settings on one pass over the data), its BatchNorm reset (if on, with
+    ``bn_policy``) run over ``x_fit`` (a tensor or a source; shared by the ranks of ``group``)."""
+    check_policy(bn_policy)
     aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
                     **options)
-    merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
+    weights = [1.0 / len(models)] * len(models)
+    merged, _states = average_aligned(models, aligned, weights, reference, bn_policy)
     if bn_reset:
-        reset_batchnorm_sharded(merged, train_source(x_fit), group=group)
+        fit = train_source(x_fit)
+        finish_batchnorm(merged, models, aligned, weights, bn_policy, fit, fit, group=group)
     return evaluate_model(merged, labelled_source(x_eval, y_eval))
 
 

@@ -1,32 +1,63 @@
-"""BatchNorm under a dense alignment map: fold it into the conv before merging.
+"""BatchNorm under a dense alignment map: the ``mapped`` policy.
 
-The paper's policy transforms a BatchNorm's weight, bias and running statistics with the same
-``T^T`` as the conv rows. For a permutation that is exact; for CCA's dense ``T`` it mixes the
-per-channel scales and running variances of different units, and the aligned model computes
-something else. The ``fold`` policy instead
+The paper's policy (``"paper"``) transforms a BatchNorm's weight, bias and running statistics
+with the same ``T^T`` as the conv rows. For a permutation that is exact. For CCA's dense ``T``
+it is not: BatchNorm acts per unit, and after the map unit ``j`` of the transformed BatchNorm
+outputs ``y T`` has mean ``t_j^T mu`` and variance ``t_j^T Sigma t_j`` (``t_j = T[:, j]``,
+``mu`` ``[C]`` and ``Sigma`` ``[C, C]`` the mean and covariance of the BatchNorm outputs ``y``
+on data; with ``y = G x_hat + b``, ``Sigma = G C G`` for ``G = diag(scale)`` and ``C`` the
+covariance of the normalised pre-BN features). Transforming the scale as a vector gives
+``T^T g`` instead, which differs in size and even in sign.
 
-1. folds every BatchNorm that directly follows a conv into it (exact in eval mode):
-   ``W <- (w / sqrt(rv + eps)) W``, BatchNorm left as ``x + (b - rm * w / sqrt(rv + eps))``;
-2. transforms only the conv rows and that bias (the identity scale stays untouched);
-3. after averaging, sets each BatchNorm's scale and shift to the weighted mean of the aligned
-   endpoints' output statistics, then recomputes the running statistics in one train-mode pass
-   (a BatchNorm reset that keeps the endpoints' scale: REPAIR for BatchNorm nets).
+The ``mapped`` policy gives each merged unit the moments of the mapped endpoint features:
+
+1. every BatchNorm that directly follows a conv is folded into it (exact in eval mode):
+   ``W <- diag(g / sqrt(rv + eps)) W``, BatchNorm left as ``x + (b - rm g / sqrt(rv + eps))``,
+   so the conv (+ shift) outputs *are* the BatchNorm outputs ``y``;
+2. only the conv rows and that shift are transformed (``T^T W``, ``T^T b``) and averaged;
+3. each folded BatchNorm of the merged model gets scale ``s_j = sum_i w_i sqrt(t_ij^T
+   Sigma_i t_ij)`` and shift ``m_j = sum_i w_i t_ij^T mu_i`` (model ``i``'s weight ``w_i``, its
+   map ``T_i`` at the merge point the BatchNorm writes, ``mu_i``, ``Sigma_i`` measured on the
+   *original* model ``i``, not on an aligned endpoint, whose features below the first layer a
+   dense map has already changed); then one train-mode pass recomputes the running statistics
+   and the scale is corrected by ``sqrt((rv + eps) / rv)``, so that on that data each merged
+   unit's output has mean ``m_j`` and standard deviation ``s_j`` (exactly when the pass is one
+   batch; up to the difference between batch and data statistics otherwise).
+
+For a permutation ``t_ij^T mu_i`` and ``t_ij^T Sigma_i t_ij`` are the matched unit's own mean and
+variance, so a permuted twin merges back to the original model. Standard deviations (not
+variances) are averaged, as REPAIR does. Without a BatchNorm reset the folded average is kept
+as it is (step 3 skipped).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 
+from ccamerge.distributed import reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
-from ccamerge.repair import unit_moments
 from ccamerge.spec import AlignmentSpec, MergePoint
-from ccamerge.transform import reset_batchnorm
+from ccamerge.stats import collect_statistics
+from ccamerge.transform import Transforms
 
-POLICIES = ("paper", "fold")
+POLICIES = ("paper", "mapped")
+RETIRED = {"fold": "bn_policy 'fold' took its per-unit targets from the aligned endpoints, which "
+                   "a dense map makes wrong below the first layer; it is replaced by 'mapped' "
+                   "(targets from the original models' statistics mapped by T)"}
 STATIC = ("weight", "running_mean", "running_var")  # identity after folding: never transformed
+Moments = dict[str, tuple[np.ndarray, np.ndarray]]  # batchnorm -> (mean [C], covariance [C, C])
+
+
+def check_policy(policy: str) -> None:
+    """Refuse an unknown or retired ``bn_policy`` in one line saying what to use."""
+    if policy in RETIRED:
+        raise CcamergeError(RETIRED[policy])
+    if policy not in POLICIES:
+        raise CcamergeError(f"bn_policy must be one of {POLICIES}, not {policy!r}")
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -70,15 +101,60 @@ def without_static_vectors(spec: AlignmentSpec, bns: Sequence[str]) -> Alignment
                    p.consumers) for p in spec.points))
 
 
+def written_points(spec: AlignmentSpec, bns: Sequence[str]) -> dict[str, str | None]:
+    """``{batchnorm: name of the merge point its shift produces}`` (None: no point, the
+    BatchNorm's units are not mapped)."""
+    owner = {a.param: p.name for p in spec.points for a in p.producers}
+    return {bn: owner.get(f"{bn}.bias") for bn in bns}
+
+
+def output_moments(models: Sequence[nn.Module], bns: Sequence[str], x, *,
+                   batch_size: int = 256, group=None) -> list[Moments]:
+    """Per model, each named BatchNorm's output mean ``[C]`` and covariance ``[C, C]`` (float64)
+    over the inputs ``x`` (a tensor ``[B, ...]`` or a data source), eval mode, one streamed
+    pass per model (shared by the ranks of ``group``)."""
+    modules = dict(models[0].named_modules())
+    spec = AlignmentSpec(tuple(MergePoint(bn, modules[bn].num_features, (bn,), (), ())
+                               for bn in bns))
+    out = []
+    for model in models:
+        stats = collect_statistics([model], spec, x, batch_size=batch_size, group=group)
+        out.append({bn: (stats[bn].mean[0], stats[bn].cov(0, 0)) for bn in bns})
+    return out
+
+
+def mapped_targets(moments: Sequence[Moments], transforms: Sequence[Transforms],
+                   points: dict[str, str | None], weights: Sequence[float]
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{batchnorm: (mean [C], std [C])}``: ``sum_i w_i T_i^T mu_i`` and ``sum_i w_i
+    sqrt(diag(T_i^T Sigma_i T_i))``, with ``T_i`` model i's map at the point the BatchNorm
+    writes (identity where it has none)."""
+    targets = {}
+    for bn, point in points.items():
+        mean, std = 0.0, 0.0
+        for w, stats, maps in zip(weights, moments, transforms, strict=True):
+            mu, sigma = stats[bn]
+            T = maps[point].T if point in maps else np.eye(len(mu))
+            mean = mean + w * (T.T @ mu)
+            std = std + w * np.sqrt(np.clip(np.einsum("kj,kl,lj->j", T, sigma, T), 0.0, None))
+        targets[bn] = (mean, std)
+    return targets
+
+
 @torch.no_grad()
-def reset_to_endpoints(merged: nn.Module, aligned: Sequence[nn.Module], weights: Sequence[float],
-                       bns: Sequence[str], x) -> None:
-    """Give every folded BatchNorm of ``merged`` the weighted mean of the aligned endpoints'
-    output mean and std, then recompute running statistics on ``x`` (a tensor ``[B, ...]`` or a
-    data source, streamed)."""
-    targets = [unit_moments(model, bns, x) for model in aligned]
+def set_moments(merged: nn.Module, targets: dict[str, tuple[np.ndarray, np.ndarray]], x, *,
+                batch_size: int = 256, group=None) -> None:
+    """Give each target BatchNorm of ``merged`` (folded: it normalises its input) shift
+    ``mean`` and scale ``std``, recompute every BatchNorm's running statistics on ``x`` in one
+    train-mode pass, and correct the targets' scales by ``sqrt((rv + eps) / rv)``, so their
+    eval outputs have mean ``mean`` and std ``std`` on ``x`` ([C] each)."""
     modules = dict(merged.named_modules())
-    for bn in bns:
-        modules[bn].bias.copy_(sum(w * t[bn][0] for w, t in zip(weights, targets, strict=True)))
-        modules[bn].weight.copy_(sum(w * t[bn][1] for w, t in zip(weights, targets, strict=True)))
-    reset_batchnorm(merged, x)
+    for bn, (mean, std) in targets.items():
+        modules[bn].bias.copy_(torch.from_numpy(mean))
+        modules[bn].weight.copy_(torch.from_numpy(std))
+    reset_batchnorm_sharded(merged, x, batch_size=batch_size, group=group)
+    for bn in targets:
+        norm = modules[bn]
+        var = norm.running_var.double()
+        ratio = torch.where(var > 0, (var + norm.eps) / var.clamp_min(1e-300), 1.0).sqrt()
+        norm.weight.copy_(norm.weight.double() * ratio)

@@ -155,7 +155,8 @@ def cmd_merge(args) -> dict:
     _check_reference(args.reference, len(args.models))
     request = {"method": args.method, "options": _method_options(args),
                "reference": args.reference, "bn_reset": not args.no_bn_reset,
-               "bn_policy": args.bn_policy, "repair": args.repair,
+               "bn_policy": args.bn_policy, "reset_base_bn": args.reset_base_bn,
+               "stream_points": args.stream_points, "repair": args.repair,
                "stats_samples": args.stats_samples, "seed": args.seed,
                "data": {"name": args.data, "data_dir": args.data_dir}, "models": args.models}
     get_method(args.method).resolve(request["options"])
@@ -207,7 +208,8 @@ def _merge(request: dict, args, *, inputs: list, notes: list[str] = ()) -> dict:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": recipe["method"], **scores, "out": str(args.out),
-            **{k: recipe[k] for k in ("options", "reference", "bn_reset", "repair", "bn_policy")},
+            **{k: recipe[k] for k in ("options", "reference", "bn_reset", "repair", "bn_policy",
+                                      "reset_base_bn", "stream_points")},
             "warnings": warnings, **result.collection}
 
 
@@ -225,6 +227,8 @@ def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
     return api.merge(models, data, request["method"], reference=request.get("reference", 0),
                      bn_reset=request.get("bn_reset", True),
                      bn_policy=request.get("bn_policy", "paper"),
+                     reset_base_bn=request.get("reset_base_bn", False),
+                     stream_points=request.get("stream_points", "pooled"),
                      repair=request.get("repair", False), weights=request.get("weights"),
                      stats_samples=request.get("stats_samples"), seed=request.get("seed", 0),
                      sources=[str(Path(p).resolve()) for p in request["models"]],
@@ -233,8 +237,13 @@ def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
 
 
 def _paper_policy_only(args, command: str) -> None:
+    """Refuse the merge-only BatchNorm and stream settings for ``command``."""
     if args.bn_policy != "paper":
         raise CcamergeError(f"--bn-policy {args.bn_policy} is available for merge, not {command}")
+    for flag, given in (("--reset-base-bn", args.reset_base_bn),
+                        ("--stream-points last", args.stream_points != "pooled")):
+        if given:
+            raise CcamergeError(f"{flag} is available for merge, not {command}")
 
 
 def cmd_interpolate(args) -> dict:

@@ -8,8 +8,10 @@ import argparse
 import math
 
 from ccamerge import validate
+from ccamerge.batchnorm import POLICIES
 from ccamerge.data import DATASETS
 from ccamerge.methods import METHODS, Option, get_method
+from ccamerge.spec import STREAM_POINTS
 
 OPTION_DEST = "method_option:"  # argparse dest prefix of the flags made from the registry
 MAX_WIDTH = 64.0  # --width: x64 of the reference widths
@@ -112,9 +114,17 @@ def add_merge_options(p) -> None:
     """Every method's flags and the merge settings (BatchNorm reset and policy, statistics)."""
     add_method_flags(p, METHODS.values())
     p.add_argument("--no-bn-reset", action="store_true", help="keep the averaged BatchNorm statistics")
-    p.add_argument("--bn-policy", choices=["paper", "fold"], default="paper",
-                   help="paper: transform BatchNorm vectors with the conv rows (default); fold: "
-                   "fold BatchNorm into the conv first and restore the endpoints' scale")
+    p.add_argument("--bn-policy", choices=list(POLICIES), default="paper",
+                   help="paper: transform BatchNorm vectors with the conv rows (default); mapped: "
+                   "fold BatchNorm into the conv first and give each merged unit the mean and "
+                   "scale of the mapped endpoint features (from the original models' statistics; "
+                   "exact for permutations)")
+    p.add_argument("--reset-base-bn", action="store_true",
+                   help="recompute the base models' BatchNorm statistics on the training images "
+                   "before merging (as the official code does)")
+    p.add_argument("--stream-points", choices=list(STREAM_POINTS), default="pooled",
+                   help="residual stream statistics: pooled over the stem and every block output "
+                   "(default) or read at the last block of each stage only (the official code)")
     p.add_argument("--stats-samples", type=integer(2, 2**31), default=None,
                    help="training images used for statistics, >= 2 (default: all)")
     p.add_argument("--seed", type=SEED, default=0)

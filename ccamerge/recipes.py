@@ -17,11 +17,12 @@ import re
 from pathlib import Path
 
 from ccamerge import validate
-from ccamerge.batchnorm import POLICIES
+from ccamerge.batchnorm import check_policy
 from ccamerge.errors import CcamergeError
 from ccamerge.files import MAX_RECIPE_BYTES, read_bytes, regular_file, sha256_file
 from ccamerge.io import MAX_BYTES, archive_info, read_info
 from ccamerge.methods import get_method
+from ccamerge.spec import STREAM_POINTS
 from ccamerge.trace.torchscript import is_torchscript_archive
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".torchscript")
@@ -91,8 +92,11 @@ def _check_fields(recipe: dict) -> None:
     validate.sampling(recipe.get("stats_samples"), recipe.get("seed", 0))
     validate.flag("bn_reset", recipe.get("bn_reset", True))
     validate.flag("repair", recipe.get("repair", False))
-    if recipe.get("bn_policy", "paper") not in POLICIES:
-        raise CcamergeError(f"bn_policy must be one of {POLICIES}, got {recipe['bn_policy']!r}")
+    validate.flag("reset_base_bn", recipe.get("reset_base_bn", False))
+    check_policy(recipe.get("bn_policy", "paper"))
+    if recipe.get("stream_points", "pooled") not in STREAM_POINTS:
+        raise CcamergeError(f"stream_points must be one of {STREAM_POINTS}, got "
+                            f"{recipe['stream_points']!r}")
     recorded_sha256(recipe)
 
 

@@ -87,6 +87,23 @@ class AlignmentSpec:
         return AlignmentSpec(tuple(points))
 
 
+STREAM_POINTS = ("pooled", "last")  # what a residual stream's statistics read
+
+
+def with_stream_points(spec: AlignmentSpec, which: str) -> AlignmentSpec:
+    """``spec`` with the feature modules its statistics read: ``"pooled"`` keeps every module
+    writing a point (a residual stream's stem and block outputs, their samples pooled);
+    ``"last"`` keeps only the last of each point (features are in forward order: a stream's
+    last block output, the stream's final state, as the official code reads it). Producers and
+    consumers are unchanged."""
+    if which not in STREAM_POINTS:
+        raise CcamergeError(f"stream_points must be one of {STREAM_POINTS}, not {which!r}")
+    if which == "pooled":
+        return spec
+    return AlignmentSpec(tuple(MergePoint(p.name, p.width, p.features[-1:], p.producers,
+                                          p.consumers) for p in spec.points))
+
+
 def point_key(point: MergePoint) -> tuple:
     """What a merge point is, up to its name and the order of its features and axes."""
     return (point.width, frozenset(point.features), frozenset(point.producers),

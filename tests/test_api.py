@@ -42,12 +42,13 @@ def test_merge_result_carries_its_recipe_and_details(mlps, digits):
 
 
 def test_the_recipe_is_complete_and_names_the_sources(mlps, digits):
-    result = merge(mlps[:2], digits, "zipit", alpha=0.5, bn_reset=False, bn_policy="fold",
+    result = merge(mlps[:2], digits, "zipit", alpha=0.5, bn_reset=False, bn_policy="mapped",
                    weights=[0.25, 0.75], stats_samples=500, seed=4,
                    sources=["a.safetensors", None], data_dir="/data")
     assert result.recipe == {
         "method": "zipit", "options": {"alpha": 0.5, "beta": 0.125}, "reference": 0,
-        "bn_reset": False, "bn_policy": "fold", "repair": False, "weights": [0.25, 0.75],
+        "bn_reset": False, "bn_policy": "mapped", "reset_base_bn": False,
+        "stream_points": "pooled", "repair": False, "weights": [0.25, 0.75],
         "stats_samples": 500, "seed": 4, "models": ["a.safetensors", None],
         "model_sha256": [None, None], "model_files": [None, None],  # trained here, not loaded
         "data": {"name": "digits", "data_dir": "/data", "train_size": len(digits.y_train),

@@ -1,11 +1,13 @@
+import numpy as np
 import pytest
 import torch
 from helpers import max_output_diff, permuted_twin
 
 from ccamerge.api import merge
-from ccamerge.batchnorm import conv_bn_pairs, fold_state
+from ccamerge.batchnorm import conv_bn_pairs, fold_state, output_moments
 from ccamerge.errors import CcamergeError
 from ccamerge.models import build_model
+from ccamerge.repair import unit_moments
 from ccamerge.transform import with_state
 
 
@@ -25,18 +27,72 @@ def test_folding_keeps_the_function(vgg_bn, digits):
     assert torch.all(bn.weight == 1) and torch.all(bn.running_mean == 0)
 
 
-@pytest.mark.parametrize("method", ["cca", "permute"])
-def test_fold_policy_returns_a_model_merged_with_itself(method, vgg_bn, digits):
-    merged = merge([vgg_bn[0]] * 2, digits.x_train[:300], method, bn_policy="fold").model
-    assert max_output_diff(merged, vgg_bn[0], digits.x_test) < 1e-2
-    assert merged.info["merge"]["bn_policy"] == "fold"
-
-
-def test_fold_policy_recovers_a_planted_permutation(resnets, digits):
-    model = resnets[0]
-    merged = merge([model, permuted_twin(model, seed=2)], digits.x_train[:300], "permute",
-                   bn_policy="fold", bn_reset=False).model
+@pytest.mark.parametrize("bn_reset", [True, False])
+def test_a_permuted_twin_merges_back_to_the_model_under_the_mapped_policy(resnets, digits,
+                                                                           bn_reset):
+    model, x = resnets[0], digits.x_train[:300]
+    merged = merge([model, permuted_twin(model, seed=2)], x, "permute", bn_policy="mapped",
+                   bn_reset=bn_reset, batch_size=300).model  # one batch: data moments exactly
     assert max_output_diff(merged, model, digits.x_test[:200]) < 1e-3
+    assert merged.info["merge"]["bn_policy"] == "mapped"
+
+
+def _bn_outputs(model, bns, x) -> dict[str, np.ndarray]:
+    """Each BatchNorm's eval output on ``x`` as samples ``[B*H*W, C]`` (float64)."""
+    modules, seen = dict(model.named_modules()), {}
+    hooks = [modules[bn].register_forward_hook(
+        lambda _m, _i, out, bn=bn: seen.__setitem__(bn, out.movedim(1, -1).reshape(
+            -1, out.shape[1]).double().numpy())) for bn in bns]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_the_statistics_pass_gives_numpys_moments_of_the_batchnorm_outputs(resnets, digits):
+    x, bns = digits.x_train[:200], ["bn", "stages.1.0.bn2"]
+    (moments,) = output_moments(resnets[:1], bns, x)
+    for bn, samples in _bn_outputs(resnets[0], bns, x).items():
+        np.testing.assert_allclose(moments[bn][0], samples.mean(0), atol=1e-5)
+        np.testing.assert_allclose(moments[bn][1], np.cov(samples.T), atol=1e-5)
+
+
+def test_under_a_dense_map_merged_units_take_the_mapped_moments(resnets, digits):
+    """Oracle: numpy moments of each original model's BatchNorm outputs mapped by its T."""
+    x = digits.x_train[:300]
+    result = merge(resnets, x, "cca", bn_policy="mapped", batch_size=300)
+    bns = [bn for _conv, bn in conv_bn_pairs(resnets[0])]
+    owner = {a.param: p.name for p in result.spec.points for a in p.producers}
+    outputs = [_bn_outputs(m, bns, x) for m in resnets]
+    merged = unit_moments(result.model, bns, x, batch_size=300)
+    dense = 0
+    for bn in bns:
+        maps = [t[owner[f"{bn}.bias"]].T if owner[f"{bn}.bias"] in t else np.eye(
+            outputs[0][bn].shape[1]) for t in result.alignment.transforms]
+        mapped = [out[bn] @ T for out, T in zip(outputs, maps, strict=True)]  # [S, C] each
+        mean = np.mean([m.mean(0) for m in mapped], axis=0)
+        std = np.mean([m.std(0, ddof=1) for m in mapped], axis=0)
+        np.testing.assert_allclose(merged[bn][0].numpy(), mean, atol=2e-3 * std.max())
+        np.testing.assert_allclose(merged[bn][1].numpy(), std, rtol=2e-3, atol=1e-6)
+        dense += int(np.count_nonzero(maps[1]) > len(maps[1]))
+    assert dense == len(bns)  # CCA's maps are dense at every BatchNorm
+
+
+def test_a_dense_map_moves_the_scale_away_from_the_transformed_scale_vector(resnets, digits):
+    """Why "paper" is wrong under CCA: T^T g is not the mapped features' scale (size, sign)."""
+    x = digits.x_train[:300]
+    result = merge(resnets, x, "cca", bn_reset=False)
+    T = result.alignment.transforms[1]["block1.1"].T
+    (moments,) = output_moments(resnets[1:], ["stages.0.0.bn1"], x)
+    scale = np.sqrt(np.einsum("kj,kl,lj->j", T, moments["stages.0.0.bn1"][1], T))
+    g = dict(resnets[1].named_modules())["stages.0.0.bn1"].weight.detach().double().numpy()
+    assert np.max(np.abs(np.abs(T.T @ g) - scale) / scale) > 0.1
+
+
+def test_fold_is_retired_with_a_pointer_to_mapped(vgg_bn, digits):
+    with pytest.raises(CcamergeError, match="replaced by 'mapped'"):
+        merge(vgg_bn, digits.x_train[:100], "permute", bn_policy="fold")
 
 
 def test_unknown_policy_is_refused(vgg_bn, digits):

@@ -41,29 +41,29 @@ def _run(inputs, policy: str) -> dict:
 
 
 def test_the_download_recipe_is_the_api_recipe_and_keeps_bn_policy(vgg_inputs, tmp_path):
-    results = {policy: _run(vgg_inputs, policy) for policy in ("paper", "fold")}
-    recipe = json.loads(results["fold"]["recipes"]["permute"])
+    results = {policy: _run(vgg_inputs, policy) for policy in ("paper", "mapped")}
+    recipe = json.loads(results["mapped"]["recipes"]["permute"])
     merged = data.merge(vgg_inputs.models, vgg_inputs.digests, vgg_inputs.data, "digits",
-                        "permute", {}, reference=1, bn_reset=True, bn_policy="fold",
+                        "permute", {}, reference=1, bn_reset=True, bn_policy="mapped",
                         stats_samples=None, sources=[e.path for e in vgg_inputs.entries])
     assert {k: v for k, v in recipe.items() if k not in ADDED} == merged["recipe"]
-    assert recipe["bn_policy"] == "fold" and recipe["reference"] == 1
+    assert recipe["bn_policy"] == "mapped" and recipe["reference"] == 1
     assert recipe["models"] == [e.path for e in vgg_inputs.entries]
     assert recipe["model_sha256"] == list(vgg_inputs.digests)
-    downloaded = load_model_bytes(results["fold"]["files"]["permute"], "merged.safetensors")
+    downloaded = load_model_bytes(results["mapped"]["files"]["permute"], "merged.safetensors")
     assert downloaded.info["merge"] == recipe
     paper = load_model_bytes(results["paper"]["files"]["permute"], "merged.safetensors")
     assert any(not torch.equal(t, paper.state_dict()[k])  # the policy matters for these nets
                for k, t in downloaded.state_dict().items())
-    (tmp_path / "recipe.json").write_text(results["fold"]["recipes"]["permute"])
+    (tmp_path / "recipe.json").write_text(results["mapped"]["recipes"]["permute"])
     out = tmp_path / "replayed.safetensors"
     assert cli.main(["replay", str(tmp_path / "recipe.json"), "--out", str(out), "--quiet"]) == 0
     replayed = load_model(out).state_dict()
     assert all(torch.equal(t, replayed[k]) for k, t in downloaded.state_dict().items())
-    assert load_model(out).info["merge"]["bn_policy"] == "fold"
+    assert load_model(out).info["merge"]["bn_policy"] == "mapped"
 
 
 def test_a_signature_changes_with_the_bn_policy(vgg_inputs):
     args = (vgg_inputs, ["permute"], {}, True, False, None, False)
     assert merging.signature(*args) == merging.signature(*args, "paper")
-    assert merging.signature(*args) != merging.signature(*args, "fold")
+    assert merging.signature(*args) != merging.signature(*args, "mapped")
