@@ -346,8 +346,9 @@ def resolve_options(method: str, options: dict) -> dict:
 
 def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
           method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool = False,
-          bn_policy: str = "paper", stats_samples: int | None,
-          sources: Sequence[str] | None = None, progress: Progress | None = None) -> dict:
+          bn_policy: str = "paper", reset_base_bn: bool = False, stream_points: str = "pooled",
+          stats_samples: int | None, sources: Sequence[str] | None = None,
+          progress: Progress | None = None) -> dict:
     """Merge ``models`` (content ``digests``, files ``sources``) with ``method``; cached by
     content, files and options.
 
@@ -359,14 +360,15 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
     options = resolve_options(method, options)
     sources = None if sources is None else [str(s) for s in sources]
     key = _key("merge", list(digests), data_key, data.name, method, options, reference, bn_reset,
-               repair, bn_policy, stats_samples, sources)
+               repair, bn_policy, reset_base_bn, stream_points, stats_samples, sources)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(models, data)
     start = time.perf_counter()
     result = api.merge(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
-                       repair=repair, bn_policy=bn_policy, stats_samples=stats_samples,
+                       repair=repair, bn_policy=bn_policy, reset_base_bn=reset_base_bn,
+                       stream_points=stream_points, stats_samples=stats_samples,
                        seed=SEED, sources=sources, progress=progress or _quiet, **options)
     seconds = time.perf_counter() - start
     scores = evaluate_model(result.model, data.x_test, data.y_test)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
+from ccamerge.batchnorm import POLICIES as BN_POLICIES  # noqa: F401 - the page's choices
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
+from ccamerge.spec import STREAM_POINTS  # noqa: F401 - the page's choices
 from dashboard import archives, data
 from dashboard.registry import Inputs
 
@@ -25,11 +27,13 @@ def subset_indices(n_models: int, reference: int, n: int) -> list[int]:
 
 def signature(inputs: Inputs, methods: Sequence[str], options: dict, bn_reset: bool,
               repair: bool, stats_samples: int | None, curve: bool,
-              bn_policy: str = "paper") -> str:
+              bn_policy: str = "paper", reset_base_bn: bool = False,
+              stream_points: str = "pooled") -> str:
     """What a run depends on, to tell whether shown results match the current controls."""
     return json.dumps([list(inputs.digests), inputs.reference, inputs.data_key, list(methods),
                        {m: options.get(m, {}) for m in methods}, bn_reset, repair, stats_samples,
-                       curve, bn_policy], sort_keys=True, default=str)
+                       curve, bn_policy, reset_base_bn, stream_points], sort_keys=True,
+                      default=str)
 
 
 def repairs(method: str, repair: bool) -> bool:
@@ -47,7 +51,8 @@ def plan(n_models: int, methods: Sequence[str], curve: bool) -> list[tuple[str, 
 
 def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool, repair: bool,
         stats_samples: int | None, curve: bool, step: StepFactory,
-        bn_policy: str = "paper") -> dict:
+        bn_policy: str = "paper", reset_base_bn: bool = False,
+        stream_points: str = "pooled") -> dict:
     """Merge with every method; returns ``{"signature", "names", "reference", "data_name",
     "base", "merges", "errors", "curve", "files", "recipes", "suffix", "held_out_on"}``
     (``files``/``recipes``: method -> merged model bytes / recipe JSON text; ``suffix``:
@@ -56,7 +61,7 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
     n_models = len(inputs.models)
     tasks = plan(n_models, methods, curve)
     out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,
-                                  bn_policy),
+                                  bn_policy, reset_base_bn, stream_points),
            "names": [e.name for e in inputs.entries], "reference": inputs.reference,
            "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
            "recipes": {}, "suffix": ".safetensors", "held_out_on": None}
@@ -71,7 +76,8 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
             result = data.merge(models, digests, inputs.data, inputs.data_key, method,
                                 options.get(method, {}), reference=indices.index(inputs.reference),
                                 bn_reset=bn_reset, repair=repairs(method, repair),
-                                bn_policy=bn_policy, stats_samples=stats_samples,
+                                bn_policy=bn_policy, reset_base_bn=reset_base_bn,
+                                stream_points=stream_points, stats_samples=stats_samples,
                                 sources=[inputs.entries[i].path for i in indices],
                                 progress=step(k, f"{method}, N = {n}"))
         except CcamergeError as exc:

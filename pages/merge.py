@@ -41,13 +41,30 @@ curve = c4.checkbox("Accuracy vs N", value=True, key=state.W_MERGE_CURVE,
                     "the chart of accuracy against the number of merged models", **widgets.KEEP)
 stats_samples = int(samples) or None
 bn_reset, repair = bn_reset and has_bn, repair and not has_bn
+d1, d2, d3 = st.columns(3)
+bn_policy = d1.selectbox("BatchNorm policy", merging.BN_POLICIES, key=state.W_MERGE_BN_POLICY,
+                         disabled=not has_bn, help="paper: transform BatchNorm vectors with the "
+                         "conv rows (exact for permutations only); mapped: fold BatchNorm into the "
+                         "conv and give each merged unit the mean and scale of the mapped endpoint "
+                         "features (exact for permutations, principled for CCA's dense maps)",
+                         **widgets.KEEP)
+reset_base_bn = d2.toggle("Reset the base models' BatchNorm first", value=False,
+                          key=state.W_MERGE_RESET_BASE, disabled=not has_bn,
+                          help="recompute each base model's BatchNorm statistics on the training "
+                          "images before merging (as the official code does)", **widgets.KEEP)
+stream_points = d3.selectbox("Residual stream statistics", merging.STREAM_POINTS,
+                             key=state.W_MERGE_STREAM, help="pooled: the stem and every block "
+                             "output of a stage; last: only the last block's output (the "
+                             "official code)", **widgets.KEEP)
+bn_policy, reset_base_bn = (bn_policy, reset_base_bn) if has_bn else ("paper", False)
+settings = {"bn_policy": bn_policy, "reset_base_bn": reset_base_bn, "stream_points": stream_points}
 
 if st.button("Run merge", type="primary", key=state.W_MERGE_RUN, disabled=not methods):
     tasks = merging.plan(len(inputs.models), methods, curve)
     with widgets.continue_on_error(), widgets.ProgressDisplay("merging", len(tasks)) as progress:
         st.session_state[state.MERGE_RESULTS] = merging.run(
             inputs, methods, options, bn_reset=bn_reset, repair=repair,
-            stats_samples=stats_samples, curve=curve, step=progress.step)
+            stats_samples=stats_samples, curve=curve, step=progress.step, **settings)
 
 results = st.session_state.get(state.MERGE_RESULTS)
 if not results:
@@ -55,7 +72,7 @@ if not results:
             f"{len(methods)} method(s).")
     st.stop()
 if results["signature"] != merging.signature(inputs, methods, options, bn_reset, repair,
-                                              stats_samples, curve):
+                                              stats_samples, curve, **settings):
     st.info("These results are for earlier settings; press **Run merge** to update them.")
 for method, message in results["errors"].items():
     st.error(f"{method}: {message}")

@@ -366,6 +366,17 @@ def test_batchnorm_reset_toggles_on_batchnorm_nets(app):
     assert app.toggle(key=state.W_MERGE_REPAIR).disabled  # REPAIR is for nets without BatchNorm
 
 
+def test_the_batchnorm_policy_and_stream_options_reach_the_recipe(app):
+    select(app, ids_of(app, "vgg_w1_same")[:2])
+    visit(app, "merge")
+    app.selectbox(key=state.W_MERGE_BN_POLICY).set_value("mapped").run()
+    app.toggle(key=state.W_MERGE_RESET_BASE).set_value(True).run()
+    app.selectbox(key=state.W_MERGE_STREAM).set_value("last").run()
+    recipe = json.loads(run_merge(app, ["permute"])["recipes"]["permute"])
+    assert (recipe["bn_policy"], recipe["reset_base_bn"], recipe["stream_points"]) == (
+        "mapped", True, "last")
+
+
 def test_reference_follows_a_changed_selection(app):
     vggs = ids_of(app, "vgg_w1_same")
     select(app, [])

@@ -67,3 +67,14 @@ def test_a_signature_changes_with_the_bn_policy(vgg_inputs):
     args = (vgg_inputs, ["permute"], {}, True, False, None, False)
     assert merging.signature(*args) == merging.signature(*args, "paper")
     assert merging.signature(*args) != merging.signature(*args, "mapped")
+
+
+def test_a_run_passes_the_official_detail_options_to_the_merge(vgg_inputs):
+    results = merging.run(vgg_inputs, ["permute"], {}, bn_reset=True, repair=False,
+                          stats_samples=None, curve=False, step=quiet_step, reset_base_bn=True,
+                          stream_points="last")
+    recipe = json.loads(results["recipes"]["permute"])
+    assert recipe["reset_base_bn"] is True and recipe["stream_points"] == "last"
+    args = (vgg_inputs, ["permute"], {}, True, False, None, False, "paper")
+    assert merging.signature(*args) != merging.signature(*args, True)
+    assert merging.signature(*args, False) != merging.signature(*args, False, "last")
