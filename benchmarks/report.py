@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from ccamerge.evaluate import barrier
 
@@ -73,6 +74,77 @@ def verdict(table) -> list[str]:
     return lines
 
 
+def interval(diffs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval (nan for fewer than two values)."""
+    d = np.asarray(diffs, float)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), float("nan")
+    return float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def _cell(diffs: list[float]) -> str:
+    """``+1.2 [+0.3, +2.1]``: mean and 95% t interval (the mean alone for one value)."""
+    mean, half = interval(diffs)
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]" if np.isfinite(half) \
+        else f"{mean:+.1f}"
+
+
+def paired(rows: list[dict], a: str, b: str, group: tuple[str, ...], unit: str = "subset",
+           value: str = "accuracy", label: str = "method") -> dict[tuple, list[float]]:
+    """``group`` values -> ``a - b`` per ``unit`` where both were measured."""
+    found: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        found[tuple(r[g] for g in group)][r[unit]][r[label]] = float(r[value])
+    return {key: [v[a] - v[b] for v in units.values() if a in v and b in v]
+            for key, units in found.items() if any(a in v and b in v for v in units.values())}
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    """CCA (paper and mapped BatchNorm policies) minus permutation matching per cell, paired
+    over the same subsets, with 95% t intervals."""
+    group = ("arch", "width", "setting", "N")
+    columns = [(a, b) for a, b in (("cca", "permute"), ("cca mapped", "permute"),
+                                   ("cca mapped", "permute mapped"), ("cca mapped", "cca"))
+               if paired(rows, a, b, group)]
+    if not columns:
+        return []
+    tables = {c: paired(rows, *c, group) for c in columns}
+    keys = sorted(set().union(*tables.values()), key=lambda k: (k[0], float(k[1]), k[2], int(k[3])))
+    lines = ["| arch | width | setting | N | subsets | " + " | ".join(f"{a} - {b}" for a, b in columns)
+             + " |", "|" + "---|" * (5 + len(columns))]
+    for key in keys:
+        cells = [_cell(tables[c].get(key, [])) for c in columns]
+        count = max(len(t.get(key, [])) for t in tables.values())
+        lines.append(f"| {key[0]} | x{float(key[1]):g} | {key[2]} | {key[3]} | {count} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def options_table(rows: list[dict]) -> list[str]:
+    """Held-out accuracy of each option variant (CCA, N = 2) minus the paper's handling, paired
+    over pairs, 95% t intervals."""
+    if not rows:
+        return []
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "paper"))
+    group = ("arch", "width", "setting")
+    tables = {v: paired(rows, v, "paper", group, value="held_out_accuracy", label="variant")
+              for v in variants}
+    lines = ["| arch | width | setting | " + " | ".join(f"{v} - paper" for v in variants) + " |",
+             "|" + "---|" * (3 + len(variants))]
+    for key in sorted(set().union(*tables.values())):
+        cells = [_cell(tables[v].get(key, [])) for v in variants]
+        lines.append(f"| {key[0]} | x{float(key[1]):g} | {key[2]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def pools_table(rows: list[dict]) -> list[str]:
+    lines = ["| arch | width | setting | epochs (plateau rule) | training loss | training accuracy "
+             "| trail (epochs, loss) |", "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {r['arch']} | x{float(r['width']):g} | {r['setting']} | {r['epochs']} "
+                    f"({r['steps_epochs']} with the split's share) | {float(r['train_loss']):.3f} "
+                    f"| {float(r['train_accuracy']):.1f} | {r['trail']} |" for r in rows]
+
+
 def barrier_table(rows: list[dict], key: str) -> list[str]:
     """Per pool and method: the loss barrier (``key="loss"``) or the accuracy barrier, the
     accuracy points lost below the straight line between the two endpoints (``"accuracy"``)."""
@@ -130,12 +202,21 @@ def rewrite_section(readme: Path, start: str, end: str, body: str) -> None:
         readme.write_text(f"{head}{start}\n{body}{end}{tail}")
 
 
+def _optional(path: Path) -> list[dict]:
+    return read(path) if path.exists() else []
+
+
+def _section(title: str, lines: list[str]) -> list[str]:
+    return [title, "", *lines, ""] if lines else []
+
+
 def write_report(out: Path, readme: Path | None = None) -> str:
     run = json.loads((out / "run.json").read_text())
-    table = grouped(read(out / "accuracy.csv"))
+    accuracy_rows = read(out / "accuracy.csv")
+    table = grouped(accuracy_rows)
     barriers = read(out / "barriers.csv")
     selected = read(out / "selected.csv")
-    command = "python benchmarks/reproduce.py" + {"quick": " --quick",
+    command = "python benchmarks/reproduce.py" + {"quick": " --quick", "gpu": " --gpu",
                                                   "full": " --full"}.get(run["profile"], "")
     epochs = ", ".join(f"{arch} {e}" for arch, e in run["epochs"].items())
     size = run.get("image_size")
@@ -150,6 +231,13 @@ def write_report(out: Path, readme: Path | None = None) -> str:
             f"selected on a held-out slice of the training set; test accuracy (%) mean ± std over "
             f"subsets. Run time {run['seconds'] / 60:.0f} min. Regenerate with `{command}`.", "",
             *verdict(table), "", *accuracy_table(table), "",
+            *_section("Paired differences in test accuracy (points), mean and 95% t interval over "
+                      "the same subsets (every pair at N = 2):", paired_table(accuracy_rows)),
+            *_section("Pools (training loss and accuracy on each model's own training part, "
+                      "mean over the pool):", pools_table(_optional(out / "pools.csv"))),
+            *_section("The official code's details for CCA at N = 2, held-out accuracy minus the "
+                      "paper's handling (pooled stream statistics, no base reset), paired over "
+                      "pairs, 95% t intervals:", options_table(_optional(out / "options.csv"))),
             "Interpolation barriers between two models of each pool (N = 2, 6 points on the "
             "path), in test loss:", "", *barrier_table(barriers, "loss"), "",
             "and in test accuracy (points below the straight line between the endpoints; models "

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from report import END, START, write_report  # noqa: E402
@@ -70,3 +72,23 @@ def test_cost_summary_states_where_the_target_is_met_and_rewrites_its_readme_sec
     rewrite_section(readme, COST_START, COST_END, body)
     text = readme.read_text()
     assert "old" not in text and body in text and text.endswith(f"{COST_END}\ntail\n")
+
+
+def test_paired_differences_carry_t_intervals_that_scipy_agrees_with(tmp_path):
+    from report import options_table, paired_table
+    from scipy import stats
+
+    diffs = [1.0, -0.5, 2.0, 0.5, 1.5]
+    rows = []
+    for k, d in enumerate(diffs):
+        for method, acc in (("permute", 80.0), ("cca", 80.0 + d), ("cca mapped", 81.0)):
+            rows.append({"arch": "resnet20", "width": "1.0", "setting": "same", "N": "2",
+                         "subset": f"0-{k + 1}", "method": method, "accuracy": acc})
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    table = "\n".join(paired_table(rows))
+    assert f"| resnet20 | x1 | same | 2 | 5 | +0.9 [{low:+.1f}, {high:+.1f}] |" in table
+    assert "cca mapped - cca" in table
+    options = [{"arch": "vgg", "width": "1.0", "setting": "same", "subset": f"0-{k}",
+                "variant": v, "held_out_accuracy": 70.0 + (k if v == "mapped" else 0)}
+               for k in range(1, 4) for v in ("paper", "mapped")]
+    assert "| vgg | x1 | same | +2.0 [-0.5, +4.5] |" in "\n".join(options_table(options))
