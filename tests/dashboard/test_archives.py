@@ -87,7 +87,7 @@ def test_archives_merge_end_to_end_with_cca_and_permute(name, zoo, digits, tmp_p
             assert torch.allclose(downloaded(digits.x_test), merged(digits.x_test), atol=1e-5)
 
 
-def test_the_recipe_of_a_merged_archive_replays_with_the_cli(zoo, digits, tmp_path):
+def test_the_recipe_of_a_merged_archive_replays_with_the_cli(zoo, digits, tmp_path, monkeypatch):
     models, selected = {}, []
     for k, blob in enumerate(zoo["concat_net"]):
         selected.append(add(models, selected, f"concat_{k}.pt", blob, tmp_path, digits.x_train).id)
@@ -96,9 +96,14 @@ def test_the_recipe_of_a_merged_archive_replays_with_the_cli(zoo, digits, tmp_pa
                           stats_samples=None, curve=False, step=quiet_step)
     recipe = json.loads(results["recipes"]["permute"])
     assert recipe["replay"].endswith("--trust-code") and recipe["reference"] == 1
-    (tmp_path / "recipe.json").write_text(results["recipes"]["permute"])
-    out = tmp_path / "replayed.pt"
-    args = ["replay", str(tmp_path / "recipe.json"), "--out", str(out), "--quiet", "--json"]
+    mine = tmp_path / "mine"  # the user's own copies, under the names they uploaded
+    mine.mkdir()
+    for k, blob in enumerate(zoo["concat_net"]):
+        (mine / f"concat_{k}.pt").write_bytes(blob)
+    monkeypatch.chdir(mine)
+    (mine / "recipe.json").write_text(results["recipes"]["permute"])
+    out = mine / "replayed.pt"
+    args = ["replay", "recipe.json", "--out", str(out), "--quiet", "--json"]
     assert cli.main(args) == 2  # an archive needs --trust-code on the command line too
     assert cli.main([*args, "--trust-code"]) == 0
     replayed = torch.jit.load(str(out)).state_dict()
