@@ -425,6 +425,12 @@ def fitting_dataset(entries: list[ModelEntry], current: str, datasets: dict[str,
     return current
 
 
+def dataset_file(key: str, datasets: dict[str, DatasetEntry]) -> str:
+    """What a command's ``--data`` names: a built-in name, an uploaded ``.npz`` by its file
+    name, an uploaded zip by the folder ``unzip`` makes."""
+    return datasets[key].recipe_name if key in datasets else key
+
+
 def dataset_label(key: str, datasets: dict[str, DatasetEntry]) -> str:
     return datasets[key].name if key in datasets else key
 
