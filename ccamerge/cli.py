@@ -74,22 +74,27 @@ def _data_file(name: str | None) -> str | None:
     return name if name and name not in DATASETS and os.path.exists(name) else None
 
 
-def _load(path: str, args, data=None):
-    """A model file: safetensors / weights-only .pt, or (with --trust-code) a TorchScript
-    archive replayed as a hookable module (see :func:`ccamerge.io.load_archive_model`). Only a
-    regular file is opened."""
+def _load(path: str, args, data=None, architecture: dict | None = None):
+    """A model file: safetensors / weights-only .pt (built as ``architecture``, ``{"arch",
+    "config"}``, which a replayed recipe records for a .pt), or (with --trust-code) a
+    TorchScript archive replayed as a hookable module (see
+    :func:`ccamerge.io.load_archive_model`). Only a regular file is opened."""
     regular_file(path, what="model file", max_bytes=MAX_BYTES)
     if not is_torchscript_archive(path):
-        return load_model(path)
+        if architecture is None or str(path).lower().endswith(".safetensors"):
+            return load_model(path)
+        return load_model(path, arch=architecture["arch"], config=architecture["config"])
     if not getattr(args, "trust_code", False):
         raise CcamergeError(f"{path} is a TorchScript archive: its code runs when the model runs; "
                             "pass --trust-code only if you trust where it came from")
     return load_archive_model(path, (data or _data(args)).x_train[:8])
 
 
-def _models(paths, args, data, *, classes: bool = True):
-    """The model files, loaded and checked to fit ``data`` (its classes too when ``classes``)."""
-    models = [_load(p, args, data) for p in paths]
+def _models(paths, args, data, *, classes: bool = True, architectures=None):
+    """The model files (a .pt built as its entry of ``architectures``), loaded and checked to
+    fit ``data`` (its classes too when ``classes``)."""
+    architectures = architectures or [None] * len(paths)
+    models = [_load(p, args, data, a) for p, a in zip(paths, architectures, strict=True)]
     _check_fit(models, paths, data, classes)
     return models
 
@@ -170,7 +175,9 @@ def cmd_replay(args) -> dict:
     recipe = recipes.read_recipe(args.recipe)
     paths = recipes.model_paths(recipe, args.models, args.recipe)
     notes = recipes.verify(recipe, paths, args.recipe)
-    return _merge({**recipe, "models": paths}, args, inputs=[args.recipe, *paths], notes=notes)
+    recipes.verify_data(recipe, args.recipe)
+    return _merge({**recipe, "models": paths}, args, inputs=[args.recipe, *paths], notes=notes,
+                  architectures=recipes.recorded_architectures(recipe))
 
 
 def _check_out(out: str, inputs: list, models: list[str], reference: int) -> None:
@@ -188,14 +195,15 @@ def _check_out(out: str, inputs: list, models: list[str], reference: int) -> Non
                             ".safetensors name")
 
 
-def _merge(request: dict, args, *, inputs: list, notes: list[str] = ()) -> dict:
+def _merge(request: dict, args, *, inputs: list, notes: list[str] = (),
+           architectures: list | None = None) -> dict:
     """Merge as ``request`` (a checked recipe) says, write ``args.out`` with ``result.recipe``
     in its metadata, and report the scores and the settings the recipe records."""
     data_name = request["data"]["name"]
     _check_out(args.out, [*inputs, _data_file(data_name)], request["models"],
                request.get("reference", 0))
     data = _dataset(data_name, request["data"].get("data_dir"))
-    models = _models(request["models"], args, data)
+    models = _models(request["models"], args, data, architectures=architectures)
     result = _merge_as(request, models, data, _progress(args.quiet or not args.ctx.is_main),
                        args.ctx)
     scores = evaluate_model(result.model, data.test)

@@ -98,6 +98,23 @@ def _check_fields(recipe: dict) -> None:
         raise CcamergeError(f"stream_points must be one of {STREAM_POINTS}, got "
                             f"{recipe['stream_points']!r}")
     recorded_sha256(recipe)
+    recorded_architectures(recipe)
+    data_sha256 = data.get("sha256")
+    if data_sha256 is not None and not (isinstance(data_sha256, str) and _HEX.fullmatch(data_sha256)):
+        raise CcamergeError(f"data.sha256 must be a sha256 hex digest, got {data_sha256!r}")
+
+
+def recorded_architectures(recipe: dict) -> list[dict | None]:
+    """Per model, the ``{"arch", "config"}`` a weights-only ``.pt`` was loaded with (a bare
+    state dict does not say; None where the file describes itself or nothing is recorded)."""
+    count = len(recipe["models"])
+    described = recipe.get("model_architectures") or [None] * count
+    if not isinstance(described, list) or len(described) != count or not all(
+            d is None or (isinstance(d, dict) and isinstance(d.get("arch"), str)
+                          and isinstance(d.get("config"), dict)) for d in described):
+        raise CcamergeError(f"model_architectures must list {count} entries, each null or "
+                            "{\"arch\": name, \"config\": {...}}")
+    return described
 
 
 def recorded_sha256(recipe: dict) -> list[str | None]:
@@ -163,6 +180,20 @@ def _hash_folder(folder: str, wanted: set[str]) -> dict[str, str]:
         if wanted <= set(found):
             break
     return found
+
+
+def verify_data(recipe: dict, path: str) -> None:
+    """Check the dataset file the recipe names against the sha256 it records (a recipe from
+    the dashboard records one for an uploaded ``.npz``); folders and built-in names pass."""
+    data = recipe["data"]
+    digest, name = data.get("sha256"), data["name"]
+    if digest is None or not os.path.isfile(name):
+        return
+    regular_file(name, what="dataset file")
+    if sha256_file(name) != digest:
+        raise CcamergeError(f"{name} is not the dataset recipe {path} merged on "
+                            f"({data.get('file') or name}): its sha256 differs; put the original "
+                            "file there")
 
 
 def verify(recipe: dict, paths: list[str], path: str) -> list[str]:

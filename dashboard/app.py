@@ -15,7 +15,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import streamlit as st  # noqa: E402
+import torch  # noqa: E402
 
+from ccamerge.devices import module_device, resolve_device  # noqa: E402
 from dashboard import data, registry, state, widgets  # noqa: E402
 
 PAGES = [
@@ -50,10 +52,28 @@ def load_demo() -> None:
     st.session_state[state.DEMO_LOADED] = True
 
 
+def device_line(models: dict, ids) -> str:
+    """Where this session's forward passes run: the device of the selected models (the API
+    computes where model 0 is), and, when ``auto`` would pick a GPU elsewhere, that one."""
+    place = compute_device([models[i].model() for i in ids if i in models][:1])
+    line = f"Computing on **{place}**"
+    auto = resolve_device("auto")
+    if auto != place:
+        line += f" (`auto` would pick {auto}; the dashboard keeps its models on the {place.type})"
+    return line
+
+
+def compute_device(models: list) -> torch.device:
+    """The device of the first model (the CPU without models)."""
+    return module_device(models[0]) if models else torch.device("cpu")
+
+
 st.set_page_config(page_title="ccamerge", page_icon=":material/merge:", layout="wide")
 state.init()
 navigation = st.navigation(PAGES)
 with widgets.continue_on_error():
     load_demo()
-widgets.sidebar()
+selection = widgets.sidebar()
+with st.sidebar, widgets.continue_on_error():
+    st.caption(device_line(st.session_state[state.MODELS], selection.ids))
 navigation.run()

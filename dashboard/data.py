@@ -50,7 +50,7 @@ from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
 from ccamerge.files import check_output_path
 from ccamerge.io import is_archive_model, load_model_bytes, save_merged
 from ccamerge.methods import get_method
-from ccamerge.models import build_model
+from ccamerge.models import build_model, check_input_fit
 from ccamerge.spec import build_spec, matching_names, same_points
 from ccamerge.stats import Statistics, collect_statistics
 from ccamerge.trace.derive import derive_and_verify
@@ -184,39 +184,40 @@ def dataset(path_or_name: str) -> Dataset:
     return load_dataset(path_or_name)
 
 
-def check_fit(models: Sequence[nn.Module], data: Dataset) -> None:
-    """Fail with a readable message when ``data``'s images or classes do not fit the models."""
+def check_fit(models: Sequence[nn.Module], data: Dataset, *,
+              names: Sequence[str] | None = None, data_label: str | None = None) -> None:
+    """Fail with one readable line when ``data``'s samples (feature vectors ``[F]`` or images
+    ``[C, H, W]`` of any size) or classes do not fit a model: the built-in families by
+    :func:`ccamerge.models.check_input_fit`, others by running them. ``names`` name the models
+    (default ``model <index>``) and ``data_label`` the dataset (default ``dataset <file
+    name>``)."""
+    label = data_label or f"dataset {Path(data.name).name}"
     for index, model in enumerate(models):
-        if not api.is_builtin(model):
-            _check_runs(index, model, data)
-            continue
-        config = getattr(model, "config", {})
-        want = (config.get("in_channels"), config.get("image_size"), config.get("num_classes"))
-        have = (data.in_channels, data.image_size, data.num_classes)
-        if want != have:
-            raise CcamergeError(
-                f"model {index} expects {want[0]}x{want[1]}x{want[1]} images in {want[2]} classes "
-                f"but dataset {Path(data.name).name} has {have[0]}x{have[1]}x{have[1]} images in "
-                f"{have[2]} classes; pick the dataset the models were trained on")
+        name = names[index] if names else f"model {index}"
+        try:
+            if api.is_builtin(model):
+                check_input_fit(model, data.input_shape, data.num_classes)
+            else:
+                _check_runs(model, data)
+        except CcamergeError as exc:
+            raise CcamergeError(f"{name} does not fit {label}: {exc}") from None
 
 
 @torch.no_grad()
-def _check_runs(index: int, model: nn.Module, data: Dataset) -> None:
+def _check_runs(model: nn.Module, data: Dataset) -> None:
     """A model outside the built-in families (a TorchScript archive) says nothing about its
-    inputs: run it on two test images and compare its outputs with the dataset's classes."""
+    inputs: run it on two test samples and compare its outputs with the dataset's classes."""
     net = copy.deepcopy(model).eval() if model.training else model
-    name = Path(data.name).name
+    shape = "x".join(map(str, data.input_shape))
     try:
         out = net(data.x_test[:2])
-    except Exception as exc:  # the model's own code failed on these images
-        raise CcamergeError(f"model {index} cannot run on the {'x'.join(map(str, data.x_test.shape[1:]))} "
-                            f"images of dataset {name} ({type(exc).__name__}); pick the dataset "
-                            "the models were trained on") from exc
+    except Exception as exc:  # the model's own code failed on these samples
+        raise CcamergeError(f"it cannot run on its {shape} samples ({type(exc).__name__}); pick "
+                            "the dataset the models were trained on") from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != data.num_classes:
-        shape = list(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise CcamergeError(f"model {index} outputs {shape} per image but dataset {name} has "
-                            f"{data.num_classes} classes; pick the dataset the models were "
-                            "trained on")
+        got = list(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CcamergeError(f"it outputs {got} per sample but the data has {data.num_classes} "
+                            "classes; pick the dataset the models were trained on")
 
 
 def uses_batchnorm(models: Sequence[nn.Module]) -> bool:

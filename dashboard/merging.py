@@ -6,6 +6,7 @@ the accuracy-vs-N curve), the downloads and recipes. No ``st.*``: progress goes 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Sequence
 
 from ccamerge.batchnorm import POLICIES as BN_POLICIES  # noqa: F401 - the page's choices
@@ -117,13 +118,41 @@ def ranked(merges: Sequence[dict]) -> list[dict]:
 
 
 def dashboard_recipe(inputs: Inputs, recipe: dict) -> dict:
-    """``api.merge``'s ``recipe`` (a copy, every field kept) plus what the dashboard knows
-    besides: the models' sha256 and names, and the replay command for the download."""
-    archive = archives.is_archive_model(inputs.models[inputs.reference])
-    replay = ("ccamerge replay recipe.json --out merged.pt --trust-code" if archive
-              else "ccamerge replay recipe.json --out merged.safetensors")
-    return {**recipe, "model_sha256": [e.digest for e in inputs.entries],
-            "model_names": [e.name for e in inputs.entries], "replay": replay}
+    """``api.merge``'s ``recipe`` (a copy, every other field kept) made portable: ``models``
+    names each upload by the file name the user gave it (a demo model by its cached file),
+    ``model_files`` those names, ``model_sha256`` the sha256 of exactly those files (what
+    ``ccamerge replay`` verifies), ``model_architectures`` the architecture a weights-only
+    ``.pt`` was loaded with (so replay reads the user's ``.pt``), ``data`` an uploaded dataset
+    by its file name and sha256; plus the models' display names and the replay command."""
+    entries = inputs.entries
+    out = {**recipe, "models": inputs.files, "model_files": [e.filename for e in entries],
+           "model_sha256": [e.digest for e in entries],
+           "model_names": [e.name for e in entries]}
+    architectures = [e.architecture for e in entries]
+    if any(architectures):
+        out["model_architectures"] = architectures
+    if inputs.data_entry is not None and recipe.get("data"):
+        entry = inputs.data_entry
+        out["data"] = {**recipe["data"], "name": entry.recipe_name, "file": entry.name,
+                       "sha256": entry.digest}
+        if entry.prepare:
+            out["data"]["prepare"] = entry.prepare
+    out["replay"] = replay_command(out, archives.is_archive_model(inputs.models[inputs.reference]))
+    return out
+
+
+def replay_command(recipe: dict, archive: bool) -> str:
+    """``ccamerge replay recipe_cca.json --models a.pt b.pt --out merged_cca.safetensors``:
+    the command that redoes the merge in a folder holding the files the recipe names (and the
+    dataset file, when one was uploaded), preceded by the ``unzip`` an image folder needs."""
+    method = recipe["method"]
+    suffix = ".pt" if archive else ".safetensors"
+    words = ["ccamerge", "replay", f"recipe_{method}.json", "--models",
+             *map(shlex.quote, recipe["models"]), "--out", f"merged_{method}{suffix}"]
+    if archive:
+        words.append("--trust-code")
+    prepare = (recipe.get("data") or {}).get("prepare")
+    return f"{prepare} && {' '.join(words)}" if prepare else " ".join(words)
 
 
 def _attach_files(out: dict, inputs: Inputs, result: dict) -> None:

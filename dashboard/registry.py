@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +20,9 @@ from torch import nn
 from ccamerge import api
 from ccamerge.errors import CcamergeError
 from ccamerge.io import load_model_bytes, model_summary, save_model
-from ccamerge.models import count_parameters, same_architecture
-from dashboard import archives, data
+from ccamerge.models import count_parameters
+from ccamerge.models import describe as describe_model
+from dashboard import archives, data, image_zip
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".torchscript")
 
@@ -47,6 +50,29 @@ class ModelEntry:
     def is_archive(self) -> bool:
         return self.arch == archives.ARCH
 
+    @property
+    def label(self) -> str:
+        """What messages call this model: an upload by the file name the user gave it (with
+        its display name when two uploads share that file name), a demo model by its name."""
+        if self.kind != "upload":
+            return self.name
+        return self.filename if Path(self.filename).stem == self.name else \
+            f"{self.name} ({self.filename})"
+
+    @property
+    def portable_path(self) -> str:
+        """The file a recipe names for this model: the name the user gave an upload (their own
+        copy, in the folder ``ccamerge replay`` runs in), a demo model's cached file."""
+        return self.filename if self.kind == "upload" else self.path
+
+    @property
+    def architecture(self) -> dict | None:
+        """``{"arch", "config"}`` a weights-only ``.pt`` upload was loaded with (a bare state
+        dict does not say; a recipe records it so replay reads the user's ``.pt``), else None."""
+        if not self.arch or self.is_archive:
+            return None
+        return {"arch": self.arch, "config": json.loads(self.config)}
+
     def read(self) -> bytes:
         """The bytes of :attr:`path` (read from disk each time a cache misses)."""
         return Path(self.path).read_bytes()
@@ -63,11 +89,20 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """An uploaded ``.npz`` dataset, stored as a file in this session's private folder."""
+    """An uploaded dataset in this session's private folder: an ``.npz`` file (``kind``
+    "npz") or an image folder extracted from a ``.zip`` (``kind`` "images"). ``name`` is the
+    file name the user gave it, ``digest`` the sha256 of the uploaded bytes, ``path`` what
+    ``load_dataset`` reads, ``recipe_name`` what a recipe names (the ``.npz`` itself, or the
+    folder ``unzip`` makes) and ``prepare`` the command that makes it from the upload
+    (empty for an ``.npz``)."""
 
     key: str
     name: str
     path: str
+    digest: str = ""
+    kind: str = "npz"
+    recipe_name: str = ""
+    prepare: str = ""
 
 
 def sha256(content: bytes) -> str:
@@ -117,8 +152,8 @@ def check_budget(filename: str, size: int, session_dir: Path) -> None:
     ``session_dir``, one per upload) over :data:`dashboard.data.SESSION_UPLOAD_BYTES` or
     :data:`~dashboard.data.SESSION_UPLOAD_FILES`; what was loaded stays."""
     max_bytes, max_files = data.SESSION_UPLOAD_BYTES, data.SESSION_UPLOAD_FILES
-    files = [p for p in Path(session_dir).iterdir() if p.is_file()]
-    used = sum(p.stat().st_size for p in files)
+    files = list(Path(session_dir).iterdir())  # one per upload (a file, or an image folder)
+    used = sum(p.stat().st_size for p in Path(session_dir).rglob("*") if p.is_file())
     if len(files) >= max_files:
         raise CcamergeError(f"{filename} was not loaded: this session already holds {len(files)} "
                             f"uploads, the most one session keeps; the models loaded so far stay. "
@@ -138,7 +173,7 @@ def check_size(filename: str, size: int, max_bytes: int) -> None:
                             "upload limit of this dashboard; merge large models with the ccamerge CLI")
 
 
-def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filename: str,
+def add_model_upload(models: dict[str, ModelEntry], filename: str,
                      content: bytes, session_dir: Path, *, arch: str | None = None,
                      config: dict | None = None, trust_code: bool = False,
                      example: torch.Tensor | None = None,
@@ -151,8 +186,8 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
     replayed on ``example`` images ``[B, C, S, S]``; it stays a file in ``session_dir``. Other
     ``.pt``/``.pth`` files need ``arch`` and ``config`` and are read with the weights-only
     unpickler, then written, as ``.safetensors``, to ``session_dir`` so recipes can name them.
-    The model must match the ``selected`` models (architecture, widths, classes; for archives,
-    every state-dict shape).
+    Whether it fits the selection is :func:`fit_problem`'s question: every readable model is
+    loaded, fitting or not.
     """
     check_size(filename, len(content), max_bytes)
     if not filename.lower().endswith(MODEL_SUFFIXES):
@@ -165,7 +200,7 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
     if not filename.lower().endswith(".safetensors"):
         archive = Path(session_dir) / f"{digest[:16]}.pt"
         if archives.write_and_sniff(content, archive):
-            return _add_archive(models, selected, filename, content, digest, archive,
+            return _add_archive(models, filename, content, digest, archive,
                                 trust_code=trust_code, example=example), True
         archive.unlink(missing_ok=True)
         if filename.lower().endswith((".ts", ".torchscript")):
@@ -174,8 +209,7 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
     if is_torch:  # converted once, not cached: the entry loads the converted file
         model = load_model_bytes(content, filename, arch=arch, config=config, max_bytes=max_bytes)
     else:
-        model = data.load_model(digest, filename, lambda: content)
-    _check_fits_selection(models, selected, filename, model)
+        data.load_model(digest, filename, lambda: content)
     path = Path(session_dir) / f"{digest[:16]}.safetensors"
     if is_torch:
         save_model(model, path, info={"source": filename})
@@ -189,8 +223,7 @@ def add_model_upload(models: dict[str, ModelEntry], selected: list[str], filenam
     return entry, True
 
 
-def _add_archive(models: dict[str, ModelEntry], selected: list[str], filename: str,
-                 content: bytes, digest: str, path: Path, *, trust_code: bool,
+def _add_archive(models: dict[str, ModelEntry], filename: str, content: bytes, digest: str, path: Path, *, trust_code: bool,
                  example: torch.Tensor | None) -> ModelEntry:
     """Replay a trusted archive (the file at ``path``) and add it; removes the file on failure."""
     try:
@@ -199,8 +232,7 @@ def _add_archive(models: dict[str, ModelEntry], selected: list[str], filename: s
         if example is None:
             raise CcamergeError(f"{filename} is a TorchScript archive, which is replayed on images "
                                 "of the selected dataset; pick a dataset in the sidebar first")
-        model = data.load_archive(digest, filename, lambda: content, example)
-        _check_fits_selection(models, selected, filename, model, example)
+        data.load_archive(digest, filename, lambda: content, example)
     except CcamergeError:
         path.unlink(missing_ok=True)
         raise
@@ -210,29 +242,81 @@ def _add_archive(models: dict[str, ModelEntry], selected: list[str], filename: s
     return entry
 
 
-def _check_fits_selection(models: dict[str, ModelEntry], selected: list[str], filename: str,
-                          model: nn.Module, example: torch.Tensor | None = None) -> None:
-    if not selected:
-        return
-    first = models[selected[0]]
+def fit_problem(models: dict[str, ModelEntry], selected: list[str], model_id: str) -> str | None:
+    """Why model ``model_id`` would break the ``selected`` models (a different architecture or
+    size, named by the differing config fields), or None when it fits them or none is
+    selected."""
+    others = [i for i in selected if i != model_id]
+    if not others:
+        return None
     try:
-        check_same([first.model(), model], example if example is not None else first.example)
+        check_entries([models[others[0]], models[model_id]])
     except CcamergeError as exc:
-        raise CcamergeError(f"{filename} does not fit the selected models: {exc}. To start a "
-                            "new selection, deselect them in the sidebar and upload again.") from exc
+        return str(exc)
+    return None
 
 
-def check_same(networks: list[nn.Module], x: torch.Tensor | None) -> None:
+def fitting_group(models: dict[str, ModelEntry], ids: list[str]) -> list[str]:
+    """The largest group of ``ids`` that merge together (each checked against the group's
+    first model; the earliest group on a tie), in the order given."""
+    groups: list[list[str]] = []
+    for model_id in ids:
+        home = next((g for g in groups if fit_problem(models, [g[0]], model_id) is None), None)
+        if home is None:
+            groups.append([model_id])
+        else:
+            home.append(model_id)
+    return max(groups, key=len, default=[])
+
+
+def check_entries(entries: list[ModelEntry]) -> None:
+    """:func:`check_same` on loaded entries, each named by its :attr:`ModelEntry.label`."""
+    check_same([e.model() for e in entries], example_of(entries), [e.label for e in entries])
+
+
+def check_same(networks: list[nn.Module], x: torch.Tensor | None,
+               names: list[str] | None = None) -> None:
     """Raise a readable CcamergeError unless ``networks`` merge together: one built-in family and
-    config, or (for archives) the API's check that every state-dict shape matches and model 0
-    runs on ``x`` ``[B, ...]``."""
+    config (the message names the differing config fields once, with ``names`` for the
+    models), or (for archives) every state-dict shape equal and model 0 running on ``x``
+    ``[B, ...]``."""
+    names = names or [f"model {k}" for k in range(len(networks))]
     if all(api.is_builtin(n) for n in networks):
-        same_architecture(networks)
+        for name, network in zip(names[1:], networks[1:], strict=True):
+            difference = config_difference(networks[0], network)
+            if difference:
+                raise CcamergeError(f"{name} does not match {names[0]} ({difference}); only "
+                                    "models of one architecture and size merge")
     elif len(networks) >= 2:
         if x is None:
             raise CcamergeError("cannot compare models outside the built-in families without "
                                 "example images")
+        for name, network in zip(names[1:], networks[1:], strict=True):
+            difference = shape_difference(networks[0], network)
+            if difference:
+                raise CcamergeError(f"{name} does not match {names[0]} ({difference}); only "
+                                    "models of one architecture and size merge")
         api.check_compatible(networks, x, 0)
+
+
+def config_difference(first: nn.Module, other: nn.Module) -> str:
+    """``width 2.0 vs 1.0, hidden [64, 64] vs [128, 128]`` (``other``'s value first), or
+    ``architecture vgg vs mlp``; empty when both are built the same."""
+    if other.arch != first.arch:
+        return f"architecture {other.arch} vs {first.arch}"
+    a, b = describe_model(first)["config"], describe_model(other)["config"]
+    return ", ".join(f"{k} {b.get(k)} vs {a.get(k)}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k))
+
+
+def shape_difference(first: nn.Module, other: nn.Module) -> str:
+    """The first state-dict entry whose shape differs: ``fc.weight [32, 64] vs [16, 64]``."""
+    a = {k: list(v.shape) for k, v in first.state_dict().items()}
+    b = {k: list(v.shape) for k, v in other.state_dict().items()}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key} {b.get(key)} vs {a.get(key)}"
+    return ""
 
 
 def example_of(entries: list[ModelEntry]) -> torch.Tensor | None:
@@ -247,35 +331,104 @@ def describe(model: nn.Module) -> str:
 
 def add_dataset_upload(datasets: dict[str, DatasetEntry], filename: str, content: bytes,
                        session_dir: Path, *, max_bytes: int = data.MAX_UPLOAD_BYTES) -> DatasetEntry:
-    """Check and add an uploaded ``.npz`` dataset (``x_train, y_train, x_test, y_test``); it is
-    written to ``session_dir`` and read without pickle."""
+    """Check and add an uploaded dataset: an ``.npz`` (``x_train, y_train, x_test, y_test``;
+    inputs ``[N, F]``, ``[N, H, W]`` or ``[N, C, H, W]``, read without pickle) or a ``.zip`` of
+    an image folder (extracted by :func:`dashboard.image_zip.extract_images`). It is kept in
+    ``session_dir``; on any problem nothing is kept and the error names ``filename``."""
     check_size(filename, len(content), max_bytes)
-    if not filename.lower().endswith(".npz"):
-        raise CcamergeError(f"{filename} is not an .npz file; a dataset upload needs arrays "
-                            "x_train, y_train, x_test, y_test in an .npz")
+    if not filename.lower().endswith((".npz", ".zip")):
+        raise CcamergeError(f"{filename} is neither an .npz nor a .zip; a dataset upload is an "
+                            ".npz with x_train, y_train, x_test, y_test, or a zip of an image "
+                            "folder (root/<class>/*.png)")
     digest = sha256(content)
-    key = f"npz:{digest[:16]}"
+    kind = "images" if image_zip.is_zip(filename) else "npz"
+    key = f"{'zip' if kind == 'images' else 'npz'}:{digest[:16]}"
     if key in datasets:
         return datasets[key]
-    check_budget(filename, len(content), session_dir)
-    path = Path(session_dir) / f"{digest[:16]}.npz"
-    path.write_bytes(content)
+    if kind == "images":
+        entry = _add_image_zip(filename, content, digest, key, Path(session_dir))
+    else:
+        check_budget(filename, len(content), session_dir)
+        path = Path(session_dir) / f"{digest[:16]}.npz"
+        path.write_bytes(content)
+        entry = DatasetEntry(key, filename, str(path), digest, "npz", filename)
     try:
-        data.dataset(str(path))
+        data.dataset(entry.path)
     except CcamergeError as exc:
+        _remove(Path(session_dir) / Path(entry.path).relative_to(session_dir).parts[0])
+        raise CcamergeError(str(exc).replace(entry.path, filename)) from exc
+    datasets[key] = entry
+    return entry
+
+
+def _add_image_zip(filename: str, content: bytes, digest: str, key: str,
+                   session_dir: Path) -> DatasetEntry:
+    """Extract an uploaded zip into ``session_dir/<digest>/`` (within the session budget); its
+    recipe names the folder ``unzip`` makes in the folder ``ccamerge replay`` runs in."""
+    check_budget(filename, image_zip.unpacked_size(content, filename), session_dir)
+    folder = session_dir / digest[:16]
+    root = image_zip.extract_images(content, filename, folder)
+    stem = Path(filename).stem
+    if root == folder:
+        name, prepare = stem, f"unzip {shlex.quote(filename)} -d {shlex.quote(stem)}"
+    else:
+        name, prepare = root.name, f"unzip {shlex.quote(filename)}"
+    return DatasetEntry(key, filename, str(root), digest, "images", name, prepare)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
         path.unlink(missing_ok=True)
-        raise CcamergeError(str(exc).replace(str(path), filename)) from exc
-    datasets[key] = DatasetEntry(key, filename, str(path))
-    return datasets[key]
 
 
 def dataset_path(key: str, datasets: dict[str, DatasetEntry]) -> str:
-    """What ``load_dataset`` (and a recipe) takes for a dataset key: a name or the .npz path."""
-    if key.startswith("npz:"):
+    """What ``load_dataset`` takes for a dataset key: a name, the .npz or the image folder."""
+    if key.startswith(("npz:", "zip:")):
         if key not in datasets:
             raise CcamergeError("the uploaded dataset is no longer loaded; upload it again")
         return datasets[key].path
     return key
+
+
+def dataset_problem(entries: list[ModelEntry], key: str, datasets: dict[str, DatasetEntry],
+                    data_label: str | None = None) -> str | None:
+    """Why dataset ``key`` (called ``data_label``, default its name) does not fit the models of
+    ``entries`` (their inputs or classes), or None when it fits them (or there are none)."""
+    if not entries:
+        return None
+    try:
+        check_dataset(entries, key, datasets, data_label)
+    except CcamergeError as exc:
+        return str(exc)
+    return None
+
+
+def check_dataset(entries: list[ModelEntry], key: str, datasets: dict[str, DatasetEntry],
+                  data_label: str | None = None):
+    """The dataset ``key`` loaded, after checking it fits every model of ``entries``; raises one
+    line naming the model and the dataset by the names the user knows."""
+    dataset = data.dataset(dataset_path(key, datasets))
+    data.check_fit([e.model() for e in entries], dataset, names=[e.label for e in entries],
+                   data_label=data_label or f"dataset {dataset_label(key, datasets)}")
+    return dataset
+
+
+def fitting_dataset(entries: list[ModelEntry], current: str, datasets: dict[str, DatasetEntry],
+                    candidates: list[str]) -> str:
+    """``current`` when it fits ``entries``, else the first of ``candidates`` that does (else
+    ``current``)."""
+    for key in [current, *[c for c in candidates if c != current]]:
+        if dataset_problem(entries, key, datasets) is None:
+            return key
+    return current
+
+
+def dataset_file(key: str, datasets: dict[str, DatasetEntry]) -> str:
+    """What a command's ``--data`` names: a built-in name, an uploaded ``.npz`` by its file
+    name, an uploaded zip by the folder ``unzip`` makes."""
+    return datasets[key].recipe_name if key in datasets else key
 
 
 def dataset_label(key: str, datasets: dict[str, DatasetEntry]) -> str:
@@ -310,7 +463,8 @@ def _archive_summary(model: nn.Module) -> dict:
 @dataclass(frozen=True)
 class Inputs:
     """What a page computes on: the selected entries and networks, their digests, the reference
-    index, and the dataset with its cache key and the name a recipe records."""
+    index, the dataset with its cache key and the name a recipe or a command gives it (the
+    built-in name, or the file name the user uploaded), and the uploaded dataset's entry."""
 
     entries: list[ModelEntry]
     models: list[nn.Module]
@@ -319,21 +473,30 @@ class Inputs:
     data: object
     data_key: str
     data_name: str
+    data_entry: DatasetEntry | None = None
 
     def pick(self, indices: list[int]) -> tuple[list[nn.Module], tuple[str, ...]]:
         return [self.models[i] for i in indices], tuple(self.digests[i] for i in indices)
 
+    @property
+    def files(self) -> list[str]:
+        """The model files a command names (:attr:`ModelEntry.portable_path`), in order."""
+        return [e.portable_path for e in self.entries]
+
 
 def inputs(ids: tuple[str, ...], reference: int, data_key: str, models: dict[str, ModelEntry],
            datasets: dict[str, DatasetEntry], *, minimum: int = 2) -> Inputs:
-    """Resolve a selection; raises a readable CcamergeError when it cannot be computed on."""
+    """Resolve a selection; raises a readable CcamergeError when it cannot be computed on. A
+    mismatch between the models is explained in the sidebar, so it is only pointed at here."""
     if len(ids) < minimum:
         raise CcamergeError(f"select at least {minimum} models in the sidebar (selected: {len(ids)})")
     entries = [models[i] for i in ids]
-    networks = [e.model() for e in entries]
-    check_same(networks, example_of(entries))
-    name = dataset_path(data_key, datasets)
-    dataset = data.dataset(name)
-    data.check_fit(networks, dataset)
-    return Inputs(entries, networks, tuple(e.digest for e in entries), reference, dataset, data_key,
-                  name)
+    try:
+        check_entries(entries)
+    except CcamergeError as exc:
+        raise CcamergeError("the selected models do not merge together (the sidebar says why); "
+                            "change the selection in the sidebar") from exc
+    dataset = check_dataset(entries, data_key, datasets)
+    entry = datasets.get(data_key)
+    return Inputs(entries, [e.model() for e in entries], tuple(e.digest for e in entries),
+                  reference, dataset, data_key, entry.recipe_name if entry else data_key, entry)

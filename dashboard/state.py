@@ -22,6 +22,7 @@ SESSION_DIR = "ccm_session_dir"        # SessionDir: this session's private temp
 SELECTION = "ccm_selection"            # Selection made by the sidebar in this run
 UPLOAD_MESSAGES = "ccm_upload_messages"  # list of (level, text) from the last uploads
 PROCESSED_UPLOADS = "ccm_processed_uploads"  # uploader file ids already handled
+RECENT_UPLOADS = "ccm_recent_uploads"  # model ids uploaded since the last new selection
 MERGE_RESULTS = "ccm_merge_results"    # the last merge run (dict), survives page switches
 DEMO_LOADED = "ccm_demo_loaded"        # the demo zoo was added to this session
 APPLIED = "ccm_applied"                # {"method", "options", "source"}: the last setting applied
@@ -36,6 +37,7 @@ W_DATA_UPLOAD = "w_data_upload"
 W_PT_ARCH = "w_pt_arch"
 W_PT_CONFIG = "w_pt_config"
 W_TRUST_CODE = "w_trust_code"          # "I trust this archive's code" (TorchScript uploads)
+W_NEW_SELECTION = "w_new_selection"    # "Start a new selection from these uploads"
 # Widget keys: spectra page
 W_SPEC_GAMMA = "w_spec_gamma"
 W_SPEC_RELATIVE = "w_spec_relative"
@@ -98,7 +100,7 @@ def option_key(prefix: str, method: str, option: str) -> str:
 @dataclass(frozen=True)
 class Selection:
     """What the sidebar selected: model ids (load order), the reference as an index into them,
-    and the dataset key (``digits``, ``fashion-mnist`` or ``npz:<sha256>``)."""
+    and the dataset key (``digits``, ``fashion-mnist``, ``npz:<sha256>`` or ``zip:<sha256>``)."""
 
     ids: tuple[str, ...]
     reference: int

@@ -268,7 +268,7 @@ def _selection_notes(models: dict, ids: list[str]) -> None:
         return
     entries = [models[i] for i in ids]
     try:
-        registry.check_same([e.model() for e in entries], registry.example_of(entries))
+        registry.check_entries(entries)
     except CcamergeError as exc:
         st.error(str(exc))
         return

@@ -135,6 +135,6 @@ if results["files"]:
                        file_name=f"recipe_{chosen}.json", mime="application/json",
                        key="download_recipe", icon=":material/receipt_long:")
     replay = json.loads(results["recipes"][chosen]).get("replay", "")
-    st.caption(f"`{replay}` redoes this merge and "
-               "writes the same weights (the recipe names the model files and the dataset; "
-               "uploaded files live in this session's temporary folder).")
+    st.caption(f"`{replay}` redoes this merge and writes the same weights, run in a folder "
+               "holding the recipe and the files it names (your uploads under the names you "
+               "gave them); replay checks each file's sha256 first.")

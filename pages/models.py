@@ -47,7 +47,9 @@ if dataset is not None:
     cols[0].metric("training images", f"{info['train_size']:,}")
     cols[1].metric("test images", f"{info['test_size']:,}")
     cols[2].metric("classes", info["num_classes"])
-    cols[3].metric("image shape", " x ".join(map(str, info["image_shape"])))
+    shape = info.get("image_shape") or info.get("input_shape")
+    cols[3].metric("image shape" if "image_shape" in info else "features",
+                   " x ".join(map(str, shape)))
 
 st.subheader("Upload")
 left, right = st.columns(2)
@@ -71,13 +73,24 @@ with left:
         st.caption(".pt files are read with PyTorch's weights-only unpickler: a file that tries to "
                    "run code is refused, never executed.")
 with right:
-    st.file_uploader("Dataset (.npz with x_train, y_train, x_test, y_test)", type=["npz"],
+    st.file_uploader("Dataset (.npz with x_train, y_train, x_test, y_test, or a .zip of an "
+                     "image folder root/<class>/*.png)", type=["npz", "zip"],
                      key=state.W_DATA_UPLOAD, on_change=uploads.on_dataset_upload,
-                     max_upload_size=data.MAX_UPLOAD_BYTES // 2**20)
+                     max_upload_size=data.MAX_UPLOAD_BYTES // 2**20,
+                     help="an .npz holds feature vectors [N, F] (for MLPs) or images [N, H, W] / "
+                     "[N, C, H, W] of any size; a zip holds one folder per class (or train/ and "
+                     "test/ folders of classes)")
     st.caption(f"Built-in: {', '.join(['digits', 'fashion-mnist'])} (fashion-mnist when the Debian "
                "package `dataset-fashion-mnist` is installed).")
 
 for level, text in st.session_state[state.UPLOAD_MESSAGES]:
     {"error": st.error, "warning": st.warning}.get(level, st.success)(text)
+recent = uploads.recent_uploads(st.session_state)
+if recent:
+    st.button(uploads.NEW_SELECTION_LABEL, key=state.W_NEW_SELECTION,
+              on_click=uploads.on_new_selection, icon=":material/restart_alt:",
+              help="select those of these models that merge together (deselecting the others) "
+                   "and a dataset that fits them")
+    st.caption("These uploads: " + ", ".join(models[i].label for i in recent))
 st.caption(f"Uploads stay in this browser session only (limit {data.MAX_UPLOAD_BYTES // 2**20} MB "
            "per file). Demo files: " + f"`{data.demo_dir()}`.")

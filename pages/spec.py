@@ -1,6 +1,8 @@
 """Merge points: what ccamerge aligns in a model, found by tracing it, verified by permuting it,
 with the unsupported operations and a diagram of the network."""
 
+import shlex
+
 import pandas as pd
 import streamlit as st
 
@@ -106,5 +108,8 @@ with right:
         st.code(report["dot"], language="dot", height=320)
         st.code(report["mermaid"], language="mermaid", height=320)
 flag = " --trust-code" if entry.is_archive or archives.is_archive_model(model) else ""
-st.caption(f"`ccamerge spec {entry.filename} --data {registry.dataset_label(sel.dataset, st.session_state[state.DATASETS])}"
-           f"{flag} --json` prints the same report.")
+command = (f"ccamerge spec {shlex.quote(entry.portable_path)} --data "
+           f"{shlex.quote(registry.dataset_file(sel.dataset, st.session_state[state.DATASETS]))}"
+           f"{flag} --json")
+st.caption(f"`{command}` prints the same report (run in a folder holding "
+           f"{entry.filename}).")

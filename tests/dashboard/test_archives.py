@@ -37,8 +37,8 @@ def digits():
 def add(models: dict, selected: list[str], name: str, content: bytes, folder: Path, x, *,
         trust: bool = True) -> registry.ModelEntry:
     """What the upload callback does with one file (trust box ticked unless ``trust=False``)."""
-    entry, _ = registry.add_model_upload(models, selected, name, content, folder,
-                                         trust_code=trust, example=x[:8])
+    entry, _ = registry.add_model_upload(models, name, content, folder, trust_code=trust,
+                                         example=x[:8])
     return entry
 
 
@@ -87,7 +87,7 @@ def test_archives_merge_end_to_end_with_cca_and_permute(name, zoo, digits, tmp_p
             assert torch.allclose(downloaded(digits.x_test), merged(digits.x_test), atol=1e-5)
 
 
-def test_the_recipe_of_a_merged_archive_replays_with_the_cli(zoo, digits, tmp_path):
+def test_the_recipe_of_a_merged_archive_replays_with_the_cli(zoo, digits, tmp_path, monkeypatch):
     models, selected = {}, []
     for k, blob in enumerate(zoo["concat_net"]):
         selected.append(add(models, selected, f"concat_{k}.pt", blob, tmp_path, digits.x_train).id)
@@ -96,9 +96,14 @@ def test_the_recipe_of_a_merged_archive_replays_with_the_cli(zoo, digits, tmp_pa
                           stats_samples=None, curve=False, step=quiet_step)
     recipe = json.loads(results["recipes"]["permute"])
     assert recipe["replay"].endswith("--trust-code") and recipe["reference"] == 1
-    (tmp_path / "recipe.json").write_text(results["recipes"]["permute"])
-    out = tmp_path / "replayed.pt"
-    args = ["replay", str(tmp_path / "recipe.json"), "--out", str(out), "--quiet", "--json"]
+    mine = tmp_path / "mine"  # the user's own copies, under the names they uploaded
+    mine.mkdir()
+    for k, blob in enumerate(zoo["concat_net"]):
+        (mine / f"concat_{k}.pt").write_bytes(blob)
+    monkeypatch.chdir(mine)
+    (mine / "recipe.json").write_text(results["recipes"]["permute"])
+    out = mine / "replayed.pt"
+    args = ["replay", "recipe.json", "--out", str(out), "--quiet", "--json"]
     assert cli.main(args) == 2  # an archive needs --trust-code on the command line too
     assert cli.main([*args, "--trust-code"]) == 0
     replayed = torch.jit.load(str(out)).state_dict()
@@ -110,10 +115,12 @@ def test_mismatched_and_broken_archives_get_a_message_and_change_nothing(zoo, di
     models, selected = {}, []
     for k, blob in enumerate(zoo["ln_gelu_mlp"]):
         selected.append(add(models, selected, f"mlp_{k}.pt", blob, tmp_path, digits.x_train).id)
+    concat = add(models, selected, "concat.pt", zoo["concat_net"][0], tmp_path, digits.x_train)
+    problem = registry.fit_problem(models, selected, concat.id)  # loaded, but it does not fit
+    assert problem.startswith("concat.pt does not match mlp_0.pt (") and "vs" in problem
+    del models[concat.id]
+    Path(concat.path).unlink()
     before = dict(models)
-    with pytest.raises(CcamergeError, match="does not fit the selected models: model 1 does not "
-                                            "match model 0"):
-        add(models, selected, "concat.pt", zoo["concat_net"][0], tmp_path, digits.x_train)
 
     class Branchy(nn.Module):
         def __init__(self):

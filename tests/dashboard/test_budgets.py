@@ -65,20 +65,20 @@ def test_uploads_are_held_once_and_within_the_session_budget(tmp_path, monkeypat
     monkeypatch.setattr(data, "SESSION_UPLOAD_BYTES", 2 * len(files[0]) + 100)
     models: dict = {}
     for k in range(2):
-        entry, added = registry.add_model_upload(models, [], f"m{k}.safetensors", files[k], session)
+        entry, added = registry.add_model_upload(models, f"m{k}.safetensors", files[k], session)
         assert added and not hasattr(entry, "content")  # the bytes live in one file only
         assert entry.read() == files[k]
     before = dict(models)
     with pytest.raises(CcamergeError, match=r"m2.safetensors was not loaded: .* budget per "
                                             r"session; the models loaded so far stay"):
-        registry.add_model_upload(models, [], "m2.safetensors", files[2], session)
+        registry.add_model_upload(models, "m2.safetensors", files[2], session)
     assert models == before and len(list(session.iterdir())) == 2
-    again, added = registry.add_model_upload(models, [], "copy.safetensors", files[0], session)
+    again, added = registry.add_model_upload(models, "copy.safetensors", files[0], session)
     assert not added and again.id in before  # a duplicate takes no budget
     monkeypatch.setattr(data, "SESSION_UPLOAD_BYTES", 2**30)
     monkeypatch.setattr(data, "SESSION_UPLOAD_FILES", 2)
     with pytest.raises(CcamergeError, match="already holds 2 uploads"):
-        registry.add_model_upload(models, [], "m3.safetensors", files[3], session)
+        registry.add_model_upload(models, "m3.safetensors", files[3], session)
 
 
 def test_a_refused_upload_leaves_a_message_and_the_app_running(demo_cache, tmp_path, monkeypatch):

@@ -40,15 +40,17 @@ def _run(inputs, policy: str) -> dict:
     return results
 
 
-def test_the_download_recipe_is_the_api_recipe_and_keeps_bn_policy(vgg_inputs, tmp_path):
+def test_the_download_recipe_is_the_api_recipe_and_keeps_bn_policy(vgg_inputs, tmp_path,
+                                                                    monkeypatch):
     results = {policy: _run(vgg_inputs, policy) for policy in ("paper", "mapped")}
     recipe = json.loads(results["mapped"]["recipes"]["permute"])
     merged = data.merge(vgg_inputs.models, vgg_inputs.digests, vgg_inputs.data, "digits",
                         "permute", {}, reference=1, bn_reset=True, bn_policy="mapped",
                         stats_samples=None, sources=[e.path for e in vgg_inputs.entries])
-    assert {k: v for k, v in recipe.items() if k not in ADDED} == merged["recipe"]
+    portable = {"models": [e.filename for e in vgg_inputs.entries]}  # the names users gave
+    assert {k: v for k, v in recipe.items() if k not in ADDED} == merged["recipe"] | portable
     assert recipe["bn_policy"] == "mapped" and recipe["reference"] == 1
-    assert recipe["models"] == [e.path for e in vgg_inputs.entries]
+    assert recipe["models"] == ["vgg0.safetensors", "vgg1.safetensors"]
     assert recipe["model_sha256"] == list(vgg_inputs.digests)
     downloaded = load_model_bytes(results["mapped"]["files"]["permute"], "merged.safetensors")
     assert downloaded.info["merge"] == recipe
@@ -57,6 +59,7 @@ def test_the_download_recipe_is_the_api_recipe_and_keeps_bn_policy(vgg_inputs, t
                for k, t in downloaded.state_dict().items())
     (tmp_path / "recipe.json").write_text(results["mapped"]["recipes"]["permute"])
     out = tmp_path / "replayed.safetensors"
+    monkeypatch.chdir(tmp_path)  # the folder holding the files the recipe names
     assert cli.main(["replay", str(tmp_path / "recipe.json"), "--out", str(out), "--quiet"]) == 0
     replayed = load_model(out).state_dict()
     assert all(torch.equal(t, replayed[k]) for k, t in downloaded.state_dict().items())
