@@ -17,17 +17,20 @@ the directions in which all models' features correlate best at once: ``lambda_k 
 rho_k`` with ``rho_k`` the mean correlation of the N variates (for N = 2, rho are exactly CCA's
 canonical correlations and ``W_1, W_2 = A, B / sqrt 2`` its canonical directions).
 
-The shared space's coordinates have no ReLU meaning, so the merged model's units are expressed
-in the reference model's unit basis: the unmerge map of a model is the S-weighted least-squares
-left inverse of its projection, ``G_i = (W_i^T S_i W_i)^-1 W_i^T S_i`` ``[k, n_i]``
-(``= W_i^-1`` when square), and::
+Each model then gets k orthonormal whitened directions: ``O_i = polar(V_i diag(lambda)^1/2)``
+``[r_i, k]`` (``V_i diag(lambda)^1/2`` is model i's covariance with the k unit-variance consensus
+variates), ``W_i = Q_i L_i^-1/2 O_i``, so ``W_i^T S_i W_i = I``: every model spans the whole
+shared space (the raw blocks ``V_i`` need not: for N >= 3 a direction shared by some models only
+has a near-zero block in the others, and inverting it blows the merge up). The shared space's
+coordinates have no ReLU meaning, so the merged model's units are the reference's; the unmerge
+map of a model is ``G_i = W_i^T S_i`` ``[k, n_i]`` (its S-weighted least-squares left inverse)::
 
     T_i     = W_i G_ref     [n_i, n_ref]   (merge: a feature row x_i goes to x_i T_i)
     T_inv_i = W_ref G_i     [n_ref, n_i]   (unmerge),      T_ref = I
 
-Any change of basis of the shared space, ``W_i -> W_i Q`` for one invertible ``Q``, leaves every
-``T_i`` unchanged, so rotations within degenerate eigenvalues do not matter, and for N = 2 the
-transforms are CCA Merge's ``T = S_yy^-1/2 V U^T S_xx^1/2`` exactly. The shared space itself
+A rotation of the shared space within degenerate eigenvalues (``V -> V R``) leaves every ``T_i``
+unchanged, and for N = 2 (``V_1, V_2 = U, V / sqrt 2``, ``O_1, O_2 = U, V``) the transforms are
+CCA Merge's ``T = S_yy^-1/2 V U^T S_xx^1/2`` exactly. The shared space itself
 does not depend on the reference: the transforms to reference s are those to reference r
 followed by ``T_s^-1`` (``T_i^(s) = T_i^(r) (T_s^(r))^-1`` when k is full), so the merged
 weights for different references differ only by a change of basis; the reference only decides
@@ -137,20 +140,23 @@ class SharedSpace:
         return (self.eigenvalues - 1.0) / max(len(self.blocks) - 1, 1)
 
     def padded(self, i: int) -> np.ndarray:
-        """``V_i`` with zero rows for model i's null directions, ``[live_i, k]``."""
-        v = self.blocks[i]
-        return np.vstack([v, np.zeros((len(self.bases[i].live) - len(v), v.shape[1]))])
+        """``O_i = polar(V_i diag(lambda)^1/2)`` ``[live_i, k]`` (zero rows for model i's null
+        directions): the orthonormal whitened directions of model i closest to its
+        covariance with the consensus variates (``V_i diag(lambda)^1/2``)."""
+        left, _, right = np.linalg.svd(self.blocks[i] * np.sqrt(self.eigenvalues),
+                                       full_matrices=False)
+        o = left @ right
+        return np.vstack([o, np.zeros((len(self.bases[i].live) - len(o), o.shape[1]))])
 
     def projection(self, i: int) -> np.ndarray:
-        """``W_i = Q_i L_i^-1/2 V_i`` ``[live_i, k]``: model i's live features to shared
-        coordinates."""
+        """``W_i = Q_i L_i^-1/2 O_i`` ``[live_i, k]``: model i's live features to shared
+        coordinates (``W_i^T S_i W_i = I``)."""
         return self.bases[i].whitener @ self.padded(i)
 
     def unmerge(self, i: int) -> np.ndarray:
-        """``G_i = (W_i^T S_i W_i)^-1 W_i^T S_i`` ``[k, live_i]``: shared coordinates back to
-        model i's live units (``W_i^T S_i W_i = V_i^T V_i``)."""
-        v = self.padded(i)
-        return np.linalg.solve(v.T @ v, v.T) @ self.bases[i].dewhitener
+        """``G_i = W_i^T S_i = O_i^T L_i^1/2 Q_i^T`` ``[k, live_i]``: shared coordinates back
+        to model i's live units (the S-weighted least-squares left inverse of ``W_i``)."""
+        return self.padded(i).T @ self.bases[i].dewhitener
 
     def complement(self, i: int) -> np.ndarray:
         """Orthonormal basis ``[live_i, live_i - k]`` of model i's whitened directions outside

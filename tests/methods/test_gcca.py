@@ -67,11 +67,12 @@ def _oracle_transform(xs, i, reference):
     values, w = scipy.linalg.eigh(a, d)
     k = min(n)
     values, w = values[::-1][:k], w[:, ::-1][:, :k]
-    blocks = [w[edges[j]:edges[j + 1]] for j in range(len(xs))]
-    s_ref = d[edges[reference]:edges[reference + 1], edges[reference]:edges[reference + 1]]
-    w_ref = blocks[reference]
-    unmerge = np.linalg.solve(w_ref.T @ s_ref @ w_ref, w_ref.T @ s_ref)
-    return values, blocks[i] @ unmerge
+    roots = [scipy.linalg.sqrtm(d[edges[j]:edges[j + 1], edges[j]:edges[j + 1]]).real
+             for j in range(len(xs))]
+    # whitened blocks S_j^1/2 w_j, scaled by lambda^1/2, to the nearest orthonormal columns
+    ortho = [scipy.linalg.polar(roots[j] @ w[edges[j]:edges[j + 1]] * np.sqrt(values))[0]
+             for j in range(len(xs))]
+    return values, np.linalg.solve(roots[i], ortho[i]) @ ortho[reference].T @ roots[reference]
 
 
 @pytest.mark.parametrize("n_models", [3, 4])
