@@ -23,7 +23,8 @@ from ccamerge.spec import AlignmentSpec, Axis
 
 @dataclass(frozen=True)
 class Transform:
-    """``T`` and ``T_inv``, both ``[n, n]`` float64."""
+    """``T`` and ``T_inv``, ``[n, n]`` float64; rectangular between models of different widths:
+    ``T`` ``[n, m]`` takes model i's ``n`` units to a target of ``m``, ``T_inv`` ``[m, n]``."""
 
     T: np.ndarray
     T_inv: np.ndarray
@@ -42,7 +43,13 @@ class Transform:
 
     @property
     def width(self) -> int:
+        """Model i's width ``n`` (the rows of ``T``)."""
         return self.T.shape[0]
+
+    @property
+    def target_width(self) -> int:
+        """The width ``m`` the transformed model has at this point (the columns of ``T``)."""
+        return self.T.shape[1]
 
 
 Transforms = dict[str, Transform]  # merge point name -> transform, for one model
@@ -53,7 +60,7 @@ def _apply_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.
     ``repeat``, from ``offset``); other entries of the axis are left as they are. An identity
     returns ``tensor`` itself, a permutation reorders the entries (exact, no arithmetic), any
     other matrix multiplies in float64."""
-    perm = _permutation(matrix)
+    perm = _permutation(matrix) if matrix.shape[0] == matrix.shape[1] else None
     if perm is not None:
         if np.array_equal(perm, np.arange(len(perm))):
             return tensor
@@ -67,17 +74,30 @@ def _apply_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.
 
 def _dense_along(tensor: torch.Tensor, axis: Axis, matrix: np.ndarray) -> torch.Tensor:
     """``matrix @ tensor`` along the point's entries of ``axis``, in float64: one converting
-    copy of those entries in, one product, one converting copy out."""
-    n = matrix.shape[0]
+    copy of those entries in, one product, one converting copy out. A rectangular ``matrix``
+    ``[m, n]`` turns the ``n * repeat`` entries into ``m * repeat``."""
+    n = matrix.shape[1]
     part = tensor.narrow(axis.axis, axis.offset, n * axis.repeat).movedim(axis.axis, 0)
     block = torch.empty(part.shape, dtype=torch.float64, device=tensor.device)
     block.copy_(part)  # [n * repeat, ...] contiguous float64
     # channel-major flatten keeps each unit's `repeat` entries together: [n, repeat * rest]
     mixed = torch.from_numpy(matrix).to(tensor.device) @ block.view(n, -1)
+    if matrix.shape[0] != n:
+        return _resized_along(tensor, axis, n, mixed.view(-1, *part.shape[1:]))
     out = tensor.clone()
     out.narrow(axis.axis, axis.offset, n * axis.repeat).movedim(axis.axis, 0).copy_(
         mixed.view(part.shape))
     return out
+
+
+def _resized_along(tensor: torch.Tensor, axis: Axis, n: int, mixed: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with its ``n * repeat`` point entries along ``axis`` replaced by ``mixed``
+    ``[m * repeat, ...]`` (the axis moved first), entries before and after kept."""
+    end = axis.offset + n * axis.repeat
+    before = tensor.narrow(axis.axis, 0, axis.offset)
+    after = tensor.narrow(axis.axis, end, tensor.shape[axis.axis] - end)
+    middle = mixed.to(tensor.dtype).movedim(0, axis.axis)
+    return torch.cat([before, middle, after], dim=axis.axis).contiguous()
 
 
 def _permutation(matrix: np.ndarray) -> np.ndarray | None:

@@ -7,11 +7,11 @@ it appear in every front end.
 from __future__ import annotations
 
 from ccamerge.errors import CcamergeError
-from ccamerge.methods import average, cca, ot, permute, weight_matching, zipit
+from ccamerge.methods import average, cca, gcca, ot, permute, weight_matching, zipit
 from ccamerge.methods.base import Method
 
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in [
-    average, permute, weight_matching, zipit, ot, cca]}
+    average, permute, weight_matching, zipit, ot, cca, gcca]}
 
 
 def get_method(name: str) -> Method:

@@ -102,5 +102,6 @@ def test_registry_validates_options_and_names():
     with pytest.raises(CcamergeError, match="choose one of"):
         get_method("magic")
     described = json.loads(json.dumps(describe_methods()))
-    assert set(described) == {"average", "permute", "weight_matching", "zipit", "ot", "cca"}
+    assert set(described) == {"average", "permute", "weight_matching", "zipit", "ot", "cca",
+                              "gcca"}
     assert described["zipit"]["options"]["alpha"]["default"] == 0.3

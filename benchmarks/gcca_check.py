@@ -1,0 +1,174 @@
+"""gcca (one shared space for all models) against cca with every choice of reference.
+
+    python benchmarks/gcca_check.py [--archs vgg resnet20] [--pool 5] [--max-n 4]
+        [--out benchmarks/results/gcca_check.md]
+
+Trains (or reuses from ``benchmarks/cache/gcca_check``) pools of ``--pool`` models (x1, seeds
+0..pool-1, same data) on the reproduction's default data (Fashion-MNIST at 14x14 px, 4000
+training images, 6 and 3 epochs: ``reproduce.py``'s ``default`` profile). Every subset of 2..max-n
+models is merged with cca and with gcca (both at their defaults: relative gamma 0.1, BatchNorm
+reset on) once with each member as the reference, from one set of statistics (1000 training
+images, every pair). Each merge is scored on the profile's held-out slice (1000 training images
+no model saw) and on its 2000 test images.
+
+Per subset: cca's test accuracy averaged over the references (``mean``), with the reference whose
+merge scored best on the held-out slice (``best``, the selection a user can make) and the best on
+the test set itself (``oracle``, an upper bound that peeks at the test set); gcca's with the
+subset's first model as reference (``first``: no selection), ``mean`` and ``best`` likewise.
+Reported per architecture and N: paired differences gcca - cca over the subsets, mean and 95% t
+interval (subsets share models, so the interval is a guide, not an exact test) and wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from reproduce import PROFILES, epochs_for, split_data
+from scipy import stats as scipy_stats
+
+from ccamerge.api import align, aligned_states, resolve_spec, subsample
+from ccamerge.evaluate import evaluate_model
+from ccamerge.io import load_model
+from ccamerge.stats import collect_statistics
+from ccamerge.train import train_zoo
+from ccamerge.transform import average_states, reset_batchnorm, with_state
+
+METHODS = ("cca", "gcca")
+COMPARISONS = [("gcca first", "cca best"), ("gcca best", "cca best"), ("gcca mean", "cca mean"),
+               ("gcca first", "cca oracle")]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def train_pool(arch: str, data, profile: dict, size: int, cache: Path) -> list:
+    rows = train_zoo(arch, data, list(range(size)), cache / arch, split="same", width=1.0,
+                     epochs=epochs_for(arch, "same", profile), progress=lambda f, m: None)
+    log(f"{arch}: test accuracy " + ", ".join(f"{r['accuracy']:.1f}" for r in rows))
+    return [load_model(r["path"]) for r in rows]
+
+
+def merged_scores(models, method, stats, spec, x_stats, reference, held, test) -> tuple:
+    """(held-out accuracy, test accuracy) of one merge with BatchNorm reset on ``x_stats``."""
+    aligned = align(models, x_stats, method, reference=reference, statistics=stats, spec=spec)
+    merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
+    reset_batchnorm(merged, x_stats)
+    return (evaluate_model(merged, *held)["accuracy"], evaluate_model(merged, *test)["accuracy"])
+
+
+def run_arch(arch: str, data, held, profile: dict, args) -> list[dict]:
+    pool = train_pool(arch, data, profile, args.pool, args.cache)
+    x_stats = subsample(data.x_train, profile["stats"], 0)
+    test = (data.x_test, data.y_test)
+    rows = []
+    for n in range(2, args.max_n + 1):
+        for subset in itertools.combinations(range(len(pool)), n):
+            members = [pool[i] for i in subset]
+            spec = resolve_spec(members, x_stats)
+            stats = collect_statistics(members, spec, x_stats, pairs="all")
+            for method in METHODS:
+                for ref in range(n):
+                    h, t = merged_scores(members, method, stats, spec, x_stats, ref, held, test)
+                    rows.append({"arch": arch, "N": n, "subset": "-".join(map(str, subset)),
+                                 "method": method, "reference": subset[ref],
+                                 "heldout": round(h, 3), "test": round(t, 3)})
+        log(f"  {arch} N={n} done")
+    return rows
+
+
+def per_subset(rows: list[dict]) -> dict[tuple, dict[str, float]]:
+    """``{(arch, N, subset): {"cca mean": ..., "cca best": ..., ...}}``."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["N"], r["subset"]), {}).setdefault(r["method"], []).append(r)
+    out = {}
+    for key, by_method in groups.items():
+        scores = {}
+        for method, refs in by_method.items():
+            test = [r["test"] for r in refs]
+            scores[f"{method} mean"] = float(np.mean(test))
+            scores[f"{method} best"] = refs[int(np.argmax([r["heldout"] for r in refs]))]["test"]
+            scores[f"{method} oracle"] = max(test)
+            scores[f"{method} first"] = refs[0]["test"]
+        out[key] = scores
+    return out
+
+
+def interval(diffs: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t interval of paired differences ``[k]``."""
+    mean = float(diffs.mean())
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(scipy_stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    return mean, mean - half, mean + half
+
+
+def summary_table(subsets: dict[tuple, dict[str, float]]) -> list[str]:
+    lines = ["| arch | N | subsets | cca mean | cca best | cca oracle | gcca first | gcca best | "
+             + " | ".join(f"{a} - {b}" for a, b in COMPARISONS) + " |",
+             "|" + "---|" * (8 + len(COMPARISONS))]
+    for arch, n in sorted({(k[0], k[1]) for k in subsets}):
+        cells = [v for k, v in subsets.items() if k[:2] == (arch, n)]
+        means = {c: np.mean([v[c] for v in cells]) for c in cells[0]}
+        row = [arch, str(n), str(len(cells))] + [f"{means[c]:.2f}" for c in
+                                                 ("cca mean", "cca best", "cca oracle",
+                                                  "gcca first", "gcca best")]
+        for a, b in COMPARISONS:
+            d = np.array([v[a] - v[b] for v in cells])
+            mean, low, high = interval(d)
+            row.append(f"{mean:+.2f} [{low:+.2f}, {high:+.2f}], {int((d > 0).sum())}/"
+                       f"{int((d < 0).sum())}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def report(rows: list[dict], args, profile: dict, seconds: float) -> str:
+    subsets = per_subset(rows)
+    return "\n".join([
+        "# gcca vs cca with every reference", "",
+        f"`python benchmarks/gcca_check.py --archs {' '.join(args.archs)} --pool {args.pool} "
+        f"--max-n {args.max_n}` ({seconds / 60:.1f} min on this machine's CPU).", "",
+        f"Data: {profile['data']} at {28 // profile['downsample']} px, {profile['train']} training "
+        f"images, pools of {args.pool} x1 models per architecture (seeds 0..{args.pool - 1}, same "
+        f"data); every subset of 2..{args.max_n} models; statistics and BatchNorm reset on "
+        f"{profile['stats']} training images; both methods at their defaults (relative gamma "
+        "0.1). Accuracy in % on the 2000 test images. `best`: the reference whose merge scored "
+        "best on the 1000 held-out training images; `oracle`: best on the test set (peeks, an "
+        "upper bound for cca); `first`: gcca with the subset's first model as reference (no "
+        "selection). Differences are paired per subset: mean [95% t interval], wins/losses "
+        "(subsets share models: a guide, not an exact test).", "",
+        *summary_table(subsets), "",
+        f"Per merge rows: `{args.csv.name}`.", ""])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
+    p.add_argument("--pool", type=int, default=5)
+    p.add_argument("--max-n", type=int, default=4)
+    p.add_argument("--cache", type=Path, default=Path("benchmarks/cache/gcca_check"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gcca_check.md"))
+    args = p.parse_args()
+    args.csv = args.out.with_suffix(".csv")
+    profile = PROFILES["default"]
+    data, held = split_data(profile)
+    start = time.time()
+    rows = [r for arch in args.archs for r in run_arch(arch, data, held, profile, args)]
+    with args.csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = report(rows, args, profile, time.time() - start)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
