@@ -56,4 +56,5 @@ navigation = st.navigation(PAGES)
 with widgets.continue_on_error():
     load_demo()
 widgets.sidebar()
+widgets.sample_controls()
 navigation.run()

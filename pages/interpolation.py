@@ -50,8 +50,10 @@ if not methods or b_id is None:
 
 indices = [sel.ids.index(a_id), sel.ids.index(b_id)]
 pair, digests = inputs.pick(indices)
+widgets.sampling_note(inputs)
 curves = widgets.interpolation_curves(pair, digests, inputs, methods, steps=steps,
-                                      bn_reset=bn_reset and has_bn, options=options)
+                                      bn_reset=bn_reset and has_bn, options=options,
+                                      indices=tuple(indices))
 
 cols = st.columns(len(curves))
 for col, curve in zip(cols, curves, strict=True):

@@ -158,7 +158,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     merged = with_state(models[reference], merged_state)
     if bn_reset:
         reset_batchnorm(merged, x)
-    base, predicted, ensemble = _base_scores(models, x, test)
+    base, predicted, ensemble = base_scores(models, x, test)
     report(0.5, "partial merges")
     # k = 0 is the reference after its own reset, k = all the merged model: both scored already
     partial = [base[reference], *partial_curve(models[reference], merged_state, aligned.spec,
@@ -213,8 +213,8 @@ def _damage_order(point: dict) -> tuple[float, float]:
     return (-loss if loss is not None else float("inf"), -point["damage_accuracy"])
 
 
-def _base_scores(models: Sequence[nn.Module], x, test: DataSource
-                 ) -> tuple[list[dict], list[list[float]], dict]:
+def base_scores(models: Sequence[nn.Module], x, test: DataSource
+                ) -> tuple[list[dict], list[list[float]], dict]:
     """One pass per model over ``test``: each model's scores (after its BatchNorm reset on
     ``x``, as the merge gets), the share of inputs it predicts as each class, and the ensemble's
     scores (the mean of the recorded logits, batch by batch, as :func:`evaluate_ensemble`)."""
