@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import streamlit as st
 
+from ccamerge.analysis.diagnose import default_grid
 from ccamerge.api import is_builtin
 from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
@@ -349,12 +350,17 @@ def points_count(inputs: registry.Inputs) -> int:
     return len(build_spec(model).points) if is_builtin(model) else 8
 
 
+def seconds_per_image(inputs: registry.Inputs) -> float:
+    """Seconds of one forward pass of the reference per image (timed once, cached)."""
+    return data.seconds_per_image(inputs.digests[inputs.reference], inputs.data_key,
+                                  inputs.models[inputs.reference], inputs.data)
+
+
 def estimate(inputs: registry.Inputs, *, stats_samples: int | None, forwards: int = 0,
              pairs: str = "reference") -> float:
     """Seconds the work will take: the statistics pass (unless cached) and ``forwards`` more
     image-model forward passes, at the speed of a timed forward pass of the reference."""
-    per_image = data.seconds_per_image(inputs.digests[inputs.reference], inputs.data_key,
-                                       inputs.models[inputs.reference], inputs.data)
+    per_image = seconds_per_image(inputs)
     cached = data.has_statistics(inputs.digests, inputs.data, inputs.data_key,
                                  reference=inputs.reference, stats_samples=stats_samples,
                                  pairs=pairs)
@@ -376,6 +382,29 @@ def resume(task: str) -> None:
 def was_cancelled(task: str, signature: str) -> bool:
     """True when the last cancelled run of ``task`` had ``signature``."""
     return jobs.is_cancelled(st.session_state, task, signature)
+
+
+def diagnosis_estimate(inputs: registry.Inputs, method: str, stats_samples: int | None,
+                       test_samples: int | None) -> float:
+    """Seconds of a diagnosis: the statistics (unless cached), each model's and each partial
+    merge's score, the collapse pass over the statistics images."""
+    n_test = test_samples or len(inputs.data.test)
+    forwards = ((len(inputs.models) + points_count(inputs)) * n_test
+                + (stats_samples or len(inputs.data.train)))
+    return estimate(inputs, stats_samples=stats_samples, forwards=forwards,
+                    pairs=data.pairs_needed([method]))
+
+
+def sweep_estimate(inputs: registry.Inputs, method: str, stats_samples: int | None) -> float:
+    """Seconds of the sweep: each setting (and the current one) scored on the held-out images,
+    or, when there are none, a statistics pass of its own too."""
+    held = data.held_out_indices(inputs.data, stats_samples)
+    settings = len(default_grid(method)) + 1
+    if held is None:  # statistics of its own on 80% of the training images, scores on 20%
+        n_train = len(inputs.data.train)
+        return jobs.estimate_seconds(seconds_per_image(inputs), forwards=settings * n_train // 5,
+                                     stats_forwards=len(inputs.models) * n_train * 4 // 5)
+    return estimate(inputs, stats_samples=stats_samples, forwards=settings * len(held))
 
 
 @contextmanager

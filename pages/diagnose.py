@@ -37,12 +37,7 @@ stats_samples, test_samples = widgets.sampling(inputs)
 widgets.sampling_note(inputs)
 diagnosed = (inputs.digests, inputs.data_key, method, options, inputs.reference, bn_reset,
              stats_samples, test_samples)
-points = widgets.points_count(inputs)
-held = data.held_out_indices(inputs.data, stats_samples)
-seconds = widgets.estimate(inputs, stats_samples=stats_samples,
-                           pairs=data.pairs_needed([method]),
-                           forwards=(len(inputs.models) + points) * (test_samples or len(
-                               inputs.data.test)) + (stats_samples or len(inputs.data.train)))
+seconds = widgets.diagnosis_estimate(inputs, method, stats_samples, test_samples)
 with widgets.stop_on_error(), widgets.long_work("diagnose", str(diagnosed), "diagnosing", 1,
                                                 seconds) as progress:
     report = data.diagnosis(inputs.models, inputs.digests, inputs.data, inputs.data_key, method,
@@ -50,10 +45,7 @@ with widgets.stop_on_error(), widgets.long_work("diagnose", str(diagnosed), "dia
                             stats_samples=stats_samples, test_samples=test_samples,
                             progress=progress.step(0, method))
 if with_sweep:
-    grid = 9 if method == "cca" else 13
-    sweep_seconds = widgets.estimate(inputs, stats_samples=stats_samples,
-                                     forwards=grid * (len(held) if held is not None else len(
-                                         inputs.models) * len(inputs.data.train)))
+    sweep_seconds = widgets.sweep_estimate(inputs, method, stats_samples)
     with widgets.stop_on_error(), widgets.long_work("sweep", str(diagnosed), "sweeping", 1,
                                                     sweep_seconds) as progress:
         report = data.diagnosis_sweep(inputs.models, inputs.digests, inputs.data,
