@@ -21,6 +21,9 @@ from dashboard import catalog, data, jobs, registry, state
 KEEP = {"persist_state": "session"}
 W_STATS_SAMPLES = "w_stats_samples"  # sidebar: training images behind the statistics (0 = all)
 W_TEST_SAMPLES = "w_test_samples"    # sidebar: test images scored (0 = all)
+# Interpolation curves picked at first: plain averaging, a permutation and CCA (each curve is
+# ``steps`` scored merges; the other pairwise methods are one click away)
+INTERPOLATION_DEFAULTS = ("average", "permute", "cca")
 GAMMAS = (0.0, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 

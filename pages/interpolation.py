@@ -22,7 +22,8 @@ with c2:
     widgets.valid_choice(state.W_INTERP_B, b_choices)
     b_id = st.selectbox("Model B (λ = 1)", b_choices, key=state.W_INTERP_B,
                         format_func=lambda i: widgets.model_label(models, i), **widgets.KEEP)
-methods = st.multiselect("Methods", pairwise, default=pairwise, key=state.W_INTERP_METHODS,
+methods = st.multiselect("Methods", pairwise, key=state.W_INTERP_METHODS,
+                         default=[m for m in widgets.INTERPOLATION_DEFAULTS if m in pairwise],
                          help=catalog.methods_help(), **widgets.KEEP)
 st.caption(f"Not offered: {', '.join(joint)} aligns all models jointly and defines no path between "
            "two models (it is on the Merge page).")
