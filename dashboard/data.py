@@ -183,6 +183,20 @@ def fresh(models: Sequence[nn.Module]) -> list[nn.Module]:
     return [copy.deepcopy(m) for m in models]
 
 
+def fast(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """:func:`fresh` copies, built-in image models in channels-last memory: every score the
+    dashboard computes runs them (about 1.6x faster on CPU; the weights, and so the files and
+    recipes, are the same, outputs agree to float32 rounding)."""
+    copies = fresh(models)
+    return [m.to(memory_format=torch.channels_last) if _is_image_builtin(m) else m
+            for m in copies]
+
+
+def _is_image_builtin(model: nn.Module) -> bool:
+    config = getattr(model, "config", {})
+    return api.is_builtin(model) and bool(config.get("image_size"))
+
+
 def dataset(path_or_name: str) -> Dataset:
     """A built-in dataset by name or an uploaded ``.npz`` by its session-private path (the
     library caches both in-process)."""
@@ -363,7 +377,7 @@ PROBE_IMAGES = 64
 def seconds_per_image(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> float:
     """Seconds one forward pass of the model takes per training image (timed on
     :data:`PROBE_IMAGES` of them after one warm-up batch), for the estimates before long work."""
-    model = fresh([_model])[0].eval()
+    model = fast([_model])[0].eval()
     x = api.train_source(_data).head(PROBE_IMAGES)
     with torch.no_grad():
         model(x[:8])
@@ -462,7 +476,7 @@ def partial_merges(digests: tuple[str, ...], data_key: str, method: str, options
     ``_statistics`` of the pair (the shared ones, :func:`pick_statistics`), scored on
     ``test_samples`` test images: ``{"method", "points", "accuracy", "loss"}``."""
     check_fit(_pair, _data)
-    pair = fresh(_pair)
+    pair = fast(_pair)
     aligned = api.align(pair, _data, method, stats_samples=stats_samples, seed=SEED,
                         statistics=_statistics, **resolve_options(method, options))
     merged = average_states(api.aligned_states(pair, aligned))
@@ -488,7 +502,7 @@ def base_scores(digests: tuple[str, ...], data_key: str, bn_reset: bool,
     """``{"models": [{"accuracy", "loss"}], "ensemble": {...}}`` on ``test_samples`` test images
     (:func:`scored`), one pass per model; BatchNorm statistics recomputed on the training images
     when ``bn_reset`` (as merged models get)."""
-    models = fresh(_models)
+    models = fast(_models)
     check_fit(models, _data)
     train, test = api.train_source(_data), api.score_source(scored(_data, test_samples))
     if not bn_reset and has_batchnorm(models[0]):
@@ -545,7 +559,7 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
                                        stats_samples=stats_samples, progress=progress,
                                        pairs=pairs_needed([method]))
     start = time.perf_counter()
-    result = api.merge(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
+    result = api.merge(fast(models), data, method, reference=reference, bn_reset=bn_reset,
                        repair=repair, bn_policy=bn_policy, stats_samples=stats_samples,
                        seed=SEED, sources=sources, statistics=statistics, progress=progress,
                        **options)
@@ -595,12 +609,12 @@ def _held_out_sweep(models: Sequence[nn.Module], digests: Sequence[str], data: D
     common = dict(grid=grid, reference=reference, bn_reset=bn_reset, stats_samples=stats_samples,
                   seed=SEED, current=current, progress=progress)
     if held is None:
-        return sweep(fresh(models), data, method, **common)
+        return sweep(fast(models), data, method, **common)
     if statistics is None:
         statistics = shared_statistics(models, digests, data, data_key, reference=reference,
                                        stats_samples=stats_samples, pairs=pairs_needed([method]),
                                        progress=progress)
-    out = sweep(fresh(models), data, method, validation=held, statistics=statistics, **common)
+    out = sweep(fast(models), data, method, validation=held, statistics=statistics, **common)
     out["selected_on"] = (f"{len(held):,} training images outside the {stats_samples:,} behind "
                           "the statistics")
     return out
@@ -625,7 +639,7 @@ def interpolation(pair: Sequence[nn.Module], digests: Sequence[str], data: Datas
     if statistics is None and get_method(method).statistics:
         statistics = shared_statistics(pair, digests, data, data_key, reference=0,
                                        stats_samples=stats_samples, pairs="all", progress=progress)
-    a, b = fresh(pair)
+    a, b = fast(pair)
     curve = api.interpolate(a, b, scored(data, test_samples), method, steps=steps,
                             bn_reset=bn_reset, stats_samples=stats_samples, seed=SEED,
                             statistics=statistics, progress=progress, **options)
@@ -702,7 +716,7 @@ def diagnosis(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset
     stats = shared_statistics(models, digests, data, data_key, reference=reference,
                               stats_samples=stats_samples, pairs=pairs_needed([method]),
                               progress=lambda f, m: progress(0.3 * f, m))
-    report = diagnose(fresh(models), scored(data, test_samples), method, reference=reference,
+    report = diagnose(fast(models), scored(data, test_samples), method, reference=reference,
                       bn_reset=bn_reset, stats_samples=stats_samples, seed=SEED,
                       statistics=stats, progress=lambda f, m: progress(0.3 + 0.7 * f, m),
                       **options)
@@ -799,7 +813,7 @@ def swap_demo(digest: str, data_key: str, stats_samples: int | None, test_sample
     if effective_samples(stats_samples, len(_data.train)) is not None:
         sampled = Dataset(_data.name, _data.train.take(stats_samples, SEED), sampled.test,
                           _data.num_classes, _data.mean, _data.std)
-    return teach.swap_demo(fresh([_model])[0], sampled, seed=SEED)
+    return teach.swap_demo(fast([_model])[0], sampled, seed=SEED)
 
 
 @cached(lambda: memo())

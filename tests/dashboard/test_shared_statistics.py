@@ -133,3 +133,18 @@ def test_estimates_scale_with_the_work():
         2 * one + 1.0)
     assert jobs.estimate_text(0.2) == "under a second"
     assert jobs.estimate_text(12.4) == "about 12 s" and jobs.estimate_text(300) == "about 5 min"
+
+
+def test_channels_last_copies_merge_to_the_same_weights_and_outputs(digits):
+    torch.manual_seed(2)
+    vggs = [build_model("vgg", **default_config("vgg", digits)) for _ in range(2)]
+    fast = data.fast(vggs)
+    assert fast[0].features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = digits.x_test[:64]
+    torch.testing.assert_close(fast[0](x), vggs[0](x), rtol=1e-5, atol=1e-5)
+    stats = data.shared_statistics(vggs, ("v0", "v1"), digits, "digits", reference=0,
+                                   stats_samples=SAMPLES)
+    got = api.merge(fast, digits, "cca", stats_samples=SAMPLES, statistics=stats).model
+    want = api.merge(vggs, digits, "cca", stats_samples=SAMPLES).model
+    for key, value in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[key], value, rtol=1e-5, atol=1e-6)
