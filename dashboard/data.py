@@ -15,6 +15,14 @@ curves and diagnoses report progress through a callback while they run and are s
 Computations always run on deep copies of the cached models, so concurrent sessions never share
 forward hooks or mutate a cached network.
 
+Statistics: one pass per (model digests, dataset, statistics images) with :data:`SEED`
+(:func:`shared_statistics`, every pair for N <= 3), handed to every merge, method, gamma, subset
+of the accuracy-vs-N curve, interpolation, spectrum, diagnosis and sweep; rankings, the sweep
+and held-out spectra use :data:`HELD_OUT_SAMPLES` training images outside that sample
+(:func:`held_out_images`). Scores are measured on a random ``test_samples`` of the test images
+(:func:`scored`). The sidebar sets both sizes (defaults :data:`STATS_SAMPLES`,
+:data:`TEST_SAMPLES`).
+
 Uploads: at most :data:`MAX_UPLOAD_BYTES` per file and, per session, :data:`SESSION_UPLOAD_BYTES`
 in :data:`SESSION_UPLOAD_FILES` files (see :mod:`dashboard.registry`).
 """
@@ -184,9 +192,10 @@ def fresh(models: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def fast(models: Sequence[nn.Module]) -> list[nn.Module]:
-    """:func:`fresh` copies, built-in image models in channels-last memory: every score the
-    dashboard computes runs them (about 1.6x faster on CPU; the weights, and so the files and
-    recipes, are the same, outputs agree to float32 rounding)."""
+    """:func:`fresh` copies, built-in image models in channels-last memory, for the dashboard's
+    scores (about 1.6x faster on CPU; outputs agree to float32 rounding). Weights computed
+    from statistics alone come out bit for bit the same; merges whose weights depend on forward
+    passes (BatchNorm reset, REPAIR) use :func:`fresh` copies."""
     copies = fresh(models)
     return [m.to(memory_format=torch.channels_last) if _is_image_builtin(m) else m
             for m in copies]
@@ -559,7 +568,10 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
                                        stats_samples=stats_samples, progress=progress,
                                        pairs=pairs_needed([method]))
     start = time.perf_counter()
-    result = api.merge(fast(models), data, method, reference=reference, bn_reset=bn_reset,
+    # weights that depend on forward passes (BatchNorm reset, REPAIR) are computed in the
+    # standard layout, as ``ccamerge replay`` does, so that the download replays bit for bit
+    copies = fresh(models) if repair or (bn_reset and has_batchnorm(models[0])) else fast(models)
+    result = api.merge(copies, data, method, reference=reference, bn_reset=bn_reset,
                        repair=repair, bn_policy=bn_policy, stats_samples=stats_samples,
                        seed=SEED, sources=sources, statistics=statistics, progress=progress,
                        **options)
