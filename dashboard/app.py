@@ -74,6 +74,7 @@ navigation = st.navigation(PAGES)
 with widgets.continue_on_error():
     load_demo()
 selection = widgets.sidebar()
+widgets.sample_controls()
 with st.sidebar, widgets.continue_on_error():
     st.caption(device_line(st.session_state[state.MODELS], selection.ids))
 navigation.run()

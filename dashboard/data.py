@@ -15,6 +15,14 @@ curves and diagnoses report progress through a callback while they run and are s
 Computations always run on deep copies of the cached models, so concurrent sessions never share
 forward hooks or mutate a cached network.
 
+Statistics: one pass per (model digests, dataset, statistics images) with :data:`SEED`
+(:func:`shared_statistics`, every pair for N <= 3), handed to every merge, method, gamma, subset
+of the accuracy-vs-N curve, interpolation, spectrum, diagnosis and sweep; rankings, the sweep
+and held-out spectra use :data:`HELD_OUT_SAMPLES` training images outside that sample
+(:func:`held_out_images`). Scores are measured on a random ``test_samples`` of the test images
+(:func:`scored`). The sidebar sets both sizes (defaults :data:`STATS_SAMPLES`,
+:data:`TEST_SAMPLES`).
+
 Uploads: at most :data:`MAX_UPLOAD_BYTES` per file and, per session, :data:`SESSION_UPLOAD_BYTES`
 in :data:`SESSION_UPLOAD_FILES` files (see :mod:`dashboard.registry`).
 """
@@ -22,6 +30,7 @@ in :data:`SESSION_UPLOAD_FILES` files (see :mod:`dashboard.registry`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -31,32 +40,36 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 import torch
 from torch import nn
 
 from ccamerge import api
-from ccamerge.analysis import compare, explorer, spectra, teach
-from ccamerge.analysis.diagnose import diagnose, sweep
+from ccamerge.analysis import explorer, spectra, teach
+from ccamerge.analysis.checklist import findings_for
+from ccamerge.analysis.diagnose import base_scores as diagnose_base_scores
+from ccamerge.analysis.diagnose import diagnose, partial_curve, sweep
 from ccamerge.analysis.features import (
     AlignedUnits,
     FeatureMatching,
     aligned_units,
     feature_matching,
 )
-from ccamerge.data import Dataset, load_dataset
+from ccamerge.data import Dataset, holdout_split, load_dataset
+from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
-from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
+from ccamerge.evaluate import evaluate_ensemble, evaluate_model
 from ccamerge.files import check_output_path
 from ccamerge.io import is_archive_model, load_model_bytes, save_merged
 from ccamerge.methods import get_method
 from ccamerge.models import build_model, check_input_fit
 from ccamerge.spec import build_spec, matching_names, same_points
-from ccamerge.stats import Statistics, collect_statistics
+from ccamerge.stats import PointStatistics, Statistics, collect_statistics
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.explain import explain
 from ccamerge.train import default_config, train_zoo, zoo_filename
-from ccamerge.transform import has_batchnorm
+from ccamerge.transform import average_states, has_batchnorm
 from dashboard import archives
 from dashboard.caches import Memo, cached
 from dashboard.caches import key as _key
@@ -178,6 +191,21 @@ def fresh(models: Sequence[nn.Module]) -> list[nn.Module]:
     return [copy.deepcopy(m) for m in models]
 
 
+def fast(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """:func:`fresh` copies, built-in image models in channels-last memory, for the dashboard's
+    scores (about 1.6x faster on CPU; outputs agree to float32 rounding). Weights computed
+    from statistics alone come out bit for bit the same; merges whose weights depend on forward
+    passes (BatchNorm reset, REPAIR) use :func:`fresh` copies."""
+    copies = fresh(models)
+    return [m.to(memory_format=torch.channels_last) if _is_image_builtin(m) else m
+            for m in copies]
+
+
+def _is_image_builtin(model: nn.Module) -> bool:
+    config = getattr(model, "config", {})
+    return api.is_builtin(model) and bool(config.get("image_size"))
+
+
 def dataset(path_or_name: str) -> Dataset:
     """A built-in dataset by name or an uploaded ``.npz`` by its session-private path (the
     library caches both in-process)."""
@@ -235,59 +263,214 @@ def model_scores(digest: str, data_key: str, _model: nn.Module, _data: Dataset) 
     return evaluate_model(copy.deepcopy(_model), _data.x_test, _data.y_test)
 
 
+STATS_SAMPLES = 3000  # default training images behind the statistics (about 2 s for 2 VGGs)
+TEST_SAMPLES = 1000  # default test images scored (each is a forward pass per model and setting)
+HELD_OUT_SAMPLES = 1000  # training images outside the statistics: ranking, sweep, held-out spectra
+MIN_HELD_OUT = 100  # fewer held-out images left and the library's 80/20 split is used instead
+
+
+def effective_samples(requested: int | None, available: int) -> int | None:
+    """``requested`` images of ``available``; None (all of them) for 0, None or at least all."""
+    return None if not requested or requested >= available else int(requested)
+
+
+def scored(data: Dataset, test_samples: int | None) -> Dataset:
+    """``data`` with its test part cut to ``test_samples`` images drawn with :data:`SEED` (all
+    when None): what every dashboard score is measured on."""
+    if effective_samples(test_samples, len(data.test)) is None:
+        return data
+    return Dataset(data.name, data.train, data.test.take(int(test_samples), SEED),
+                   data.num_classes, data.mean, data.std)
+
+
+def _training_order(data: Dataset) -> torch.Tensor:
+    """The random order ``api.subsample(data.train, n, SEED)`` takes its first ``n`` from."""
+    return torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SEED))
+
+
+def statistics_indices(data: Dataset, stats_samples: int | None) -> np.ndarray:
+    """Indices ``[n]`` of the training images behind the statistics (all when None)."""
+    if effective_samples(stats_samples, len(data.train)) is None:
+        return np.arange(len(data.train))
+    return _training_order(data)[:stats_samples].numpy()
+
+
+def held_out_indices(data: Dataset, stats_samples: int | None) -> np.ndarray | None:
+    """Indices ``[m]`` (m <= :data:`HELD_OUT_SAMPLES`) of training images outside the statistics
+    sample (the next ones in its random order); None when fewer than :data:`MIN_HELD_OUT` are
+    left (then callers hold out 20% of the training set with the library's own split)."""
+    n = effective_samples(stats_samples, len(data.train))
+    if n is None or len(data.train) - n < MIN_HELD_OUT:
+        return None
+    return _training_order(data)[n:n + HELD_OUT_SAMPLES].numpy()
+
+
+def held_out_images(data: Dataset, stats_samples: int | None) -> DataSource | None:
+    """The labelled training images of :func:`held_out_indices` (None when too few)."""
+    indices = held_out_indices(data, stats_samples)
+    return None if indices is None else data.train.subset(indices)
+
+
+def pairs_needed(methods: Sequence[str]) -> str:
+    """``"all"`` when one of ``methods`` (a joint one: zipit) needs every pair, else
+    ``"reference"``."""
+    return "all" if any(get_method(m).statistics == "all" for m in methods) else "reference"
+
+
+def shared_statistics(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset,
+                      data_key: str, *, reference: int, stats_samples: int | None,
+                      pairs: str = "reference", progress: Progress | None = None) -> Statistics:
+    """The activation statistics of the selection: one pass over ``stats_samples`` training
+    images (:data:`SEED`), kept per (model digests, dataset, samples) and shared by every page,
+    method, setting and subset (:func:`pick_statistics`). Collected with every pair when asked
+    for or when N <= 3 (then it costs what the reference pairs cost); such an object also serves
+    any reference. Shared and read-only; ``reference`` is set on the copy returned."""
+    base = ("statistics", list(digests), data_key, data.name, stats_samples, SEED)
+    hit = memo().get(_key(*base, "all"))
+    if hit is None and pairs == "reference":
+        hit = memo().get(_key(*base, "reference", reference))
+    if hit is None:
+        pairs = "all" if pairs == "all" or len(models) <= 3 else "reference"
+        hit = _collect(models, data, reference, stats_samples, pairs, progress or _quiet)
+        memo().put(_key(*base, pairs, *([] if pairs == "all" else [reference])), hit)
+    return dataclasses.replace(hit, reference=reference)
+
+
+def _collect(models: Sequence[nn.Module], data: Dataset, reference: int,
+             stats_samples: int | None, pairs: str, progress: Progress) -> Statistics:
+    models = fresh(models)
+    check_fit(models, data)
+    x = api.train_source(data)
+    api.check_compatible(models, x, reference)
+    progress(0.0, f"collecting activation statistics on {len(api.subsample(x, stats_samples, SEED)):,} "
+                  "training images")
+    return collect_statistics(models, api.resolve_spec(models, x),
+                              api.subsample(x, stats_samples, SEED), reference=reference,
+                              pairs=pairs, progress=lambda f: progress(f, "collecting statistics"))
+
+
+def pick_statistics(stats: Statistics, indices: Sequence[int], reference: int) -> Statistics:
+    """The statistics of models ``indices`` of ``stats`` (same images), renumbered 0.., with
+    ``reference`` (an index into ``indices``); the blocks they need must have been collected."""
+    indices = list(indices)
+    pairs = [(a, b) for a in range(len(indices)) for b in range(a, len(indices))]
+    points = {name: PointStatistics(p.name, p.width, p.count, [p.mean[i] for i in indices],
+                                    _picked_blocks(p, indices, pairs))
+              for name, p in stats.points.items()}
+    kind = "all" if stats.pairs == "all" or len(indices) == 2 else "reference"
+    return dataclasses.replace(stats, points=points, num_models=len(indices), reference=reference,
+                               pairs=kind)
+
+
+def _picked_blocks(point: PointStatistics, indices: list[int], pairs) -> dict:
+    blocks = {}
+    for a, b in pairs:
+        try:
+            blocks[(a, b)] = point.cov(indices[a], indices[b])
+        except CcamergeError:
+            continue  # a pair the statistics do not hold; asking for it later says so
+    return blocks
+
+
+def has_statistics(digests: Sequence[str], data: Dataset, data_key: str, *, reference: int,
+                   stats_samples: int | None, pairs: str = "reference") -> bool:
+    """True when :func:`shared_statistics` would answer from the cache (no pass)."""
+    base = ("statistics", list(digests), data_key, data.name, stats_samples, SEED)
+    return memo().get(_key(*base, "all")) is not None or (
+        pairs == "reference" and memo().get(_key(*base, "reference", reference)) is not None)
+
+
+PROBE_IMAGES = 64
+
+
 @cached(lambda: memo())
+def seconds_per_image(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> float:
+    """Seconds one forward pass of the model takes per training image (timed on
+    :data:`PROBE_IMAGES` of them after one warm-up batch), for the estimates before long work."""
+    model = fast([_model])[0].eval()
+    x = api.train_source(_data).head(PROBE_IMAGES)
+    with torch.no_grad():
+        model(x[:8])
+        start = time.perf_counter()
+        model(x)
+    return (time.perf_counter() - start) / len(x)
+
+
 def statistics(digests: tuple[str, ...], data_key: str, reference: int, stats_samples: int | None,
                _models: Sequence[nn.Module], _data: Dataset) -> Statistics:
-    """Activation statistics of every merge point: each model's moments and its cross-covariance
-    with the reference (one pass over the training images)."""
-    models = fresh(_models)
-    check_fit(models, _data)
-    x = api.train_inputs(_data)
-    api.check_compatible(models, x, reference)
-    return collect_statistics(models, api.resolve_spec(models, x),
-                              api.subsample(x, stats_samples, SEED), reference=reference)
+    """:func:`shared_statistics` of the selection with its reference (each model's moments and
+    its cross-covariance with the reference, at least)."""
+    return shared_statistics(_models, digests, _data, data_key, reference=reference,
+                             stats_samples=stats_samples)
 
 
 @cached(lambda: memo())
 def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float, relative: bool,
              stats_samples: int | None, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
-    """``api.spectrum`` rows (per merge point and non-reference model) on cached statistics."""
+    """``api.spectrum`` rows (per merge point and non-reference model) on shared statistics."""
     stats = statistics(digests, data_key, reference, stats_samples, _models, _data)
     return api.spectrum(fresh(_models), _data, reference=reference, gamma=gamma, relative=relative,
                         stats_samples=stats_samples, seed=SEED, statistics=stats)
 
 
-@cached(lambda: memo())
 def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
-                     _models: Sequence[nn.Module],
+                     stats_samples: int | None, _models: Sequence[nn.Module],
                      _data: Dataset) -> tuple[Statistics, Statistics | None]:
-    """Statistics on a random 80% of the training images and, in a separate pass, on the
-    held-out 20% (``ccamerge.analysis.spectra.split_statistics``; None when too few)."""
+    """Statistics to fit on and statistics of held-out images: the shared statistics and, in a
+    pass of their own, :func:`held_out_images`; with all training images in the statistics (or
+    too few left), a random 80% and the held-out 20% (``spectra.split_statistics``)."""
+    held = held_out_images(_data, stats_samples)
+    if held is None:
+        fit, rest = _split_all(digests, data_key, _models, _data)
+    else:
+        fit = statistics(digests, data_key, reference, stats_samples, _models, _data)
+        rest = _held_out_statistics(digests, data_key, stats_samples, _models, _data)
+    return fit, rest if rest is None else dataclasses.replace(rest, reference=reference)
+
+
+@cached(lambda: memo(), share=True)
+def _held_out_statistics(digests: tuple[str, ...], data_key: str, stats_samples: int | None,
+                         _models: Sequence[nn.Module], _data: Dataset) -> Statistics:
+    models = fresh(_models)
+    x = api.train_source(_data)
+    return collect_statistics(models, api.resolve_spec(models, x),
+                              held_out_images(_data, stats_samples), pairs="all")
+
+
+@cached(lambda: memo(), share=True)
+def _split_all(digests: tuple[str, ...], data_key: str, _models: Sequence[nn.Module],
+               _data: Dataset) -> tuple[Statistics, Statistics | None]:
     models = fresh(_models)
     check_fit(models, _data)
     x = api.train_inputs(_data)
-    api.check_compatible(models, x, reference)
-    return spectra.split_statistics(models, api.resolve_spec(models, x), x, reference=reference,
-                                    holdout=spectra.HOLDOUT, seed=SEED)
+    api.check_compatible(models, x, 0)
+    spec = api.resolve_spec(models, x)
+    if round(spectra.HOLDOUT * len(x)) < spectra.MIN_HELDOUT:
+        return collect_statistics(models, spec, x, pairs="all"), None
+    fit_idx, val_idx = holdout_split(len(x), spectra.HOLDOUT, SEED)
+    return (collect_statistics(models, spec, x[fit_idx], pairs="all"),
+            collect_statistics(models, spec, x[val_idx], pairs="all"))
 
 
 @cached(lambda: memo())
 def held_out_spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float,
-                      relative: bool, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
-    """``ccamerge.analysis.spectra.spectrum_rows``: CCA fitted on 80% of the training images,
-    the correlations its pairs reach there and on the held-out 20%, beside the shrunk
-    singular values and the matched unit pairs."""
-    fit, held = split_statistics(digests, data_key, reference, _models, _data)
+                      relative: bool, stats_samples: int | None, _models: Sequence[nn.Module],
+                      _data: Dataset) -> list[dict]:
+    """``ccamerge.analysis.spectra.spectrum_rows``: CCA fitted on the statistics images, the
+    correlations its pairs reach there and on held-out training images
+    (:func:`split_statistics`), beside the shrunk singular values and the matched unit pairs."""
+    fit, held = split_statistics(digests, data_key, reference, stats_samples, _models, _data)
     return spectra.spectrum_rows(fit, held, gamma=gamma, relative=relative)
 
 
 @cached(lambda: memo())
 def held_out_alignment(digests: tuple[str, ...], data_key: str, reference: int, other: int,
-                       point: str, gamma: float, relative: bool, _models: Sequence[nn.Module],
-                       _data: Dataset) -> AlignedUnits:
-    """How closely CCA's map and the Hungarian match (fitted on 80% of the training images)
-    reproduce the reference's units at ``point`` on the held-out 20%."""
-    fit, held = split_statistics(digests, data_key, reference, _models, _data)
+                       point: str, gamma: float, relative: bool, stats_samples: int | None,
+                       _models: Sequence[nn.Module], _data: Dataset) -> AlignedUnits:
+    """How closely CCA's map and the Hungarian match (fitted on the statistics images)
+    reproduce the reference's units at ``point`` on held-out training images
+    (:func:`split_statistics`)."""
+    fit, held = split_statistics(digests, data_key, reference, stats_samples, _models, _data)
     if point not in fit.points:
         raise CcamergeError(f"no merge point {point!r}; the models have {list(fit.points)}")
     return aligned_units(fit[point], None if held is None else held[point], reference, other,
@@ -296,11 +479,20 @@ def held_out_alignment(digests: tuple[str, ...], data_key: str, reference: int, 
 
 @cached(lambda: memo())
 def partial_merges(digests: tuple[str, ...], data_key: str, method: str, options: dict,
-                   bn_reset: bool, _pair: Sequence[nn.Module], _data: Dataset) -> dict:
-    """``ccamerge.analysis.compare.partial_merges`` of the reference (first) and one model."""
+                   bn_reset: bool, stats_samples: int | None, test_samples: int | None,
+                   _pair: Sequence[nn.Module], _data: Dataset,
+                   _statistics: Statistics | None = None) -> dict:
+    """``ccamerge.analysis.compare.partial_merges`` of the reference (first) and one model on
+    ``_statistics`` of the pair (the shared ones, :func:`pick_statistics`), scored on
+    ``test_samples`` test images: ``{"method", "points", "accuracy", "loss"}``."""
     check_fit(_pair, _data)
-    return compare.partial_merges(fresh(_pair), _data, method, bn_reset=bn_reset, seed=SEED,
-                                  **resolve_options(method, options))
+    pair = fast(_pair)
+    aligned = api.align(pair, _data, method, stats_samples=stats_samples, seed=SEED,
+                        statistics=_statistics, **resolve_options(method, options))
+    merged = average_states(api.aligned_states(pair, aligned))
+    rows = partial_curve(pair[0], merged, aligned.spec, scored(_data, test_samples), bn_reset)
+    return {"method": method, "points": aligned.spec.names,
+            "accuracy": [r["accuracy"] for r in rows], "loss": [r["loss"] for r in rows]}
 
 
 @cached(lambda: memo())
@@ -316,15 +508,18 @@ def features(digests: tuple[str, ...], data_key: str, reference: int, other: int
 
 @cached(lambda: memo())
 def base_scores(digests: tuple[str, ...], data_key: str, bn_reset: bool,
-                _models: Sequence[nn.Module], _data: Dataset) -> dict:
-    """``{"models": [{"accuracy", "loss"}], "ensemble": {...}}`` on the test set; BatchNorm
-    statistics recomputed on the training images when ``bn_reset`` (as merged models get)."""
-    models = fresh(_models)
+                test_samples: int | None, _models: Sequence[nn.Module], _data: Dataset) -> dict:
+    """``{"models": [{"accuracy", "loss"}], "ensemble": {...}}`` on ``test_samples`` test images
+    (:func:`scored`), one pass per model; BatchNorm statistics recomputed on the training images
+    when ``bn_reset`` (as merged models get)."""
+    models = fast(_models)
     check_fit(models, _data)
-    if bn_reset:
-        models = [with_bn_reset(m, _data.x_train) for m in models]
-    return {"models": [evaluate_model(m, _data.x_test, _data.y_test) for m in models],
-            "ensemble": evaluate_ensemble(models, _data.x_test, _data.y_test)}
+    train, test = api.train_source(_data), api.score_source(scored(_data, test_samples))
+    if not bn_reset and has_batchnorm(models[0]):
+        return {"models": [evaluate_model(m, test) for m in models],
+                "ensemble": evaluate_ensemble(models, test)}
+    scores, _classes, ensemble = diagnose_base_scores(models, train, test)
+    return {"models": scores, "ensemble": ensemble}
 
 
 # ----------------------------------------------------------------------------- merges, curves
@@ -348,10 +543,14 @@ def resolve_options(method: str, options: dict) -> dict:
 def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
           method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool = False,
           bn_policy: str = "paper", reset_base_bn: bool = False, stream_points: str = "pooled",
-          stats_samples: int | None, sources: Sequence[str] | None = None,
+          stats_samples: int | None, test_samples: int | None = None,
+          statistics: Statistics | None = None, sources: Sequence[str] | None = None,
           progress: Progress | None = None) -> dict:
-    """Merge ``models`` (content ``digests``, files ``sources``) with ``method``; cached by
-    content, files and options.
+    """Merge ``models`` (content ``digests``, files ``sources``) with ``method`` on
+    ``statistics`` (of these models, collected on ``stats_samples`` training images; default:
+    :func:`shared_statistics`, except for the options that read other statistics: last-block
+    stream points, base-model BatchNorm reset), scored on ``test_samples`` test images; cached
+    by content, files and options.
 
     Returns ``{"method", "options", "accuracy", "loss", "seconds", "warnings", "model",
     "recipe"}`` where ``model`` is the merged network (shared: copy before changing it),
@@ -361,18 +560,29 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
     options = resolve_options(method, options)
     sources = None if sources is None else [str(s) for s in sources]
     key = _key("merge", list(digests), data_key, data.name, method, options, reference, bn_reset,
-               repair, bn_policy, reset_base_bn, stream_points, stats_samples, sources)
+               repair, bn_policy, reset_base_bn, stream_points, stats_samples, test_samples,
+               sources)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(models, data)
+    progress = progress or _quiet
+    own_pass = reset_base_bn or stream_points != "pooled"  # other models or other features
+    if statistics is None and get_method(method).statistics and not own_pass:
+        statistics = shared_statistics(models, digests, data, data_key, reference=reference,
+                                       stats_samples=stats_samples, progress=progress,
+                                       pairs=pairs_needed([method]))
     start = time.perf_counter()
-    result = api.merge(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
+    # weights that depend on forward passes (BatchNorm reset, REPAIR) are computed in the
+    # standard layout, as ``ccamerge replay`` does, so that the download replays bit for bit
+    copies = fresh(models) if repair or (bn_reset and has_batchnorm(models[0])) else fast(models)
+    result = api.merge(copies, data, method, reference=reference, bn_reset=bn_reset,
                        repair=repair, bn_policy=bn_policy, reset_base_bn=reset_base_bn,
                        stream_points=stream_points, stats_samples=stats_samples,
-                       seed=SEED, sources=sources, progress=progress or _quiet, **options)
+                       seed=SEED, sources=sources, statistics=statistics, progress=progress,
+                       **options)
     seconds = time.perf_counter() - start
-    scores = evaluate_model(result.model, data.x_test, data.y_test)
+    scores = evaluate_model(result.model, api.score_source(scored(data, test_samples)))
     out = {"method": method, "options": options, "accuracy": scores["accuracy"],
            "loss": scores["loss"], "seconds": seconds, "warnings": list(result.warnings),
            "model": result.model, "recipe": result.recipe}
@@ -383,37 +593,74 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
     return out
 
 
-@st.cache_data(max_entries=128, show_spinner=False)
-def held_out_score(digests: tuple[str, ...], data_key: str, method: str, options: dict,
-                   reference: int, bn_reset: bool, stats_samples: int | None,
-                   _models: Sequence[nn.Module], _data: Dataset) -> dict:
-    """The merge with ``method`` and ``options`` scored on a held-out 20% of the training
-    images, merged (statistics, BatchNorm reset) from the other 80%: the diagnosis sweep with
-    one setting, so that merges are ranked without the test set. ``{"accuracy", "loss",
-    "selected_on"}`` (``selected_on`` names the images)."""
-    check_fit(_models, _data)
-    out = sweep(fresh(_models), _data, method, grid=[resolve_options(method, options)],
-                reference=reference, bn_reset=bn_reset, stats_samples=stats_samples, seed=SEED)
-    return {"accuracy": out["accuracy"][0], "loss": out["loss"][0],
-            "selected_on": out["selected_on"]}
+def held_out_score(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset,
+                   data_key: str, method: str, options: dict, *, reference: int, bn_reset: bool,
+                   stats_samples: int | None, statistics: Statistics | None = None) -> dict:
+    """The merge with ``method`` and ``options`` scored on training images the statistics did
+    not see (:func:`held_out_images`), merged from the shared ``statistics``: the diagnosis sweep
+    with one setting, so that merges are ranked without the test set. Without such images (all
+    of them in the statistics), the merge is redone on 80% and scored on the other 20%.
+    ``{"accuracy", "loss", "selected_on"}`` (``selected_on`` names the images); cached."""
+    options = resolve_options(method, options)
+    key = _key("held_out", list(digests), data_key, data.name, method, options, reference,
+               bn_reset, stats_samples)
+    hit = memo().get(key)
+    if hit is None:
+        out = _held_out_sweep(models, digests, data, data_key, method, [options], None,
+                              reference=reference, bn_reset=bn_reset, stats_samples=stats_samples,
+                              statistics=statistics)
+        hit = {"accuracy": out["accuracy"][0], "loss": out["loss"][0],
+               "selected_on": out["selected_on"]}
+        memo().put(key, hit)
+    return hit
+
+
+def _held_out_sweep(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset,
+                    data_key: str, method: str, grid: list[dict] | None, current: dict | None, *,
+                    reference: int, bn_reset: bool, stats_samples: int | None,
+                    statistics: Statistics | None = None, progress: Progress | None = None
+                    ) -> dict:
+    """``diagnose.sweep`` on the held-out images outside the shared statistics (no pass of its
+    own), or on the library's 80/20 split when there are none."""
+    check_fit(models, data)
+    held = held_out_images(data, stats_samples)
+    common = dict(grid=grid, reference=reference, bn_reset=bn_reset, stats_samples=stats_samples,
+                  seed=SEED, current=current, progress=progress)
+    if held is None:
+        return sweep(fast(models), data, method, **common)
+    if statistics is None:
+        statistics = shared_statistics(models, digests, data, data_key, reference=reference,
+                                       stats_samples=stats_samples, pairs=pairs_needed([method]),
+                                       progress=progress)
+    out = sweep(fast(models), data, method, validation=held, statistics=statistics, **common)
+    out["selected_on"] = (f"{len(held):,} training images outside the {stats_samples:,} behind "
+                          "the statistics")
+    return out
 
 
 def interpolation(pair: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
                   method: str, *, steps: int, bn_reset: bool, stats_samples: int | None,
-                  options: dict | None = None, progress: Progress | None = None) -> dict:
-    """``api.interpolate`` between ``pair`` with the method's ``options`` (defaults filled in),
-    cached by content and options: ``{"method", "lambdas", "accuracy", "loss", "barrier"}``."""
+                  test_samples: int | None = None, options: dict | None = None,
+                  statistics: Statistics | None = None, progress: Progress | None = None) -> dict:
+    """``api.interpolate`` between ``pair`` with the method's ``options`` (defaults filled in)
+    on ``statistics`` of the pair (A first; default: :func:`shared_statistics`), scored on
+    ``test_samples`` test images; cached by content and options: ``{"method", "lambdas",
+    "accuracy", "loss", "barrier"}``."""
     options = resolve_options(method, options or {})
     key = _key("interpolate", list(digests), data_key, method, steps, bn_reset, stats_samples,
-               options)
+               test_samples, options)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(pair, data)
-    a, b = fresh(pair)
-    curve = api.interpolate(a, b, data, method, steps=steps, bn_reset=bn_reset,
-                            stats_samples=stats_samples, seed=SEED, progress=progress or _quiet,
-                            **options)
+    progress = progress or _quiet
+    if statistics is None and get_method(method).statistics:
+        statistics = shared_statistics(pair, digests, data, data_key, reference=0,
+                                       stats_samples=stats_samples, pairs="all", progress=progress)
+    a, b = fast(pair)
+    curve = api.interpolate(a, b, scored(data, test_samples), method, steps=steps,
+                            bn_reset=bn_reset, stats_samples=stats_samples, seed=SEED,
+                            statistics=statistics, progress=progress, **options)
     memo().put(key, curve)
     return curve
 
@@ -469,45 +716,80 @@ def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
 # ----------------------------------------------------------------------------- diagnosis, explorer, teaching
 def diagnosis(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
               method: str, options: dict, *, reference: int, bn_reset: bool,
-              stats_samples: int | None, with_sweep: bool,
+              stats_samples: int | None, test_samples: int | None = None,
               progress: Progress | None = None) -> dict:
-    """``ccamerge.analysis.diagnose.diagnose`` report plus ``seconds``; cached by content and options in
-    the process-wide :class:`Memo` (it reports progress while it runs), so it survives page
-    switches and is shared by sessions with the same files."""
+    """``ccamerge.analysis.diagnose.diagnose`` report (without the sweep: :func:`diagnosis_sweep`
+    adds it) on the shared statistics, scored on ``test_samples`` test images, plus
+    ``seconds``; cached by content and options in the process-wide :class:`Memo`, so it survives
+    page switches and is shared by sessions with the same files."""
     options = resolve_options(method, options)
     key = _key("diagnose", list(digests), data_key, method, options, reference, bn_reset,
-               stats_samples, with_sweep)
+               stats_samples, test_samples)
     hit = memo().get(key)
     if hit is not None:
         return hit
     check_fit(models, data)
+    progress = progress or _quiet
     start = time.perf_counter()
-    report = diagnose(fresh(models), data, method, reference=reference, bn_reset=bn_reset,
-                      stats_samples=stats_samples, seed=SEED, with_sweep=with_sweep,
-                      progress=progress or _quiet, **options)
+    stats = shared_statistics(models, digests, data, data_key, reference=reference,
+                              stats_samples=stats_samples, pairs=pairs_needed([method]),
+                              progress=lambda f, m: progress(0.3 * f, m))
+    report = diagnose(fast(models), scored(data, test_samples), method, reference=reference,
+                      bn_reset=bn_reset, stats_samples=stats_samples, seed=SEED,
+                      statistics=stats, progress=lambda f, m: progress(0.3 + 0.7 * f, m),
+                      **options)
     report["seconds"] = time.perf_counter() - start
     memo().put(key, report)
     return report
 
 
+def diagnosis_sweep(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset,
+                    data_key: str, report: dict, *, stats_samples: int | None,
+                    progress: Progress | None = None) -> dict:
+    """``report`` (a :func:`diagnosis`) with the hyperparameter ``sweep`` of its method around
+    its options (held-out training images outside the shared statistics, no pass of its own)
+    and the checklist redone with it; the diagnosis itself is not run again. Cached."""
+    key = _key("sweep", list(digests), data_key, report["method"], report["options"],
+               report["reference"], report["bn_reset"], stats_samples)
+    result = memo().get(key)
+    if result is None:
+        start = time.perf_counter()
+        result = _held_out_sweep(models, digests, data, data_key, report["method"], None,
+                                 report["options"], reference=report["reference"],
+                                 bn_reset=report["bn_reset"], stats_samples=stats_samples,
+                                 progress=progress)
+        result["seconds"] = time.perf_counter() - start
+        memo().put(key, result)
+    out = {**report, "sweep": result}
+    out["findings"] = findings_for(out)
+    out["healthy"] = not any(f["severity"] == "failure" for f in out["findings"])
+    return out
+
+
 @cached(lambda: memo(), share=True)
 def _explored(digests: tuple[str, ...], data_key: str, method: str, reference: int, other: int,
-              bn_reset: bool, _models: Sequence[nn.Module], _data: Dataset):
-    """Model ``other`` aligned to the reference with ``method`` (default options), the merged
-    model and the spec (shared and read-only)."""
+              bn_reset: bool, stats_samples: int | None, _models: Sequence[nn.Module],
+              _data: Dataset):
+    """Model ``other`` aligned to the reference with ``method`` (default options) on the shared
+    statistics, the merged model and the spec (shared and read-only)."""
     check_fit(_models, _data)
+    stats = None
+    if get_method(method).statistics:
+        stats = shared_statistics(_models, digests, _data, data_key, reference=reference,
+                                  stats_samples=stats_samples, pairs=pairs_needed([method]))
     return explorer.aligned_and_merged(fresh(_models), _data, method, reference=reference,
-                                       other=other, bn_reset=bn_reset, seed=SEED)
+                                       other=other, bn_reset=bn_reset, seed=SEED,
+                                       stats_samples=stats_samples, statistics=stats)
 
 
 @cached(lambda: memo())
 def unit_set(digests: tuple[str, ...], data_key: str, method: str, reference: int, other: int,
-             point: str, samples: int, bn_reset: bool, _models: Sequence[nn.Module],
-             _data: Dataset) -> explorer.UnitSet:
+             point: str, samples: int, bn_reset: bool, stats_samples: int | None,
+             _models: Sequence[nn.Module], _data: Dataset) -> explorer.UnitSet:
     """Profiles of the reference's, model ``other``'s, its aligned copy's and the merged model's
     units at ``point`` over ``samples`` test images."""
     moved, merged, spec = _explored(digests, data_key, method, reference, other, bn_reset,
-                                    _models, _data)
+                                    stats_samples, _models, _data)
     x, _ = explorer.sample_inputs(_data, samples, SEED)
     ref, mod, moved, merged = fresh([_models[reference], _models[other], moved, merged])
     return explorer.unit_set(ref, mod, moved, merged, spec, x, point)
@@ -515,22 +797,23 @@ def unit_set(digests: tuple[str, ...], data_key: str, method: str, reference: in
 
 @cached(lambda: memo())
 def unit_embedding(digests: tuple[str, ...], data_key: str, method: str, reference: int,
-                   other: int, point: str, samples: int, bn_reset: bool, embedding: str,
-                   _models: Sequence[nn.Module], _data: Dataset):
+                   other: int, point: str, samples: int, bn_reset: bool,
+                   stats_samples: int | None, embedding: str, _models: Sequence[nn.Module],
+                   _data: Dataset):
     """``[4n, 2]`` coordinates of :func:`unit_set`'s units (``embedding``: pca or umap)."""
     units = unit_set(digests, data_key, method, reference, other, point, samples, bn_reset,
-                     _models, _data)
+                     stats_samples, _models, _data)
     return explorer.embed_units(units.profiles, embedding, seed=SEED)
 
 
 @cached(lambda: memo())
 def input_embeddings(digests: tuple[str, ...], data_key: str, method: str, reference: int,
-                     other: int, point: str, samples: int, bn_reset: bool, embedding: str,
-                     _models: Sequence[nn.Module],
+                     other: int, point: str, samples: int, bn_reset: bool,
+                     stats_samples: int | None, embedding: str, _models: Sequence[nn.Module],
                      _data: Dataset) -> dict[str, explorer.InputEmbedding]:
     """Test images embedded by each group's representation at ``point`` (group -> embedding)."""
     moved, merged, spec = _explored(digests, data_key, method, reference, other, bn_reset,
-                                    _models, _data)
+                                    stats_samples, _models, _data)
     x, y = explorer.sample_inputs(_data, samples, SEED)
     nets = fresh([_models[reference], _models[other], moved, merged])
     return {group: explorer.embed_inputs(explorer.point_features(net, spec, x, point, pool="flatten"),
@@ -539,18 +822,24 @@ def input_embeddings(digests: tuple[str, ...], data_key: str, method: str, refer
 
 
 @cached(lambda: memo())
-def swap_demo(digest: str, data_key: str, _model: nn.Module, _data: Dataset) -> dict:
-    """``ccamerge.analysis.teach.swap_demo`` on one model."""
+def swap_demo(digest: str, data_key: str, stats_samples: int | None, test_samples: int | None,
+              _model: nn.Module, _data: Dataset) -> dict:
+    """``ccamerge.analysis.teach.swap_demo`` on one model, matched on ``stats_samples``
+    training images and scored on ``test_samples`` test images."""
     check_fit([_model], _data)
-    return teach.swap_demo(fresh([_model])[0], _data, seed=SEED)
+    sampled = scored(_data, test_samples)
+    if effective_samples(stats_samples, len(_data.train)) is not None:
+        sampled = Dataset(_data.name, _data.train.take(stats_samples, SEED), sampled.test,
+                          _data.num_classes, _data.mean, _data.std)
+    return teach.swap_demo(fast([_model])[0], sampled, seed=SEED)
 
 
 @cached(lambda: memo())
 def cca_steps(digests: tuple[str, ...], data_key: str, reference: int, other: int, point: str,
-              gamma: float, relative: bool, _models: Sequence[nn.Module],
-              _data: Dataset) -> teach.CCASteps:
+              gamma: float, relative: bool, stats_samples: int | None,
+              _models: Sequence[nn.Module], _data: Dataset) -> teach.CCASteps:
     """The CCA solve between the reference and model ``other`` at ``point``, step by step."""
-    stats = statistics(digests, data_key, reference, None, _models, _data)
+    stats = statistics(digests, data_key, reference, stats_samples, _models, _data)
     if point not in stats.points:
         raise CcamergeError(f"no merge point {point!r}; the models have {list(stats.points)}")
     return teach.cca_steps(stats[point], reference, other, gamma=gamma, relative=relative)

@@ -29,12 +29,12 @@ def subset_indices(n_models: int, reference: int, n: int) -> list[int]:
 def signature(inputs: Inputs, methods: Sequence[str], options: dict, bn_reset: bool,
               repair: bool, stats_samples: int | None, curve: bool,
               bn_policy: str = "paper", reset_base_bn: bool = False,
-              stream_points: str = "pooled") -> str:
+              stream_points: str = "pooled", test_samples: int | None = None) -> str:
     """What a run depends on, to tell whether shown results match the current controls."""
     return json.dumps([list(inputs.digests), inputs.reference, inputs.data_key, list(methods),
                        {m: options.get(m, {}) for m in methods}, bn_reset, repair, stats_samples,
-                       curve, bn_policy, reset_base_bn, stream_points], sort_keys=True,
-                      default=str)
+                       curve, bn_policy, reset_base_bn, stream_points, test_samples],
+                      sort_keys=True, default=str)
 
 
 def repairs(method: str, repair: bool) -> bool:
@@ -50,35 +50,64 @@ def plan(n_models: int, methods: Sequence[str], curve: bool) -> list[tuple[str, 
     return tasks
 
 
+def forwards(inputs: Inputs, methods: Sequence[str], curve: bool, *, bn_reset: bool,
+             stats_samples: int | None, test_samples: int | None) -> int:
+    """Image-model forward passes a :func:`run` makes besides the statistics pass, for its
+    estimate: the base models' and every merge's scores, the held-out ranking (a pass of its
+    own over the training images when none are left outside the statistics), BatchNorm resets
+    over the training images and the curve's ensembles."""
+    n, n_train = len(inputs.models), len(inputs.data.train)
+    scores = test_samples or len(inputs.data.test)
+    held = data.held_out_indices(inputs.data, stats_samples)
+    resets = n_train if bn_reset else 0
+    ranking = len(held) if held is not None else n * n_train
+    total = n * (scores + resets) + len(methods) * (ranking + resets)
+    total += len(plan(n, methods, curve)) * (scores + resets)
+    total += sum(k * scores for k in range(2, n)) if curve else 0
+    return int(total)
+
+
 def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool, repair: bool,
         stats_samples: int | None, curve: bool, step: StepFactory,
         bn_policy: str = "paper", reset_base_bn: bool = False,
-        stream_points: str = "pooled") -> dict:
-    """Merge with every method; returns ``{"signature", "names", "reference", "data_name",
-    "base", "merges", "errors", "curve", "files", "recipes", "suffix", "held_out_on"}``
-    (``files``/``recipes``: method -> merged model bytes / recipe JSON text; ``suffix``:
-    ``.safetensors``, or ``.pt`` for a TorchScript archive when the reference is one; each merge
-    has a ``held_out_accuracy`` on the training images ``held_out_on`` names, for ranking)."""
+        stream_points: str = "pooled", test_samples: int | None = None) -> dict:
+    """Merge with every method, every one (and every subset of the accuracy-vs-N curve) on one
+    statistics pass (``data.shared_statistics``: step 0 of ``step``, the merges steps 1..),
+    scored on ``test_samples`` test images; returns ``{"signature", "names", "reference",
+    "data_name", "base", "merges", "errors", "curve", "files", "recipes", "suffix",
+    "held_out_on"}`` (``files``/``recipes``: method -> merged model bytes / recipe JSON text;
+    ``suffix``: ``.safetensors``, or ``.pt`` for a TorchScript archive when the reference is
+    one; each merge has a ``held_out_accuracy`` on the training images ``held_out_on`` names,
+    for ranking). Nothing is returned from a run that is stopped. A base-model BatchNorm reset
+    or last-block stream points make each merge collect its own statistics (of other models or
+    other features); the shared pass still serves the held-out ranking."""
     n_models = len(inputs.models)
     tasks = plan(n_models, methods, curve)
     out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,
-                                  bn_policy, reset_base_bn, stream_points),
+                                  bn_policy, reset_base_bn, stream_points, test_samples),
            "names": [e.name for e in inputs.entries], "reference": inputs.reference,
            "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
            "recipes": {}, "suffix": ".safetensors", "held_out_on": None}
-    out["base"] = data.base_scores(inputs.digests, inputs.data_key, bn_reset, inputs.models,
-                                   inputs.data)
-    for k, (method, n) in enumerate(tasks):
+    own_pass = reset_base_bn or stream_points != "pooled"  # statistics of other models/features
+    stats = data.shared_statistics(inputs.models, inputs.digests, inputs.data, inputs.data_key,
+                                   reference=inputs.reference, stats_samples=stats_samples,
+                                   pairs=data.pairs_needed(methods), progress=step(0, "statistics"))
+    out["base"] = data.base_scores(inputs.digests, inputs.data_key, bn_reset, test_samples,
+                                   inputs.models, inputs.data)
+    for k, (method, n) in enumerate(tasks, start=1):
         if method in out["errors"]:
             continue
         indices = subset_indices(n_models, inputs.reference, n)
         models, digests = inputs.pick(indices)
+        picked = None if own_pass else data.pick_statistics(stats, indices,
+                                                             indices.index(inputs.reference))
         try:
             result = data.merge(models, digests, inputs.data, inputs.data_key, method,
                                 options.get(method, {}), reference=indices.index(inputs.reference),
                                 bn_reset=bn_reset, repair=repairs(method, repair),
                                 bn_policy=bn_policy, reset_base_bn=reset_base_bn,
                                 stream_points=stream_points, stats_samples=stats_samples,
+                                test_samples=test_samples, statistics=picked,
                                 sources=[inputs.entries[i].path for i in indices],
                                 progress=step(k, f"{method}, N = {n}"))
         except CcamergeError as exc:
@@ -89,21 +118,22 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
             out["merges"].append({k2: result[k2] for k2 in
                                   ("method", "options", "accuracy", "loss", "seconds", "warnings")})
             out["merges"][-1].update(_held_out(out, inputs, method, options, bn_reset,
-                                               stats_samples))
+                                               stats_samples, stats))
             _attach_files(out, inputs, result)
-    _ensemble_curve(out, inputs, bn_reset, n_models if curve else None)
+    _ensemble_curve(out, inputs, bn_reset, n_models if curve else None, test_samples)
     return out
 
 
 def _held_out(out: dict, inputs: Inputs, method: str, options: dict, bn_reset: bool,
-              stats_samples: int | None) -> dict:
+              stats_samples: int | None, stats) -> dict:
     """``{"held_out_accuracy"}``: the merge of every selected model scored on held-out training
-    images (``data.held_out_score``; None when the data is too small to hold some out); the
-    images are named in ``out["held_out_on"]``."""
+    images (``data.held_out_score`` on the run's statistics ``stats``; None when the data is
+    too small to hold some out); the images are named in ``out["held_out_on"]``."""
     try:
-        score = data.held_out_score(inputs.digests, inputs.data_key, method,
-                                    options.get(method, {}), inputs.reference, bn_reset,
-                                    stats_samples, inputs.models, inputs.data)
+        score = data.held_out_score(inputs.models, inputs.digests, inputs.data, inputs.data_key,
+                                    method, options.get(method, {}), reference=inputs.reference,
+                                    bn_reset=bn_reset, stats_samples=stats_samples,
+                                    statistics=stats)
     except CcamergeError:
         return {"held_out_accuracy": None}
     out["held_out_on"] = score["selected_on"]
@@ -166,11 +196,13 @@ def _attach_files(out: dict, inputs: Inputs, result: dict) -> None:
     out["recipes"][method] = json.dumps(recipe, indent=2)
 
 
-def _ensemble_curve(out: dict, inputs: Inputs, bn_reset: bool, n_max: int | None) -> None:
+def _ensemble_curve(out: dict, inputs: Inputs, bn_reset: bool, n_max: int | None,
+                    test_samples: int | None = None) -> None:
     """The ensemble of the same subsets, as the reference line of the accuracy-vs-N chart."""
     n_models = len(inputs.models)
     for n in range(2, (n_max or n_models) + 1) if n_max else [n_models]:
         models, digests = inputs.pick(subset_indices(n_models, inputs.reference, n))
-        scores = data.base_scores(digests, inputs.data_key, bn_reset, models, inputs.data)
+        scores = data.base_scores(digests, inputs.data_key, bn_reset, test_samples, models,
+                                  inputs.data)
         out["curve"].append({"method": "ensemble", "n": n,
                              "accuracy": scores["ensemble"]["accuracy"]})

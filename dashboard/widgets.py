@@ -11,11 +11,19 @@ from contextlib import contextmanager
 
 import streamlit as st
 
+from ccamerge.analysis.diagnose import default_grid
+from ccamerge.api import is_builtin
 from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
-from dashboard import catalog, data, registry, state
+from ccamerge.spec import build_spec
+from dashboard import catalog, data, jobs, registry, state
 
 KEEP = {"persist_state": "session"}
+W_STATS_SAMPLES = "w_stats_samples"  # sidebar: training images behind the statistics (0 = all)
+W_TEST_SAMPLES = "w_test_samples"    # sidebar: test images scored (0 = all)
+# Interpolation curves picked at first: plain averaging, a permutation and CCA (each curve is
+# ``steps`` scored merges; the other pairwise methods are one click away)
+INTERPOLATION_DEFAULTS = ("average", "permute", "cca")
 GAMMAS = (0.0, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
@@ -293,21 +301,166 @@ def selected_inputs() -> tuple[state.Selection, dict, registry.Inputs]:
     return sel, models, inputs
 
 
-def selected_statistics(inputs: registry.Inputs):
-    """Activation statistics of the selection against its reference (cached), or stop the page."""
-    with stop_on_error():
-        return data.statistics(inputs.digests, inputs.data_key, inputs.reference, None,
-                               inputs.models, inputs.data)
+def sample_controls() -> None:
+    """Sidebar: how many training images the statistics use and how many test images every
+    score is measured on (defaults :data:`data.STATS_SAMPLES`, :data:`data.TEST_SAMPLES`;
+    0 = all). One statistics pass per selection and sample size serves every page."""
+    with st.sidebar:
+        st.number_input("Statistics images (0 = all)", min_value=0, value=data.STATS_SAMPLES,
+                        step=500, key=W_STATS_SAMPLES,
+                        help="training images behind the activation statistics, collected once "
+                             "per selection and shared by every page and method; more images "
+                             "cost proportionally more time, very few make the covariances "
+                             "noise")
+        st.number_input("Test images scored (0 = all)", min_value=0, value=data.TEST_SAMPLES,
+                        step=500, key=W_TEST_SAMPLES,
+                        help="test images behind every accuracy and loss (drawn at random, the "
+                             "same for every model and method); 0 scores the whole test set")
+
+
+def sampling(inputs: registry.Inputs) -> tuple[int | None, int | None]:
+    """``(stats_samples, test_samples)`` the sidebar chose, for the selection's dataset (None =
+    all of its images)."""
+    stats = st.session_state.get(W_STATS_SAMPLES, data.STATS_SAMPLES)
+    test = st.session_state.get(W_TEST_SAMPLES, data.TEST_SAMPLES)
+    return (data.effective_samples(stats, len(inputs.data.train)),
+            data.effective_samples(test, len(inputs.data.test)))
+
+
+def sampling_note(inputs: registry.Inputs) -> None:
+    """One line saying which images the page's numbers come from (changed in the sidebar)."""
+    stats, test = sampling(inputs)
+    n_train, n_test = len(inputs.data.train), len(inputs.data.test)
+    st.caption(f"Statistics on {stats or n_train:,} of {n_train:,} training images, scores on "
+               f"{test or n_test:,} of {n_test:,} test images (change them in the sidebar).")
+
+
+def selected_statistics(inputs: registry.Inputs, stats_samples: int | None = None):
+    """The selection's shared activation statistics (cached; one pass per selection and sample
+    size, shown with a progress bar and a Cancel button), or stop the page."""
+    key = ("statistics", inputs.digests, inputs.data_key, stats_samples)
+    with stop_on_error(), long_work("statistics", str(key), "collecting statistics", 1,
+                                    estimate(inputs, stats_samples=stats_samples)) as progress:
+        return data.shared_statistics(inputs.models, inputs.digests, inputs.data, inputs.data_key,
+                                      reference=inputs.reference, stats_samples=stats_samples,
+                                      progress=progress.step(0, "statistics"))
+
+
+def points_count(inputs: registry.Inputs) -> int:
+    """The number of merge points of the selection's models (the built-in spec; 8 for other
+    models, which would need tracing), for estimates."""
+    model = inputs.models[inputs.reference]
+    return len(build_spec(model).points) if is_builtin(model) else 8
+
+
+def seconds_per_image(inputs: registry.Inputs) -> float:
+    """Seconds of one forward pass of the reference per image (timed once, cached)."""
+    return data.seconds_per_image(inputs.digests[inputs.reference], inputs.data_key,
+                                  inputs.models[inputs.reference], inputs.data)
+
+
+def estimate(inputs: registry.Inputs, *, stats_samples: int | None, forwards: int = 0,
+             pairs: str = "reference") -> float:
+    """Seconds the work will take: the statistics pass (unless cached) and ``forwards`` more
+    image-model forward passes, at the speed of a timed forward pass of the reference."""
+    per_image = seconds_per_image(inputs)
+    cached = data.has_statistics(inputs.digests, inputs.data, inputs.data_key,
+                                 reference=inputs.reference, stats_samples=stats_samples,
+                                 pairs=pairs)
+    images = stats_samples or len(inputs.data.train)
+    return jobs.estimate_seconds(per_image, forwards=forwards,
+                                 stats_forwards=0 if cached else images * len(inputs.models))
+
+
+def estimate_text(seconds: float) -> str:
+    """``about 12 s`` (:func:`dashboard.jobs.estimate_text`)."""
+    return jobs.estimate_text(seconds)
+
+
+def resume(task: str) -> None:
+    """Forget a cancelled run of ``task`` (its Run button was pressed)."""
+    jobs.resume(st.session_state, task)
+
+
+def was_cancelled(task: str, signature: str) -> bool:
+    """True when the last cancelled run of ``task`` had ``signature``."""
+    return jobs.is_cancelled(st.session_state, task, signature)
+
+
+def diagnosis_estimate(inputs: registry.Inputs, method: str, stats_samples: int | None,
+                       test_samples: int | None) -> float:
+    """Seconds of a diagnosis: the statistics (unless cached), each model's and each partial
+    merge's score, the collapse pass over the statistics images."""
+    n_test = test_samples or len(inputs.data.test)
+    forwards = ((len(inputs.models) + points_count(inputs)) * n_test
+                + (stats_samples or len(inputs.data.train)))
+    return estimate(inputs, stats_samples=stats_samples, forwards=forwards,
+                    pairs=data.pairs_needed([method]))
+
+
+def sweep_estimate(inputs: registry.Inputs, method: str, stats_samples: int | None) -> float:
+    """Seconds of the sweep: each setting (and the current one) scored on the held-out images,
+    or, when there are none, a statistics pass of its own too."""
+    held = data.held_out_indices(inputs.data, stats_samples)
+    settings = len(default_grid(method)) + 1
+    if held is None:  # statistics of its own on 80% of the training images, scores on 20%
+        n_train = len(inputs.data.train)
+        return jobs.estimate_seconds(seconds_per_image(inputs), forwards=settings * n_train // 5,
+                                     stats_forwards=len(inputs.models) * n_train * 4 // 5)
+    return estimate(inputs, stats_samples=stats_samples, forwards=settings * len(held))
+
+
+@contextmanager
+def long_work(task: str, signature: str, label: str, total: int, seconds: float | None, *,
+              auto: bool = True) -> Iterator[ProgressDisplay]:
+    """Around long work: its estimate, a Cancel button and a progress bar (removed when the
+    block ends). Cancel stops the run at its next progress update and nothing of it is kept
+    (:mod:`dashboard.jobs`). For work a page starts on its own (``auto``), a cancelled run
+    then waits: the page shows a Run button and stops until it is pressed."""
+    if auto and jobs.is_cancelled(st.session_state, task, signature):
+        st.info(f"Cancelled ({label}). Earlier results are kept; nothing of the cancelled run "
+                "was stored.", icon=":material/cancel:")
+        st.button(f"Run again ({label})", key=f"w_resume_{task}", on_click=jobs.resume,
+                  args=(st.session_state, task), icon=":material/play_arrow:")
+        st.stop()
+    note, button = st.empty(), st.empty()
+    if seconds is not None and seconds >= 1:
+        note.caption(f"{label.capitalize()}: {jobs.estimate_text(seconds)} (estimated from a "
+                     "timed forward pass on this machine)")
+    button.button("Cancel", key=f"w_cancel_{task}", on_click=jobs.cancel,
+                  args=(st.session_state, task, signature), icon=":material/cancel:")
+    try:
+        with ProgressDisplay(label, total) as progress:
+            yield progress
+    finally:
+        note.empty()
+        button.empty()
 
 
 def interpolation_curves(pair, digests, inputs: registry.Inputs, methods, *, steps: int,
-                         bn_reset: bool, options: dict | None = None) -> list[dict]:
-    """One cached interpolation curve per method between the two models of ``pair`` (with
-    ``options[method]``, else the defaults), with a progress display; on a problem the page
-    shows why and stops."""
+                         bn_reset: bool, options: dict | None = None,
+                         indices: tuple[int, int] | None = None) -> list[dict]:
+    """One cached interpolation curve per method between the two models of ``pair`` (models
+    ``indices`` of the selection; with ``options[method]``, else the defaults), all on the
+    selection's shared statistics, with an estimate, a progress display and a Cancel button; on
+    a problem the page shows why and stops."""
     options = options or {}
-    with stop_on_error(), ProgressDisplay("interpolating", len(methods)) as progress:
+    stats_samples, test_samples = sampling(inputs)
+    indices = indices or tuple(inputs.digests.index(d) for d in digests)
+    pairs = "reference" if inputs.reference in indices else "all"
+    signature = str((digests, inputs.data_key, list(methods), steps, bn_reset, options,
+                     stats_samples, test_samples))
+    forwards = len(methods) * steps * (test_samples or len(inputs.data.test))
+    seconds = estimate(inputs, stats_samples=stats_samples, forwards=forwards, pairs=pairs)
+    with stop_on_error(), long_work("interpolation", signature, "interpolating",
+                                    len(methods) + 1, seconds) as progress:
+        stats = data.shared_statistics(inputs.models, inputs.digests, inputs.data,
+                                       inputs.data_key, reference=inputs.reference,
+                                       stats_samples=stats_samples, pairs=pairs,
+                                       progress=progress.step(0, "statistics"))
+        picked = data.pick_statistics(stats, list(indices), 0)
         return [data.interpolation(pair, digests, inputs.data, inputs.data_key, method,
-                                   steps=steps, bn_reset=bn_reset, stats_samples=None,
-                                   options=options.get(method), progress=progress.step(k, method))
-                for k, method in enumerate(methods)]
+                                   steps=steps, bn_reset=bn_reset, stats_samples=stats_samples,
+                                   test_samples=test_samples, options=options.get(method),
+                                   statistics=picked, progress=progress.step(k, method))
+                for k, method in enumerate(methods, start=1)]

@@ -14,7 +14,7 @@ st.markdown("Merge the selected models once, then take the merge apart: which me
 
 sel, models, inputs = widgets.selected_inputs()
 
-c1, c2, c3, c4 = st.columns([2, 2, 2, 2])
+c1, c2, c4 = st.columns(3)
 methods = list(catalog.METHODS)
 method = c1.selectbox("Method", methods, index=methods.index("cca"), key=state.W_DIAG_METHOD,
                       help=catalog.methods_help(), **widgets.KEEP)
@@ -23,9 +23,6 @@ bn_reset = c2.toggle("Reset BatchNorm statistics", value=True, key=state.W_DIAG_
                      disabled=not has_bn, help="recompute the merged model's BatchNorm running "
                      "statistics on the training images; switch off to see what happens without",
                      **widgets.KEEP)
-samples = c3.number_input("Statistics images (0 = all)", min_value=0, value=0, step=100,
-                          key=state.W_DIAG_SAMPLES, help="training images behind the activation "
-                          "statistics; very few make the covariances noise", **widgets.KEEP)
 sweepable = method in ("cca", "zipit")
 with_sweep = c4.checkbox("Hyperparameter sweep", value=False, key=state.W_DIAG_SWEEP,
                          disabled=not sweepable, help="merged accuracy over a log grid of gamma "
@@ -36,11 +33,24 @@ if catalog.METHODS[method].options:
     with st.expander(f"{method} options"):
         options = widgets.method_options(method, "diag")
 
-with widgets.stop_on_error(), widgets.ProgressDisplay("diagnosing", 1) as progress:
+stats_samples, test_samples = widgets.sampling(inputs)
+widgets.sampling_note(inputs)
+diagnosed = (inputs.digests, inputs.data_key, method, options, inputs.reference, bn_reset,
+             stats_samples, test_samples)
+seconds = widgets.diagnosis_estimate(inputs, method, stats_samples, test_samples)
+with widgets.stop_on_error(), widgets.long_work("diagnose", str(diagnosed), "diagnosing", 1,
+                                                seconds) as progress:
     report = data.diagnosis(inputs.models, inputs.digests, inputs.data, inputs.data_key, method,
                             options, reference=inputs.reference, bn_reset=bn_reset and has_bn,
-                            stats_samples=int(samples) or None, with_sweep=with_sweep,
+                            stats_samples=stats_samples, test_samples=test_samples,
                             progress=progress.step(0, method))
+if with_sweep:
+    sweep_seconds = widgets.sweep_estimate(inputs, method, stats_samples)
+    with widgets.stop_on_error(), widgets.long_work("sweep", str(diagnosed), "sweeping", 1,
+                                                    sweep_seconds) as progress:
+        report = data.diagnosis_sweep(inputs.models, inputs.digests, inputs.data,
+                                      inputs.data_key, report, stats_samples=stats_samples,
+                                      progress=progress.step(0, method))
 names = [e.name for e in inputs.entries]
 
 st.subheader("Checklist")
@@ -121,4 +131,4 @@ else:
 
 st.caption("Regenerate: `" + cd.diagnose_command(
     [e.path for e in inputs.entries], inputs.data_name, method, options, reference=inputs.reference,
-    bn_reset=bn_reset or not has_bn, stats_samples=int(samples) or None, sweep=with_sweep) + "`")
+    bn_reset=bn_reset or not has_bn, stats_samples=stats_samples, sweep=with_sweep) + "`")

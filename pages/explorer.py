@@ -12,7 +12,8 @@ st.markdown("Each hidden unit is a point placed by what it responds to: two unit
             "reference's; the merged model's units should stay where both models put them.")
 
 sel, models, inputs = widgets.selected_inputs()
-stats = widgets.selected_statistics(inputs)
+stats_samples, _test_samples = widgets.sampling(inputs)
+stats = widgets.selected_statistics(inputs, stats_samples)
 
 c1, c2, c3 = st.columns(3)
 other, point = widgets.pick_model_and_point("Model i", sel, models, stats.points,
@@ -38,7 +39,8 @@ names = {"reference": f"{inputs.entries[inputs.reference].name} (reference)",
          "aligned": f"{inputs.entries[other].name} aligned ({method})",
          "merged": f"merged ({method})"}
 
-key = (inputs.digests, inputs.data_key, method, inputs.reference, other, point, samples, bn_reset)
+key = (inputs.digests, inputs.data_key, method, inputs.reference, other, point, samples, bn_reset,
+       stats_samples)
 with widgets.stop_on_error(), st.spinner(f"Embedding units with {embedding.upper()}..."):
     units = data.unit_set(*key, inputs.models, inputs.data)
     coords = data.unit_embedding(*key, embedding, inputs.models, inputs.data)

@@ -11,7 +11,9 @@ st.markdown("Do hidden units correspond one to one between two models (then a pe
             "(then only a linear map such as CCA's can align it)?")
 
 sel, models, inputs = widgets.selected_inputs()
-stats = widgets.selected_statistics(inputs)
+stats_samples, test_samples = widgets.sampling(inputs)
+widgets.sampling_note(inputs)
+stats = widgets.selected_statistics(inputs, stats_samples)
 
 other, point = widgets.pick_model_and_point("Model compared with the reference", sel, models,
                                             stats.points, model_key=state.W_FEAT_MODEL,
@@ -19,7 +21,7 @@ other, point = widgets.pick_model_and_point("Model compared with the reference",
 gamma, relative = widgets.gamma_controls(state.W_FEAT_GAMMA, state.W_FEAT_RELATIVE)
 with widgets.stop_on_error():
     fm = data.features(inputs.digests, inputs.data_key, inputs.reference, other, point, gamma,
-                       relative, None, inputs.models, inputs.data)
+                       relative, stats_samples, inputs.models, inputs.data)
 ref_name, other_name = inputs.entries[inputs.reference].name, inputs.entries[other].name
 
 summary = fm.summary()
@@ -94,13 +96,23 @@ st.markdown("The map above spreads each feature over many units, the permutation
             "each alignment reproduces the reference's units, and what merging costs, layer by "
             "layer, with each method.")
 pair, pair_digests = inputs.pick([inputs.reference, other])
-with widgets.stop_on_error():
+pair_stats = data.pick_statistics(stats, [inputs.reference, other], 0)
+pair_methods = (("cca", {"gamma": gamma, "relative": relative}), ("permute", {}))
+seconds = widgets.estimate(inputs, stats_samples=stats_samples, forwards=len(pair_methods) * (
+    widgets.points_count(inputs) + 1) * (test_samples or len(inputs.data.test)))
+signature = str((pair_digests, inputs.data_key, point, gamma, relative, stats_samples,
+                 test_samples))
+with widgets.stop_on_error(), widgets.long_work("features", signature, "merging layer by layer",
+                                                len(pair_methods), seconds) as progress:
     units = data.held_out_alignment(inputs.digests, inputs.data_key, inputs.reference, other,
-                                    point, gamma, relative, inputs.models, inputs.data)
-    curves = [data.partial_merges(pair_digests, inputs.data_key, method, opts,
-                                  data.uses_batchnorm(pair), pair, inputs.data)
-              for method, opts in (("cca", {"gamma": gamma, "relative": relative}),
-                                   ("permute", {}))]
+                                    point, gamma, relative, stats_samples, inputs.models,
+                                    inputs.data)
+    curves = []
+    for k, (method, opts) in enumerate(pair_methods):
+        progress.step(k, method)
+        curves.append(data.partial_merges(pair_digests, inputs.data_key, method, opts,
+                                          data.uses_batchnorm(pair), stats_samples, test_samples,
+                                          pair, inputs.data, pair_stats))
 where = "held-out" if units.held_out else "fitting"
 means = units.means()
 q = st.columns(3)

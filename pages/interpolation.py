@@ -22,7 +22,8 @@ with c2:
     widgets.valid_choice(state.W_INTERP_B, b_choices)
     b_id = st.selectbox("Model B (λ = 1)", b_choices, key=state.W_INTERP_B,
                         format_func=lambda i: widgets.model_label(models, i), **widgets.KEEP)
-methods = st.multiselect("Methods", pairwise, default=pairwise, key=state.W_INTERP_METHODS,
+methods = st.multiselect("Methods", pairwise, key=state.W_INTERP_METHODS,
+                         default=[m for m in widgets.INTERPOLATION_DEFAULTS if m in pairwise],
                          help=catalog.methods_help(), **widgets.KEEP)
 st.caption(f"Not offered: {', '.join(joint)} aligns all models jointly and defines no path between "
            "two models (it is on the Merge page).")
@@ -50,8 +51,10 @@ if not methods or b_id is None:
 
 indices = [sel.ids.index(a_id), sel.ids.index(b_id)]
 pair, digests = inputs.pick(indices)
+widgets.sampling_note(inputs)
 curves = widgets.interpolation_curves(pair, digests, inputs, methods, steps=steps,
-                                      bn_reset=bn_reset and has_bn, options=options)
+                                      bn_reset=bn_reset and has_bn, options=options,
+                                      indices=tuple(indices))
 
 cols = st.columns(len(curves))
 for col, curve in zip(cols, curves, strict=True):

@@ -25,7 +25,7 @@ with st.expander("Method options (defaults from the registry)",
             st.markdown(f"**{method}**: {catalog.METHODS[method].summary}")
             options[method] = widgets.method_options(method, "merge")
             widgets.applied_note(method, options[method])
-c1, c2, c3, c4 = st.columns(4)
+c1, c2, c4 = st.columns(3)
 has_bn = data.uses_batchnorm(inputs.models)
 bn_reset = c1.toggle("Reset BatchNorm statistics", value=True, key=state.W_MERGE_BN,
                      disabled=not has_bn, help="recompute BatchNorm running statistics of the "
@@ -34,12 +34,10 @@ bn_reset = c1.toggle("Reset BatchNorm statistics", value=True, key=state.W_MERGE
 repair = c2.toggle("REPAIR", value=False, key=state.W_MERGE_REPAIR, disabled=has_bn,
                    help="rescale each merged unit to the mean/std of the endpoints' units (for "
                    "networks without BatchNorm; not for zipit, which aligns jointly)", **widgets.KEEP)
-samples = c3.number_input("Statistics images (0 = all)", min_value=0, value=0, step=100,
-                          key=state.W_MERGE_SAMPLES, **widgets.KEEP)
 curve = c4.checkbox("Accuracy vs N", value=True, key=state.W_MERGE_CURVE,
                     help="also merge the reference with the first 1, 2, ... other models, for "
                     "the chart of accuracy against the number of merged models", **widgets.KEEP)
-stats_samples = int(samples) or None
+stats_samples, test_samples = widgets.sampling(inputs)
 bn_reset, repair = bn_reset and has_bn, repair and not has_bn
 d1, d2, d3 = st.columns(3)
 bn_policy = d1.selectbox("BatchNorm policy", merging.BN_POLICIES, key=state.W_MERGE_BN_POLICY,
@@ -58,21 +56,37 @@ stream_points = d3.selectbox("Residual stream statistics", merging.STREAM_POINTS
                              "official code)", **widgets.KEEP)
 bn_policy, reset_base_bn = (bn_policy, reset_base_bn) if has_bn else ("paper", False)
 settings = {"bn_policy": bn_policy, "reset_base_bn": reset_base_bn, "stream_points": stream_points}
+widgets.sampling_note(inputs)
+signature = merging.signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,
+                              test_samples=test_samples, **settings)
+seconds = widgets.estimate(inputs, stats_samples=stats_samples, pairs=data.pairs_needed(methods),
+                           forwards=merging.forwards(inputs, methods, curve, bn_reset=bn_reset,
+                                                     stats_samples=stats_samples,
+                                                     test_samples=test_samples))
 
-if st.button("Run merge", type="primary", key=state.W_MERGE_RUN, disabled=not methods):
+run = st.button("Run merge", type="primary", key=state.W_MERGE_RUN, disabled=not methods)
+st.caption(f"Estimated time: {widgets.estimate_text(seconds)} (a timed forward pass, scaled by "
+           "the images and methods).")
+if run:
+    widgets.resume("merge")
     tasks = merging.plan(len(inputs.models), methods, curve)
-    with widgets.continue_on_error(), widgets.ProgressDisplay("merging", len(tasks)) as progress:
+    with widgets.continue_on_error(), widgets.long_work("merge", signature, "merging",
+                                                        len(tasks) + 1, seconds,
+                                                        auto=False) as progress:
         st.session_state[state.MERGE_RESULTS] = merging.run(
             inputs, methods, options, bn_reset=bn_reset, repair=repair,
-            stats_samples=stats_samples, curve=curve, step=progress.step, **settings)
+            stats_samples=stats_samples, test_samples=test_samples, curve=curve,
+            step=progress.step, **settings)
+elif widgets.was_cancelled("merge", signature):
+    st.info("Merge cancelled; nothing of it was kept (the results below, if any, are earlier "
+            "ones).", icon=":material/cancel:")
 
 results = st.session_state.get(state.MERGE_RESULTS)
 if not results:
     st.info(f"Press **Run merge** to merge the {len(inputs.models)} selected models with "
             f"{len(methods)} method(s).")
     st.stop()
-if results["signature"] != merging.signature(inputs, methods, options, bn_reset, repair,
-                                              stats_samples, curve, **settings):
+if results["signature"] != signature:
     st.info("These results are for earlier settings; press **Run merge** to update them.")
 for method, message in results["errors"].items():
     st.error(f"{method}: {message}")

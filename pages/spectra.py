@@ -22,9 +22,12 @@ widgets.valid_choice(state.W_SPEC_MODEL, choices)
 shown = st.selectbox("Model compared with the reference", choices, key=state.W_SPEC_MODEL,
                      format_func=lambda i: "every model" if i == "all" else widgets.model_label(models, i),
                      **widgets.KEEP)
+stats_samples, _test_samples = widgets.sampling(inputs)
+widgets.sampling_note(inputs)
+widgets.selected_statistics(inputs, stats_samples)
 with widgets.stop_on_error():
     rows = data.held_out_spectrum(inputs.digests, inputs.data_key, inputs.reference, gamma,
-                                  relative, inputs.models, inputs.data)
+                                  relative, stats_samples, inputs.models, inputs.data)
 names = {k: e.name for k, e in enumerate(inputs.entries)}
 if shown != "all" and shown in sel.ids:
     rows = [r for r in rows if r["model"] == sel.ids.index(shown)]

@@ -11,7 +11,9 @@ st.markdown("Why can't we just average two trained networks, and what does align
             "steps, computed live on the models selected in the sidebar.")
 
 sel, models, inputs = widgets.selected_inputs()
-stats = widgets.selected_statistics(inputs)
+stats_samples, test_samples = widgets.sampling(inputs)
+widgets.sampling_note(inputs)
+stats = widgets.selected_statistics(inputs, stats_samples)
 other, point = widgets.pick_model_and_point("Model i (compared with the reference)", sel, models,
                                             stats.points, model_key=state.W_TEACH_MODEL,
                                             point_key=state.W_TEACH_POINT)
@@ -20,8 +22,8 @@ ref_name, other_name = inputs.entries[inputs.reference].name, inputs.entries[oth
 # ----------------------------------------------------------------------------- step 1
 st.header("1. Swapping hidden units changes nothing")
 with widgets.stop_on_error():
-    swap = data.swap_demo(inputs.digests[inputs.reference], inputs.data_key,
-                          inputs.models[inputs.reference], inputs.data)
+    swap = data.swap_demo(inputs.digests[inputs.reference], inputs.data_key, stats_samples,
+                          test_samples, inputs.models[inputs.reference], inputs.data)
 acc = swap["accuracy"]
 st.markdown(f"Hidden units have no fixed order. Shuffle the {swap['width']} units of "
             f"{swap['point']} in {ref_name} (and every other layer's), moving each unit's incoming "
@@ -46,7 +48,7 @@ st.markdown(f"Averaging the model with its own shuffled copy, two networks compu
 st.header("2. The permutation found by matching")
 with widgets.stop_on_error():
     fm = data.features(inputs.digests, inputs.data_key, inputs.reference, other, point, 0.1,
-                       True, None, inputs.models, inputs.data)
+                       True, stats_samples, inputs.models, inputs.data)
 same = float(np.mean(np.diag(fm.corr)))
 matched = float(np.mean(np.diag(fm.corr_matched)))
 st.markdown(f"Two independently trained models learn similar units in different places. "
@@ -75,7 +77,7 @@ st.markdown("A permutation can only pair units one to one. CCA Merge looks for a
 gamma, relative = widgets.gamma_controls(state.W_TEACH_GAMMA, state.W_TEACH_RELATIVE)
 with widgets.stop_on_error():
     steps = data.cca_steps(inputs.digests, inputs.data_key, inputs.reference, other, point,
-                           gamma, relative, inputs.models, inputs.data)
+                           gamma, relative, stats_samples, inputs.models, inputs.data)
 n_live = len(steps.live_x)
 dead = stats.points[point].width - n_live
 st.markdown(f"**a. Covariances.** From the activations at {point}: S_xx ({ref_name} with "
@@ -100,8 +102,8 @@ widgets.explain("eigenvalues of the regularised covariances, largest first, on a
 
 with widgets.stop_on_error():
     spectrum = next(r for r in data.held_out_spectrum(
-        inputs.digests, inputs.data_key, inputs.reference, gamma, relative, inputs.models,
-        inputs.data) if r["name"] == point and r["model"] == other)
+        inputs.digests, inputs.data_key, inputs.reference, gamma, relative, stats_samples,
+        inputs.models, inputs.data) if r["name"] == point and r["model"] == other)
 held = spectrum["reached_heldout"] is not None
 where = "held-out images" if held else "the fitting images"
 shrunk_name = f"shrunk singular values (ridge γ = {gamma:g}{', relative' if relative else ''})"
@@ -144,7 +146,8 @@ st.markdown(f"Walk in a straight line from {ref_name} (λ = 0) to {other_name} (
             "merged model.")
 pair, digests = inputs.pick([inputs.reference, other])
 curves = widgets.interpolation_curves(pair, digests, inputs, ("average", "permute", "cca"),
-                                      steps=11, bn_reset=data.uses_batchnorm(pair))
+                                      steps=11, bn_reset=data.uses_batchnorm(pair),
+                                      indices=(inputs.reference, other))
 for col, curve in zip(st.columns(3), curves, strict=True):
     col.metric(f"loss barrier, {curve['method']}", f"{curve['barrier']:.3f}",
                help="highest rise of the test loss above the straight line between the ends")

@@ -35,12 +35,12 @@ from ccamerge.api import (
 from ccamerge.data import as_source, holdout_split
 from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
-from ccamerge.evaluate import evaluate_ensemble, evaluate_model, with_bn_reset
+from ccamerge.evaluate import evaluate_model, stream_metrics, with_bn_reset
 from ccamerge.methods import get_method
 from ccamerge.methods.base import hungarian
 from ccamerge.methods.cca import solve_near_exact
 from ccamerge.spec import AlignmentSpec
-from ccamerge.stats import CrossMoments, batch_features, collect_statistics
+from ccamerge.stats import CrossMoments, Statistics, batch_features, collect_statistics
 from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
 
 
@@ -65,11 +65,12 @@ def partial_state(reference_state: dict[str, torch.Tensor], merged_state: dict[s
 
 
 def partial_curve(reference: nn.Module, merged_state: dict[str, torch.Tensor], spec: AlignmentSpec,
-                  data, bn_reset: bool) -> list[dict]:
-    """Test accuracy and loss of the partial merges k = 0 (the reference) .. all points."""
+                  data, bn_reset: bool, first: int = 0) -> list[dict]:
+    """Test accuracy and loss of the partial merges k = ``first`` (0: the reference) .. all
+    points."""
     train, test = train_source(data), score_source(data)
     rows = []
-    for k in range(len(spec.points) + 1):
+    for k in range(first, len(spec.points) + 1):
         model = with_state(reference, partial_state(reference.state_dict(), merged_state, spec, k))
         if bn_reset:
             reset_batchnorm(model, train)
@@ -130,28 +131,38 @@ def _similarity(stats, point: str, ref: int, others: Sequence[int]) -> dict:
 
 def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
              bn_reset: bool = True, stats_samples: int | None = None, seed: int = 0,
-             with_sweep: bool = False, device=None, progress=None, **options) -> dict:
+             with_sweep: bool = False, statistics: Statistics | None = None, device=None,
+             progress=None, **options) -> dict:
     """A JSON-able report: base, ensemble and merged scores; per point similarity, health,
     collapse and damage (``points``, in depth order); ``ranking`` (points by loss added);
     ``sweep`` (with ``with_sweep``, for cca and zipit); ``findings`` (checklist, most severe
-    first) and ``healthy``. ``device``: where it runs (see :func:`ccamerge.api.place_models`)."""
+    first) and ``healthy``. ``statistics``: reuse statistics collected earlier on
+    ``subsample(train, stats_samples, seed)`` (every model with the reference, or every pair)
+    instead of a new pass; the sweep reuses them only with ``validation`` (see :func:`sweep`).
+    ``device``: where it runs (see :func:`ccamerge.api.place_models`)."""
     models, _place = place_models(models, device)
     report = progress or (lambda _f, _m: None)
-    aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
-                    seed=seed, **options)
-    # statistics of every model against the reference are needed even for data-free methods
     x, test = train_source(data), score_source(data)
     x_stats = subsample(x, stats_samples, seed)
-    stats = aligned.statistics or collect_statistics(models, aligned.spec, x_stats,
-                                                     reference=reference)
+    spec = resolve_spec(models, x)
+    if statistics is None:  # every model against the reference, even for data-free methods
+        report(0.0, "collecting activation statistics")
+        pairs = get_method(method).statistics or "reference"
+        statistics = collect_statistics(models, spec, x_stats, reference=reference, pairs=pairs,
+                                        progress=lambda f: report(0.25 * f, "collecting statistics"))
+    aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
+                    seed=seed, statistics=statistics, spec=spec, **options)
+    stats = statistics
     report(0.3, "merging")
     merged_state = average_states(aligned_states(models, aligned))
     merged = with_state(models[reference], merged_state)
     if bn_reset:
         reset_batchnorm(merged, x)
-    base = [evaluate_model(with_bn_reset(m, x), test) for m in models]
+    base, predicted, ensemble = base_scores(models, x, test)
     report(0.5, "partial merges")
-    partial = partial_curve(models[reference], merged_state, aligned.spec, data, bn_reset)
+    # k = 0 is the reference after its own reset, k = all the merged model: both scored already
+    partial = [base[reference], *partial_curve(models[reference], merged_state, aligned.spec,
+                                                data, bn_reset, first=1)]
     collapse = _collapse(merged, aligned.spec, stats, x_stats)
     others = [i for i in range(len(models)) if i != reference]
     points = []
@@ -166,11 +177,10 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     result = {
         "method": method, "options": aligned.options, "reference": reference, "bn_reset": bn_reset,
         "has_batchnorm": has_batchnorm(models[0]), "num_classes": int(test.labels().max()) + 1,
-        "base": base, "ensemble": evaluate_ensemble(models, test),
-        "merged": evaluate_model(merged, test),
+        "base": base, "ensemble": ensemble, "merged": partial[-1],
         "reference_only": partial[0], "points": points,
         "ranking": [p["name"] for p in sorted(points, key=_damage_order)],
-        "predicted_classes": [_predicted_classes(m, test) for m in models],
+        "predicted_classes": predicted,
     }
     if method == "cca" and result["has_batchnorm"]:
         # a permutation merge from the same statistics: do CCA's dense maps, rather than the
@@ -180,7 +190,8 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     if with_sweep and method in ("cca", "zipit"):
         report(0.7, f"sweeping {method} hyperparameters")
         result["sweep"] = sweep(models, data, method, reference=reference, bn_reset=bn_reset,
-                                stats_samples=stats_samples, seed=seed, current=aligned.options)
+                                stats_samples=stats_samples, seed=seed, current=aligned.options,
+                                progress=lambda f, m: report(0.7 + 0.2 * f, m))
     report(0.9, "checklist")
     result["findings"] = findings_for(result)
     result["healthy"] = not any(f["severity"] == "failure" for f in result["findings"])
@@ -202,15 +213,39 @@ def _damage_order(point: dict) -> tuple[float, float]:
     return (-loss if loss is not None else float("inf"), -point["damage_accuracy"])
 
 
-@torch.no_grad()
-def _predicted_classes(model: nn.Module, source: DataSource, batch_size: int = 1024) -> list[float]:
-    """Share of test inputs predicted as each class (which labels a model actually uses)."""
-    model.eval()
-    counts = np.zeros(0)
-    for xb, _ in source.batches(batch_size):
-        batch = np.bincount(model(xb).argmax(1).numpy())
-        counts = np.pad(counts, (0, max(0, len(batch) - len(counts))))
-        counts[:len(batch)] += batch
+def base_scores(models: Sequence[nn.Module], x, test: DataSource
+                ) -> tuple[list[dict], list[list[float]], dict]:
+    """One pass per model over ``test``: each model's scores (after its BatchNorm reset on
+    ``x``, as the merge gets), the share of inputs it predicts as each class, and the ensemble's
+    scores (the mean of the recorded logits, batch by batch, as :func:`evaluate_ensemble`)."""
+    scores, predicted, recorded = [], [], []
+    for model in models:
+        logits: list[torch.Tensor] = []
+        scores.append(evaluate_model(_Recorder(with_bn_reset(model, x), logits), test))
+        predicted.append(_class_shares(logits))
+        recorded.append(logits)
+    means = iter([torch.stack(batch).mean(0) for batch in zip(*recorded, strict=True)])
+    ensemble = stream_metrics(lambda _xb: next(means), test)
+    return scores, predicted, ensemble
+
+
+class _Recorder(nn.Module):
+    """``model`` that also appends each batch's logits ``[B, K]`` to ``logits``."""
+
+    def __init__(self, model: nn.Module, logits: list):
+        super().__init__()
+        self.model, self.logits = model, logits
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        out = self.model(xb)
+        self.logits.append(out.float().cpu())
+        return out
+
+
+def _class_shares(logits: Sequence[torch.Tensor]) -> list[float]:
+    """Share of inputs predicted as each class (which labels a model actually uses), from its
+    logits ``[B, K]`` per batch."""
+    counts = np.bincount(torch.cat(list(logits)).argmax(1).numpy()).astype(float)
     return (counts / counts.sum()).tolist()
 
 
@@ -226,14 +261,18 @@ def default_grid(method: str) -> list[dict]:
 def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[dict] | None = None,
           holdout: float = 0.2, reference: int = 0, bn_reset: bool = True,
           stats_samples: int | None = None, seed: int = 0, current: dict | None = None,
-          validation=None, device=None, progress=None) -> dict:
+          validation=None, statistics: Statistics | None = None, device=None,
+          progress=None) -> dict:
     """Merged accuracy over a grid of option settings, measured on a held-out slice of the
     training set (never the test set); statistics and BatchNorm reset use the rest.
     ``validation`` (``(x [B, ...], y [B])`` or a labelled source) gives the held-out samples
     explicitly (then all of ``data.train`` is used for statistics). Returns ``{"method", "grid",
     "accuracy", "loss", "best", "best_index", "best_at_edge", "parameter", "selected_on"}``, and
     ``"current": {"options", "accuracy", "loss"}`` for the ``current`` options (the ones a merge
-    used) scored the same way. ``device``: where it runs."""
+    used) scored the same way. ``statistics``: with ``validation``, statistics collected
+    earlier on ``subsample(data.train, stats_samples, seed)`` (the pairs the method needs), so
+    the sweep needs no pass of its own; the validation images must lie outside them.
+    ``device``: where it runs."""
     models, _place = place_models(models, device)
     report = progress or (lambda _f, _m: None)
     grid = grid or default_grid(method)
@@ -246,8 +285,12 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
         selected_on = f"{len(val)} held-out images"
     method_info = get_method(method)
     spec = resolve_spec(models, x_fit)
-    stats = collect_statistics(models, spec, subsample(x_fit, stats_samples, seed),
-                               reference=reference, pairs=method_info.statistics or "reference")
+    if statistics is not None and validation is None:
+        raise CcamergeError("sweep reuses statistics only with explicit validation images (the "
+                            "held-out split needs statistics of its own)")
+    stats = statistics or collect_statistics(models, spec, subsample(x_fit, stats_samples, seed),
+                                             reference=reference,
+                                             pairs=method_info.statistics or "reference")
 
     def score(options: dict) -> dict:
         return score_merge(models, method, options, stats, spec, x_fit, val, None, reference,

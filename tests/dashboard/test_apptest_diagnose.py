@@ -6,7 +6,7 @@ import pytest
 from apptest_helpers import APP, assert_ok, texts, visit
 from streamlit.testing.v1 import AppTest
 
-from dashboard import state
+from dashboard import state, widgets
 
 NOTE = "What am I looking at?"
 
@@ -84,11 +84,11 @@ def test_diagnosis_names_a_batchnorm_reset_left_off(app):
 
 def test_bad_input_shows_an_error_and_keeps_the_controls(app):
     visit(app, "diagnose")
-    app.number_input(key=state.W_DIAG_SAMPLES).set_value(1).run()
+    app.number_input(key=widgets.W_STATS_SAMPLES).set_value(1).run()
     assert_ok(app)
     assert "at least 2 statistics samples" in texts(app.error)
     assert app.selectbox(key=state.W_DIAG_METHOD).value == "cca"
-    app.number_input(key=state.W_DIAG_SAMPLES).set_value(0).run()
+    app.number_input(key=widgets.W_STATS_SAMPLES).set_value(0).run()
     assert_ok(app)
     assert app.subheader[0].value == "Checklist"
 
