@@ -296,6 +296,9 @@ def main() -> None:
     parser.add_argument("--paper", action="store_true", help="the paper's shapes (cost_paper.py)")
     parser.add_argument("--paper-images", type=int, default=PAPER_IMAGES)
     parser.add_argument("--fresh", action="store_true", help="--paper: forget an earlier run")
+    parser.add_argument("--paper-widths", nargs="+", type=float, default=list(PAPER_WIDTHS),
+                        help="--paper: the widths to measure now (a rerun adds the rest)")
+    parser.add_argument("--paper-ns", nargs="+", type=int, default=list(PAPER_NS))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +331,7 @@ def main() -> None:
 
 def paper(args, out: Path) -> None:
     done = [] if args.fresh else read_rows(out / "cost_paper.csv")
-    rows = paper_rows(["vgg11", "resnet20"], PAPER_WIDTHS, PAPER_NS, args.paper_images,
+    rows = paper_rows(["vgg11", "resnet20"], args.paper_widths, args.paper_ns, args.paper_images,
                       args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images))
     print(write_paper(rows, out, args.paper_images))
     write_readme(args, out, (out / "cost_summary.md").read_text()

@@ -1,6 +1,8 @@
 """Interpolation: test loss and accuracy along the straight path between two models, for plain
 averaging and each alignment method, and the barrier of each curve."""
 
+import shlex
+
 import streamlit as st
 
 from dashboard import catalog, charts, data, state, widgets
@@ -75,7 +77,8 @@ st.dataframe(charts.barrier_frame(curves), hide_index=True, column_config={
     "loss barrier": st.column_config.NumberColumn(format="%.3f"),
     "accuracy at λ=0.5 (%)": st.column_config.NumberColumn(format="%.1f"),
     "lowest accuracy (%)": st.column_config.NumberColumn(format="%.1f")})
-st.caption(f"Regenerate: `ccamerge interpolate A.safetensors B.safetensors --method METHOD --data "
+pair_files = " ".join(shlex.quote(models[i].portable_path) for i in (a_id, b_id))
+st.caption(f"Regenerate: `ccamerge interpolate {pair_files} --method METHOD --data "
            f"{inputs.data_name} --steps {steps}{'' if bn_reset or not has_bn else ' --no-bn-reset'}"
            " --json`" + "".join(f", for {m} add `{catalog.option_flags(m, o)}`"
                                 for m, o in options.items()))

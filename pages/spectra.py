@@ -93,5 +93,6 @@ widgets.explain("per merge point: samples behind the fitting covariances (images
                 "that never activate on this data.")
 st.caption("Regenerate (Python): `from ccamerge import load_dataset, load_model; from "
            "ccamerge.analysis.spectra import held_out_spectrum; held_out_spectrum([load_model(p) "
-           f"for p in MODEL_FILES], load_dataset('{inputs.data_name}'), reference="
+           f"for p in {[e.portable_path for e in inputs.entries]!r}], "
+           f"load_dataset('{inputs.data_name}'), reference="
            f"{inputs.reference}, gamma={gamma:g}, relative={relative})`")

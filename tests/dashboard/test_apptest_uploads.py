@@ -286,3 +286,21 @@ def test_an_uploaded_npz_is_named_and_verified_by_its_sha256(app, tmp_path):
 def test_the_sidebar_says_where_it_computes(app):
     shown = texts(app.sidebar.caption)
     assert "Computing on **cpu**" in shown or "Computing on **cuda" in shown
+
+
+def test_regenerate_commands_name_the_users_files_not_the_session_folder(app, tmp_path):
+    files = {f"my_net_{s}.safetensors": safetensors_bytes(random_model("mlp", s, width=2.0),
+                                                        tmp_path, f"n{s}.safetensors")
+             for s in (0, 1)}
+    upload_models(app, files)
+    app.button(key=state.W_NEW_SELECTION).click().run()
+    assert_ok(app)
+    session = str(app.session_state[state.SESSION_DIR].path)
+    for page in ("spectra", "interpolation", "diagnose"):
+        visit(app, page)
+        captions = texts(app.caption)
+        regenerate = [c for c in captions.split(" | ") if c.startswith("Regenerate")]
+        assert regenerate, f"{page}: no Regenerate command"
+        assert all("my_net_0.safetensors" in c and "my_net_1.safetensors" in c
+                   for c in regenerate), (page, regenerate)
+        assert session not in " ".join(regenerate), (page, regenerate)
