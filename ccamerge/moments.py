@@ -21,6 +21,10 @@ import torch
 # 1e-2 at a mean of 100 standard deviations. Trained nets' units stay near 1 (largest seen: 2.3);
 # torch's random init leaves a few units at 10-700 in deep VGG layers.
 UNCENTRED_LIMIT = 32.0
+# A point's first look judges the offsets on at most this many samples (rows) per model: a
+# heuristic that only picks the cheaper exact path (later batches are checked from the products'
+# diagonals), and the whole first batch of a wide early feature map costs a pass of its own.
+FIRST_LOOK_ROWS = 16_384
 
 
 class _Workspace:
@@ -44,13 +48,15 @@ class _Workspace:
 
     def first_look(self, name: str, samples: Sequence[torch.Tensor]) -> None:
         """The first batch of a point: mark the models whose units are offset (from column
-        sums and norms, before any product), so no product is computed twice."""
+        sums and norms of its first :data:`FIRST_LOOK_ROWS` samples, before any product), so no
+        product is computed twice."""
         new = [i for i in range(len(samples)) if (name, i) not in self.checked]
         if not new:
             return
-        flags = [_offset(samples[i].sum(0).to(torch.float64),
-                         torch.linalg.vector_norm(samples[i], dim=0).to(torch.float64) ** 2,
-                         len(samples[i])) for i in new]
+        heads = {i: samples[i][:FIRST_LOOK_ROWS] for i in new}
+        flags = [_offset(heads[i].sum(0).to(torch.float64),
+                         heads[i].square().sum(0).to(torch.float64),
+                         len(heads[i])) for i in new]
         self.centre.update((name, i) for i, bad in zip(new, torch.stack(flags).tolist(),
                                                        strict=True) if bad)
         self.checked.update((name, i) for i in new)
