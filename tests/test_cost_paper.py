@@ -19,6 +19,7 @@ def test_a_setting_row_adds_up_and_projects_fixed_costs_away(arch, width):
                                  ("standard", "channels_last", "channels_last_weights"))
     assert row["ratio"] == pytest.approx(row["total"] / row["forward"], rel=1e-2)
     assert row["per_image_ratio"] <= row["ratio_50k"] < row["ratio"]
+    assert row["statistics_ratio_median"] > 0 and row["ratio_50k_adjacent"] > 0
     assert (row["bn_reset"] > 0) == (arch == "resnet20")
     assert row["peak_gb"] > 0 and row["merge_peak_extra_gb"] >= 0
     text = paper_summary([row, {"arch": arch, "width": 8, "N": 4, "error": "exit -9: killed"}], 8)
