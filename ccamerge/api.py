@@ -109,9 +109,9 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     resolved = spec_method.resolve(options)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
     source = train_source(data)
-    check_compatible(models, source, reference)
+    check_compatible(models, source, reference, method)
     models, place = place_models(models, device)
-    spec = spec or resolve_spec(models, source)
+    spec = spec or resolve_spec([models[reference]], source)  # the merged model's widths
     stats = statistics if spec_method.statistics else None
     if spec_method.statistics and stats is None:
         progress(0.0, "collecting activation statistics")
