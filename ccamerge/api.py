@@ -46,6 +46,7 @@ from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method, hungarian
 from ccamerge.methods.cca import solve_near_exact, solve_pair
+from ccamerge.models import widths_differ
 from ccamerge.repair import repair as repair_units
 from ccamerge.spec import STREAM_POINTS, AlignmentSpec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
@@ -186,8 +187,14 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
           sources: Sequence[str | None] | None = None, data_dir: str | None = None,
           statistics: Statistics | None = None, device=None, group=None,
-          progress: Progress = _silent, **options) -> MergeResult:
+          target_model: int | None = None, progress: Progress = _silent,
+          **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
+
+    Models of one family whose widths differ merge with the methods that allow it
+    (``Method.mixed_widths``: cca, gcca): ``target_model`` is the model whose widths (and
+    units) the merged model has, merging into a narrower one compresses the others. It is the
+    reference the others are aligned to, so it replaces ``reference`` (default: the reference).
 
     ``data``: a Dataset (its training part gives the statistics and the BatchNorm reset) or any
     source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
@@ -211,6 +218,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     (see :class:`MergeResult`). Arguments are checked before any work (finite numbers, counts
     and indices in range); a bad one raises :class:`CcamergeError`.
     """
+    reference = target_reference(reference, target_model, len(models))
     weights = validate.merge_arguments(models, method, reference=reference, weights=weights,
                                        stats_samples=stats_samples, batch_size=batch_size,
                                        seed=seed, bn_reset=bn_reset, repair=repair)
@@ -218,6 +226,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     validate.flag("reset_base_bn", reset_base_bn)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
     recorded = model_sources(models, sources)
+    _check_width_options(models, bn_policy, repair)
     models, place = place_models(models, device)
     if reset_base_bn:
         progress(0.0, "resetting the base models' BatchNorm statistics")
@@ -239,6 +248,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                          batch_size=batch_size, group=group)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
+              "target_model": reference, "target_widths": target_widths(aligned),
               "bn_reset": bn_reset, "bn_policy": bn_policy, "reset_base_bn": reset_base_bn,
               "stream_points": stream_points, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
@@ -248,6 +258,33 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
                        notes, collection_of(aligned.statistics, place, group))
+
+
+def target_reference(reference: int, target_model: int | None, count: int) -> int:
+    """The reference a merge aligns to: ``target_model`` when given (the model whose widths the
+    merged model takes), else ``reference``; both given and different fails in one line."""
+    if target_model is None:
+        return reference
+    validate.integer("target_model", target_model, 0, count - 1)
+    if reference not in (0, target_model):
+        raise CcamergeError(f"target_model {target_model} and reference {reference} differ; the "
+                            "merged model takes the reference's widths and units, give one of them")
+    return target_model
+
+
+def target_widths(aligned: AlignResult) -> dict[str, int]:
+    """``{merge point: width}`` of the merged model (the reference's)."""
+    return {p.name: p.width for p in aligned.spec.points}
+
+
+def _check_width_options(models: Sequence[nn.Module], bn_policy: str, repair: bool) -> None:
+    """The options that need models of one width refuse mixed widths in one line."""
+    if not (all(is_builtin(m) for m in models) and widths_differ(list(models))):
+        return
+    if bn_policy == "mapped" or repair:
+        what = "bn_policy 'mapped'" if bn_policy == "mapped" else "repair"
+        raise CcamergeError(f"{what} needs models of one width; these differ in width, use "
+                            "bn_policy 'paper' without repair")
 
 
 def reset_base_models(models: Sequence[nn.Module], x, *, batch_size: int = 256,
