@@ -218,10 +218,10 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     (see :class:`MergeResult`). Arguments are checked before any work (finite numbers, counts
     and indices in range); a bad one raises :class:`CcamergeError`.
     """
-    reference = target_reference(reference, target_model, len(models))
     weights = validate.merge_arguments(models, method, reference=reference, weights=weights,
                                        stats_samples=stats_samples, batch_size=batch_size,
                                        seed=seed, bn_reset=bn_reset, repair=repair)
+    reference = target_reference(reference, target_model, len(models))
     check_policy(bn_policy)
     validate.flag("reset_base_bn", reset_base_bn)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
@@ -411,6 +411,9 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     Returns ``{"method", "lambdas", "accuracy", "loss", "barrier"}``.
     """
     validate.models([model_a, model_b])
+    if all(is_builtin(m) for m in (model_a, model_b)) and widths_differ([model_a, model_b]):
+        raise CcamergeError("interpolation needs two models of one width (the path runs between "
+                            "their weights); these differ in width, merge them instead")
     spec_method = get_method(validate.method_name(method))
     if spec_method.joint:
         raise CcamergeError(f"{method} aligns all models jointly and defines no path between two "

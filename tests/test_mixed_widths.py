@@ -15,6 +15,7 @@ from ccamerge.cli import main
 from ccamerge.errors import CcamergeError
 from ccamerge.io import load_model, save_model
 from ccamerge.methods import METHODS
+from ccamerge.methods.ot import _plan_by_linprog, transport_plan
 from ccamerge.models import build_model, same_architecture, widths_differ
 from ccamerge.spec import build_spec
 from ccamerge.stats import batch_features, collect_statistics
@@ -70,7 +71,7 @@ def test_statistics_have_each_models_width_and_match_numpy(pair, digits):
         assert stats.summary()[point.name]["widths"] == [n, 2 * n]
 
 
-@pytest.mark.parametrize("method", ["cca", "gcca"])
+@pytest.mark.parametrize("method", ["cca", "gcca", "ot"])
 @pytest.mark.parametrize("target", [0, 1])
 def test_merging_a_duplicated_mlp_into_either_width_keeps_the_function(pair, digits, method,
                                                                        target):
@@ -84,7 +85,7 @@ def test_merging_a_duplicated_mlp_into_either_width_keeps_the_function(pair, dig
                                               for p in build_spec([narrow, wide][target]).points}
 
 
-@pytest.mark.parametrize("method", ["cca", "gcca"])
+@pytest.mark.parametrize("method", ["cca", "gcca", "ot"])
 @pytest.mark.parametrize("target", [0, 1])
 def test_merging_a_duplicated_vgg_into_either_width_keeps_the_function(digits, method, target):
     narrow = random_vgg()
@@ -122,7 +123,24 @@ def test_methods_that_need_one_width_refuse_in_one_line(pair, digits, method):
     line = str(err.value)
     assert "\n" not in line and method in line
     assert "hidden [64, 64] / [128, 128]" in line or "width 1.0 / 2.0" in line
-    assert all(m in line for m in ("cca", "gcca"))
+    assert "ot, cca or gcca" in line
+
+
+def test_interpolation_refuses_mixed_widths(pair, digits):
+    with pytest.raises(CcamergeError, match="one width"):
+        api.interpolate(*pair, digits, "ot")
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (12, 5), (7, 11)])
+def test_the_transport_plan_is_optimal_against_a_linear_programme(shape):
+    """Copies of units (small lcm) against scipy's LP oracle: the same marginals and cost."""
+    cost = np.random.default_rng(sum(shape)).random(shape)
+    plan, oracle = transport_plan(cost), _plan_by_linprog(cost)
+    n, m = shape
+    np.testing.assert_allclose(plan.sum(1), 1 / n)
+    np.testing.assert_allclose(plan.sum(0), 1 / m)
+    assert (plan >= 0).all()
+    assert abs((plan * cost).sum() - (oracle * cost).sum()) < 1e-9
 
 
 def test_only_width_differences_pass_the_family_check(pair):

@@ -86,9 +86,11 @@ def check_widths(models: list[nn.Module], method: str | None) -> None:
 
     if method is None or not widths_differ(models) or get_method(method).mixed_widths:
         return
+    capable = mixed_width_methods()
+    names = ", ".join(capable[:-1]) + f" or {capable[-1]}" if len(capable) > 1 else capable[0]
     raise CcamergeError(f"{method} needs models of one width, but these differ in width "
-                        f"({widths_label(models)}); merge them with "
-                        f"{' or '.join(mixed_width_methods())}, or pick models of one width")
+                        f"({widths_label(models)}); merge them with {names}, or pick models of "
+                        "one width")
 
 
 def _check_runs(model: nn.Module, source: DataSource) -> None:
