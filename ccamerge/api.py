@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ccamerge import validate
@@ -44,7 +45,7 @@ from ccamerge.devices import models_to, module_device, resolve_device
 from ccamerge.distributed import rank_and_size, reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
-from ccamerge.methods import AlignContext, Alignment, Method, get_method, hungarian
+from ccamerge.methods import AlignContext, Alignment, Method, get_method
 from ccamerge.methods.cca import solve_near_exact, solve_pair
 from ccamerge.models import widths_differ
 from ccamerge.repair import repair as repair_units
@@ -460,8 +461,8 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     get_method("cca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
                                if v is not None})
     source = train_source(data)
-    check_compatible(models, source, reference)
-    spec = resolve_spec(models, source)
+    check_compatible(models, source, reference, "cca")
+    spec = resolve_spec([models[reference]], source)
     models, place = place_models(models, device)
     stats = statistics or collect_statistics(models, spec, subsample(source, stats_samples, seed),
                                              reference=reference, device=place, group=group)
@@ -476,10 +477,11 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
 def _spectrum_row(p, ref: int, i: int, gamma: float | None, relative: bool | None) -> dict:
     fit = solve_pair(p, ref, i, gamma=gamma, relative=relative)
     exact = solve_near_exact(p, ref, i)
-    corr = p.corr(ref, i)
-    matched = np.sort(corr[np.arange(p.width), hungarian(corr)])[::-1]
-    return {"name": p.name, "model": i, "width": p.width, "samples": p.count,
-            "samples_per_feature": p.count / p.width,
+    corr = p.corr(ref, i)  # [n_ref, n_i]
+    rows, cols = linear_sum_assignment(corr, maximize=True)  # min(n_ref, n_i) pairs
+    matched = np.sort(corr[rows, cols])[::-1]
+    return {"name": p.name, "model": i, "width": p.widths[ref], "samples": p.count,
+            "samples_per_feature": p.count / max(p.widths[ref], p.widths[i]),
             "rho": fit.rho.tolist(), "rho_exact": exact.rho.tolist(), "matched": matched.tolist(),
             "mean_rho": float(fit.rho.mean()), "mean_matched": float(matched.mean()),
             "cond_xx": fit.cond_xx, "cond_yy": fit.cond_yy,

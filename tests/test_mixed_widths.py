@@ -198,3 +198,18 @@ def test_cli_refuses_mixed_widths_for_permute_in_one_line(pair, tmp_path, capsys
     assert code != 0 and text == ""
     assert len(err.strip().splitlines()) == 1 and "permute needs models of one width" in err
     assert not out.exists()
+
+
+def test_duplicating_units_leaves_the_spectrum_of_a_model_with_itself(pair, digits):
+    """Canonical correlations of a model with its duplicated copy equal those of the model with
+    itself (the ridge per canonical direction makes duplication invisible), and every unit
+    matches a copy of itself."""
+    narrow, wide = pair
+    x = digits.x_train[:1500]
+    for mixed, same in zip(api.spectrum([narrow, wide], x), api.spectrum([narrow, narrow], x),
+                           strict=True):
+        assert mixed["width"] == 64 and len(mixed["rho_exact"]) == 64
+        np.testing.assert_allclose(mixed["rho"], same["rho"], atol=1e-5)  # float32 products
+        np.testing.assert_allclose(mixed["rho_exact"], same["rho_exact"], atol=1e-5)
+        live = 64 - mixed["dead_reference"]
+        assert np.asarray(mixed["matched"])[:live].min() > 0.999
