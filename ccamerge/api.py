@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ccamerge import validate
@@ -44,8 +45,9 @@ from ccamerge.devices import models_to, module_device, resolve_device
 from ccamerge.distributed import rank_and_size, reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
-from ccamerge.methods import AlignContext, Alignment, Method, get_method, hungarian
+from ccamerge.methods import AlignContext, Alignment, Method, get_method
 from ccamerge.methods.cca import solve_near_exact, solve_pair
+from ccamerge.models import widths_differ
 from ccamerge.repair import repair as repair_units
 from ccamerge.spec import STREAM_POINTS, AlignmentSpec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
@@ -109,9 +111,9 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     resolved = spec_method.resolve(options)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
     source = train_source(data)
-    check_compatible(models, source, reference)
+    check_compatible(models, source, reference, method)
     models, place = place_models(models, device)
-    spec = spec or resolve_spec(models, source)
+    spec = spec or resolve_spec([models[reference]], source)  # the merged model's widths
     stats = statistics if spec_method.statistics else None
     if spec_method.statistics and stats is None:
         progress(0.0, "collecting activation statistics")
@@ -186,8 +188,14 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
           sources: Sequence[str | None] | None = None, data_dir: str | None = None,
           statistics: Statistics | None = None, device=None, group=None,
-          progress: Progress = _silent, **options) -> MergeResult:
+          target_model: int | None = None, progress: Progress = _silent,
+          **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
+
+    Models of one family whose widths differ merge with the methods that allow it
+    (``Method.mixed_widths``: cca, gcca): ``target_model`` is the model whose widths (and
+    units) the merged model has, merging into a narrower one compresses the others. It is the
+    reference the others are aligned to, so it replaces ``reference`` (default: the reference).
 
     ``data``: a Dataset (its training part gives the statistics and the BatchNorm reset) or any
     source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
@@ -214,10 +222,12 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     weights = validate.merge_arguments(models, method, reference=reference, weights=weights,
                                        stats_samples=stats_samples, batch_size=batch_size,
                                        seed=seed, bn_reset=bn_reset, repair=repair)
+    reference = target_reference(reference, target_model, len(models))
     check_policy(bn_policy)
     validate.flag("reset_base_bn", reset_base_bn)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
     recorded = model_sources(models, sources)
+    _check_width_options(models, bn_policy, repair)
     models, place = place_models(models, device)
     if reset_base_bn:
         progress(0.0, "resetting the base models' BatchNorm statistics")
@@ -239,6 +249,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                          batch_size=batch_size, group=group)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
+              "target_model": reference, "target_widths": target_widths(aligned),
               "bn_reset": bn_reset, "bn_policy": bn_policy, "reset_base_bn": reset_base_bn,
               "stream_points": stream_points, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
@@ -248,6 +259,33 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     merged.info = {"merge": recipe}
     return MergeResult(merged.eval(), aligned.alignment, aligned.statistics, aligned.spec, recipe,
                        notes, collection_of(aligned.statistics, place, group))
+
+
+def target_reference(reference: int, target_model: int | None, count: int) -> int:
+    """The reference a merge aligns to: ``target_model`` when given (the model whose widths the
+    merged model takes), else ``reference``; both given and different fails in one line."""
+    if target_model is None:
+        return reference
+    validate.integer("target_model", target_model, 0, count - 1)
+    if reference not in (0, target_model):
+        raise CcamergeError(f"target_model {target_model} and reference {reference} differ; the "
+                            "merged model takes the reference's widths and units, give one of them")
+    return target_model
+
+
+def target_widths(aligned: AlignResult) -> dict[str, int]:
+    """``{merge point: width}`` of the merged model (the reference's)."""
+    return {p.name: p.width for p in aligned.spec.points}
+
+
+def _check_width_options(models: Sequence[nn.Module], bn_policy: str, repair: bool) -> None:
+    """The options that need models of one width refuse mixed widths in one line."""
+    if not (all(is_builtin(m) for m in models) and widths_differ(list(models))):
+        return
+    if bn_policy == "mapped" or repair:
+        what = "bn_policy 'mapped'" if bn_policy == "mapped" else "repair"
+        raise CcamergeError(f"{what} needs models of one width; these differ in width, use "
+                            "bn_policy 'paper' without repair")
 
 
 def reset_base_models(models: Sequence[nn.Module], x, *, batch_size: int = 256,
@@ -374,6 +412,9 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     Returns ``{"method", "lambdas", "accuracy", "loss", "barrier"}``.
     """
     validate.models([model_a, model_b])
+    if all(is_builtin(m) for m in (model_a, model_b)) and widths_differ([model_a, model_b]):
+        raise CcamergeError("interpolation needs two models of one width (the path runs between "
+                            "their weights); these differ in width, merge them instead")
     spec_method = get_method(validate.method_name(method))
     if spec_method.joint:
         raise CcamergeError(f"{method} aligns all models jointly and defines no path between two "
@@ -420,8 +461,8 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     get_method("cca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
                                if v is not None})
     source = train_source(data)
-    check_compatible(models, source, reference)
-    spec = resolve_spec(models, source)
+    check_compatible(models, source, reference, "cca")
+    spec = resolve_spec([models[reference]], source)
     models, place = place_models(models, device)
     stats = statistics or collect_statistics(models, spec, subsample(source, stats_samples, seed),
                                              reference=reference, device=place, group=group)
@@ -436,10 +477,11 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
 def _spectrum_row(p, ref: int, i: int, gamma: float | None, relative: bool | None) -> dict:
     fit = solve_pair(p, ref, i, gamma=gamma, relative=relative)
     exact = solve_near_exact(p, ref, i)
-    corr = p.corr(ref, i)
-    matched = np.sort(corr[np.arange(p.width), hungarian(corr)])[::-1]
-    return {"name": p.name, "model": i, "width": p.width, "samples": p.count,
-            "samples_per_feature": p.count / p.width,
+    corr = p.corr(ref, i)  # [n_ref, n_i]
+    rows, cols = linear_sum_assignment(corr, maximize=True)  # min(n_ref, n_i) pairs
+    matched = np.sort(corr[rows, cols])[::-1]
+    return {"name": p.name, "model": i, "width": p.widths[ref], "samples": p.count,
+            "samples_per_feature": p.count / max(p.widths[ref], p.widths[i]),
             "rho": fit.rho.tolist(), "rho_exact": exact.rho.tolist(), "matched": matched.tolist(),
             "mean_rho": float(fit.rho.mean()), "mean_matched": float(matched.mean()),
             "cond_xx": fit.cond_xx, "cond_yy": fit.cond_yy,

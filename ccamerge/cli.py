@@ -158,8 +158,11 @@ def cmd_evaluate(args) -> dict:
 def cmd_merge(args) -> dict:
     """Merge the models with the flags given; the request has a recipe's fields."""
     _check_reference(args.reference, len(args.models))
+    if args.target_model is not None:
+        _check_reference(args.target_model, len(args.models), "--target-model")
+    reference = api.target_reference(args.reference, args.target_model, len(args.models))
     request = {"method": args.method, "options": _method_options(args),
-               "reference": args.reference, "bn_reset": not args.no_bn_reset,
+               "reference": reference, "bn_reset": not args.no_bn_reset,
                "bn_policy": args.bn_policy, "reset_base_bn": args.reset_base_bn,
                "stream_points": args.stream_points, "repair": args.repair,
                "stats_samples": args.stats_samples, "seed": args.seed,
@@ -216,17 +219,18 @@ def _merge(request: dict, args, *, inputs: list, notes: list[str] = (),
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": recipe["method"], **scores, "out": str(args.out),
-            **{k: recipe[k] for k in ("options", "reference", "bn_reset", "repair", "bn_policy",
+            **{k: recipe[k] for k in ("options", "reference", "target_model", "target_widths",
+                                      "bn_reset", "repair", "bn_policy",
                                       "reset_base_bn", "stream_points")},
             "warnings": warnings, **result.collection}
 
 
-def _check_reference(reference: int, count: int) -> None:
-    """At least two models, and ``--reference`` the index of one of them."""
+def _check_reference(reference: int, count: int, flag: str = "--reference") -> None:
+    """At least two models, and ``--reference`` (or ``flag``) the index of one of them."""
     if count < 2:
         raise CcamergeError(f"merging needs at least 2 model files, got {count}")
     if not 0 <= reference < count:
-        raise CcamergeError(f"--reference must be the index of one of the {count} models "
+        raise CcamergeError(f"{flag} must be the index of one of the {count} models "
                             f"(0..{count - 1}), got {reference}")
 
 
@@ -342,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(p)
     p.add_argument("--out", required=True, help="the merged model file (never one of the inputs)")
     p.add_argument("--reference", type=integer(0, 2**31), default=0)
+    p.add_argument("--target-model", type=integer(0, 2**31), default=None, metavar="K",
+                   help="the merged model takes model K's widths and units (K becomes the "
+                        "reference; models of different widths: cca, gcca); default --reference")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR: rescale merged units to the endpoints' statistics (nets without BN)")
     add_merge_options(p)

@@ -248,20 +248,66 @@ def describe(model: nn.Module) -> dict:
     return {"arch": model.arch, "config": dict(model.config)}
 
 
-def same_architecture(models: list[nn.Module]) -> None:
-    """Raise a CcamergeError naming the first model whose architecture or config differs from
-    model 0."""
+def config_difference(models: list[nn.Module]) -> tuple[int, list[str]] | None:
+    """``(index, differing config keys)`` of the first model whose architecture or config
+    differs from model 0 (keys ``["arch"]`` for another family), None when all match."""
     first = describe(models[0])
     for index, model in enumerate(models[1:], start=1):
         other = describe(model)
-        if other != first:
-            diff = [k for k in set(first["config"]) | set(other["config"])
-                    if first["config"].get(k) != other["config"].get(k)]
-            what = "architecture" if other["arch"] != first["arch"] else ", ".join(sorted(diff))
-            raise CcamergeError(
-                f"model {index} does not match model 0 ({what}: {other['arch']} "
-                f"{other['config']} vs {first['arch']} {first['config']}); only models of one "
-                "architecture and size merge")
+        if other["arch"] != first["arch"]:
+            return index, ["arch"]
+        diff = sorted(k for k in set(first["config"]) | set(other["config"])
+                      if first["config"].get(k) != other["config"].get(k))
+        if diff:
+            return index, diff
+    return None
+
+
+def _same_layout(key: str, a, b) -> bool:
+    """Whether config values ``a``, ``b`` of ``key`` describe the same layers at other widths:
+    the ``width`` multiplier, or layer lists (``hidden``, ``classifier``, ``cfg``) of one length
+    whose max-pools ("M") sit at the same places."""
+    if key == "width":
+        return True
+    if key not in ("hidden", "classifier", "cfg") or len(a) != len(b):
+        return False
+    return all((x == "M") == (y == "M") for x, y in zip(a, b, strict=True))
+
+
+def widths_differ(models: list[nn.Module]) -> bool:
+    """True when built-in ``models`` are of one family and differ only in their widths (the
+    ``width`` multiplier or the layer widths of one layout), not all equal."""
+    if config_difference(models) is None:
+        return False
+    first = describe(models[0])["config"]
+    for model in models[1:]:
+        diff = config_difference([models[0], model])
+        if diff is not None and not all(_same_layout(k, model.config.get(k), first.get(k))
+                                        for k in diff[1]):
+            return False
+    return True
+
+
+def widths_label(models: list[nn.Module]) -> str:
+    """The config fields in which ``models`` differ, each model's value in order:
+    ``hidden [12, 10] / [24, 20]``."""
+    keys = sorted({k for m in models for k in m.config if m.config.get(k) != models[0].config.get(k)})
+    return ", ".join(f"{k} " + " / ".join(str(m.config.get(k)) for m in models) for k in keys)
+
+
+def same_architecture(models: list[nn.Module], mixed_widths: bool = False) -> None:
+    """Raise a CcamergeError naming the first model whose architecture or config differs from
+    model 0; with ``mixed_widths``, models that differ only in ``width`` pass."""
+    diff = config_difference(models)
+    if diff is None or (mixed_widths and widths_differ(models)):
+        return
+    index, keys = diff
+    first, other = describe(models[0]), describe(models[index])
+    what = "architecture" if keys == ["arch"] else ", ".join(keys)
+    raise CcamergeError(
+        f"model {index} does not match model 0 ({what}: {other['arch']} "
+        f"{other['config']} vs {first['arch']} {first['config']}); only models of one "
+        "architecture and size merge")
 
 
 def check_input_fit(model: nn.Module, sample_shape: tuple[int, ...],

@@ -88,6 +88,10 @@ def _check_fields(recipe: dict) -> None:
         raise CcamergeError(f"options must be an object, got {options!r}")
     get_method(validate.method_name(recipe["method"])).resolve(options)
     validate.integer("reference", recipe.get("reference", 0), 0, len(models) - 1)
+    if recipe.get("target_model", recipe.get("reference", 0)) != recipe.get("reference", 0):
+        raise CcamergeError(f"target_model {recipe['target_model']!r} is not the reference "
+                            f"{recipe.get('reference', 0)}; the merged model takes the "
+                            "reference's widths")
     validate.merge_weights(recipe.get("weights"), len(models))
     validate.sampling(recipe.get("stats_samples"), recipe.get("seed", 0))
     validate.flag("bn_reset", recipe.get("bn_reset", True))

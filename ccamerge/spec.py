@@ -215,6 +215,22 @@ class _Stream:
 _BUILDERS = {"mlp": _mlp_spec, "vgg": _vgg_spec, "resnet20": _resnet_spec}
 
 
+def model_widths(models, spec: AlignmentSpec) -> dict[str, list[int]]:
+    """``{point: [width of model i, ...]}``: the widths of ``spec`` for every model, except that
+    when built-in models' configs differ (one family, other widths) each built-in model reads
+    the width of each point from its own hand-written spec (the same point names)."""
+    widths = {p.name: [p.width] * len(models) for p in spec.points}
+    configs = [getattr(m, "config", None) for m in models]
+    if all(c == configs[0] for c in configs):
+        return widths
+    for i, model in enumerate(models):
+        if getattr(model, "arch", None) in _BUILDERS:
+            own = {p.name: p.width for p in build_spec(model).points}
+            for name, row in widths.items():
+                row[i] = own.get(name, row[i])
+    return widths
+
+
 def build_spec(model: nn.Module) -> AlignmentSpec:
     """The hand-written alignment spec of a ccamerge architecture (``model.arch``)."""
     arch = getattr(model, "arch", None)

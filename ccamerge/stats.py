@@ -32,7 +32,7 @@ from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size,
 from ccamerge.errors import CcamergeError
 from ccamerge.moments import UNCENTRED_LIMIT, _add_chunk, _Workspace  # noqa: F401 - re-exported
 from ccamerge.positions import PositionSampler
-from ccamerge.spec import AlignmentSpec
+from ccamerge.spec import AlignmentSpec, model_widths
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -116,13 +116,25 @@ class CrossMoments:
 
 @dataclass
 class PointStatistics:
-    """Moments of one merge point for N models: ``mean[i]`` ``[n]``, ``cov(i, j)`` ``[n, n]``."""
+    """Moments of one merge point for N models: ``mean[i]`` ``[n_i]``, ``cov(i, j)``
+    ``[n_i, n_j]``. ``width``: the spec's width ``n``; ``widths``: each model's ``n_i`` (all
+    ``n`` unless the models' widths differ)."""
 
     name: str
     width: int
     count: int
     mean: list[np.ndarray]
     covs: dict[tuple[int, int], np.ndarray] = field(repr=False)
+    widths: list[int] | None = None
+
+    def __post_init__(self):
+        if self.widths is None:
+            self.widths = [self.width] * len(self.mean)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the models' widths differ at this point."""
+        return len(set(self.widths)) > 1
 
     def cov(self, i: int, j: int) -> np.ndarray:
         if (i, j) in self.covs:
@@ -136,14 +148,14 @@ class PointStatistics:
         return np.sqrt(np.clip(np.diag(self.cov(i, i)), 0.0, None))
 
     def corr(self, i: int, j: int) -> np.ndarray:
-        """Pearson correlation ``[n, n]`` between units of models i (rows) and j; dead units give 0."""
+        """Pearson correlation ``[n_i, n_j]`` between units of models i (rows) and j; dead units give 0."""
         outer = np.outer(self.std(i), self.std(j))
         with np.errstate(divide="ignore", invalid="ignore"):
             c = np.where(outer > 0, self.cov(i, j) / np.where(outer > 0, outer, 1.0), 0.0)
         return np.clip(c, -1.0, 1.0)
 
     def second_moment(self, i: int, j: int) -> np.ndarray:
-        """Uncentred ``E[x_i x_j^T]`` ``[n, n]`` (for Euclidean distances between units)."""
+        """Uncentred ``E[x_i x_j^T]`` ``[n_i, n_j]`` (for Euclidean distances between units)."""
         return self.cov(i, j) * (self.count - 1) / self.count + np.outer(self.mean[i], self.mean[j])
 
     def dead_units(self, i: int, rel_tol: float = 1e-9) -> np.ndarray:
@@ -169,10 +181,12 @@ class Statistics:
         return self.points[name]
 
     def summary(self) -> dict:
-        """JSON-able per point: width, samples, samples per feature, dead units per model."""
+        """JSON-able per point: width, samples, samples per feature (of the widest model), dead
+        units per model, and each model's width when they differ."""
         return {name: {"width": p.width, "samples": p.count,
-                       "samples_per_feature": p.count / p.width,
+                       "samples_per_feature": p.count / max(p.widths),
                        "dead_units": [len(p.dead_units(i)) for i in range(self.num_models)]}
+                | ({"widths": list(p.widths)} if p.mixed else {})
                 for name, p in self.points.items()}
 
     def collection(self) -> dict:
@@ -272,6 +286,11 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     callers' modules, layout and mode are untouched); image inputs run channels-last (faster
     on CPU, and a feature map then reads as ``[S, C]`` samples without a copy).
 
+    Models of one built-in family whose widths differ are fine: each model's width at a point
+    is read from its own spec (:func:`ccamerge.spec.model_widths`; the point names and feature
+    modules are the same), so a cross-covariance between models of widths ``n_i``, ``n_j`` is
+    ``[n_i, n_j]``.
+
     ``positions``: of each conv feature map ``[B, C, H, W]``, the ``H*W`` positions of every
     image (None), ``k`` of them (an int) or a fraction (a float in (0, 1]), chosen at random
     with ``seed``, the same positions in every model (:mod:`ccamerge.positions`).
@@ -286,7 +305,8 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     sampler = PositionSampler(positions, seed)
     source, first = _shard(as_source(x), batch_size, group)  # all of x without a group
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
-    acc = {(point.name, i, j): CrossMoments(point.width, point.width, place)
+    widths = model_widths(models, spec)
+    acc = {(point.name, i, j): CrossMoments(widths[point.name][i], widths[point.name][j], place)
            for point in spec.points for i, j in blocks}
     runners, source = _runners(models, source, place)
     workspace = _Workspace()
@@ -299,7 +319,7 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
 
     seen = _stream(runners, spec, source, batch_size, sampler, first, fold, progress)
     samples_per_rank = all_reduce_moments(list(acc.values()), seen, group)  # [seen] alone
-    stats = _finish(acc, spec, len(models), reference, pairs, place, samples_per_rank)
+    stats = _finish(acc, spec, widths, len(models), reference, pairs, place, samples_per_rank)
     stats.positions = sampler.positions
     return stats
 
@@ -393,14 +413,15 @@ def _moved(x: torch.Tensor | DataSource, to: dict) -> torch.Tensor | DataSource:
     return x.map(lambda xb: xb.to(**to))
 
 
-def _finish(acc, spec, num_models, reference, pairs, device: torch.device,
-            samples_per_rank: list[int]) -> Statistics:
+def _finish(acc, spec, widths: dict[str, list[int]], num_models, reference, pairs,
+            device: torch.device, samples_per_rank: list[int]) -> Statistics:
     """The accumulated moments as numpy float64 :class:`Statistics` (on the host)."""
     points = {}
     for point in spec.points:
         autos = [acc[(point.name, i, i)] for i in range(num_models)]
         covs = {(i, j): m.covariance for (name, i, j), m in acc.items() if name == point.name}
         points[point.name] = PointStatistics(point.name, point.width, autos[0].count,
-                                             [a.mean_x.cpu().numpy() for a in autos], covs)
+                                             [a.mean_x.cpu().numpy() for a in autos], covs,
+                                             list(widths[point.name]))
     return Statistics(points, num_models, reference, pairs, str(device), len(samples_per_rank),
                       list(samples_per_rank))

@@ -355,7 +355,8 @@ def pick_statistics(stats: Statistics, indices: Sequence[int], reference: int) -
     indices = list(indices)
     pairs = [(a, b) for a in range(len(indices)) for b in range(a, len(indices))]
     points = {name: PointStatistics(p.name, p.width, p.count, [p.mean[i] for i in indices],
-                                    _picked_blocks(p, indices, pairs))
+                                    _picked_blocks(p, indices, pairs),
+                                    [p.widths[i] for i in indices])
               for name, p in stats.points.items()}
     kind = "all" if stats.pairs == "all" or len(indices) == 2 else "reference"
     return dataclasses.replace(stats, points=points, num_models=len(indices), reference=reference,

@@ -20,7 +20,8 @@ from torch import nn
 from ccamerge import api
 from ccamerge.errors import CcamergeError
 from ccamerge.io import load_model_bytes, model_summary, save_model
-from ccamerge.models import count_parameters
+from ccamerge.methods.registry import mixed_width_methods
+from ccamerge.models import count_parameters, widths_differ, widths_label
 from ccamerge.models import describe as describe_model
 from dashboard import archives, data, image_zip
 
@@ -277,11 +278,14 @@ def check_entries(entries: list[ModelEntry]) -> None:
 def check_same(networks: list[nn.Module], x: torch.Tensor | None,
                names: list[str] | None = None) -> None:
     """Raise a readable CcamergeError unless ``networks`` merge together: one built-in family and
-    config (the message names the differing config fields once, with ``names`` for the
+    config, or one family whose widths differ (:func:`mixed_widths_problem` says where that
+    holds; the message names the differing config fields once, with ``names`` for the
     models), or (for archives) every state-dict shape equal and model 0 running on ``x``
     ``[B, ...]``."""
     names = names or [f"model {k}" for k in range(len(networks))]
     if all(api.is_builtin(n) for n in networks):
+        if widths_differ(networks):  # the Merge page's mixed-width methods take them
+            return
         for name, network in zip(names[1:], networks[1:], strict=True):
             difference = config_difference(networks[0], network)
             if difference:
@@ -484,10 +488,22 @@ class Inputs:
         return [e.portable_path for e in self.entries]
 
 
+def mixed_widths_problem(networks: list[nn.Module]) -> str | None:
+    """Why built-in ``networks`` of one family but different widths need the Merge page (its
+    methods that merge them), None when their widths agree."""
+    if not (all(api.is_builtin(n) for n in networks) and widths_differ(networks)):
+        return None
+    return (f"the selected models differ in width ({widths_label(networks)}); only the Merge "
+            f"page merges them, with {', '.join(mixed_width_methods())}; pick models of one width "
+            "in the sidebar for this page")
+
+
 def inputs(ids: tuple[str, ...], reference: int, data_key: str, models: dict[str, ModelEntry],
-           datasets: dict[str, DatasetEntry], *, minimum: int = 2) -> Inputs:
+           datasets: dict[str, DatasetEntry], *, minimum: int = 2,
+           mixed_widths: bool = False) -> Inputs:
     """Resolve a selection; raises a readable CcamergeError when it cannot be computed on. A
-    mismatch between the models is explained in the sidebar, so it is only pointed at here."""
+    mismatch between the models is explained in the sidebar, so it is only pointed at here.
+    ``mixed_widths``: the page takes models whose widths differ (the Merge page)."""
     if len(ids) < minimum:
         raise CcamergeError(f"select at least {minimum} models in the sidebar (selected: {len(ids)})")
     entries = [models[i] for i in ids]
@@ -496,6 +512,9 @@ def inputs(ids: tuple[str, ...], reference: int, data_key: str, models: dict[str
     except CcamergeError as exc:
         raise CcamergeError("the selected models do not merge together (the sidebar says why); "
                             "change the selection in the sidebar") from exc
+    problem = None if mixed_widths else mixed_widths_problem([e.model() for e in entries])
+    if problem:
+        raise CcamergeError(problem)
     dataset = check_dataset(entries, data_key, datasets)
     entry = datasets.get(data_key)
     return Inputs(entries, [e.model() for e in entries], tuple(e.digest for e in entries),

@@ -15,6 +15,7 @@ from ccamerge.analysis.diagnose import default_grid
 from ccamerge.api import is_builtin
 from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
+from ccamerge.methods.registry import mixed_width_methods
 from ccamerge.spec import build_spec
 from dashboard import catalog, data, jobs, registry, state
 
@@ -285,20 +286,37 @@ def _selection_notes(models: dict, ids: list[str]) -> None:
         st.caption(f"{len(ids)} × {registry.describe(first)}, "
                    f"{sum(p.numel() for p in first.parameters()):,} parameters")
         return
+    problem = registry.mixed_widths_problem([e.model() for e in entries])
+    if problem:
+        st.info(problem)
+        return
     st.caption(f"{len(ids)} × {first.arch}, width {first.config.get('width')}, "
                f"{first.config.get('num_classes')} classes")
 
 
-def selected_inputs() -> tuple[state.Selection, dict, registry.Inputs]:
+def selected_inputs(mixed_widths: bool = False) -> tuple[state.Selection, dict, registry.Inputs]:
     """The sidebar's selection, resolved for computing: ``(selection, models, inputs)``. When it
-    cannot be computed on (too few models, mismatched models, data that does not fit), the page
-    shows why and stops; nothing else is lost."""
+    cannot be computed on (too few models, mismatched models, models of different widths on a
+    page without ``mixed_widths``, data that does not fit), the page shows why and stops;
+    nothing else is lost."""
     sel = state.selection()
     models = st.session_state[state.MODELS]
     with stop_on_error():
         inputs = registry.inputs(sel.ids, sel.reference, sel.dataset, models,
-                                 st.session_state[state.DATASETS])
+                                 st.session_state[state.DATASETS], mixed_widths=mixed_widths)
     return sel, models, inputs
+
+
+def target_width_note(inputs: registry.Inputs) -> None:
+    """With models of different widths: the merged model takes the reference's widths (the
+    target, chosen as the sidebar's reference) and which methods merge them."""
+    if registry.mixed_widths_problem(inputs.models) is None:
+        return
+    target = inputs.entries[inputs.reference].label
+    st.info(f"The models differ in width: every merge takes the widths of the reference, "
+            f"{target} (choose the target model as the reference in the sidebar; a narrower "
+            f"target compresses the others). Only {', '.join(mixed_width_methods())} merge "
+            "different widths; the other methods say why they cannot.")
 
 
 def sample_controls() -> None:

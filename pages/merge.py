@@ -12,7 +12,8 @@ st.markdown("Align the selected models to the reference with each method, averag
             "weights, and compare the single merged model with the models themselves and with "
             "their ensemble (which keeps every model and averages their outputs).")
 
-sel, models, inputs = widgets.selected_inputs()
+sel, models, inputs = widgets.selected_inputs(mixed_widths=True)
+widgets.target_width_note(inputs)
 
 registered = list(catalog.METHODS)
 methods = st.multiselect("Methods", registered, default=registered, key=state.W_MERGE_METHODS,

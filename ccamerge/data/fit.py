@@ -15,7 +15,13 @@ from ccamerge.data.adapt import as_source
 from ccamerge.data.dataset import Dataset
 from ccamerge.data.sources import DataSource, TensorSource
 from ccamerge.errors import CcamergeError
-from ccamerge.models import ARCHITECTURES, check_input_fit, same_architecture
+from ccamerge.models import (
+    ARCHITECTURES,
+    check_input_fit,
+    same_architecture,
+    widths_differ,
+    widths_label,
+)
 from ccamerge.spec import AlignmentSpec, build_spec
 from ccamerge.trace.derive import derive_and_verify
 
@@ -49,11 +55,14 @@ def is_builtin(model: nn.Module) -> bool:
     return getattr(model, "arch", None) in ARCHITECTURES
 
 
-def check_compatible(models: Sequence[nn.Module], data, reference: int) -> None:
+def check_compatible(models: Sequence[nn.Module], data, reference: int,
+                     method: str | None = None) -> None:
     """Before any work, fail with one clear line for < 2 models, mismatched models, a bad
     reference index, fewer than 2 samples, or data whose sample shape (feature width, channels,
     height, width) or number of classes does not fit the models. ``data``: anything
-    :func:`train_source` takes."""
+    :func:`train_source` takes. Built-in models of one family whose widths differ pass when
+    ``method`` merges different widths (``Method.mixed_widths``; ``method=None``: statistics
+    alone, which any widths have)."""
     if len(models) < 2:
         raise CcamergeError(f"merging needs at least 2 models, got {len(models)}")
     if not 0 <= reference < len(models):
@@ -63,11 +72,25 @@ def check_compatible(models: Sequence[nn.Module], data, reference: int) -> None:
     if size is not None and size < 2:
         raise CcamergeError(f"the data holds {size} sample(s); statistics need at least 2")
     if all(is_builtin(m) for m in models):
-        same_architecture(list(models))
+        check_widths(list(models), method)
+        same_architecture(list(models), mixed_widths=True)
         check_input_fit(models[0], source.sample_shape, source.num_classes)
         return
     _same_state_shapes(models)
     _check_runs(models[0], source)
+
+
+def check_widths(models: list[nn.Module], method: str | None) -> None:
+    """One line when built-in ``models`` differ only in width and ``method`` needs one width."""
+    from ccamerge.methods.registry import get_method, mixed_width_methods  # noqa: PLC0415 - cycle
+
+    if method is None or not widths_differ(models) or get_method(method).mixed_widths:
+        return
+    capable = mixed_width_methods()
+    names = ", ".join(capable[:-1]) + f" or {capable[-1]}" if len(capable) > 1 else capable[0]
+    raise CcamergeError(f"{method} needs models of one width, but these differ in width "
+                        f"({widths_label(models)}); merge them with {names}, or pick models of "
+                        "one width")
 
 
 def _check_runs(model: nn.Module, source: DataSource) -> None:

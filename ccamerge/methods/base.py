@@ -136,6 +136,7 @@ class Method:
     options: dict[str, Option] = field(default_factory=dict)
     exact: bool = False  # transforms are permutations: the aligned model computes the same function
     joint: bool = False  # aligns all models together (no path between two models)
+    mixed_widths: bool = False  # merges models of one family whose widths differ (rectangular maps)
 
     def align(self, ctx: AlignContext, **options) -> Alignment:
         """Run the solver with ``options`` resolved (defaults filled in, values checked)."""

@@ -10,6 +10,22 @@ Reference X = model 0 features, Y = model i features (rows are samples, width n)
 
 Units with zero variance ("dead") carry no information and make the problem degenerate, so they
 are paired dead-to-dead by identity outside the SVD and CCA is solved on the live units.
+
+Different widths (X has ``n`` units, Y has ``m``): ``M`` is ``[n, m]`` with ``k = min(n, m)``
+canonical pairs, and the thin ``U_k`` ``[n, k]``, ``V_k`` ``[m, k]`` give the rectangular maps
+``T = S_yy^-1/2 V_k U_k^T S_xx^1/2`` ``[m, n]`` and ``T_inv = S_xx^-1/2 U_k V_k^T S_yy^1/2``
+``[n, m]`` (``T_inv T = I_n`` when ``n <= m`` and the correlations are 1). The relative ridge is
+then ``gamma * tr(C) / k`` on both sides (the variance per canonical direction; with equal
+widths ``k = n`` and it is the mean unit variance as before). This makes the maps exact for a
+model whose units are duplicated: if ``y = [x, x]`` (``m = 2n``), in the coordinates
+``s = (y_1 + y_2) / sqrt 2 = sqrt 2 x`` and ``d = 0`` the blocks are ``S_ss = 2 C + g_y I``,
+``S_dd = g_y I``, ``C_xs = sqrt 2 C``, and ``g_y = 2 g_x`` (the trace doubles, ``k = n``) makes
+``S_ss = 2 S_xx``: ``M`` is symmetric, ``U = V`` in C's eigenbasis, and ``T = [I; I] / 2``,
+``T_inv = [I, I]`` for any ``gamma``. Merged into the narrow model, the wide one's producers
+``T^T [W; W] = W`` and consumers ``[W'/2, W'/2] T_inv^T = W'`` are the narrow model's weights;
+merged into the wide model, the narrow one becomes ``[W; W]`` and ``[W'/2, W'/2]``: the function
+is kept either way (a per-unit ridge, ``tr(C) / m``, would shrink the duplicated side's
+directions and miss by ``sqrt(2 (c + g) / (2 c + g))`` per eigenvalue ``c``).
 """
 
 from __future__ import annotations
@@ -97,9 +113,9 @@ class CCAResult:
     s_yy: np.ndarray
     eigen_x: Eigen = field(repr=False)
     eigen_y: Eigen = field(repr=False)
-    u_eig: np.ndarray = field(repr=False)  # [live, live] U in S_xx's eigenbasis: U = Q_x u_eig
-    v_eig: np.ndarray = field(repr=False)  # [live, live] V = Q_y v_eig
-    m_eig: np.ndarray = field(repr=False)  # [live, live] m in the eigenbases: Q_x^T m Q_y
+    u_eig: np.ndarray = field(repr=False)  # [live_x, k] U in S_xx's eigenbasis: U = Q_x u_eig
+    v_eig: np.ndarray = field(repr=False)  # [live_y, k] V = Q_y v_eig (k = min(live_x, live_y))
+    m_eig: np.ndarray = field(repr=False)  # [live_x, live_y] m in the eigenbases: Q_x^T m Q_y
 
     @cached_property
     def _directions(self) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +123,11 @@ class CCAResult:
         return _fix_signs(u, self.eigen_y.vectors @ self.v_eig)
 
     @property
-    def U(self) -> np.ndarray:  # noqa: N802 - [live, live] canonical directions of X (whitened)
+    def U(self) -> np.ndarray:  # noqa: N802 - [live_x, k] canonical directions of X (whitened)
         return self._directions[0]
 
     @property
-    def V(self) -> np.ndarray:  # noqa: N802 - [live, live] canonical directions of Y (whitened)
+    def V(self) -> np.ndarray:  # noqa: N802 - [live_y, k] canonical directions of Y (whitened)
         return self._directions[1]
 
     @cached_property
@@ -130,11 +146,19 @@ class CCAResult:
         return self.eigen_x.vectors @ self.m_eig @ self.eigen_y.vectors.T
 
 
-def regulariser(c: np.ndarray, gamma: float, relative: bool) -> float:
-    """Absolute ridge for covariance ``c`` ``[n, n]``: ``gamma`` or ``gamma * tr(c) / n``."""
+def regulariser(c: np.ndarray, gamma: float, relative: bool, units: int | None = None) -> float:
+    """Absolute ridge for covariance ``c`` ``[n, n]``: ``gamma`` or ``gamma * tr(c) / units``
+    (default ``units = n``; between models of different widths, the number of canonical
+    directions, see the module docstring)."""
     if gamma < 0:
         raise CcamergeError(f"gamma must be >= 0, got {gamma}")
-    return gamma * float(np.trace(c)) / max(len(c), 1) if relative else gamma
+    return gamma * float(np.trace(c)) / max(units or len(c), 1) if relative else gamma
+
+
+def ridge_units(widths: list[int], live: list[int]) -> int | None:
+    """The ``units`` of the relative ridge: None (each block's own) when the models' ``widths``
+    are equal, else the fewest ``live`` units of any model (the shared directions)."""
+    return None if len(set(widths)) == 1 else min(live)
 
 
 def _dead(c: np.ndarray, rel_tol: float) -> np.ndarray:
@@ -158,15 +182,23 @@ def _align_null_space(u: np.ndarray, rho: np.ndarray, v: np.ndarray, qx: np.ndar
     """For canonical pairs with rho ~ 0 (rank-deficient but live features) the SVD may rotate U's
     columns arbitrarily against V's; replace them by the rotation of that block closest to V's,
     so that U V^T there is the projector when the two sides span the same space (a model merged
-    with itself gets T = I). ``u``, ``v`` ``[live, live]`` are in the eigenbases ``qx``, ``qy``
+    with itself gets T = I). ``u`` ``[live_x, k]``, ``v`` ``[live_y, k]`` are in the eigenbases ``qx``, ``qy``
     (the directions in the units' basis are ``qx @ u``, ``qy @ v``)."""
     null = rho <= tol * max(float(rho[0]) if len(rho) else 0.0, 1e-30)
     if not null.any():
         return u
-    a, _, bt = np.linalg.svd((qx @ u[:, null]).T @ (qy @ v[:, null]))
+    ux, vy = _same_rows(qx @ u[:, null], qy @ v[:, null])
+    a, _, bt = np.linalg.svd(ux.T @ vy)
     u = u.copy()
     u[:, null] = u[:, null] @ (a @ bt)
     return u
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` ``[p, k]`` and ``b`` ``[q, k]`` with zero rows appended to the shorter, so units
+    compare position by position between models of different widths."""
+    rows = max(len(a), len(b))
+    return tuple(np.vstack([x, np.zeros((rows - len(x), x.shape[1]))]) for x in (a, b))
 
 
 def _fix_signs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +221,9 @@ def _eigen(block: np.ndarray, cache: dict | None, key) -> Eigen:
 
 def cca(c_xx: np.ndarray, c_yy: np.ndarray, c_xy: np.ndarray, *, gamma: float = 0.0,
         relative: bool = False, dead_tol: float = 1e-9, cache: dict | None = None) -> CCAResult:
-    """Regularised CCA between covariances ``c_xx`` ``[n, n]``, ``c_yy`` ``[n, n]`` and
-    cross-covariance ``c_xy`` ``[n, n]``. Returns T mapping Y's features into X's basis.
+    """Regularised CCA between covariances ``c_xx`` ``[n, n]``, ``c_yy`` ``[m, m]`` and
+    cross-covariance ``c_xy`` ``[n, m]``. Returns T ``[m, n]`` mapping Y's features into X's
+    basis (``m != n``: models of different widths, see the module docstring).
 
     Solved in the eigenbases ``S = Q diag(l) Q^T`` of the regularised blocks (one ``eigh`` each,
     which also gives the condition numbers): the SVD of ``l_x^-1/2 Q_x^T C_xy Q_y l_y^-1/2 =
@@ -198,23 +231,25 @@ def cca(c_xx: np.ndarray, c_yy: np.ndarray, c_xy: np.ndarray, *, gamma: float = 
     l_y^1/2 Q_y^T``, the same maps as through the matrix roots with five products instead of
     twelve. ``cache``: a dict shared by calls with the same ``c_xx`` (one reference, several
     models), so its eigendecomposition is computed once."""
-    n = len(c_xx)
+    n, n_y = len(c_xx), len(c_yy)
     if not (np.isfinite(c_xx).all() and np.isfinite(c_yy).all() and np.isfinite(c_xy).all()):
         raise CcamergeError("covariances contain NaN/inf; the activations were not finite")
     live_x, live_y, px, py, dead_x, dead_y = _live_split(c_xx, c_yy, dead_tol)
     sxx = c_xx[np.ix_(live_x, live_x)]
     syy = c_yy[np.ix_(live_y, live_y)]
-    gx, gy = regulariser(sxx, gamma, relative), regulariser(syy, gamma, relative)
+    units = ridge_units([n, n_y], [len(live_x), len(live_y)])
+    gx, gy = regulariser(sxx, gamma, relative, units), regulariser(syy, gamma, relative, units)
     sxx, syy = sxx + gx * np.eye(len(live_x)), syy + gy * np.eye(len(live_y))
     ex = _eigen(sxx, cache, (live_x.tobytes(), gx))
     ey = Eigen(*psd_eigh(syy))
     rx, ry = np.sqrt(ex.values), np.sqrt(ey.values)
     m = (ex.vectors.T @ c_xy[np.ix_(live_x, live_y)] @ ey.vectors) / rx[:, None] / ry[None, :]
     u, rho, v = _svd(m)
+    u, v = u[:, :len(rho)], v[:, :len(rho)]  # [live_x, k], [live_y, k]: the canonical pairs
     u = _align_null_space(u, rho, v, ex.vectors, ey.vectors)
     vu = v @ u.T  # [live_y, live_x]
-    T = np.zeros((n, n))
-    T_inv = np.zeros((n, n))
+    T = np.zeros((n_y, n))
+    T_inv = np.zeros((n, n_y))
     T[np.ix_(live_y, live_x)] = (ey.vectors / ry) @ vu @ (rx[:, None] * ex.vectors.T)
     T_inv[np.ix_(live_x, live_y)] = (ex.vectors / rx) @ vu.T @ (ry[:, None] * ey.vectors.T)
     T[py, px] = 1.0
@@ -262,4 +297,4 @@ METHOD = Method("cca", "CCA Merge: linear maps from canonical correlation analys
                                  maximum=MAX_GAMMA),
                  "relative": Option(True, bool, "gamma in units of each layer's mean variance "
                                     "(tr(S)/n); false = absolute, as in the paper's code",
-                                    negative_flag="absolute")})
+                                    negative_flag="absolute")}, mixed_widths=True)

@@ -4,7 +4,8 @@ CCA Merge solves N - 1 separate two-set problems, each between the reference and
 one multi-set problem is solved for every merge point, symmetric in the N models. Model i has
 features ``x_i`` (rows are samples, width ``n_i``), covariances ``C_ij = cov(x_i, x_j)``::
 
-    S_i = C_ii + g_i I                         (ridge g_i: ``gamma``, absolute or relative, as cca)
+    S_i = C_ii + g_i I                         (ridge g_i: ``gamma``, absolute or relative, as cca;
+                                                between different widths tr(C_ii) / min_j n_j)
     A   = [C_ij] with S_i on the diagonal      (block covariance, [sum n_i, sum n_i])
     D   = diag(S_1, ..., S_N)                  (block diagonal)
     A w = lambda D w,  top k eigenpairs        (MAXVAR; w = [W_1; ...; W_N], W_i [n_i, k])
@@ -54,7 +55,14 @@ import torch
 
 from ccamerge.errors import CcamergeError
 from ccamerge.methods.base import AlignContext, Alignment, Method, Option, identity_transforms
-from ccamerge.methods.cca import MAX_GAMMA, _condition, _dead, psd_eigh, regulariser
+from ccamerge.methods.cca import (
+    MAX_GAMMA,
+    _condition,
+    _dead,
+    psd_eigh,
+    regulariser,
+    ridge_units,
+)
 from ccamerge.stats import PointStatistics
 from ccamerge.transform import Transform
 
@@ -91,15 +99,17 @@ class ModelBasis:
 
 
 def model_basis(c_ii: np.ndarray, n_paired: int, *, gamma: float, relative: bool,
-                dead_tol: float = 1e-9, null_tol: float = NULL_TOL) -> ModelBasis:
+                dead_tol: float = 1e-9, null_tol: float = NULL_TOL,
+                units: int | None = None) -> ModelBasis:
     """:class:`ModelBasis` of a covariance ``c_ii`` ``[n, n]`` regularised with ``gamma``; its
-    last ``n_paired`` dead units are left out of the solve (cca's rule, for N models)."""
+    last ``n_paired`` dead units are left out of the solve (cca's rule, for N models).
+    ``units``: the relative ridge's divisor (see :func:`ccamerge.methods.cca.ridge_units`)."""
     width = len(c_ii)
     dead = np.flatnonzero(_dead(c_ii, dead_tol))
     paired = dead[len(dead) - n_paired:] if n_paired else dead[:0]
     live = np.setdiff1d(np.arange(width), paired)
     block = c_ii[np.ix_(live, live)]
-    g = regulariser(block, gamma, relative)
+    g = regulariser(block, gamma, relative, units)
     values, vectors = psd_eigh(block + g * np.eye(len(live)))
     raw = values - g
     keep = raw > null_tol * max(float(raw.max()) if len(raw) else 0.0, 1e-30)
@@ -179,7 +189,9 @@ def solve_shared(point: PointStatistics, num_models: int, *, gamma: float, relat
     if not all(np.isfinite(c).all() for c in blocks):
         raise CcamergeError("covariances contain NaN/inf; the activations were not finite")
     n_paired = min(len(_dead_units(point.cov(i, i))) for i in range(num_models))
-    bases = [model_basis(point.cov(i, i), n_paired, gamma=gamma, relative=relative)
+    widths = [len(point.cov(i, i)) for i in range(num_models)]
+    units = ridge_units(widths, [w - n_paired for w in widths])
+    bases = [model_basis(point.cov(i, i), n_paired, gamma=gamma, relative=relative, units=units)
              for i in range(num_models)]
     narrowest = min(b.width for b in bases)
     if width > narrowest:
@@ -275,4 +287,5 @@ METHOD = Method("gcca", "Generalized CCA Merge: one shared space for all models 
                  "relative": Option(True, bool, "gamma in units of each layer's mean variance "
                                     "(tr(S)/n); false = absolute", negative_flag="absolute"),
                  "shared_width": Option(0, int, "shared directions kept per merge point (0: all, "
-                                        "up to the narrowest model's width)", 0)})
+                                        "up to the narrowest model's width)", 0)},
+                mixed_widths=True)

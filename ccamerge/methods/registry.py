@@ -21,11 +21,16 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def mixed_width_methods() -> list[str]:
+    """The methods that merge models whose widths differ."""
+    return [m.name for m in METHODS.values() if m.mixed_widths]
+
+
 def describe_methods() -> dict:
     """JSON-able registry: name -> summary, options with defaults and ranges, needs data or
     not."""
     return {m.name: {"summary": m.summary, "needs_data": m.statistics is not None,
-                     "exact": m.exact, "joint": m.joint,
+                     "exact": m.exact, "joint": m.joint, "mixed_widths": m.mixed_widths,
                      "options": {k: {"default": o.default, "type": o.kind.__name__, "help": o.help,
                                      "minimum": o.minimum, "maximum": o.maximum}
                                  for k, o in m.options.items()}}
