@@ -251,7 +251,7 @@ def fit_problem(models: dict[str, ModelEntry], selected: list[str], model_id: st
     if not others:
         return None
     try:
-        check_entries([models[others[0]], models[model_id]])
+        check_entries([models[others[0]], models[model_id]], mixed_widths=False)
     except CcamergeError as exc:
         return str(exc)
     return None
@@ -270,27 +270,31 @@ def fitting_group(models: dict[str, ModelEntry], ids: list[str]) -> list[str]:
     return max(groups, key=len, default=[])
 
 
-def check_entries(entries: list[ModelEntry]) -> None:
+def check_entries(entries: list[ModelEntry], *, mixed_widths: bool = True) -> None:
     """:func:`check_same` on loaded entries, each named by its :attr:`ModelEntry.label`."""
-    check_same([e.model() for e in entries], example_of(entries), [e.label for e in entries])
+    check_same([e.model() for e in entries], example_of(entries), [e.label for e in entries],
+               mixed_widths=mixed_widths)
 
 
 def check_same(networks: list[nn.Module], x: torch.Tensor | None,
-               names: list[str] | None = None) -> None:
+               names: list[str] | None = None, *, mixed_widths: bool = True) -> None:
     """Raise a readable CcamergeError unless ``networks`` merge together: one built-in family and
     config, or one family whose widths differ (:func:`mixed_widths_problem` says where that
     holds; the message names the differing config fields once, with ``names`` for the
     models), or (for archives) every state-dict shape equal and model 0 running on ``x``
-    ``[B, ...]``."""
+    ``[B, ...]``. ``mixed_widths=False``: widths must agree too (what an upload needs to be
+    selected on its own: the other pages take one width)."""
     names = names or [f"model {k}" for k in range(len(networks))]
     if all(api.is_builtin(n) for n in networks):
-        if widths_differ(networks):  # the Merge page's mixed-width methods take them
+        widths_only = widths_differ(networks)
+        if widths_only and mixed_widths:  # the Merge page's mixed-width methods take them
             return
+        hint = ("select it by hand to merge different widths with cca, gcca or ot" if widths_only
+                else "only models of one architecture and size merge")
         for name, network in zip(names[1:], networks[1:], strict=True):
             difference = config_difference(networks[0], network)
             if difference:
-                raise CcamergeError(f"{name} does not match {names[0]} ({difference}); only "
-                                    "models of one architecture and size merge")
+                raise CcamergeError(f"{name} does not match {names[0]} ({difference}); {hint}")
     elif len(networks) >= 2:
         if x is None:
             raise CcamergeError("cannot compare models outside the built-in families without "

@@ -124,13 +124,13 @@ def test_a_model_that_does_not_fit_loads_unselected_and_a_new_selection_starts_f
 
 
 def test_a_mismatched_selection_is_explained_once_by_file_name(app, tmp_path):
-    upload_models(app, {"wide.safetensors": safetensors_bytes(
-        random_model("mlp", 0, width=2.0), tmp_path, "w.safetensors")})
-    wide = next(i for i, e in app.session_state[state.MODELS].items() if e.name == "wide")
-    app.multiselect(key=state.W_MODELS).set_value([*selected(app), wide]).run()
+    upload_models(app, {"deep.safetensors": safetensors_bytes(
+        random_model("mlp", 0, hidden=[32, 32, 32]), tmp_path, "d.safetensors")})
+    deep = next(i for i, e in app.session_state[state.MODELS].items() if e.name == "deep")
+    app.multiselect(key=state.W_MODELS).set_value([*selected(app), deep]).run()
     visit(app, "merge")
     shown = [str(e.value) for e in app.error]
-    assert sum("width 2.0 vs 1.0" in e for e in shown) == 1, shown  # the sidebar's, once
+    assert sum("hidden" in e and "deep.safetensors" in e for e in shown) == 1, shown  # once
     assert any("the selected models do not merge together" in e for e in shown)
 
 
