@@ -1,5 +1,5 @@
-"""What the AppTest files share: the app's path, a page visit that fails on any exception,
-and the text of a group of elements."""
+"""What the AppTest files share: the app's path, the app opened on the demo, a page visit that
+fails on any exception, and the text of a group of elements."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 
 def assert_ok(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
+
+
+def opened(timeout: int = 180) -> AppTest:
+    """The app after its first run (the demo selected), with ``timeout`` seconds per run."""
+    at = AppTest.from_file(APP, default_timeout=timeout)
+    at.run()
+    assert_ok(at)
+    return at
 
 
 def visit(at: AppTest, page: str) -> AppTest:

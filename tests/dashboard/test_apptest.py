@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from apptest_helpers import assert_ok, opened
 from streamlit.testing.v1 import AppTest
 from uploads_helpers import hostile_pt_bytes, pt_bytes, random_model, safetensors_bytes
 
@@ -16,20 +17,12 @@ from ccamerge.io import load_model, load_model_bytes
 from ccamerge.methods import METHODS
 from dashboard import state, widgets
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 PAGES = {name: f"../pages/{name}.py"
          for name in ("models", "spectra", "features", "interpolation", "merge")}
 
 
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
 def start() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.run()
-    assert_ok(at)
-    return at
+    return opened(180)
 
 
 def visit(at: AppTest, page: str) -> AppTest:

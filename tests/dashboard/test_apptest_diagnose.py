@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from apptest_helpers import APP, assert_ok, texts, visit
+from apptest_helpers import assert_ok, opened, texts, visit
 from streamlit.testing.v1 import AppTest
 
 from dashboard import state, widgets
@@ -32,9 +32,7 @@ def select(at: AppTest, ids: list[str]) -> None:
 
 @pytest.fixture
 def app(demo_cache):
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    assert_ok(at)
+    at = opened(120)
     return at
 
 

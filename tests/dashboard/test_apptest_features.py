@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from apptest_helpers import assert_ok, opened
 from streamlit.testing.v1 import AppTest
 
 from ccamerge.api import merge
 from ccamerge.evaluate import evaluate_model
 from dashboard import state
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
-
-
-def assert_ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
 
 @pytest.fixture
 def app(demo_cache):
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.run()
-    assert_ok(at)
+    at = opened(180)
     at.switch_page("../pages/features.py").run()
     assert_ok(at)
     return at

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from apptest_helpers import APP, assert_ok, texts, visit
+from apptest_helpers import assert_ok, opened, texts, visit
 from streamlit.testing.v1 import AppTest
 
 from ccamerge.api import interpolate
@@ -15,9 +15,7 @@ from dashboard import state
 
 @pytest.fixture
 def app(demo_cache):
-    at = AppTest.from_file(APP, default_timeout=240)
-    at.run()
-    assert_ok(at)
+    at = opened(240)
     mlps = [i for i, e in at.session_state[state.MODELS].items()
             if e.filename.startswith("mlp_w1_same")]
     at.multiselect(key=state.W_MODELS).set_value(mlps[:2]).run()

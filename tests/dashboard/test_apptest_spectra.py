@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from apptest_helpers import APP, assert_ok, texts, visit
+from apptest_helpers import assert_ok, opened, texts, visit
 from streamlit.testing.v1 import AppTest
 
 from ccamerge.analysis.spectra import held_out_spectrum
@@ -26,9 +26,7 @@ def traces(at: AppTest, key: str) -> list[dict]:
 
 @pytest.fixture
 def app(demo_cache):
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.run()
-    assert_ok(at)
+    at = opened(180)
     return at
 
 

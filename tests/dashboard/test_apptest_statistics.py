@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from apptest_helpers import APP, assert_ok, texts, visit
+from apptest_helpers import assert_ok, opened, texts, visit
 from streamlit.testing.v1 import AppTest
 
 import ccamerge.analysis.diagnose as diagnose_module
@@ -16,9 +16,7 @@ from dashboard import data, state, widgets
 
 @pytest.fixture
 def app(demo_cache):
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.run()
-    assert_ok(at)
+    at = opened(120)
     ids = [i for i, e in at.session_state[state.MODELS].items()
            if e.filename.startswith("mlp_w1_same")][:2]
     at.multiselect(key=state.W_MODELS).set_value(ids).run()

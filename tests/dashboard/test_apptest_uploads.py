@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from apptest_helpers import APP, assert_ok, texts, visit
+from apptest_helpers import assert_ok, opened, texts, visit
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 from uploads_helpers import pt_bytes, random_model, safetensors_bytes
@@ -27,9 +27,7 @@ from dashboard import state, uploads
 
 @pytest.fixture
 def app(demo_cache):
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.run()
-    assert_ok(at)
+    at = opened(180)
     return at
 
 
