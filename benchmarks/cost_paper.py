@@ -270,6 +270,11 @@ def paper_summary(rows: list[dict], base: int) -> str:
             *markdown(good, cols), "",
             f"ratio_50k_adjacent at most 1.3: {', '.join(met) or 'nowhere'}; above: "
             f"{', '.join(missed) or 'nowhere'}."]
+    text += ["", f"Above x1 the sample is {base}/width^2 images, one batch: what a pass costs "
+             "once (the first look at each point, kernel choices) is counted per image there, so "
+             "the projections overstate the wide settings (VGG11 x2 N=2 measured directly on "
+             "512 images: 1.18-1.34). Peak memory is the whole process at the largest setting "
+             "(the models, their copies, the merged model and the solves)."]
     if failed:
         text += ["", "Did not complete: " + "; ".join(failed) + "."]
     return "\n".join(text) + "\n"
