@@ -42,7 +42,15 @@ import time
 from pathlib import Path
 
 import torch
-from cost_paper import PAPER_IMAGES, PAPER_NS, PAPER_WIDTHS, paper_rows, paper_summary, write_paper
+from cost_paper import (
+    PAPER_IMAGES,
+    PAPER_NS,
+    PAPER_WIDTHS,
+    paper_rows,
+    paper_summary,
+    unavoidable_passes,
+    write_paper,
+)
 from report import rewrite_section
 
 from ccamerge.api import AlignResult, aligned_states
@@ -52,7 +60,7 @@ from ccamerge.methods.base import AlignContext
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
 from ccamerge.stats import channels_last, collect_statistics
-from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
+from ccamerge.transform import average_states, reset_batchnorm, with_state
 
 BATCH = 500
 COST_START, COST_END = "<!-- cost:start -->", "<!-- cost:end -->"
@@ -77,14 +85,7 @@ def models_for(arch: str, width: float, n: int, image_size: int) -> list[torch.n
 def bare_forward(models, x) -> float:
     """N eval passes plus one train-mode pass (the BatchNorm reset) over ``x``, no hooks."""
     start = time.perf_counter()
-    for m in models:
-        for i in range(0, len(x), BATCH):
-            m(x[i:i + BATCH])
-    if has_batchnorm(models[0]):
-        models[0].train()
-        for i in range(0, len(x), BATCH):
-            models[0](x[i:i + BATCH])
-        models[0].eval()
+    unavoidable_passes(models, x, BATCH)
     return time.perf_counter() - start
 
 

@@ -72,10 +72,26 @@ def images_for(width: float, base: int = PAPER_IMAGES) -> int:
 
 
 @torch.no_grad()
+def unavoidable_passes(models, x: torch.Tensor, batch: int) -> None:
+    """What a merge cannot avoid: every model's eval pass over ``x`` ``[B, ...]`` in batches of
+    ``batch``, plus one train-mode pass of model 0 (the BatchNorm reset) for BatchNorm nets,
+    which is left in eval mode again. No hooks."""
+    from ccamerge.transform import has_batchnorm
+
+    for m in models:
+        for i in range(0, len(x), batch):
+            m(x[i:i + batch])
+    if has_batchnorm(models[0]):
+        models[0].train()
+        for i in range(0, len(x), batch):
+            models[0](x[i:i + batch])
+        models[0].eval()
+
+
+@torch.no_grad()
 def bare_forward(models, x: torch.Tensor, batch: int, layout: str) -> float:
     """Seconds of N eval passes (plus one train-mode pass for BatchNorm nets) over ``x`` in
     ``layout`` (models converted in place for channels-last weights, then back)."""
-    from ccamerge.transform import has_batchnorm
 
     cl = torch.channels_last
     xs = x if layout == "standard" else x.contiguous(memory_format=cl)
@@ -83,14 +99,7 @@ def bare_forward(models, x: torch.Tensor, batch: int, layout: str) -> float:
         for m in models:
             m.to(memory_format=cl)
     start = time.perf_counter()
-    for m in models:
-        for i in range(0, len(xs), batch):
-            m(xs[i:i + batch])
-    if has_batchnorm(models[0]):
-        models[0].train()
-        for i in range(0, len(xs), batch):
-            models[0](xs[i:i + batch])
-        models[0].eval()
+    unavoidable_passes(models, xs, batch)
     seconds = time.perf_counter() - start
     for m in models:
         m.to(memory_format=torch.contiguous_format)

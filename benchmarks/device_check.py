@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cost import markdown
+from cost_paper import unavoidable_passes
 
 from ccamerge.api import align, aligned_states
 from ccamerge.devices import exact_float32, resolve_device
@@ -43,7 +44,7 @@ from ccamerge.distributed import reset_batchnorm_sharded
 from ccamerge.models import build_model, count_parameters
 from ccamerge.spec import build_spec
 from ccamerge.stats import channels_last, collect_statistics
-from ccamerge.transform import average_states, has_batchnorm, with_state
+from ccamerge.transform import average_states, with_state
 
 VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 BATCH = 500
@@ -105,13 +106,7 @@ def bare_forward(models, x: torch.Tensor, device: torch.device) -> float:
     start = Phases(device)
     runners, xd = channels_last(models, x, device)
     with exact_float32():
-        for model in runners:
-            for i in range(0, len(xd), BATCH):
-                model(xd[i:i + BATCH])
-        if has_batchnorm(runners[0]):
-            runners[0].train()
-            for i in range(0, len(xd), BATCH):
-                runners[0](xd[i:i + BATCH])
+        unavoidable_passes(runners, xd, BATCH)
     start.mark("forward")
     return start.times["forward"]
 
