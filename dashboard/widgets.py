@@ -147,6 +147,21 @@ def applied_note(method: str, values: dict) -> None:
                 f"{applied['source']}.", icon=":material/tune:")
 
 
+def options_panel(methods: list[str], prefix: str) -> dict[str, dict]:
+    """An expander with :func:`method_options` for each of ``methods`` that has options (its
+    summary first, then :func:`applied_note`), open while a suggested setting is applied;
+    returns ``{method: {option: value}}``."""
+    options = {}
+    with st.expander("Method options (defaults from the registry)",
+                     expanded=state.APPLIED in st.session_state):
+        for method in methods:
+            if catalog.METHODS[method].options:
+                st.markdown(f"**{method}**: {catalog.METHODS[method].summary}")
+                options[method] = method_options(method, prefix)
+                applied_note(method, options[method])
+    return options
+
+
 class ProgressDisplay:
     """A progress bar for a run of ``total`` steps; :meth:`step` gives the callback of one step.
     As a context manager it removes the bar when the block ends, however it ends; open it inside

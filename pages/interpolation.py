@@ -29,14 +29,7 @@ methods = st.multiselect("Methods", pairwise, key=state.W_INTERP_METHODS,
                          help=catalog.methods_help(), **widgets.KEEP)
 st.caption(f"Not offered: {', '.join(joint)} aligns all models jointly and defines no path between "
            "two models (it is on the Merge page).")
-options = {}
-with st.expander("Method options (defaults from the registry)",
-                 expanded=state.APPLIED in st.session_state):
-    for method in methods:
-        if catalog.METHODS[method].options:
-            st.markdown(f"**{method}**: {catalog.METHODS[method].summary}")
-            options[method] = widgets.method_options(method, "interp")
-            widgets.applied_note(method, options[method])
+options = widgets.options_panel(methods, "interp")
 c3, c4 = st.columns(2)
 steps = c3.slider("Points on the path", 3, 21, 11, step=2, key=state.W_INTERP_STEPS, **widgets.KEEP)
 has_bn = data.uses_batchnorm(inputs.models)

@@ -18,14 +18,7 @@ widgets.target_width_note(inputs)
 registered = list(catalog.METHODS)
 methods = st.multiselect("Methods", registered, default=registered, key=state.W_MERGE_METHODS,
                          help=catalog.methods_help(), **widgets.KEEP)
-options = {}
-with st.expander("Method options (defaults from the registry)",
-                 expanded=state.APPLIED in st.session_state):
-    for method in methods:
-        if catalog.METHODS[method].options:
-            st.markdown(f"**{method}**: {catalog.METHODS[method].summary}")
-            options[method] = widgets.method_options(method, "merge")
-            widgets.applied_note(method, options[method])
+options = widgets.options_panel(methods, "merge")
 c1, c2, c4 = st.columns(3)
 has_bn = data.uses_batchnorm(inputs.models)
 bn_reset = c1.toggle("Reset BatchNorm statistics", value=True, key=state.W_MERGE_BN,
