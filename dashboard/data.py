@@ -541,6 +541,13 @@ def resolve_options(method: str, options: dict) -> dict:
     return get_method(method).resolve(options)
 
 
+def reads_own_statistics(reset_base_bn: bool, stream_points: str) -> bool:
+    """Whether a merge with these options needs a statistics pass of its own instead of the
+    shared one: a base-model BatchNorm reset changes the models, last-block stream points read
+    other features."""
+    return reset_base_bn or stream_points != "pooled"
+
+
 def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
           method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool = False,
           bn_policy: str = "paper", reset_base_bn: bool = False, stream_points: str = "pooled",
@@ -568,8 +575,8 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
         return hit
     check_fit(models, data)
     progress = progress or _quiet
-    own_pass = reset_base_bn or stream_points != "pooled"  # other models or other features
-    if statistics is None and get_method(method).statistics and not own_pass:
+    if (statistics is None and get_method(method).statistics
+            and not reads_own_statistics(reset_base_bn, stream_points)):
         statistics = shared_statistics(models, digests, data, data_key, reference=reference,
                                        stats_samples=stats_samples, progress=progress,
                                        pairs=pairs_needed([method]))

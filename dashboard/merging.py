@@ -88,7 +88,7 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
            "names": [e.name for e in inputs.entries], "reference": inputs.reference,
            "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
            "recipes": {}, "suffix": ".safetensors", "held_out_on": None}
-    own_pass = reset_base_bn or stream_points != "pooled"  # statistics of other models/features
+    own_pass = data.reads_own_statistics(reset_base_bn, stream_points)
     stats = data.shared_statistics(inputs.models, inputs.digests, inputs.data, inputs.data_key,
                                    reference=inputs.reference, stats_samples=stats_samples,
                                    pairs=data.pairs_needed(methods), progress=step(0, "statistics"))
