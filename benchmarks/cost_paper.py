@@ -202,8 +202,8 @@ def row(arch, width, n, images, best, peak, before, positions) -> dict:
     scale = PAPER_TARGET / images
     return {"arch": arch, "width": width, "N": n, "images": images,
             "positions": "all" if positions is None else positions,
-            **{k: round(v, 4) for k, v in best.items()},
-            "forward": round(forward, 4), "total": round(per_image + fixed, 4),
+            **{k: round(v, 6) for k, v in best.items()},
+            "forward": round(forward, 6), "total": round(per_image + fixed, 6),
             "ratio": round((per_image + fixed) / forward, 3),
             "ratio_50k": round((per_image * scale + fixed) / (forward * scale), 3),
             "per_image_ratio": round(per_image / forward, 3),
