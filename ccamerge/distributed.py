@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -141,8 +142,52 @@ def shutdown(*, synchronise: bool = True) -> None:
         return
     with contextlib.suppress(RuntimeError):  # a broken group is left all the same
         if synchronise:
-            dist.barrier()
+            _leave_together(dist)
+        else:
+            dist.destroy_process_group()
+
+
+_LEAVE_TIMEOUT_S = 30.0
+
+
+def _leave_together(dist) -> None:
+    """Barrier, then two rounds through the rendezvous store (not gloo): every rank has returned
+    from the barrier before any closes its connections (a gloo barrier can return on one rank
+    while its last message to a peer is still on the wire, and closing then aborts that peer:
+    "terminate called without an active exception"); and rank 0, which hosts the store, tears
+    down last, so no rank's teardown loses the store under it."""
+    store = _default_store(dist)
+    dist.barrier()
+    if store is None:
         dist.destroy_process_group()
+        return
+    size = dist.get_world_size()
+    rank = dist.get_rank()
+    _count_in(store, "ccamerge/leave/ready", size)
+    if rank != 0:
+        dist.destroy_process_group()
+        store.add("ccamerge/leave/gone", 1)
+        return
+    _count_in(store, "ccamerge/leave/gone", size - 1, add=0)
+    dist.destroy_process_group()
+
+
+def _default_store(dist):
+    """The default group's key-value store, or None where this torch hides it."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return get() if get is not None else None
+    except RuntimeError:
+        return None
+
+
+def _count_in(store, key: str, expected: int, *, add: int = 1) -> None:
+    """Add ``add`` to the counter ``key``, then wait (at most :data:`_LEAVE_TIMEOUT_S`) until it
+    reaches ``expected``; a peer that never arrives only ends the wait."""
+    deadline = time.monotonic() + _LEAVE_TIMEOUT_S
+    while store.add(key, add) < expected and time.monotonic() < deadline:
+        add = 0
+        time.sleep(0.005)
 
 
 def rank_and_size(group: ProcessGroup | None) -> tuple[int, int]:
