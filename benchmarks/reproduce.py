@@ -16,8 +16,8 @@ the pool is trained for the last budget tried. ``pools.csv`` reports each pool's
 loss and accuracy (on each model's own training part) and the trail of the rule.
 
 N = 2 cells merge every pair of the pool (15 for 6 models); N >= 3 cells several random subsets.
-Methods run under the paper's BatchNorm handling; ``cca mapped`` and ``permute mapped`` under
-the ``mapped`` BatchNorm policy. Hyperparameters (CCA's gamma, ZipIt's alpha and beta) are
+Methods run under the library's default BatchNorm policy (``mapped``); ``cca paper`` and
+``permute paper`` under the paper's handling (BatchNorm vectors transformed with the conv rows). Hyperparameters (CCA's gamma, ZipIt's alpha and beta) are
 selected on a held-out slice of the training set that no model trained on, never on the test
 set: once per pool on two models, or for each N (``--gamma-per-n``: on the first N models).
 ``options.csv`` compares the official code's details (BatchNorm policy, stream statistics read
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ccamerge.analysis.diagnose import sweep
 from ccamerge.api import interpolate, reset_base_models, resolve_spec, score_merge, subsample
+from ccamerge.batchnorm import DEFAULT_POLICY
 from ccamerge.data import load_dataset, split_indices
 from ccamerge.evaluate import evaluate_model, metrics_from_logits
 from ccamerge.io import load_model
@@ -70,7 +71,8 @@ PROFILES = {
     # cores: 14x14 images (2x2 average pooling), a 4000-image training subset, a fixed
     # 2000-image test subset; breadth (widths, split settings) moved to --full
     "default": dict(data="fashion-mnist", downsample=2, train=4000, holdout=1000, test=2000,
-                    epochs={"vgg": 10, "resnet20": 10}, max_epochs=20, widths=[1],
+                    epochs={"vgg": 10, "resnet20": 10}, max_epochs={"vgg": 40, "resnet20": 20},
+                    widths=[1],
                     settings=["same"], pool=6, max_n=4, subsets=3, stats=1000,
                     select=1000, option_pairs=6),
     # one modern GPU, about 10 minutes: 28 px, all data
@@ -91,7 +93,7 @@ OPTION_VARIANTS = {  # the official code's details, one at a time and together (
     "paper last reset": dict(bn_policy="paper", stream_points="last", reset_base_bn=True),
     "mapped last reset": dict(bn_policy="mapped", stream_points="last", reset_base_bn=True),
 }
-MAPPED = ("cca", "permute")  # methods also run under the mapped BatchNorm policy
+PAPER_POLICY = ("cca", "permute")  # methods also run under the paper's BatchNorm policy
 TRAIN_DEVICE = "cpu"  # set by --device / --gpu
 
 
@@ -150,6 +152,12 @@ def train_pool(arch, width, setting, data, profile, cache: Path, seeds, base: in
     return [load_model(r["path"]) for r in rows]
 
 
+def max_epochs(arch: str, profile: dict) -> int:
+    """The plateau rule's cap for ``arch``: one number for every arch, or one per arch."""
+    cap = profile["max_epochs"]
+    return cap[arch] if isinstance(cap, dict) else cap
+
+
 def plateau_epochs(arch, width, setting, data, profile, cache: Path) -> tuple[int, list]:
     """Epochs (before the split's share) at which seed 0's training loss plateaus: doubling
     from the profile's epochs until it lowers the loss by less than ``PLATEAU_REL`` of it or
@@ -157,7 +165,7 @@ def plateau_epochs(arch, width, setting, data, profile, cache: Path) -> tuple[in
     base = profile["epochs"][arch]
     trail = [(base, training_scores(train_pool(arch, width, setting, data, profile, cache, [0],
                                                base)[0], data)["loss"])]
-    while 2 * base <= profile["max_epochs"]:
+    while 2 * base <= max_epochs(arch, profile):
         loss = training_scores(train_pool(arch, width, setting, data, profile, cache, [0],
                                           2 * base)[0], data)["loss"]
         trail.append((2 * base, loss))
@@ -192,7 +200,8 @@ def select(models, data, held, method: str, profile: dict) -> dict:
 
 def merge_subset(models, data, x_stats, methods: dict[str, dict]) -> dict[str, float]:
     """Test accuracy of each method on one subset (statistics collected once, all pairs);
-    ``"<method> mapped"`` runs ``<method>`` under the mapped BatchNorm policy."""
+    ``"<method> paper"`` runs ``<method>`` under the paper's BatchNorm policy, the others
+    under the library's default (``mapped``)."""
     spec = resolve_spec(models, x_stats)
     stats = collect_statistics(models, spec, x_stats, pairs="all")
     out = {}
@@ -200,7 +209,7 @@ def merge_subset(models, data, x_stats, methods: dict[str, dict]) -> dict[str, f
         method, _, policy = label.partition(" ")
         out[label] = score_merge(models, method, options, stats, spec, x_stats, data.x_test,
                                  data.y_test, reference=0, bn_reset=True,
-                                 bn_policy=policy or "paper")["accuracy"]
+                                 bn_policy=policy or DEFAULT_POLICY)["accuracy"]
     return out
 
 
@@ -242,7 +251,7 @@ def run_pool(arch, width, setting, data, held, profile, cache, writers, gamma_pe
             writers["selected"].writerow({**key, "N": n if gamma_per_n else "all",
                                           "method": method,
                                           "selected": json.dumps(options[method])})
-        return options | {f"{m} mapped": options[m] for m in MAPPED}
+        return options | {f"{m} paper": options[m] for m in PAPER_POLICY}
 
     options = chosen_for(2)
     x_stats = subsample(data.x_train, profile["stats"], 0)

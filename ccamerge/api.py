@@ -23,12 +23,14 @@ from torch import nn
 
 from ccamerge import validate
 from ccamerge.batchnorm import (
+    DEFAULT_POLICY,
     check_policy,
     conv_bn_pairs,
     fold_state,
     mapped_targets,
     output_moments,
     set_moments,
+    widen_static_vectors,
     without_static_vectors,
     written_points,
 )
@@ -132,8 +134,10 @@ def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
                    folded: Sequence[tuple[str, str]] = ()) -> list[dict[str, torch.Tensor]]:
     """Every model's state dict after its transforms; ``folded`` ``(conv, batchnorm)`` pairs are
     folded first and their BatchNorm scale and statistics left untransformed."""
-    spec = without_static_vectors(aligned.spec, [bn for _conv, bn in folded])
-    return [apply_transforms(fold_state(m.state_dict(), folded), spec, t)
+    bns = [bn for _conv, bn in folded]
+    spec = without_static_vectors(aligned.spec, bns)
+    return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded), spec, t),
+                                 bns)
             for m, t in zip(models, aligned.alignment.transforms, strict=True)]
 
 
@@ -182,7 +186,7 @@ def sample_warnings(stats: Statistics | None) -> list[str]:
 
 
 def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
-          bn_reset: bool = True, bn_policy: str = "paper", reset_base_bn: bool = False,
+          bn_reset: bool = True, bn_policy: str = DEFAULT_POLICY, reset_base_bn: bool = False,
           stream_points: str = "pooled", repair: bool = False,
           weights: Sequence[float] | None = None, stats_samples: int | None = None,
           batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
@@ -201,10 +205,11 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
     Options are the method's (see ``METHODS``), keyword-only.
     ``repair``: rescale units towards the endpoints' statistics (nets without BatchNorm).
-    ``bn_policy``: "paper" transforms BatchNorm vectors with the conv rows; "mapped" folds each
-    BatchNorm into its conv first and, with ``bn_reset``, gives each merged unit the mean and
-    scale of the mapped endpoint features, from the original models' statistics mapped by T
-    (exact for permutations; see :mod:`ccamerge.batchnorm`).
+    ``bn_policy``: "mapped" (default) folds each BatchNorm into its conv first and, with
+    ``bn_reset``, gives each merged unit the mean and scale of the mapped endpoint features,
+    from the original models' statistics mapped by T (exact for permutations, principled for
+    dense maps; see :mod:`ccamerge.batchnorm`); "paper" transforms BatchNorm vectors with the
+    conv rows, as the paper and its official code do.
     ``reset_base_bn``: recompute the base models' BatchNorm statistics on the training data
     before anything else (on copies; the official code does this). ``stream_points``: see
     :func:`align`. ``statistics`` given with ``reset_base_bn`` must be those of the reset models.
@@ -227,7 +232,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     validate.flag("reset_base_bn", reset_base_bn)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
     recorded = model_sources(models, sources)
-    _check_width_options(models, bn_policy, repair)
+    _check_width_options(models, repair)
     models, place = place_models(models, device)
     if reset_base_bn:
         progress(0.0, "resetting the base models' BatchNorm statistics")
@@ -278,14 +283,13 @@ def target_widths(aligned: AlignResult) -> dict[str, int]:
     return {p.name: p.width for p in aligned.spec.points}
 
 
-def _check_width_options(models: Sequence[nn.Module], bn_policy: str, repair: bool) -> None:
+def _check_width_options(models: Sequence[nn.Module], repair: bool) -> None:
     """The options that need models of one width refuse mixed widths in one line."""
     if not (all(is_builtin(m) for m in models) and widths_differ(list(models))):
         return
-    if bn_policy == "mapped" or repair:
-        what = "bn_policy 'mapped'" if bn_policy == "mapped" else "repair"
-        raise CcamergeError(f"{what} needs models of one width; these differ in width, use "
-                            "bn_policy 'paper' without repair")
+    if repair:
+        raise CcamergeError("repair needs models of one width; these differ in width, merge "
+                            "without repair")
 
 
 def reset_base_models(models: Sequence[nn.Module], x, *, batch_size: int = 256,
@@ -309,7 +313,7 @@ def folded_pairs(model: nn.Module, bn_policy: str) -> list[tuple[str, str]]:
 
 
 def average_aligned(models: Sequence[nn.Module], aligned: AlignResult, weights: Sequence[float],
-                    reference: int, bn_policy: str = "paper"
+                    reference: int, bn_policy: str = DEFAULT_POLICY
                     ) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
     """The weighted average of the aligned models (a copy of the reference carrying it) and the
     aligned state dicts (BatchNorm folded first under the "mapped" policy)."""
@@ -369,7 +373,7 @@ def model_sources(models: Sequence[nn.Module], sources: Sequence[str | None] | N
 
 def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
                 y_eval: torch.Tensor | None, reference: int, bn_reset: bool, *,
-                bn_policy: str = "paper", group=None) -> dict:
+                bn_policy: str = DEFAULT_POLICY, group=None) -> dict:
     """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` (or a labelled source
     ``x_eval`` with ``y_eval`` None) of a merge built from statistics collected earlier (to score
     several methods or settings on one pass over the data), its BatchNorm reset (if on, with

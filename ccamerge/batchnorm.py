@@ -21,8 +21,10 @@ The ``mapped`` policy gives each merged unit the moments of the mapped endpoint 
    *original* model ``i``, not on an aligned endpoint, whose features below the first layer a
    dense map has already changed); then one train-mode pass recomputes the running statistics
    and the scale is corrected by ``sqrt((rv + eps) / rv)``, so that on that data each merged
-   unit's output has mean ``m_j`` and standard deviation ``s_j`` (exactly when the pass is one
-   batch; up to the difference between batch and data statistics otherwise).
+   unit's output has mean ``m_j`` and standard deviation ``s_j`` (up to the train-mode pass:
+   during it the BatchNorms upstream normalise by batch statistics, before their own scale
+   correction, so a deeper BatchNorm's statistics are those of slightly different inputs; on
+   the test nets a model merged with its permuted twin differs from it by ~1e-3 in the logits).
 
 For a permutation ``t_ij^T mu_i`` and ``t_ij^T Sigma_i t_ij`` are the matched unit's own mean and
 variance, so a permuted twin merges back to the original model. Standard deviations (not
@@ -44,7 +46,9 @@ from ccamerge.spec import AlignmentSpec, MergePoint
 from ccamerge.stats import collect_statistics
 from ccamerge.transform import Transforms
 
-POLICIES = ("paper", "mapped")
+POLICIES = ("mapped", "paper")
+DEFAULT_POLICY = "mapped"  # chosen on held-out data: see benchmarks/results/default/summary.md, options
+LEGACY_POLICY = "paper"  # what a recipe without ``bn_policy`` was made with (the old default)
 RETIRED = {"fold": "bn_policy 'fold' took its per-unit targets from the aligned endpoints, which "
                    "a dense map makes wrong below the first layer; it is replaced by 'mapped' "
                    "(targets from the original models' statistics mapped by T)"}
@@ -86,9 +90,20 @@ def fold_state(state: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]],
         scale = state[f"{bn}.weight"] / torch.sqrt(state[f"{bn}.running_var"] + eps)  # [C]
         out[f"{conv}.weight"] = state[f"{conv}.weight"] * scale.view(-1, 1, 1, 1)
         out[f"{bn}.bias"] = state[f"{bn}.bias"] - state[f"{bn}.running_mean"] * scale
-        out[f"{bn}.weight"] = torch.ones_like(scale)
-        out[f"{bn}.running_mean"] = torch.zeros_like(scale)
-        out[f"{bn}.running_var"] = torch.full_like(scale, 1.0 - eps)
+    return widen_static_vectors(out, [bn for _conv, bn in pairs], eps)
+
+
+def widen_static_vectors(state: dict[str, torch.Tensor], bns: Sequence[str],
+                         eps: float = 1e-5) -> dict[str, torch.Tensor]:
+    """``state`` with each folded BatchNorm's constant vectors (scale 1, running mean 0,
+    running variance ``1 - eps``) at the width of its transformed shift ``[C']``: they are
+    never transformed, and a map between models of different widths changes ``C``."""
+    out = dict(state)
+    for bn in bns:
+        shift = state[f"{bn}.bias"]
+        out[f"{bn}.weight"] = torch.ones_like(shift)
+        out[f"{bn}.running_mean"] = torch.zeros_like(shift)
+        out[f"{bn}.running_var"] = torch.full_like(shift, 1.0 - eps)
     return out
 
 
@@ -112,12 +127,13 @@ def output_moments(models: Sequence[nn.Module], bns: Sequence[str], x, *,
                    batch_size: int = 256, group=None) -> list[Moments]:
     """Per model, each named BatchNorm's output mean ``[C]`` and covariance ``[C, C]`` (float64)
     over the inputs ``x`` (a tensor ``[B, ...]`` or a data source), eval mode, one streamed
-    pass per model (shared by the ranks of ``group``)."""
-    modules = dict(models[0].named_modules())
-    spec = AlignmentSpec(tuple(MergePoint(bn, modules[bn].num_features, (bn,), (), ())
-                               for bn in bns))
+    pass per model (shared by the ranks of ``group``). Models may differ in width (each
+    BatchNorm's ``C`` is its own model's)."""
     out = []
     for model in models:
+        modules = dict(model.named_modules())
+        spec = AlignmentSpec(tuple(MergePoint(bn, modules[bn].num_features, (bn,), (), ())
+                                   for bn in bns))
         stats = collect_statistics([model], spec, x, batch_size=batch_size, group=group)
         out.append({bn: (stats[bn].mean[0], stats[bn].cov(0, 0)) for bn in bns})
     return out

@@ -13,6 +13,7 @@ import torch
 
 from ccamerge import api, recipes, validate
 from ccamerge.analysis.diagnose import diagnose
+from ccamerge.batchnorm import DEFAULT_POLICY, LEGACY_POLICY
 from ccamerge.cli_args import (
     MAX_EPOCHS,
     MAX_SEEDS,
@@ -238,7 +239,7 @@ def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
     """``api.merge`` with a recipe's settings (missing ones at their defaults)."""
     return api.merge(models, data, request["method"], reference=request.get("reference", 0),
                      bn_reset=request.get("bn_reset", True),
-                     bn_policy=request.get("bn_policy", "paper"),
+                     bn_policy=request.get("bn_policy", LEGACY_POLICY),
                      reset_base_bn=request.get("reset_base_bn", False),
                      stream_points=request.get("stream_points", "pooled"),
                      repair=request.get("repair", False), weights=request.get("weights"),
@@ -248,9 +249,9 @@ def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
                      group=ctx.group, progress=progress, **request.get("options", {}))
 
 
-def _paper_policy_only(args, command: str) -> None:
+def _merge_only_settings(args, command: str) -> None:
     """Refuse the merge-only BatchNorm and stream settings for ``command``."""
-    if args.bn_policy != "paper":
+    if args.bn_policy != DEFAULT_POLICY:
         raise CcamergeError(f"--bn-policy {args.bn_policy} is available for merge, not {command}")
     for flag, given in (("--reset-base-bn", args.reset_base_bn),
                         ("--stream-points last", args.stream_points != "pooled")):
@@ -260,7 +261,7 @@ def _paper_policy_only(args, command: str) -> None:
 
 def cmd_interpolate(args) -> dict:
     """Loss and accuracy along the path between two models (see :func:`api.interpolate`)."""
-    _paper_policy_only(args, "interpolate")
+    _merge_only_settings(args, "interpolate")
     get_method(args.method).resolve(_method_options(args))
     data = _data(args)
     a, b = _models([args.model_a, args.model_b], args, data)
@@ -284,7 +285,7 @@ def cmd_spectrum(args) -> dict:
 
 def cmd_diagnose(args) -> dict:
     """Why a merge works or fails (see :func:`ccamerge.analysis.diagnose.diagnose`)."""
-    _paper_policy_only(args, "diagnose")
+    _merge_only_settings(args, "diagnose")
     _check_reference(args.reference, len(args.models))
     get_method(args.method).resolve(_method_options(args))
     data = _data(args)

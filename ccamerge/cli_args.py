@@ -8,7 +8,7 @@ import argparse
 import math
 
 from ccamerge import validate
-from ccamerge.batchnorm import POLICIES
+from ccamerge.batchnorm import DEFAULT_POLICY, POLICIES
 from ccamerge.data import DATASETS
 from ccamerge.methods import METHODS, Option, get_method
 from ccamerge.spec import STREAM_POINTS
@@ -114,11 +114,11 @@ def add_merge_options(p) -> None:
     """Every method's flags and the merge settings (BatchNorm reset and policy, statistics)."""
     add_method_flags(p, METHODS.values())
     p.add_argument("--no-bn-reset", action="store_true", help="keep the averaged BatchNorm statistics")
-    p.add_argument("--bn-policy", choices=list(POLICIES), default="paper",
-                   help="paper: transform BatchNorm vectors with the conv rows (default); mapped: "
-                   "fold BatchNorm into the conv first and give each merged unit the mean and "
-                   "scale of the mapped endpoint features (from the original models' statistics; "
-                   "exact for permutations)")
+    p.add_argument("--bn-policy", choices=list(POLICIES), default=DEFAULT_POLICY,
+                   help="mapped (default): fold BatchNorm into the conv first and give each merged "
+                   "unit the mean and scale of the mapped endpoint features (from the original "
+                   "models' statistics; exact for permutations); paper: transform BatchNorm "
+                   "vectors with the conv rows, as the paper's code does")
     p.add_argument("--reset-base-bn", action="store_true",
                    help="recompute the base models' BatchNorm statistics on the training images "
                    "before merging (as the official code does)")

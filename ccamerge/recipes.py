@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from ccamerge import validate
-from ccamerge.batchnorm import check_policy
+from ccamerge.batchnorm import LEGACY_POLICY, check_policy
 from ccamerge.errors import CcamergeError
 from ccamerge.files import MAX_RECIPE_BYTES, read_bytes, regular_file, sha256_file
 from ccamerge.io import MAX_BYTES, archive_info, read_info
@@ -97,7 +97,7 @@ def _check_fields(recipe: dict) -> None:
     validate.flag("bn_reset", recipe.get("bn_reset", True))
     validate.flag("repair", recipe.get("repair", False))
     validate.flag("reset_base_bn", recipe.get("reset_base_bn", False))
-    check_policy(recipe.get("bn_policy", "paper"))
+    check_policy(recipe.get("bn_policy", LEGACY_POLICY))
     if recipe.get("stream_points", "pooled") not in STREAM_POINTS:
         raise CcamergeError(f"stream_points must be one of {STREAM_POINTS}, got "
                             f"{recipe['stream_points']!r}")

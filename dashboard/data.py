@@ -56,6 +56,7 @@ from ccamerge.analysis.features import (
     aligned_units,
     feature_matching,
 )
+from ccamerge.batchnorm import DEFAULT_POLICY as BN_DEFAULT
 from ccamerge.data import Dataset, holdout_split, load_dataset
 from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
@@ -550,7 +551,7 @@ def reads_own_statistics(reset_base_bn: bool, stream_points: str) -> bool:
 
 def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
           method: str, options: dict, *, reference: int, bn_reset: bool, repair: bool = False,
-          bn_policy: str = "paper", reset_base_bn: bool = False, stream_points: str = "pooled",
+          bn_policy: str = BN_DEFAULT, reset_base_bn: bool = False, stream_points: str = "pooled",
           stats_samples: int | None, test_samples: int | None = None,
           statistics: Statistics | None = None, sources: Sequence[str] | None = None,
           progress: Progress | None = None) -> dict:

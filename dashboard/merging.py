@@ -9,6 +9,7 @@ import json
 import shlex
 from collections.abc import Callable, Sequence
 
+from ccamerge.batchnorm import DEFAULT_POLICY as BN_DEFAULT
 from ccamerge.batchnorm import POLICIES as BN_POLICIES  # noqa: F401 - the page's choices
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import METHODS
@@ -28,7 +29,7 @@ def subset_indices(n_models: int, reference: int, n: int) -> list[int]:
 
 def signature(inputs: Inputs, methods: Sequence[str], options: dict, bn_reset: bool,
               repair: bool, stats_samples: int | None, curve: bool,
-              bn_policy: str = "paper", reset_base_bn: bool = False,
+              bn_policy: str = BN_DEFAULT, reset_base_bn: bool = False,
               stream_points: str = "pooled", test_samples: int | None = None) -> str:
     """What a run depends on, to tell whether shown results match the current controls."""
     return json.dumps([list(inputs.digests), inputs.reference, inputs.data_key, list(methods),
@@ -69,7 +70,7 @@ def forwards(inputs: Inputs, methods: Sequence[str], curve: bool, *, bn_reset: b
 
 def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool, repair: bool,
         stats_samples: int | None, curve: bool, step: StepFactory,
-        bn_policy: str = "paper", reset_base_bn: bool = False,
+        bn_policy: str = BN_DEFAULT, reset_base_bn: bool = False,
         stream_points: str = "pooled", test_samples: int | None = None) -> dict:
     """Merge with every method, every one (and every subset of the accuracy-vs-N curve) on one
     statistics pass (``data.shared_statistics``: step 0 of ``step``, the merges steps 1..),

@@ -35,10 +35,11 @@ stats_samples, test_samples = widgets.sampling(inputs)
 bn_reset, repair = bn_reset and has_bn, repair and not has_bn
 d1, d2, d3 = st.columns(3)
 bn_policy = d1.selectbox("BatchNorm policy", merging.BN_POLICIES, key=state.W_MERGE_BN_POLICY,
-                         disabled=not has_bn, help="paper: transform BatchNorm vectors with the "
-                         "conv rows (exact for permutations only); mapped: fold BatchNorm into the "
-                         "conv and give each merged unit the mean and scale of the mapped endpoint "
-                         "features (exact for permutations, principled for CCA's dense maps)",
+                         disabled=not has_bn, help="mapped (default): fold BatchNorm into the conv "
+                         "and give each merged unit the mean and scale of the mapped endpoint "
+                         "features (exact for permutations, principled for CCA's dense maps); "
+                         "paper: transform BatchNorm vectors with the conv rows, as the paper's "
+                         "code does (exact for permutations only)",
                          **widgets.KEEP)
 reset_base_bn = d2.toggle("Reset the base models' BatchNorm first", value=False,
                           key=state.W_MERGE_RESET_BASE, disabled=not has_bn,
@@ -48,7 +49,7 @@ stream_points = d3.selectbox("Residual stream statistics", merging.STREAM_POINTS
                              key=state.W_MERGE_STREAM, help="pooled: the stem and every block "
                              "output of a stage; last: only the last block's output (the "
                              "official code)", **widgets.KEEP)
-bn_policy, reset_base_bn = (bn_policy, reset_base_bn) if has_bn else ("paper", False)
+bn_policy, reset_base_bn = (bn_policy, reset_base_bn) if has_bn else (merging.BN_DEFAULT, False)
 settings = {"bn_policy": bn_policy, "reset_base_bn": reset_base_bn, "stream_points": stream_points}
 widgets.sampling_note(inputs)
 signature = merging.signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,

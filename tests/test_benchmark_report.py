@@ -81,13 +81,13 @@ def test_paired_differences_carry_t_intervals_that_scipy_agrees_with(tmp_path):
     diffs = [1.0, -0.5, 2.0, 0.5, 1.5]
     rows = []
     for k, d in enumerate(diffs):
-        for method, acc in (("permute", 80.0), ("cca", 80.0 + d), ("cca mapped", 81.0)):
+        for method, acc in (("permute", 80.0), ("cca", 80.0 + d), ("cca paper", 81.0)):
             rows.append({"arch": "resnet20", "width": "1.0", "setting": "same", "N": "2",
                          "subset": f"0-{k + 1}", "method": method, "accuracy": acc})
     low, high = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
     table = "\n".join(paired_table(rows))
     assert f"| resnet20 | x1 | same | 2 | 5 | +0.9 [{low:+.1f}, {high:+.1f}] |" in table
-    assert "cca mapped - cca" in table
+    assert "cca - cca paper" in table
     options = [{"arch": "vgg", "width": "1.0", "setting": "same", "subset": f"0-{k}",
                 "variant": v, "held_out_accuracy": 70.0 + (k if v == "mapped" else 0)}
                for k in range(1, 4) for v in ("paper", "mapped")]
