@@ -68,8 +68,8 @@ def test_the_download_recipe_is_the_api_recipe_and_keeps_bn_policy(vgg_inputs, t
 
 def test_a_signature_changes_with_the_bn_policy(vgg_inputs):
     args = (vgg_inputs, ["permute"], {}, True, False, None, False)
-    assert merging.signature(*args) == merging.signature(*args, "paper")
-    assert merging.signature(*args) != merging.signature(*args, "mapped")
+    assert merging.signature(*args) == merging.signature(*args, "mapped")
+    assert merging.signature(*args) != merging.signature(*args, "paper")
 
 
 def test_a_run_passes_the_official_detail_options_to_the_merge(vgg_inputs):
