@@ -22,6 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ccamerge import validate
+from ccamerge.analysis.shared import shared_spectrum_rows
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
     check_policy,
@@ -34,6 +35,7 @@ from ccamerge.batchnorm import (
     without_static_vectors,
     written_points,
 )
+from ccamerge.data import holdout_split
 from ccamerge.data.fit import (
     check_compatible,
     is_builtin,
@@ -63,7 +65,7 @@ from ccamerge.transform import (
 Progress = Callable[[float, str], None]
 __all__ = ["AlignResult", "MergeResult", "align", "aligned_states", "check_compatible",
            "interpolate", "is_builtin", "merge", "resolve_spec", "score_merge", "score_source",
-           "spectrum", "subsample", "train_inputs", "train_source"]
+           "shared_spectrum", "spectrum", "subsample", "train_inputs", "train_source"]
 
 
 def _silent(_fraction: float, _message: str) -> None:
@@ -490,3 +492,52 @@ def _spectrum_row(p, ref: int, i: int, gamma: float | None, relative: bool | Non
             "mean_rho": float(fit.rho.mean()), "mean_matched": float(matched.mean()),
             "cond_xx": fit.cond_xx, "cond_yy": fit.cond_yy,
             "dead_reference": int(len(p.dead_units(ref))), "dead_model": int(len(p.dead_units(i)))}
+
+
+SHARED_HOLDOUT = 0.2  # share of the statistics images :func:`shared_spectrum` holds out
+MIN_SHARED_HELDOUT = 10  # fewer held-out images than this and nothing is held out
+
+
+def shared_spectrum(models: Sequence[nn.Module], data, *, gamma: float | None = None,
+                    relative: bool | None = None, stats_samples: int | None = None,
+                    seed: int = 0, holdout: float = SHARED_HOLDOUT,
+                    statistics: tuple[Statistics, Statistics | None] | None = None,
+                    device=None, group=None) -> list[dict]:
+    """The gcca shared space of all N models per merge point
+    (:func:`ccamerge.analysis.shared.shared_spectrum_row`): MAXVAR eigenvalues ``[k]``, the
+    mean pairwise correlation of each shared direction's N variates on the fitting images and
+    on a held-out ``holdout`` of the ``stats_samples`` training images, each model's
+    correlation with the consensus variate, and per model how well it spans the space.
+    ``gamma``, ``relative``: gcca's options (default: its registry defaults). ``statistics``:
+    ``(fit, held-out or None)`` collected with ``pairs="all"``, instead of two passes here.
+    ``device``, ``group``: see :func:`align`."""
+    validate.models(models)
+    validate.sampling(stats_samples, seed)
+    get_method("gcca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
+                                if v is not None})
+    if statistics is None:
+        statistics = _split_statistics(models, data, stats_samples, seed, holdout, device, group)
+    return shared_spectrum_rows(*statistics, gamma=gamma, relative=relative)
+
+
+def _split_statistics(models, data, stats_samples, seed, holdout, device,
+                      group) -> tuple[Statistics, Statistics | None]:
+    """Statistics with every pair on a random ``1 - holdout`` of the sampled training images
+    and on the rest (None when under :data:`MIN_SHARED_HELDOUT` images would be held out)."""
+    source = train_source(data)
+    check_compatible(models, source, 0, "gcca")
+    spec = resolve_spec([models[0]], source)
+    models, place = place_models(models, device)
+    x = subsample(source, stats_samples, seed)
+    if not MIN_SHARED_HELDOUT <= round(holdout * len(x)) <= len(x) - 2:
+        parts = [x]
+    else:
+        parts = [_rows(x, idx) for idx in holdout_split(len(x), holdout, seed)]
+    stats = [collect_statistics(models, spec, part, pairs="all", device=place, group=group)
+             for part in parts]
+    return stats[0], stats[1] if len(stats) > 1 else None
+
+
+def _rows(x, indices: np.ndarray):
+    """Rows ``indices`` of a tensor or a data source (lazily)."""
+    return x.subset(indices) if hasattr(x, "subset") else x[torch.as_tensor(indices)]

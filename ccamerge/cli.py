@@ -273,14 +273,18 @@ def cmd_interpolate(args) -> dict:
 
 
 def cmd_spectrum(args) -> dict:
-    """Canonical correlations with the cca flags given, the registry's defaults for the rest."""
-    resolved = get_method("cca").resolve(_method_options(args))
+    """Canonical correlations (model 0 against each other model) or, with ``--shared``, the
+    gcca shared space of all models, with the method's flags given and its registry defaults
+    for the rest."""
+    method = "gcca" if args.shared else "cca"
+    resolved = get_method(method).resolve(_method_options(args))
     data = _data(args)
     used = {name: resolved[name] for name in SPECTRUM_OPTIONS}
-    rows = api.spectrum(_models([args.model_a, args.model_b], args, data), data,
-                        stats_samples=args.stats_samples, seed=args.seed,
-                        device=args.ctx.device, group=args.ctx.group, **used)
-    return {**used, "merge_points": rows}
+    models = _models([args.model_a, args.model_b, *args.more], args, data)
+    run = api.shared_spectrum if args.shared else api.spectrum
+    rows = run(models, data, stats_samples=args.stats_samples, seed=args.seed,
+               device=args.ctx.device, group=args.ctx.group, **used)
+    return {"method": method, **used, "merge_points": rows}
 
 
 def cmd_diagnose(args) -> dict:
@@ -372,9 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_options(p)
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("spectrum", parents=[common], help="canonical correlations per merge point")
+    p = sub.add_parser("spectrum", parents=[common], help="canonical correlations per merge point "
+                       "(--shared: the generalized CCA space of all models)")
     p.add_argument("model_a")
     p.add_argument("model_b")
+    p.add_argument("more", nargs="*", metavar="model", help="more models (each against model_a; "
+                   "with --shared all at once)")
+    p.add_argument("--shared", action="store_true",
+                   help="gcca's shared space of all models: MAXVAR eigenvalues, the directions' "
+                        "mean pairwise correlation fitted and on a held-out 20%%, per model its "
+                        "correlation with the consensus (gamma, relative: gcca's)")
     add_data(p)
     add_method_flags(p, [get_method("cca")], SPECTRUM_OPTIONS)
     p.add_argument("--stats-samples", type=integer(2, 2**31), default=None)
