@@ -225,3 +225,109 @@ def health_warnings(rows: Sequence[dict], model_names: dict[int, str] | None = N
         out.append(f"Ill-conditioned covariances (condition number over "
                    f"{format_condition(max_condition)}; raise γ): {'; '.join(cond)}")
     return out
+
+
+# ----------------------------------------------------------------------------- shared space (gcca)
+def shared_held_out(rows: Sequence[dict]) -> bool:
+    """True when the shared-space rows carry held-out measurements."""
+    return bool(rows) and rows[0]["rho_heldout"] is not None
+
+
+def _shared_key(rows: Sequence[dict], key: str) -> str:
+    return f"{key}_heldout" if shared_held_out(rows) else f"{key}_fit"
+
+
+def shared_headline(row: dict, pair_rows: Sequence[dict]) -> str:
+    """The sentence beside a merge point's shared-space number (``row``: its gcca row,
+    ``pair_rows``: its pairwise CCA rows, reference against each model)."""
+    held = shared_held_out([row])
+    shared = row[_shared_key([row], "mean_rho")]
+    pairs = point_means(pair_rows)["reached_heldout" if held else "reached_fit"]
+    where = "held-out images" if held else "the fitting images"
+    return (f"**{shared:.3f}** is how strongly all {row['num_models']} models' variates of one "
+            f"shared direction correlate, averaged over model pairs and directions on {where} "
+            f"(canonical pairs of the reference with each model alone: {pairs:.3f}; MAXVAR "
+            f"eigenvalues average {row['mean_eigenvalues']:.2f}, from 1 = one model's alone to "
+            f"{row['num_models']} = all share it).")
+
+
+def shared_figure(rows: Sequence[dict], pair_rows: Sequence[dict], *,
+                  model_names: dict[int, str] | None = None) -> go.Figure:
+    """Per merge point (one panel each): the mean pairwise correlation of each shared
+    direction's N variates (held-out when measured there, and on the fitting images), gcca's
+    ``(lambda - 1) / (N - 1)``, and, thin, the correlations the pairwise canonical pairs of the
+    reference with each model reach on the same images."""
+    names, points = model_names or {}, [r["name"] for r in rows]
+    fig = make_subplots(rows=1, cols=len(points) or 1, subplot_titles=points, shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    models = list(dict.fromkeys(r["model"] for r in pair_rows))
+    where = "held-out" if shared_held_out(rows) else "fitting images"
+    series = [(_shared_key(rows, "rho"), f"shared directions, {where}", "solid", 3),
+              ("rho_fit", "shared directions, fitting images", "dot", 2),
+              ("rho_eigen", "from the eigenvalue, (λ − 1)/(N − 1)", "dashdot", 1.5)]
+    shown = series if shared_held_out(rows) else [series[0], series[2]]
+    for col, row in enumerate(rows, start=1):
+        for key, label, dash, width in shown:
+            fig.add_trace(_line(row[key], label, method_color("gcca"), dash, width, row["name"],
+                                col == 1), row=1, col=col)
+        for pair in (p for p in pair_rows if p["name"] == row["name"]):
+            label = f"CCA pairs, {where}: {_name(names, pair['model'])}"
+            color = MODEL_COLORS[models.index(pair["model"]) % 8]
+            fig.add_trace(_line(pair[_measured(pair_rows, "reached")], label, color, "solid", 1,
+                                row["name"], col == 1, opacity=0.6), row=1, col=col)
+    fig.update_yaxes(title_text="correlation", col=1)
+    fig.update_xaxes(title_text="shared direction or canonical pair (best first)")
+    fig.update_layout(height=420, margin=_MARGIN, legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def _line(values, label: str, color: str, dash: str, width: float, point: str, legend: bool,
+          opacity: float = 1.0) -> go.Scatter:
+    return go.Scatter(x=np.arange(1, len(values) + 1), y=values, mode="lines", name=label,
+                      line=dict(color=color, dash=dash, width=width), opacity=opacity,
+                      legendgroup=label, showlegend=legend,
+                      hovertemplate=f"{label} #%{{x}}: %{{y:.3f}}<extra>{point}</extra>")
+
+
+def consensus_figure(rows: Sequence[dict], *,
+                     model_names: dict[int, str] | None = None) -> go.Figure:
+    """Per merge point: each model's correlation with the shared (consensus) variate of every
+    direction, held-out when measured there; a model far below the others is the outlier."""
+    names, points = model_names or {}, [r["name"] for r in rows]
+    fig = make_subplots(rows=1, cols=len(points) or 1, subplot_titles=points, shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    for col, row in enumerate(rows, start=1):
+        for i, values in enumerate(row[_shared_key(rows, "consensus")]):
+            fig.add_trace(_line(values, _name(names, i), MODEL_COLORS[i % 8], "solid", 2,
+                                row["name"], col == 1), row=1, col=col)
+    fig.update_yaxes(title_text="correlation with the shared variate", col=1)
+    fig.update_xaxes(title_text="shared direction (best first)")
+    fig.update_layout(height=360, margin=_MARGIN, legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def shared_models_frame(rows: Sequence[dict],
+                        model_names: dict[int, str] | None = None) -> pd.DataFrame:
+    """Per merge point and model: how well it spans the shared space."""
+    names = model_names or {}
+    return pd.DataFrame([{
+        "merge point": r["name"], "model": _name(names, m["model"]),
+        "with the shared variates, held-out": m["mean_consensus_heldout"],
+        "with the shared variates, fitting": m["mean_consensus_fit"],
+        "variance in the shared directions": m["variance_share"],
+        "cond(V_iᵀV_i)": format_condition(m["cond_shared"]), "dead units": m["dead"]}
+        for r in rows for m in r["models"]])
+
+
+def outlier_note(rows: Sequence[dict], model_names: dict[int, str] | None = None) -> str:
+    """Which model follows the shared variates least, per merge point (held-out when
+    measured), against the mean of the others."""
+    names, key = model_names or {}, _shared_key(rows, "mean_consensus")
+    parts = []
+    for r in rows:
+        scores = [m[key] for m in r["models"]]
+        low = int(np.argmin(scores))
+        rest = float(np.mean([s for i, s in enumerate(scores) if i != low]))
+        parts.append(f"{r['name']}: {_name(names, low)} ({scores[low]:.3f}; the others "
+                     f"{rest:.3f})")
+    return "Follows the shared variates least: " + "; ".join(parts) + "."

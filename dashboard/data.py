@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ccamerge import api
-from ccamerge.analysis import explorer, spectra, teach
+from ccamerge.analysis import explorer, shared, spectra, teach
 from ccamerge.analysis.checklist import findings_for
 from ccamerge.analysis.diagnose import base_scores as diagnose_base_scores
 from ccamerge.analysis.diagnose import diagnose, partial_curve, sweep
@@ -399,11 +399,12 @@ def seconds_per_image(digest: str, data_key: str, _model: nn.Module, _data: Data
 
 
 def statistics(digests: tuple[str, ...], data_key: str, reference: int, stats_samples: int | None,
-               _models: Sequence[nn.Module], _data: Dataset) -> Statistics:
+               _models: Sequence[nn.Module], _data: Dataset, *,
+               pairs: str = "reference") -> Statistics:
     """:func:`shared_statistics` of the selection with its reference (each model's moments and
-    its cross-covariance with the reference, at least)."""
+    its cross-covariance with the reference, at least; every pair with ``pairs="all"``)."""
     return shared_statistics(_models, digests, _data, data_key, reference=reference,
-                             stats_samples=stats_samples)
+                             stats_samples=stats_samples, pairs=pairs)
 
 
 @cached(lambda: memo())
@@ -417,15 +418,18 @@ def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: flo
 
 def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
                      stats_samples: int | None, _models: Sequence[nn.Module],
-                     _data: Dataset) -> tuple[Statistics, Statistics | None]:
-    """Statistics to fit on and statistics of held-out images: the shared statistics and, in a
-    pass of their own, :func:`held_out_images`; with all training images in the statistics (or
-    too few left), a random 80% and the held-out 20% (``spectra.split_statistics``)."""
+                     _data: Dataset, *,
+                     pairs: str = "reference") -> tuple[Statistics, Statistics | None]:
+    """Statistics to fit on and statistics of held-out images: the shared statistics (with
+    ``pairs``) and, in a pass of their own, :func:`held_out_images`; with all training images
+    in the statistics (or too few left), a random 80% and the held-out 20%
+    (``spectra.split_statistics``). The held-out ones always hold every pair."""
     held = held_out_images(_data, stats_samples)
     if held is None:
         fit, rest = _split_all(digests, data_key, _models, _data)
     else:
-        fit = statistics(digests, data_key, reference, stats_samples, _models, _data)
+        fit = statistics(digests, data_key, reference, stats_samples, _models, _data,
+                         pairs=pairs)
         rest = _held_out_statistics(digests, data_key, stats_samples, _models, _data)
     return fit, rest if rest is None else dataclasses.replace(rest, reference=reference)
 
@@ -463,6 +467,18 @@ def held_out_spectrum(digests: tuple[str, ...], data_key: str, reference: int, g
     (:func:`split_statistics`), beside the shrunk singular values and the matched unit pairs."""
     fit, held = split_statistics(digests, data_key, reference, stats_samples, _models, _data)
     return spectra.spectrum_rows(fit, held, gamma=gamma, relative=relative)
+
+
+@cached(lambda: memo())
+def held_out_shared_spectrum(digests: tuple[str, ...], data_key: str, gamma: float,
+                             relative: bool, stats_samples: int | None,
+                             _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
+    """``ccamerge.analysis.shared.shared_spectrum_rows``: gcca's shared space of all the
+    selected models per merge point, fitted on the shared statistics (every pair: for N > 3 an
+    own pass the first time, then shared with every page) and measured there and on the
+    held-out images of :func:`split_statistics`."""
+    fit, held = split_statistics(digests, data_key, 0, stats_samples, _models, _data, pairs="all")
+    return shared.shared_spectrum_rows(fit, held, gamma=gamma, relative=relative)
 
 
 @cached(lambda: memo())

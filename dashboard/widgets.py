@@ -368,15 +368,18 @@ def sampling_note(inputs: registry.Inputs) -> None:
                f"{test or n_test:,} of {n_test:,} test images (change them in the sidebar).")
 
 
-def selected_statistics(inputs: registry.Inputs, stats_samples: int | None = None):
+def selected_statistics(inputs: registry.Inputs, stats_samples: int | None = None, *,
+                        pairs: str = "reference"):
     """The selection's shared activation statistics (cached; one pass per selection and sample
-    size, shown with a progress bar and a Cancel button), or stop the page."""
+    size, shown with a progress bar and a Cancel button), or stop the page. ``pairs="all"``:
+    with every cross-covariance (what gcca needs; N <= 3 collect them anyway)."""
     key = ("statistics", inputs.digests, inputs.data_key, stats_samples)
+    seconds = estimate(inputs, stats_samples=stats_samples, pairs=pairs)
     with stop_on_error(), long_work("statistics", str(key), "collecting statistics", 1,
-                                    estimate(inputs, stats_samples=stats_samples)) as progress:
+                                    seconds) as progress:
         return data.shared_statistics(inputs.models, inputs.digests, inputs.data, inputs.data_key,
                                       reference=inputs.reference, stats_samples=stats_samples,
-                                      progress=progress.step(0, "statistics"))
+                                      pairs=pairs, progress=progress.step(0, "statistics"))
 
 
 def points_count(inputs: registry.Inputs) -> int:
