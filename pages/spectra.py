@@ -24,11 +24,12 @@ shown = st.selectbox("Model compared with the reference", choices, key=state.W_S
                      **widgets.KEEP)
 stats_samples, _test_samples = widgets.sampling(inputs)
 widgets.sampling_note(inputs)
-widgets.selected_statistics(inputs, stats_samples)
+widgets.selected_statistics(inputs, stats_samples, pairs="all")  # gcca below needs every pair
 with widgets.stop_on_error():
     rows = data.held_out_spectrum(inputs.digests, inputs.data_key, inputs.reference, gamma,
                                   relative, stats_samples, inputs.models, inputs.data)
 names = {k: e.name for k, e in enumerate(inputs.entries)}
+pair_rows = rows  # every model, for the shared space below
 if shown != "all" and shown in sel.ids:
     rows = [r for r in rows if r["model"] == sel.ids.index(shown)]
 where = "held-out" if cs.held_out(rows) else "fitting images"
@@ -74,6 +75,52 @@ st.dataframe(cs.correlation_frame(rows, names), hide_index=True, placeholder="�
                  "CCA pairs, held-out", "CCA pairs, fitting", "γ≈0 pairs, held-out",
                  "γ≈0 pairs, fitting", "matched, held-out", "matched, fitting",
                  "shrunk singular values")})
+
+st.subheader(f"Shared space (gcca, all {len(inputs.models)} models)")
+with widgets.stop_on_error():
+    shared_rows = data.held_out_shared_spectrum(inputs.digests, inputs.data_key, gamma, relative,
+                                                stats_samples, inputs.models, inputs.data)
+shared_where = "held-out" if cs.shared_held_out(shared_rows) else "fitting images"
+for col, row in zip(st.columns(len(shared_rows)), shared_rows, strict=True):
+    col.metric(f"shared correlation, {row['name']}",
+               f"{row['mean_rho_heldout' if cs.shared_held_out(shared_rows) else 'mean_rho_fit']:.3f}",
+               f"mean eigenvalue {row['mean_eigenvalues']:.2f} of {row['num_models']}",
+               delta_color="off", delta_arrow="off",
+               help=f"mean pairwise correlation of the shared directions' variates "
+                    f"({shared_where}); below, the mean MAXVAR eigenvalue (1 to N)")
+    col.caption(cs.shared_headline(row, [r for r in pair_rows if r["name"] == row["name"]]))
+st.plotly_chart(cs.shared_figure(shared_rows, pair_rows, model_names=names), key="shared_chart")
+widgets.explain(
+    "one panel per merge point. Thick: for each shared direction of generalized CCA (MAXVAR, "
+    f"fitted on all models at once at the γ above), the correlation between every two models' "
+    f"variates along it, averaged over the model pairs, on {shared_where}; dotted: the same on "
+    "the fitting images; dash-dot: gcca's own number (λ − 1)/(N − 1) from the eigenvalue λ, "
+    "equal to the mean correlation only when every model carries the direction equally and "
+    "γ = 0 (the ridge shrinks it). Thin: the pairwise spectrum above, the reference's "
+    "canonical pairs with each model alone. Where thick lies below thin, the models share less "
+    "all together than the reference does with each of them: structure some pairs have and "
+    "the rest lack.")
+st.plotly_chart(cs.consensus_figure(shared_rows, model_names=names), key="consensus_chart")
+widgets.explain(
+    f"per model, the correlation ({shared_where}) of its variate along each shared direction "
+    "with the shared variate (the sum of all models' variates). On the fitting images at γ = 0 "
+    "the squares add up to the eigenvalue. A model whose curve lies below the others' shares "
+    "least with them: the outlier.")
+st.markdown(cs.outlier_note(shared_rows, names))
+st.dataframe(cs.shared_models_frame(shared_rows, names), hide_index=True, column_config={
+    c: st.column_config.NumberColumn(format="%.3f") for c in (
+        "with the shared variates, held-out", "with the shared variates, fitting",
+        "variance in the shared directions")})
+widgets.explain(
+    "per merge point and model: its mean correlation with the shared variates, the share of its "
+    "variance (on the fitting images) in the span of its shared directions (below 1 when it is "
+    "wider or richer than the space all models share), and the condition number of V_iᵀV_i, "
+    "its block of the eigenvectors (large: it barely spans the shared space).")
+st.caption(f"Regenerate (CLI): `ccamerge spectrum {' '.join(e.portable_path for e in inputs.entries)} "
+           f"--shared --data {inputs.data_name} --gamma {gamma:g}{'' if relative else ' --absolute'}"
+           f"{'' if stats_samples is None else f' --stats-samples {stats_samples}'} --json`"
+           + ("" if stats_samples is None else " (it holds out 20% of those images instead of "
+              "the page's held-out ones)"))
 
 st.subheader("Numerical health")
 warnings = cs.health_warnings(rows, names)

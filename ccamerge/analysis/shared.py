@@ -16,7 +16,9 @@ from which this module reads, per direction, the mean pairwise correlation of th
 corr(u_ik, g_k)^2`` (so a copy of every model gives 1 each and ``lambda = N``); for N = 2,
 ``lambda_k = 1 + rho_k`` with rho_k CCA's canonical correlations. gcca itself reports
 ``(lambda_k - 1) / (N - 1)`` as rho: the mean pairwise correlation when every model carries the
-direction equally (always for N = 2), larger than it otherwise. Measured on held-out statistics,
+direction equally (always for N = 2) and gamma = 0; for the first direction at gamma = 0 never
+below it (lambda_1 is the top eigenvalue of its variates' correlation matrix), and a ridge
+gamma > 0 shrinks it, like CCA's singular values. Measured on held-out statistics,
 the directions' correlations show what generalises (as :mod:`ccamerge.analysis.spectra` does for
 CCA's pairs).
 
