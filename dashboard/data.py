@@ -16,7 +16,8 @@ Computations always run on deep copies of the cached models, so concurrent sessi
 forward hooks or mutate a cached network.
 
 Statistics: one pass per (model digests, dataset, statistics images) with :data:`SEED`
-(:func:`shared_statistics`, every pair for N <= 3), handed to every merge, method, gamma, subset
+(:func:`shared_statistics`, every pair for N <= 3 or when asked, as the Spectra page's shared
+space asks), handed to every merge, method, gamma, subset
 of the accuracy-vs-N curve, interpolation, spectrum, diagnosis and sweep; rankings, the sweep
 and held-out spectra use :data:`HELD_OUT_SAMPLES` training images outside that sample
 (:func:`held_out_images`). Scores are measured on a random ``test_samples`` of the test images
