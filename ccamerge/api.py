@@ -375,19 +375,22 @@ def model_sources(models: Sequence[nn.Module], sources: Sequence[str | None] | N
 
 def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
                 y_eval: torch.Tensor | None, reference: int, bn_reset: bool, *,
-                bn_policy: str = DEFAULT_POLICY, group=None) -> dict:
+                bn_policy: str = DEFAULT_POLICY, fit=None, group=None) -> dict:
     """Accuracy and loss on ``x_eval`` ``[B, ...]`` / ``y_eval`` ``[B]`` (or a labelled source
     ``x_eval`` with ``y_eval`` None) of a merge built from statistics collected earlier (to score
     several methods or settings on one pass over the data), its BatchNorm reset (if on, with
-    ``bn_policy``) run over ``x_fit`` (a tensor or a source; shared by the ranks of ``group``)."""
+    ``bn_policy``) run over ``x_fit`` (a tensor or a source; shared by the ranks of ``group``).
+    ``fit``: the inputs the mapped policy measures its moments on (default ``x_fit``; a merge
+    uses its statistics sample)."""
     check_policy(bn_policy)
     aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
                     **options)
     weights = [1.0 / len(models)] * len(models)
     merged, _states = average_aligned(models, aligned, weights, reference, bn_policy)
     if bn_reset:
-        fit = train_source(x_fit)
-        finish_batchnorm(merged, models, aligned, weights, bn_policy, fit, fit, group=group)
+        train = train_source(x_fit)
+        finish_batchnorm(merged, models, aligned, weights, bn_policy, train,
+                         train if fit is None else fit, group=group)
     return evaluate_model(merged, labelled_source(x_eval, y_eval))
 
 

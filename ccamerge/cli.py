@@ -249,10 +249,12 @@ def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
                      group=ctx.group, progress=progress, **request.get("options", {}))
 
 
-def _merge_only_settings(args, command: str) -> None:
-    """Refuse the merge-only BatchNorm and stream settings for ``command``."""
-    if args.bn_policy != DEFAULT_POLICY:
-        raise CcamergeError(f"--bn-policy {args.bn_policy} is available for merge, not {command}")
+def _merge_only_settings(args, command: str, *, policy: bool = False) -> None:
+    """Refuse the merge-only BatchNorm and stream settings for ``command`` (``--bn-policy``
+    too unless ``policy``: the command takes it)."""
+    if args.bn_policy != DEFAULT_POLICY and not policy:
+        raise CcamergeError(f"--bn-policy {args.bn_policy} is available for merge and diagnose, "
+                            f"not {command}")
     for flag, given in (("--reset-base-bn", args.reset_base_bn),
                         ("--stream-points last", args.stream_points != "pooled")):
         if given:
@@ -289,13 +291,13 @@ def cmd_spectrum(args) -> dict:
 
 def cmd_diagnose(args) -> dict:
     """Why a merge works or fails (see :func:`ccamerge.analysis.diagnose.diagnose`)."""
-    _merge_only_settings(args, "diagnose")
+    _merge_only_settings(args, "diagnose", policy=True)
     _check_reference(args.reference, len(args.models))
     get_method(args.method).resolve(_method_options(args))
     data = _data(args)
     return diagnose(_models(args.models, args, data), data, args.method, reference=args.reference,
                     bn_reset=not args.no_bn_reset, stats_samples=args.stats_samples, seed=args.seed,
-                    with_sweep=args.sweep, device=args.ctx.device,
+                    with_sweep=args.sweep, device=args.ctx.device, bn_policy=args.bn_policy,
                     progress=_progress(args.quiet), **_method_options(args))
 
 

@@ -621,7 +621,8 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
 
 def held_out_score(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset,
                    data_key: str, method: str, options: dict, *, reference: int, bn_reset: bool,
-                   stats_samples: int | None, statistics: Statistics | None = None) -> dict:
+                   stats_samples: int | None, statistics: Statistics | None = None,
+                   bn_policy: str = BN_DEFAULT) -> dict:
     """The merge with ``method`` and ``options`` scored on training images the statistics did
     not see (:func:`held_out_images`), merged from the shared ``statistics``: the diagnosis sweep
     with one setting, so that merges are ranked without the test set. Without such images (all
@@ -629,12 +630,12 @@ def held_out_score(models: Sequence[nn.Module], digests: Sequence[str], data: Da
     ``{"accuracy", "loss", "selected_on"}`` (``selected_on`` names the images); cached."""
     options = resolve_options(method, options)
     key = _key("held_out", list(digests), data_key, data.name, method, options, reference,
-               bn_reset, stats_samples)
+               bn_reset, stats_samples, bn_policy)
     hit = memo().get(key)
     if hit is None:
         out = _held_out_sweep(models, digests, data, data_key, method, [options], None,
                               reference=reference, bn_reset=bn_reset, stats_samples=stats_samples,
-                              statistics=statistics)
+                              statistics=statistics, bn_policy=bn_policy)
         hit = {"accuracy": out["accuracy"][0], "loss": out["loss"][0],
                "selected_on": out["selected_on"]}
         memo().put(key, hit)
@@ -644,14 +645,14 @@ def held_out_score(models: Sequence[nn.Module], digests: Sequence[str], data: Da
 def _held_out_sweep(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset,
                     data_key: str, method: str, grid: list[dict] | None, current: dict | None, *,
                     reference: int, bn_reset: bool, stats_samples: int | None,
-                    statistics: Statistics | None = None, progress: Progress | None = None
-                    ) -> dict:
+                    statistics: Statistics | None = None, progress: Progress | None = None,
+                    bn_policy: str = BN_DEFAULT) -> dict:
     """``diagnose.sweep`` on the held-out images outside the shared statistics (no pass of its
     own), or on the library's 80/20 split when there are none."""
     check_fit(models, data)
     held = held_out_images(data, stats_samples)
     common = dict(grid=grid, reference=reference, bn_reset=bn_reset, stats_samples=stats_samples,
-                  seed=SEED, current=current, progress=progress)
+                  seed=SEED, current=current, progress=progress, bn_policy=bn_policy)
     if held is None:
         return sweep(fast(models), data, method, **common)
     if statistics is None:

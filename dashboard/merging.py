@@ -119,22 +119,23 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
             out["merges"].append({k2: result[k2] for k2 in
                                   ("method", "options", "accuracy", "loss", "seconds", "warnings")})
             out["merges"][-1].update(_held_out(out, inputs, method, options, bn_reset,
-                                               stats_samples, stats))
+                                               stats_samples, stats, bn_policy))
             _attach_files(out, inputs, result)
     _ensemble_curve(out, inputs, bn_reset, n_models if curve else None, test_samples)
     return out
 
 
 def _held_out(out: dict, inputs: Inputs, method: str, options: dict, bn_reset: bool,
-              stats_samples: int | None, stats) -> dict:
+              stats_samples: int | None, stats, bn_policy: str = BN_DEFAULT) -> dict:
     """``{"held_out_accuracy"}``: the merge of every selected model scored on held-out training
     images (``data.held_out_score`` on the run's statistics ``stats``; None when the data is
-    too small to hold some out); the images are named in ``out["held_out_on"]``."""
+    too small to hold some out; with the run's ``bn_policy``); the images are named in
+    ``out["held_out_on"]``."""
     try:
         score = data.held_out_score(inputs.models, inputs.digests, inputs.data, inputs.data_key,
                                     method, options.get(method, {}), reference=inputs.reference,
                                     bn_reset=bn_reset, stats_samples=stats_samples,
-                                    statistics=stats)
+                                    statistics=stats, bn_policy=bn_policy)
     except CcamergeError:
         return {"held_out_accuracy": None}
     out["held_out_on"] = score["selected_on"]

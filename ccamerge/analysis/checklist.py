@@ -199,8 +199,14 @@ def _dense_batchnorm(r) -> list[dict]:
                      f"{check['accuracy']:.1f}% from the same statistics): a dense map does not "
                      "commute with per-channel BatchNorm, so mixing units through it is an "
                      "approximation that only a permutation makes exact.",
-                     "Merge this net with permute (or zipit); with cca, run the gamma sweep.",
-                     "summary")]
+                     _dense_batchnorm_step(r.get("bn_policy")), "summary")]
+
+
+def _dense_batchnorm_step(policy: str | None) -> str:
+    if policy == "paper":
+        return ("Merge with bn_policy mapped (the default: each merged unit gets the mapped "
+                "features' mean and scale), or with permute.")
+    return "Merge this net with permute (or zipit); with cca, run the gamma sweep."
 
 
 def _gap(r) -> float:

@@ -24,7 +24,8 @@ from torch import nn
 from ccamerge.analysis.checklist import findings_for
 from ccamerge.api import (
     align,
-    aligned_states,
+    average_aligned,
+    finish_batchnorm,
     place_models,
     resolve_spec,
     score_merge,
@@ -32,6 +33,7 @@ from ccamerge.api import (
     subsample,
     train_source,
 )
+from ccamerge.batchnorm import DEFAULT_POLICY, check_policy
 from ccamerge.data import as_source, holdout_split
 from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
@@ -41,7 +43,7 @@ from ccamerge.methods.base import hungarian
 from ccamerge.methods.cca import solve_near_exact
 from ccamerge.spec import AlignmentSpec
 from ccamerge.stats import CrossMoments, Statistics, batch_features, collect_statistics
-from ccamerge.transform import average_states, has_batchnorm, reset_batchnorm, with_state
+from ccamerge.transform import has_batchnorm, reset_batchnorm, with_state
 
 
 def merged_prefix(spec: AlignmentSpec, k: int) -> set[str]:
@@ -65,12 +67,13 @@ def partial_state(reference_state: dict[str, torch.Tensor], merged_state: dict[s
 
 
 def partial_curve(reference: nn.Module, merged_state: dict[str, torch.Tensor], spec: AlignmentSpec,
-                  data, bn_reset: bool, first: int = 0) -> list[dict]:
+                  data, bn_reset: bool, first: int = 0, last: int = 0) -> list[dict]:
     """Test accuracy and loss of the partial merges k = ``first`` (0: the reference) .. all
-    points."""
+    points (``last`` < 0: that many fewer), BatchNorm statistics recomputed on the training
+    data."""
     train, test = train_source(data), score_source(data)
     rows = []
-    for k in range(first, len(spec.points) + 1):
+    for k in range(first, len(spec.points) + 1 + last):
         model = with_state(reference, partial_state(reference.state_dict(), merged_state, spec, k))
         if bn_reset:
             reset_batchnorm(model, train)
@@ -132,14 +135,18 @@ def _similarity(stats, point: str, ref: int, others: Sequence[int]) -> dict:
 def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
              bn_reset: bool = True, stats_samples: int | None = None, seed: int = 0,
              with_sweep: bool = False, statistics: Statistics | None = None, device=None,
-             progress=None, **options) -> dict:
+             bn_policy: str = DEFAULT_POLICY, progress=None, **options) -> dict:
     """A JSON-able report: base, ensemble and merged scores; per point similarity, health,
     collapse and damage (``points``, in depth order); ``ranking`` (points by loss added);
     ``sweep`` (with ``with_sweep``, for cca and zipit); ``findings`` (checklist, most severe
     first) and ``healthy``. ``statistics``: reuse statistics collected earlier on
     ``subsample(train, stats_samples, seed)`` (every model with the reference, or every pair)
     instead of a new pass; the sweep reuses them only with ``validation`` (see :func:`sweep`).
-    ``device``: where it runs (see :func:`ccamerge.api.place_models`)."""
+    ``device``: where it runs (see :func:`ccamerge.api.place_models`). ``bn_policy``: the
+    merge's BatchNorm policy (see :func:`ccamerge.api.merge`): ``merged`` is the merge as
+    ``merge`` builds it; the partial merges before it recompute their BatchNorm statistics
+    plainly (the merged points' units and the reference's mixed)."""
+    check_policy(bn_policy)
     models, _place = place_models(models, device)
     report = progress or (lambda _f, _m: None)
     x, test = train_source(data), score_source(data)
@@ -154,15 +161,17 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
                     seed=seed, statistics=statistics, spec=spec, **options)
     stats = statistics
     report(0.3, "merging")
-    merged_state = average_states(aligned_states(models, aligned))
-    merged = with_state(models[reference], merged_state)
+    weights = [1.0 / len(models)] * len(models)
+    merged, _states = average_aligned(models, aligned, weights, reference, bn_policy)
+    merged_state = merged.state_dict()
     if bn_reset:
-        reset_batchnorm(merged, x)
+        finish_batchnorm(merged, models, aligned, weights, bn_policy, x, x_stats)
     base, predicted, ensemble = base_scores(models, x, test)
     report(0.5, "partial merges")
-    # k = 0 is the reference after its own reset, k = all the merged model: both scored already
+    # k = 0 is the reference after its own reset, k = all the merged model as merge builds it
     partial = [base[reference], *partial_curve(models[reference], merged_state, aligned.spec,
-                                                data, bn_reset, first=1)]
+                                                data, bn_reset, first=1, last=-1),
+               evaluate_model(merged, test)]
     collapse = _collapse(merged, aligned.spec, stats, x_stats)
     others = [i for i in range(len(models)) if i != reference]
     points = []
@@ -176,6 +185,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         points.append(row)
     result = {
         "method": method, "options": aligned.options, "reference": reference, "bn_reset": bn_reset,
+        "bn_policy": bn_policy,
         "has_batchnorm": has_batchnorm(models[0]), "num_classes": int(test.labels().max()) + 1,
         "base": base, "ensemble": ensemble, "merged": partial[-1],
         "reference_only": partial[0], "points": points,
@@ -186,11 +196,13 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         # a permutation merge from the same statistics: do CCA's dense maps, rather than the
         # models, cost the accuracy on this BatchNorm net?
         result["permute_check"] = score_merge(models, "permute", {}, stats, aligned.spec, x,
-                                               test, None, reference, bn_reset)
+                                               test, None, reference, bn_reset,
+                                               bn_policy=bn_policy, fit=x_stats)
     if with_sweep and method in ("cca", "zipit"):
         report(0.7, f"sweeping {method} hyperparameters")
         result["sweep"] = sweep(models, data, method, reference=reference, bn_reset=bn_reset,
                                 stats_samples=stats_samples, seed=seed, current=aligned.options,
+                                bn_policy=bn_policy,
                                 progress=lambda f, m: report(0.7 + 0.2 * f, m))
     report(0.9, "checklist")
     result["findings"] = findings_for(result)
@@ -262,7 +274,7 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
           holdout: float = 0.2, reference: int = 0, bn_reset: bool = True,
           stats_samples: int | None = None, seed: int = 0, current: dict | None = None,
           validation=None, statistics: Statistics | None = None, device=None,
-          progress=None) -> dict:
+          bn_policy: str = DEFAULT_POLICY, progress=None) -> dict:
     """Merged accuracy over a grid of option settings, measured on a held-out slice of the
     training set (never the test set); statistics and BatchNorm reset use the rest.
     ``validation`` (``(x [B, ...], y [B])`` or a labelled source) gives the held-out samples
@@ -272,7 +284,8 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
     used) scored the same way. ``statistics``: with ``validation``, statistics collected
     earlier on ``subsample(data.train, stats_samples, seed)`` (the pairs the method needs), so
     the sweep needs no pass of its own; the validation images must lie outside them.
-    ``device``: where it runs."""
+    ``device``: where it runs. ``bn_policy``: the merges' BatchNorm policy (see
+    :func:`ccamerge.api.merge`)."""
     models, _place = place_models(models, device)
     report = progress or (lambda _f, _m: None)
     grid = grid or default_grid(method)
@@ -294,7 +307,7 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
 
     def score(options: dict) -> dict:
         return score_merge(models, method, options, stats, spec, x_fit, val, None, reference,
-                           bn_reset)
+                           bn_reset, bn_policy=bn_policy)
 
     scores = []
     for k, options in enumerate(grid):
