@@ -50,6 +50,21 @@ def largest_width(models: Sequence[nn.Module], reference: int) -> float:
     return min(narrowest[name] / base[name] for name in base)
 
 
+def reference_for(models: Sequence[nn.Module], reference: int, target_width) -> int:
+    """The reference of a merge into ``target_width``: ``reference``, unless another model has
+    exactly the widths ``target_width`` gives (the first such; the merge is then the one into
+    that model, as ``target_model`` would make it, instead of a compression of the
+    reference's units)."""
+    if target_width is None or not all(getattr(m, "arch", None) in ARCHITECTURES
+                                       for m in models):
+        return reference
+    check_value(target_width)
+    widths = point_widths(shell(models[reference], target_width))
+    if point_widths(models[reference]) == widths:
+        return reference
+    return next((i for i, m in enumerate(models) if point_widths(m) == widths), reference)
+
+
 def plan(models: Sequence[nn.Module], method: str, reference: int,
          target_width: float | None) -> tuple[nn.Module | None, dict[str, int] | None]:
     """``(merged model to fill, {point: width})`` for a merge into ``target_width``, or
@@ -69,10 +84,7 @@ def check(models: Sequence[nn.Module], method: str, reference: int, target_width
     """One line for a ``target_width`` that is not a positive finite number, for models outside
     the built-in families, for a method that cannot narrow, or for a width wider than the
     narrowest model at some merge point (saying the largest allowed)."""
-    if isinstance(target_width, bool) or not isinstance(target_width, int | float) \
-            or not math.isfinite(target_width) or target_width <= 0:
-        raise CcamergeError(f"target_width must be a positive number (the family's width "
-                            f"multiplier), got {target_width!r}")
+    check_value(target_width)
     if not all(getattr(m, "arch", None) in ARCHITECTURES for m in models):
         raise CcamergeError("target_width needs built-in models (mlp, vgg, resnet20), whose config "
                             "gives the merged model's widths; merge other models into a model's "
@@ -85,6 +97,14 @@ def check(models: Sequence[nn.Module], method: str, reference: int, target_width
     if target_width > allowed + 1e-12:
         raise CcamergeError(f"target_width {target_width:g} is wider than the narrowest model at "
                             f"some merge point; the largest allowed is {allowed:g}")
+
+
+def check_value(target_width) -> None:
+    """One line unless ``target_width`` is a positive finite number."""
+    if isinstance(target_width, bool) or not isinstance(target_width, int | float) \
+            or not math.isfinite(target_width) or target_width <= 0:
+        raise CcamergeError(f"target_width must be a positive number (the family's width "
+                            f"multiplier), got {target_width!r}")
 
 
 def fit_static(state: dict[str, torch.Tensor], merged: nn.Module) -> dict[str, torch.Tensor]:
