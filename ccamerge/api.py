@@ -21,7 +21,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ccamerge import validate
+from ccamerge import target, validate
 from ccamerge.analysis.shared import shared_spectrum_rows
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
@@ -92,13 +92,14 @@ class AlignResult:
     spec: AlignmentSpec
     options: dict
     method: str = "cca"
+    widths: dict[str, int] | None = None  # the merged model's, when narrower than the reference's
 
 
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
           statistics: Statistics | None = None, spec: AlignmentSpec | None = None,
           stream_points: str = "pooled", device=None, group=None, progress: Progress = _silent,
-          **options) -> AlignResult:
+          widths: dict[str, int] | None = None, **options) -> AlignResult:
     """Transforms bringing every model into the reference's basis (jointly for ZipIt).
 
     ``statistics``: reuse statistics collected earlier (same models and reference, and every
@@ -109,7 +110,9 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     each stage, as the official code reads it); it only matters when statistics are collected
     here. ``device``: where the statistics pass runs (see :func:`place_models`); ``group``: a
     torch.distributed process group whose ranks share the statistics data (every rank passes
-    the same data and gets the same result; see :mod:`ccamerge.distributed`).
+    the same data and gets the same result; see :mod:`ccamerge.distributed`). ``widths``: the
+    merged model's width per merge point where it is below the reference's (a method with
+    ``Method.target_width``; see :mod:`ccamerge.methods.narrow`).
     """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
@@ -128,8 +131,9 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                                    device=place, group=group,
                                    progress=lambda f: progress(0.6 * f, "collecting statistics"))
     progress(0.6, f"solving {method}")
-    ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed)
-    return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved, method)
+    ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed, widths)
+    return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved, method,
+                       widths)
 
 
 def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
@@ -194,14 +198,21 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           batch_size: int = 256, seed: int = 0, spec: AlignmentSpec | None = None,
           sources: Sequence[str | None] | None = None, data_dir: str | None = None,
           statistics: Statistics | None = None, device=None, group=None,
-          target_model: int | None = None, progress: Progress = _silent,
-          **options) -> MergeResult:
+          target_model: int | None = None, target_width: float | None = None,
+          progress: Progress = _silent, **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
     Models of one family whose widths differ merge with the methods that allow it
     (``Method.mixed_widths``: cca, gcca): ``target_model`` is the model whose widths (and
     units) the merged model has, merging into a narrower one compresses the others. It is the
     reference the others are aligned to, so it replaces ``reference`` (default: the reference).
+    ``target_width``: a free width for the merged model instead, in the family's ``width``
+    multiplier (built-in models; cca, gcca): the reference's layout at that multiplier, at most
+    the narrowest model's at every point; narrower than the reference it compresses, the
+    merged units being reference units picked by the shared directions (see
+    :mod:`ccamerge.target` and :mod:`ccamerge.methods.narrow`). Without ``target_model``, a
+    model whose widths ``target_width`` gives becomes the reference (the first such), so the
+    merge is the one into that model (``target_model``) rather than a compression.
 
     ``data``: a Dataset (its training part gives the statistics and the BatchNorm reset) or any
     source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
@@ -230,21 +241,29 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                                        stats_samples=stats_samples, batch_size=batch_size,
                                        seed=seed, bn_reset=bn_reset, repair=repair)
     reference = target_reference(reference, target_model, len(models))
+    if target_model is None:
+        reference = target.reference_for(models, reference, target_width)
     check_policy(bn_policy)
     validate.flag("reset_base_bn", reset_base_bn)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
     recorded = model_sources(models, sources)
     _check_width_options(models, repair)
+    shell, widths = target.plan(models, method, reference, target_width)
+    if shell is not None and repair:
+        raise CcamergeError("repair with a narrower target_width is not supported; the BatchNorm "
+                            "reset or no correction, or target_width None")
     models, place = place_models(models, device)
     if reset_base_bn:
         progress(0.0, "resetting the base models' BatchNorm statistics")
         models = reset_base_models(models, train_source(data), batch_size=batch_size, group=group)
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     batch_size=batch_size, seed=seed, spec=spec, statistics=statistics,
-                    stream_points=stream_points, group=group, progress=progress, **options)
+                    stream_points=stream_points, group=group, progress=progress, widths=widths,
+                    **options)
     progress(0.8, "averaging")
     weights = weights if weights is not None else [1.0 / len(models)] * len(models)
-    merged, states = average_aligned(models, aligned, weights, reference, bn_policy)
+    merged, states = average_aligned(models, aligned, weights, reference, bn_policy,
+                                     shell=shell.to(place) if shell is not None else None)
     notes = sample_warnings(aligned.statistics)
     if repair:
         progress(0.85, "REPAIR: rescaling units")
@@ -256,7 +275,8 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                          batch_size=batch_size, group=group)
     progress(1.0, "done")
     recipe = {"method": method, "options": aligned.options, "reference": reference,
-              "target_model": reference, "target_widths": target_widths(aligned),
+              "target_model": reference, "target_width": target_width,
+              "target_widths": target_widths(aligned),
               "bn_reset": bn_reset, "bn_policy": bn_policy, "reset_base_bn": reset_base_bn,
               "stream_points": stream_points, "repair": repair, "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
@@ -281,8 +301,9 @@ def target_reference(reference: int, target_model: int | None, count: int) -> in
 
 
 def target_widths(aligned: AlignResult) -> dict[str, int]:
-    """``{merge point: width}`` of the merged model (the reference's)."""
-    return {p.name: p.width for p in aligned.spec.points}
+    """``{merge point: width}`` of the merged model (the reference's, or the narrower
+    ``aligned.widths``)."""
+    return dict(aligned.widths) if aligned.widths else {p.name: p.width for p in aligned.spec.points}
 
 
 def _check_width_options(models: Sequence[nn.Module], repair: bool) -> None:
@@ -315,12 +336,17 @@ def folded_pairs(model: nn.Module, bn_policy: str) -> list[tuple[str, str]]:
 
 
 def average_aligned(models: Sequence[nn.Module], aligned: AlignResult, weights: Sequence[float],
-                    reference: int, bn_policy: str = DEFAULT_POLICY
+                    reference: int, bn_policy: str = DEFAULT_POLICY,
+                    shell: nn.Module | None = None
                     ) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
-    """The weighted average of the aligned models (a copy of the reference carrying it) and the
-    aligned state dicts (BatchNorm folded first under the "mapped" policy)."""
+    """The weighted average of the aligned models (a copy of the reference carrying it, or of
+    ``shell``, the merged model of a narrower ``target_width``) and the aligned state dicts
+    (BatchNorm folded first under the "mapped" policy)."""
     states = aligned_states(models, aligned, folded_pairs(models[0], bn_policy))
-    return with_state(models[reference], average_states(states, weights)), states
+    if shell is not None:
+        states = [target.fit_static(s, shell) for s in states]
+    base = shell if shell is not None else models[reference]
+    return with_state(base, average_states(states, weights)), states
 
 
 def finish_batchnorm(merged: nn.Module, models: Sequence[nn.Module], aligned: AlignResult,

@@ -163,7 +163,8 @@ def cmd_merge(args) -> dict:
         _check_reference(args.target_model, len(args.models), "--target-model")
     reference = api.target_reference(args.reference, args.target_model, len(args.models))
     request = {"method": args.method, "options": _method_options(args),
-               "reference": reference, "bn_reset": not args.no_bn_reset,
+               "reference": reference, "target_width": args.target_width,
+               "bn_reset": not args.no_bn_reset,
                "bn_policy": args.bn_policy, "reset_base_bn": args.reset_base_bn,
                "stream_points": args.stream_points, "repair": args.repair,
                "stats_samples": args.stats_samples, "seed": args.seed,
@@ -220,7 +221,8 @@ def _merge(request: dict, args, *, inputs: list, notes: list[str] = (),
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return {"method": recipe["method"], **scores, "out": str(args.out),
-            **{k: recipe[k] for k in ("options", "reference", "target_model", "target_widths",
+            **{k: recipe[k] for k in ("options", "reference", "target_model", "target_width",
+                                      "target_widths",
                                       "bn_reset", "repair", "bn_policy",
                                       "reset_base_bn", "stream_points")},
             "warnings": warnings, **result.collection}
@@ -243,6 +245,7 @@ def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
                      reset_base_bn=request.get("reset_base_bn", False),
                      stream_points=request.get("stream_points", "pooled"),
                      repair=request.get("repair", False), weights=request.get("weights"),
+                     target_width=request.get("target_width"),
                      stats_samples=request.get("stats_samples"), seed=request.get("seed", 0),
                      sources=[str(Path(p).resolve()) for p in request["models"]],
                      data_dir=request["data"].get("data_dir"), device=ctx.device,
@@ -356,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-model", type=integer(0, 2**31), default=None, metavar="K",
                    help="the merged model takes model K's widths and units (K becomes the "
                         "reference; models of different widths: cca, gcca); default --reference")
+    p.add_argument("--target-width", type=positive(MAX_WIDTH), default=None, metavar="W",
+                   help="the merged model's width multiplier (the config's width; built-in "
+                        "models, cca and gcca): the reference's layout at W, at most the "
+                        "narrowest model's; narrower compresses (default: the reference's)")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR: rescale merged units to the endpoints' statistics (nets without BN)")
     add_merge_options(p)

@@ -12,6 +12,7 @@ recipe at their own copies (a list in recipe order, or a folder searched by sha2
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -92,6 +93,7 @@ def _check_fields(recipe: dict) -> None:
         raise CcamergeError(f"target_model {recipe['target_model']!r} is not the reference "
                             f"{recipe.get('reference', 0)}; the merged model takes the "
                             "reference's widths")
+    _check_target_width(recipe.get("target_width"))
     validate.merge_weights(recipe.get("weights"), len(models))
     validate.sampling(recipe.get("stats_samples"), recipe.get("seed", 0))
     validate.flag("bn_reset", recipe.get("bn_reset", True))
@@ -106,6 +108,14 @@ def _check_fields(recipe: dict) -> None:
     data_sha256 = data.get("sha256")
     if data_sha256 is not None and not (isinstance(data_sha256, str) and _HEX.fullmatch(data_sha256)):
         raise CcamergeError(f"data.sha256 must be a sha256 hex digest, got {data_sha256!r}")
+
+
+def _check_target_width(value) -> None:
+    """A recorded ``target_width``: null or a positive finite number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise CcamergeError(f"target_width must be null or a positive number, got {value!r}")
 
 
 def recorded_architectures(recipe: dict) -> list[dict | None]:

@@ -571,12 +571,12 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
           bn_policy: str = BN_DEFAULT, reset_base_bn: bool = False, stream_points: str = "pooled",
           stats_samples: int | None, test_samples: int | None = None,
           statistics: Statistics | None = None, sources: Sequence[str] | None = None,
-          progress: Progress | None = None) -> dict:
+          progress: Progress | None = None, target_width: float | None = None) -> dict:
     """Merge ``models`` (content ``digests``, files ``sources``) with ``method`` on
     ``statistics`` (of these models, collected on ``stats_samples`` training images; default:
     :func:`shared_statistics`, except for the options that read other statistics: last-block
     stream points, base-model BatchNorm reset), scored on ``test_samples`` test images; cached
-    by content, files and options.
+    by content, files and options. ``target_width``: see :func:`ccamerge.api.merge`.
 
     Returns ``{"method", "options", "accuracy", "loss", "seconds", "warnings", "model",
     "recipe"}`` where ``model`` is the merged network (shared: copy before changing it),
@@ -587,7 +587,7 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
     sources = None if sources is None else [str(s) for s in sources]
     key = _key("merge", list(digests), data_key, data.name, method, options, reference, bn_reset,
                repair, bn_policy, reset_base_bn, stream_points, stats_samples, test_samples,
-               sources)
+               sources, target_width)
     hit = memo().get(key)
     if hit is not None:
         return hit
@@ -606,7 +606,7 @@ def merge(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, da
                        repair=repair, bn_policy=bn_policy, reset_base_bn=reset_base_bn,
                        stream_points=stream_points, stats_samples=stats_samples,
                        seed=SEED, sources=sources, statistics=statistics, progress=progress,
-                       **options)
+                       target_width=target_width, **options)
     seconds = time.perf_counter() - start
     scores = evaluate_model(result.model, api.score_source(scored(data, test_samples)))
     out = {"method": method, "options": options, "accuracy": scores["accuracy"],

@@ -9,6 +9,7 @@ import json
 import shlex
 from collections.abc import Callable, Sequence
 
+from ccamerge import target
 from ccamerge.batchnorm import DEFAULT_POLICY as BN_DEFAULT
 from ccamerge.batchnorm import POLICIES as BN_POLICIES  # noqa: F401 - the page's choices
 from ccamerge.errors import CcamergeError
@@ -30,12 +31,20 @@ def subset_indices(n_models: int, reference: int, n: int) -> list[int]:
 def signature(inputs: Inputs, methods: Sequence[str], options: dict, bn_reset: bool,
               repair: bool, stats_samples: int | None, curve: bool,
               bn_policy: str = BN_DEFAULT, reset_base_bn: bool = False,
-              stream_points: str = "pooled", test_samples: int | None = None) -> str:
+              stream_points: str = "pooled", test_samples: int | None = None,
+              target_width: float | None = None) -> str:
     """What a run depends on, to tell whether shown results match the current controls."""
     return json.dumps([list(inputs.digests), inputs.reference, inputs.data_key, list(methods),
                        {m: options.get(m, {}) for m in methods}, bn_reset, repair, stats_samples,
-                       curve, bn_policy, reset_base_bn, stream_points, test_samples],
+                       curve, bn_policy, reset_base_bn, stream_points, test_samples,
+                       target_width],
                       sort_keys=True, default=str)
+
+
+def width_for(method: str, target_width: float | None) -> float | None:
+    """The ``target_width`` a method merges into: the chosen one for the methods that take it
+    (``Method.target_width``), None (the reference's width) for the others."""
+    return target_width if METHODS[method].target_width else None
 
 
 def repairs(method: str, repair: bool) -> bool:
@@ -71,7 +80,8 @@ def forwards(inputs: Inputs, methods: Sequence[str], curve: bool, *, bn_reset: b
 def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool, repair: bool,
         stats_samples: int | None, curve: bool, step: StepFactory,
         bn_policy: str = BN_DEFAULT, reset_base_bn: bool = False,
-        stream_points: str = "pooled", test_samples: int | None = None) -> dict:
+        stream_points: str = "pooled", test_samples: int | None = None,
+        target_width: float | None = None) -> dict:
     """Merge with every method, every one (and every subset of the accuracy-vs-N curve) on one
     statistics pass (``data.shared_statistics``: step 0 of ``step``, the merges steps 1..),
     scored on ``test_samples`` test images; returns ``{"signature", "names", "reference",
@@ -81,11 +91,14 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
     one; each merge has a ``held_out_accuracy`` on the training images ``held_out_on`` names,
     for ranking). Nothing is returned from a run that is stopped. A base-model BatchNorm reset
     or last-block stream points make each merge collect its own statistics (of other models or
-    other features); the shared pass still serves the held-out ranking."""
+    other features); the shared pass still serves the held-out ranking. ``target_width``: the
+    merged width of the methods that take one (:func:`width_for`); those merges are not ranked
+    on held-out images (the ranking sweep merges at the reference's width)."""
     n_models = len(inputs.models)
     tasks = plan(n_models, methods, curve)
     out = {"signature": signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,
-                                  bn_policy, reset_base_bn, stream_points, test_samples),
+                                  bn_policy, reset_base_bn, stream_points, test_samples,
+                                  target_width),
            "names": [e.name for e in inputs.entries], "reference": inputs.reference,
            "data_name": inputs.data_name, "merges": [], "errors": {}, "curve": [], "files": {},
            "recipes": {}, "suffix": ".safetensors", "held_out_on": None}
@@ -100,15 +113,16 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
             continue
         indices = subset_indices(n_models, inputs.reference, n)
         models, digests = inputs.pick(indices)
-        picked = None if own_pass else data.pick_statistics(stats, indices,
-                                                             indices.index(inputs.reference))
+        width = width_for(method, target_width)
+        picked = None if own_pass else _picked(stats, models, indices,
+                                               indices.index(inputs.reference), width)
         try:
             result = data.merge(models, digests, inputs.data, inputs.data_key, method,
                                 options.get(method, {}), reference=indices.index(inputs.reference),
                                 bn_reset=bn_reset, repair=repairs(method, repair),
                                 bn_policy=bn_policy, reset_base_bn=reset_base_bn,
                                 stream_points=stream_points, stats_samples=stats_samples,
-                                test_samples=test_samples, statistics=picked,
+                                test_samples=test_samples, statistics=picked, target_width=width,
                                 sources=[inputs.entries[i].path for i in indices],
                                 progress=step(k, f"{method}, N = {n}"))
         except CcamergeError as exc:
@@ -118,11 +132,20 @@ def run(inputs: Inputs, methods: Sequence[str], options: dict, *, bn_reset: bool
         if n == n_models:
             out["merges"].append({k2: result[k2] for k2 in
                                   ("method", "options", "accuracy", "loss", "seconds", "warnings")})
-            out["merges"][-1].update(_held_out(out, inputs, method, options, bn_reset,
+            out["merges"][-1].update({"held_out_accuracy": None} if width is not None else
+                                     _held_out(out, inputs, method, options, bn_reset,
                                                stats_samples, stats, bn_policy))
             _attach_files(out, inputs, result)
     _ensemble_curve(out, inputs, bn_reset, n_models if curve else None, test_samples)
     return out
+
+
+def _picked(stats, models, indices: list[int], reference: int, width: float | None):
+    """The shared statistics of the subset ``indices``, or None when ``width`` makes another
+    model the reference (:func:`ccamerge.target.reference_for`: its pairs were not collected)."""
+    if target.reference_for(models, reference, width) != reference:
+        return None
+    return data.pick_statistics(stats, indices, reference)
 
 
 def _held_out(out: dict, inputs: Inputs, method: str, options: dict, bn_reset: bool,

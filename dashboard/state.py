@@ -64,6 +64,7 @@ W_MERGE_CURVE = "w_merge_curve"
 W_MERGE_BN_POLICY = "w_merge_bn_policy"
 W_MERGE_RESET_BASE = "w_merge_reset_base"
 W_MERGE_STREAM = "w_merge_stream"
+W_MERGE_TARGET_WIDTH = "w_merge_target_width"
 W_MERGE_RUN = "w_merge_run"
 W_MERGE_DOWNLOAD_METHOD = "w_merge_download_method"
 # Widget keys: merge points page

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import streamlit as st
 
+from ccamerge import target
 from ccamerge.analysis.diagnose import default_grid
 from ccamerge.api import is_builtin
 from ccamerge.data import available_datasets
@@ -332,6 +333,29 @@ def target_width_note(inputs: registry.Inputs) -> None:
             f"{target} (choose the target model as the reference in the sidebar; a narrower "
             f"target compresses the others). Only {', '.join(mixed_width_methods())} merge "
             "different widths; the other methods say why they cannot.")
+
+
+def target_width_control(inputs: registry.Inputs, methods: list[str]) -> float | None:
+    """The merged model's width multiplier (``target_width``), offered when a chosen method
+    merges into a chosen width and the models are built-in; default the reference's width.
+    Returns None at the reference's width (the merge into the reference)."""
+    chosen = [m for m in methods if m in target.target_width_methods()]
+    if not chosen or not all(is_builtin(m) for m in inputs.models):
+        return None
+    reference = inputs.models[inputs.reference]
+    own, largest = float(reference.config["width"]), target.largest_width(inputs.models,
+                                                                          inputs.reference)
+    stored = st.session_state.get(state.W_MERGE_TARGET_WIDTH)
+    if stored is None or not 0 < stored <= largest:
+        st.session_state[state.W_MERGE_TARGET_WIDTH] = min(own, largest)
+    value = st.number_input(
+        "Target width (width multiplier)", min_value=0.01, max_value=float(largest),
+        step=0.05, format="%.3g", key=state.W_MERGE_TARGET_WIDTH,
+        help=f"the merged model's width, in its config's width multiplier (the reference has "
+             f"{own:g}; at most {largest:g}, the narrowest model's). Narrower compresses: the "
+             f"merged units are the reference units that best carry the shared directions. "
+             f"Applies to {', '.join(chosen)}; the other methods merge at the reference's width.")
+    return None if value == own else float(value)
 
 
 def sample_controls() -> None:

@@ -19,6 +19,7 @@ registered = list(catalog.METHODS)
 methods = st.multiselect("Methods", registered, default=registered, key=state.W_MERGE_METHODS,
                          help=catalog.methods_help(), **widgets.KEEP)
 options = widgets.options_panel(methods, "merge")
+target_width = widgets.target_width_control(inputs, methods)
 c1, c2, c4 = st.columns(3)
 has_bn = data.uses_batchnorm(inputs.models)
 bn_reset = c1.toggle("Reset BatchNorm statistics", value=True, key=state.W_MERGE_BN,
@@ -50,7 +51,8 @@ stream_points = d3.selectbox("Residual stream statistics", merging.STREAM_POINTS
                              "output of a stage; last: only the last block's output (the "
                              "official code)", **widgets.KEEP)
 bn_policy, reset_base_bn = (bn_policy, reset_base_bn) if has_bn else (merging.BN_DEFAULT, False)
-settings = {"bn_policy": bn_policy, "reset_base_bn": reset_base_bn, "stream_points": stream_points}
+settings = {"bn_policy": bn_policy, "reset_base_bn": reset_base_bn, "stream_points": stream_points,
+            "target_width": target_width}
 widgets.sampling_note(inputs)
 signature = merging.signature(inputs, methods, options, bn_reset, repair, stats_samples, curve,
                               test_samples=test_samples, **settings)

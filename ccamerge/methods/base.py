@@ -25,13 +25,21 @@ from ccamerge.transform import Transform, Transforms
 
 @dataclass
 class AlignContext:
-    """State dicts of N >= 2 models, their spec, statistics (None for data-free methods)."""
+    """State dicts of N >= 2 models, their spec, statistics (None for data-free methods);
+    ``widths``: the merged model's width per merge point when it is narrower than the
+    reference's (``target_width``; None: the reference's, see :mod:`ccamerge.methods.narrow`)."""
 
     states: list[dict[str, torch.Tensor]]
     spec: AlignmentSpec
     stats: Statistics | None
     reference: int = 0
     seed: int = 0
+    widths: dict[str, int] | None = None
+
+    def narrowed(self, name: str, width: int) -> int | None:
+        """The merged width at point ``name`` when below the reference's ``width``, else None."""
+        target = (self.widths or {}).get(name, width)
+        return target if target < width else None
 
     @property
     def others(self) -> list[int]:
@@ -137,6 +145,7 @@ class Method:
     exact: bool = False  # transforms are permutations: the aligned model computes the same function
     joint: bool = False  # aligns all models together (no path between two models)
     mixed_widths: bool = False  # merges models of one family whose widths differ (rectangular maps)
+    target_width: bool = False  # merges into a chosen narrower width (ccamerge.methods.narrow)
 
     def align(self, ctx: AlignContext, **options) -> Alignment:
         """Run the solver with ``options`` resolved (defaults filled in, values checked)."""

@@ -38,6 +38,7 @@ import torch
 
 from ccamerge.errors import CcamergeError
 from ccamerge.methods.base import AlignContext, Alignment, Method, Option, per_model
+from ccamerge.methods.narrow import narrow_point
 from ccamerge.stats import PointStatistics
 from ccamerge.transform import Transform
 
@@ -279,16 +280,36 @@ def solve_near_exact(point: PointStatistics, reference: int, other: int) -> CCAR
 
 def align_cca(ctx: AlignContext, *, gamma: float, relative: bool) -> Alignment:
     """CCA Merge: T from the regularised CCA of reference and model i features (the
-    reference's eigendecomposition at each point is computed once for all models)."""
+    reference's eigendecomposition at each point is computed once for all models); narrowed
+    to ``ctx.widths`` where that is below the reference's (:mod:`ccamerge.methods.narrow`)."""
     caches: dict[str, dict] = {}
+    loadings: dict[str, list[np.ndarray]] = {}
 
     def solve(name, i):
         fit = solve_pair(ctx.stats[name], ctx.reference, i, gamma=gamma, relative=relative,
                          cache=caches.setdefault(name, {}))
+        width = ctx.narrowed(name, len(fit.T_inv))
+        if width is not None:
+            loadings.setdefault(name, []).append(reference_loadings(fit)[:width])
         return Transform(fit.T, fit.T_inv), {
             "rho": fit.rho, "cond_xx": fit.cond_xx, "cond_yy": fit.cond_yy,
             "dead_x": len(fit.dead_x), "dead_y": len(fit.dead_y)}
-    return per_model(ctx, solve)
+    result = per_model(ctx, solve)
+    for name, rows in loadings.items():
+        narrow_point(result, name, ctx.stats[name], ctx.reference, np.vstack(rows),
+                     ctx.narrowed(name, len(rows[0][0])))
+    return result
+
+
+def reference_loadings(fit: CCAResult) -> np.ndarray:
+    """``[k, n]`` the reference units' loadings on the canonical variates, best first: ``U^T
+    S_xx^1/2`` (``x ~ c L`` for the unit-variance variates ``c = x S_xx^-1/2 U``), zero
+    columns for the dead units paired outside the solve."""
+    n = len(fit.T_inv)
+    live = fit.live_x
+    out = np.zeros((fit.U.shape[1], n))
+    out[:, live] = fit.U.T @ fit.eigen_x.power(0.5)
+    return out
 
 
 METHOD = Method("cca", "CCA Merge: linear maps from canonical correlation analysis.", align_cca,
@@ -297,4 +318,5 @@ METHOD = Method("cca", "CCA Merge: linear maps from canonical correlation analys
                                  maximum=MAX_GAMMA),
                  "relative": Option(True, bool, "gamma in units of each layer's mean variance "
                                     "(tr(S)/n); false = absolute, as in the paper's code",
-                                    negative_flag="absolute")}, mixed_widths=True)
+                                    negative_flag="absolute")}, mixed_widths=True,
+                target_width=True)

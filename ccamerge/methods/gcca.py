@@ -63,6 +63,7 @@ from ccamerge.methods.cca import (
     regulariser,
     ridge_units,
 )
+from ccamerge.methods.narrow import full_loadings, narrow_point
 from ccamerge.stats import PointStatistics
 from ccamerge.transform import Transform
 
@@ -277,7 +278,19 @@ def align_gcca(ctx: AlignContext, *, gamma: float, relative: bool,
                 "shared_width": len(space.eigenvalues), "cond_xx": ref.condition,
                 "cond_yy": space.bases[i].condition, "cond_shared": space.gram_condition(i),
                 "dead_x": ref.dead, "dead_y": space.bases[i].dead}
+        _narrow(result, ctx, point.name, space)
     return result
+
+
+def _narrow(result: Alignment, ctx: AlignContext, name: str, space: SharedSpace) -> None:
+    """Narrow the point to ``ctx.widths`` (:mod:`ccamerge.methods.narrow`), the units picked
+    from the reference's loadings on the top shared directions, ``G_ref`` ``[k, n_ref]``."""
+    ref = space.bases[ctx.reference]
+    width = ctx.narrowed(name, ref.width)
+    if width is None:
+        return
+    loadings = full_loadings(space.unmerge(ctx.reference), ref.live, ref.width)
+    narrow_point(result, name, ctx.stats[name], ctx.reference, loadings[:width], width)
 
 
 METHOD = Method("gcca", "Generalized CCA Merge: one shared space for all models (MAXVAR), "
@@ -288,4 +301,4 @@ METHOD = Method("gcca", "Generalized CCA Merge: one shared space for all models 
                                     "(tr(S)/n); false = absolute", negative_flag="absolute"),
                  "shared_width": Option(0, int, "shared directions kept per merge point (0: all, "
                                         "up to the narrowest model's width)", 0)},
-                mixed_widths=True)
+                mixed_widths=True, target_width=True)
