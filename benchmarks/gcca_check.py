@@ -1,15 +1,17 @@
 """gcca (one shared space for all models) against cca with every choice of reference.
 
-    python benchmarks/gcca_check.py [--archs vgg resnet20] [--pool 5] [--max-n 4]
+    python benchmarks/gcca_check.py [--archs vgg resnet20] [--pool 6] [--max-n 5]
+        [--results benchmarks/results/default] [--cache benchmarks/cache]
         [--out benchmarks/results/gcca_check.md]
 
-Trains (or reuses from ``benchmarks/cache/gcca_check``) pools of ``--pool`` models (x1, seeds
-0..pool-1, same data) on the reproduction's default data (Fashion-MNIST at 14x14 px, 4000
-training images, 6 and 3 epochs: ``reproduce.py``'s ``default`` profile). Every subset of 2..max-n
-models is merged with cca and with gcca (both at their defaults: relative gamma 0.1, BatchNorm
-reset on) once with each member as the reference, from one set of statistics (1000 training
-images, every pair). Each merge is scored on the profile's held-out slice (1000 training images
-no model saw) and on its 2000 test images.
+Uses the reproduction's pools (``reproduce.py``'s ``default`` profile: Fashion-MNIST at 14x14
+px, 4000 training images, each pool trained for the epochs its plateau rule chose, read from
+``--results``/pools.csv; reused from ``--cache`` or trained there) and CCA's gamma selected for
+each pool on held-out images (``--results``/selected.csv), given to both methods. Every subset of
+2..max-n models of the first ``--pool`` seeds is merged with cca and with gcca (the library's
+default BatchNorm policy, BatchNorm reset on) once with each member as the reference, from one
+set of statistics (1000 training images, every pair). Each merge is scored on the profile's
+held-out slice (1000 training images no model saw) and on its 2000 test images.
 
 Per subset: cca's test accuracy averaged over the references (``mean``), with the reference whose
 merge scored best on the held-out slice (``best``, the selection a user can make) and the best on
@@ -24,20 +26,20 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from reproduce import PROFILES, epochs_for, split_data
+from reproduce import PROFILES, split_data
+from reproduce import train_pool as reproduction_pool
 from scipy import stats as scipy_stats
 
-from ccamerge.api import align, aligned_states, resolve_spec, subsample
+from ccamerge.api import align, average_aligned, finish_batchnorm, resolve_spec, subsample
+from ccamerge.batchnorm import DEFAULT_POLICY
 from ccamerge.evaluate import evaluate_model
-from ccamerge.io import load_model
 from ccamerge.stats import collect_statistics
-from ccamerge.train import train_zoo
-from ccamerge.transform import average_states, reset_batchnorm, with_state
 
 METHODS = ("cca", "gcca")
 COMPARISONS = [("gcca first", "cca best"), ("gcca best", "cca best"), ("gcca mean", "cca mean"),
@@ -48,23 +50,37 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def train_pool(arch: str, data, profile: dict, size: int, cache: Path) -> list:
-    rows = train_zoo(arch, data, list(range(size)), cache / arch, split="same", width=1.0,
-                     epochs=epochs_for(arch, "same", profile), progress=lambda f, m: None)
-    log(f"{arch}: test accuracy " + ", ".join(f"{r['accuracy']:.1f}" for r in rows))
-    return [load_model(r["path"]) for r in rows]
+def reproduction_settings(results: Path, arch: str) -> tuple[int, dict]:
+    """``(epochs, cca options)`` the reproduction in ``results`` chose for the x1 same-data pool
+    of ``arch`` (its plateau rule's epochs and the gamma selected on held-out images)."""
+    with (results / "pools.csv").open() as handle:
+        epochs = next(int(r["epochs"]) for r in csv.DictReader(handle)
+                      if r["arch"] == arch and float(r["width"]) == 1.0 and r["setting"] == "same")
+    with (results / "selected.csv").open() as handle:
+        options = next(json.loads(r["selected"]) for r in csv.DictReader(handle)
+                       if r["arch"] == arch and float(r["width"]) == 1.0
+                       and r["setting"] == "same" and r["method"] == "cca")
+    return epochs, options
 
 
-def merged_scores(models, method, stats, spec, x_stats, reference, held, test) -> tuple:
-    """(held-out accuracy, test accuracy) of one merge with BatchNorm reset on ``x_stats``."""
-    aligned = align(models, x_stats, method, reference=reference, statistics=stats, spec=spec)
-    merged = with_state(models[reference], average_states(aligned_states(models, aligned)))
-    reset_batchnorm(merged, x_stats)
+def merged_scores(models, method, options, stats, spec, x_stats, reference, held,
+                  test) -> tuple:
+    """(held-out accuracy, test accuracy) of one merge (the default BatchNorm policy, reset on
+    ``x_stats``)."""
+    aligned = align(models, x_stats, method, reference=reference, statistics=stats, spec=spec,
+                    **options)
+    weights = [1.0 / len(models)] * len(models)
+    merged, _states = average_aligned(models, aligned, weights, reference, DEFAULT_POLICY)
+    finish_batchnorm(merged, models, aligned, weights, DEFAULT_POLICY, x_stats, x_stats)
     return (evaluate_model(merged, *held)["accuracy"], evaluate_model(merged, *test)["accuracy"])
 
 
 def run_arch(arch: str, data, held, profile: dict, args) -> list[dict]:
-    pool = train_pool(arch, data, profile, args.pool, args.cache)
+    epochs, options = reproduction_settings(args.results, arch)
+    args.settings[arch] = {"epochs": epochs, **options}
+    pool = reproduction_pool(arch, 1.0, "same", data, profile, args.cache / "default",
+                             range(args.pool), epochs)
+    log(f"{arch}: {epochs} epochs, cca options {options}")
     x_stats = subsample(data.x_train, profile["stats"], 0)
     test = (data.x_test, data.y_test)
     rows = []
@@ -75,7 +91,8 @@ def run_arch(arch: str, data, held, profile: dict, args) -> list[dict]:
             stats = collect_statistics(members, spec, x_stats, pairs="all")
             for method in METHODS:
                 for ref in range(n):
-                    h, t = merged_scores(members, method, stats, spec, x_stats, ref, held, test)
+                    h, t = merged_scores(members, method, options, stats, spec, x_stats, ref,
+                                         held, test)
                     rows.append({"arch": arch, "N": n, "subset": "-".join(map(str, subset)),
                                  "method": method, "reference": subset[ref],
                                  "heldout": round(h, 3), "test": round(t, 3)})
@@ -131,15 +148,18 @@ def summary_table(subsets: dict[tuple, dict[str, float]]) -> list[str]:
 
 def report(rows: list[dict], args, profile: dict, seconds: float) -> str:
     subsets = per_subset(rows)
+    settings = "; ".join(f"{a} {v['epochs']} epochs, gamma {v['gamma']:g}"
+                         for a, v in args.settings.items())
     return "\n".join([
         "# gcca vs cca with every reference", "",
         f"`python benchmarks/gcca_check.py --archs {' '.join(args.archs)} --pool {args.pool} "
         f"--max-n {args.max_n}` ({seconds / 60:.1f} min on this machine's CPU).", "",
         f"Data: {profile['data']} at {28 // profile['downsample']} px, {profile['train']} training "
         f"images, pools of {args.pool} x1 models per architecture (seeds 0..{args.pool - 1}, same "
-        f"data); every subset of 2..{args.max_n} models; statistics and BatchNorm reset on "
-        f"{profile['stats']} training images; both methods at their defaults (relative gamma "
-        "0.1). Accuracy in % on the 2000 test images. `best`: the reference whose merge scored "
+        f"data, the reproduction's pools: {settings}); every subset of 2..{args.max_n} models; "
+        f"statistics and BatchNorm reset on {profile['stats']} training images; both methods at "
+        f"the gamma selected for the pool, BatchNorm policy `{DEFAULT_POLICY}`. Accuracy in % on "
+        "the 2000 test images. `best`: the reference whose merge scored "
         "best on the 1000 held-out training images; `oracle`: best on the test set (peeks, an "
         "upper bound for cca); `first`: gcca with the subset's first model as reference (no "
         "selection). Differences are paired per subset: mean [95% t interval], wins/losses "
@@ -151,12 +171,16 @@ def report(rows: list[dict], args, profile: dict, seconds: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
-    p.add_argument("--pool", type=int, default=5)
-    p.add_argument("--max-n", type=int, default=4)
-    p.add_argument("--cache", type=Path, default=Path("benchmarks/cache/gcca_check"))
+    p.add_argument("--pool", type=int, default=6)
+    p.add_argument("--max-n", type=int, default=5)
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/default"),
+                   help="a reproduction's results: its pools' epochs and selected gamma")
+    p.add_argument("--cache", type=Path, default=Path("benchmarks/cache"),
+                   help="the reproduction's model cache")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gcca_check.md"))
     args = p.parse_args()
     args.csv = args.out.with_suffix(".csv")
+    args.settings = {}
     profile = PROFILES["default"]
     data, held = split_data(profile)
     start = time.time()
