@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from reproduce import PROFILES, split_data
+from reproduce import PROFILES, reproduction_settings, split_data
 from reproduce import train_pool as reproduction_pool
 from scipy import stats as scipy_stats
 
@@ -48,19 +47,6 @@ COMPARISONS = [("gcca first", "cca best"), ("gcca best", "cca best"), ("gcca mea
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def reproduction_settings(results: Path, arch: str) -> tuple[int, dict]:
-    """``(epochs, cca options)`` the reproduction in ``results`` chose for the x1 same-data pool
-    of ``arch`` (its plateau rule's epochs and the gamma selected on held-out images)."""
-    with (results / "pools.csv").open() as handle:
-        epochs = next(int(r["epochs"]) for r in csv.DictReader(handle)
-                      if r["arch"] == arch and float(r["width"]) == 1.0 and r["setting"] == "same")
-    with (results / "selected.csv").open() as handle:
-        options = next(json.loads(r["selected"]) for r in csv.DictReader(handle)
-                       if r["arch"] == arch and float(r["width"]) == 1.0
-                       and r["setting"] == "same" and r["method"] == "cca")
-    return epochs, options
 
 
 def merged_scores(models, method, options, stats, spec, x_stats, reference, held,

@@ -152,6 +152,19 @@ def train_pool(arch, width, setting, data, profile, cache: Path, seeds, base: in
     return [load_model(r["path"]) for r in rows]
 
 
+def reproduction_settings(results: Path, arch: str) -> tuple[int, dict]:
+    """``(epochs, cca options)`` the reproduction in ``results`` chose for the x1 same-data pool
+    of ``arch`` (its plateau rule's epochs and the gamma selected on held-out images)."""
+    with (results / "pools.csv").open() as handle:
+        epochs = next(int(r["epochs"]) for r in csv.DictReader(handle)
+                      if r["arch"] == arch and float(r["width"]) == 1.0 and r["setting"] == "same")
+    with (results / "selected.csv").open() as handle:
+        options = next(json.loads(r["selected"]) for r in csv.DictReader(handle)
+                       if r["arch"] == arch and float(r["width"]) == 1.0
+                       and r["setting"] == "same" and r["method"] == "cca")
+    return epochs, options
+
+
 def max_epochs(arch: str, profile: dict) -> int:
     """The plateau rule's cap for ``arch``: one number for every arch, or one per arch."""
     cap = profile["max_epochs"]

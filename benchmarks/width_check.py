@@ -4,6 +4,13 @@
         [--out benchmarks/results/width_check.md]
     python benchmarks/width_check.py --target-widths 1 0.75 0.5 0.25 [--pairs 3]
         [--out benchmarks/results/target_width.md]
+    python benchmarks/width_check.py --arch vgg [--pairs 3] [--results benchmarks/results/default]
+        [--cache benchmarks/cache]
+
+``--arch vgg`` (or ``resnet20``): the reproduction's x1 pool (seeds 0..) on its default data
+(Fashion-MNIST at 14 px, 4000 training images, 2000 test images), trained for the epochs its
+plateau rule chose (``--results``/pools.csv), against x2 models (seeds 100..) trained as long,
+both in the reproduction's cache; otherwise as below.
 
 Trains (or reuses from ``benchmarks/cache/width_check``) ``--pairs`` MLPs at x1 (hidden
 [128, 128], seeds 0..) and as many at x2 (hidden [256, 256], seeds 100..), all on the whole
@@ -28,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from reproduce import PROFILES, reproduction_settings, split_data
+from reproduce import train_pool as reproduction_pool
 from scipy import stats as scipy_stats
 
 from ccamerge import api
@@ -61,12 +70,29 @@ def interval(diffs: list[float]) -> tuple[float, float, float]:
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def pools(args) -> tuple:
+    """``(dataset, x1 models, x2 models)``: MLPs trained here, or (``--arch vgg|resnet20``) the
+    reproduction's x1 pool on its default data with x2 models trained as long (its cache)."""
+    seeds = list(range(args.pairs))
+    if args.arch == "mlp":
+        data = load_dataset(args.data)
+        cache = ROOT / "cache" / "width_check"
+        return (data, train(data, 1.0, seeds, args.epochs, cache),
+                train(data, 2.0, [100 + k for k in seeds], args.epochs, cache))
+    profile = PROFILES["default"]
+    data, _held = split_data(profile)
+    args.data = data.name
+    args.epochs, _options = reproduction_settings(args.results, args.arch)
+    cache = args.cache / "default"
+    return (data, reproduction_pool(args.arch, 1.0, "same", data, profile, cache, seeds,
+                                    args.epochs),
+            reproduction_pool(args.arch, 2.0, "same", data, profile, cache,
+                              [100 + k for k in seeds], args.epochs))
+
+
 def run(args) -> list[dict]:
     """One row per pair and target: endpoint accuracies and each method's merged accuracy."""
-    data = load_dataset(args.data)
-    cache = ROOT / "cache" / "width_check"
-    narrow = train(data, 1.0, list(range(args.pairs)), args.epochs, cache)
-    wide = train(data, 2.0, [100 + k for k in range(args.pairs)], args.epochs, cache)
+    data, narrow, wide = pools(args)
     rows = []
     for k, pair in enumerate(zip(narrow, wide, strict=True)):
         ends = [evaluate_model(m, data.test)["accuracy"] for m in pair]
@@ -140,11 +166,20 @@ def report_targets(rows: list[dict], args, seconds: float) -> str:
 
 def report(rows: list[dict], args, seconds: float) -> str:
     methods = mixed_width_methods()
-    lines = [f"# Merging x1 and x2 MLPs into either width ({args.data})", "",
-             f"Regenerate: `python benchmarks/width_check.py --pairs {args.pairs} --epochs "
-             f"{args.epochs} --data {args.data}` ({seconds / 60:.1f} min on this machine).", "",
-             f"{args.pairs} pairs (x1 hidden [128, 128] seed k, x2 hidden [256, 256] seed "
-             "100 + k), every method at its defaults, BatchNorm-free MLPs; test accuracy (%).",
+    if args.arch == "mlp":
+        command = f"--pairs {args.pairs} --epochs {args.epochs} --data {args.data}"
+        models = ("MLPs", "x1 hidden [128, 128] seed k, x2 hidden [256, 256] seed 100 + k",
+                  "BatchNorm-free MLPs")
+    else:
+        command = f"--arch {args.arch} --pairs {args.pairs}"
+        models = (args.arch, f"the reproduction's x1 {args.arch} seed k and an x2 seed 100 + k, "
+                  f"both {args.epochs} epochs on its default data", "the default BatchNorm "
+                  "policy")
+    lines = [f"# Merging x1 and x2 {models[0]} into either width ({args.data})", "",
+             f"Regenerate: `python benchmarks/width_check.py {command}` ({seconds / 60:.1f} min "
+             "on this machine).", "",
+             f"{args.pairs} pairs ({models[1]}), every method at its defaults, {models[2]}; "
+             "test accuracy (%).",
              "", "Reading: the test set is small (one image is 0.28 points on digits) and easy, "
              "so this shows that mixed-width merges work and how they rank, not large gaps. "
              "At N = 2 gcca's maps are cca's exactly (ccamerge/methods/gcca.py), so their rows "
@@ -177,12 +212,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--data", default="digits")
+    parser.add_argument("--arch", choices=["mlp", "vgg", "resnet20"], default="mlp",
+                        help="vgg/resnet20: the reproduction's pools and data (--results, --cache)")
+    parser.add_argument("--results", type=Path, default=ROOT / "results" / "default")
+    parser.add_argument("--cache", type=Path, default=ROOT / "cache")
     parser.add_argument("--target-widths", type=float, nargs="+", default=None,
                         help="merge pairs of x1 models into these width multipliers instead")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     start = time.time()
-    name = "target_width.md" if args.target_widths else "width_check.md"
+    name = ("target_width.md" if args.target_widths else
+            "width_check.md" if args.arch == "mlp" else f"width_check_{args.arch}.md")
     args.out = args.out or ROOT / "results" / name
     if args.target_widths:
         text = report_targets(run_targets(args), args, time.time() - start)
