@@ -44,6 +44,7 @@ from ccamerge.data.fit import (
     subsample,
     train_inputs,
     train_source,
+    widths_vary,
 )
 from ccamerge.devices import models_to, module_device, resolve_device
 from ccamerge.distributed import rank_and_size, reset_batchnorm_sharded
@@ -51,9 +52,8 @@ from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method
 from ccamerge.methods.cca import solve_near_exact, solve_pair
-from ccamerge.models import widths_differ
 from ccamerge.repair import repair as repair_units
-from ccamerge.spec import STREAM_POINTS, AlignmentSpec, with_stream_points
+from ccamerge.spec import STREAM_POINTS, AlignmentSpec, resized_spec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
 from ccamerge.transform import (
     apply_transforms,
@@ -142,9 +142,15 @@ def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
     folded first and their BatchNorm scale and statistics left untransformed."""
     bns = [bn for _conv, bn in folded]
     spec = without_static_vectors(aligned.spec, bns)
-    return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded), spec, t),
-                                 bns)
+    return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded),
+                                                  own_spec(spec, t), t), bns)
             for m, t in zip(models, aligned.alignment.transforms, strict=True)]
+
+
+def own_spec(spec: AlignmentSpec, transforms: dict) -> AlignmentSpec:
+    """``spec`` (the reference's) at the widths of the model ``transforms`` map (the rows of
+    each ``T`` ``[n_i, n]``), its concatenation offsets moved to match."""
+    return resized_spec(spec, {name: t.width for name, t in transforms.items()})
 
 
 @dataclass
@@ -308,7 +314,7 @@ def target_widths(aligned: AlignResult) -> dict[str, int]:
 
 def _check_width_options(models: Sequence[nn.Module], repair: bool) -> None:
     """The options that need models of one width refuse mixed widths in one line."""
-    if not (all(is_builtin(m) for m in models) and widths_differ(list(models))):
+    if not widths_vary(models):
         return
     if repair:
         raise CcamergeError("repair needs models of one width; these differ in width, merge "
@@ -447,7 +453,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     Returns ``{"method", "lambdas", "accuracy", "loss", "barrier"}``.
     """
     validate.models([model_a, model_b])
-    if all(is_builtin(m) for m in (model_a, model_b)) and widths_differ([model_a, model_b]):
+    if widths_vary([model_a, model_b]):
         raise CcamergeError("interpolation needs two models of one width (the path runs between "
                             "their weights); these differ in width, merge them instead")
     spec_method = get_method(validate.method_name(method))

@@ -231,6 +231,28 @@ def model_widths(models, spec: AlignmentSpec) -> dict[str, list[int]]:
     return widths
 
 
+def resized_spec(spec: AlignmentSpec, widths: dict[str, int]) -> AlignmentSpec:
+    """``spec`` for a model of the same family whose width at point ``name`` is
+    ``widths[name]`` (points not named keep theirs). Along an axis that several points share (a
+    layer reading a concatenation) each block's ``offset`` moves by the width changes of the
+    blocks before it; entries of no point (e.g. input channels) keep their size."""
+    if all(widths.get(p.name, p.width) == p.width for p in spec.points):
+        return spec
+    growth: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (param, axis) -> [(offset, +n)]
+    for point in spec.points:
+        extra = widths.get(point.name, point.width) - point.width
+        for axis in point.producers + point.consumers:
+            growth.setdefault((axis.param, axis.axis), []).append((axis.offset, extra * axis.repeat))
+
+    def moved(axis: Axis) -> Axis:
+        shift = sum(d for o, d in growth[(axis.param, axis.axis)] if o < axis.offset)
+        return Axis(axis.param, axis.axis, axis.repeat, axis.offset + shift)
+
+    return AlignmentSpec(tuple(MergePoint(
+        p.name, widths.get(p.name, p.width), p.features, tuple(map(moved, p.producers)),
+        tuple(map(moved, p.consumers))) for p in spec.points))
+
+
 def build_spec(model: nn.Module) -> AlignmentSpec:
     """The hand-written alignment spec of a ccamerge architecture (``model.arch``)."""
     arch = getattr(model, "arch", None)

@@ -30,6 +30,7 @@ from ccamerge.data import DataSource, as_source
 from ccamerge.devices import exact_float32, model_to, models_to, module_device, resolve_device
 from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size, shard_source
 from ccamerge.errors import CcamergeError
+from ccamerge.models import ARCHITECTURES
 from ccamerge.moments import UNCENTRED_LIMIT, _add_chunk, _Workspace  # noqa: F401 - re-exported
 from ccamerge.positions import PositionSampler
 from ccamerge.spec import AlignmentSpec, model_widths
@@ -286,10 +287,10 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     callers' modules, layout and mode are untouched); image inputs run channels-last (faster
     on CPU, and a feature map then reads as ``[S, C]`` samples without a copy).
 
-    Models of one built-in family whose widths differ are fine: each model's width at a point
-    is read from its own spec (:func:`ccamerge.spec.model_widths`; the point names and feature
-    modules are the same), so a cross-covariance between models of widths ``n_i``, ``n_j`` is
-    ``[n_i, n_j]``.
+    Models of one family whose widths differ are fine: each model's width at a point is read
+    from its own spec for the built-in families (:func:`ccamerge.spec.model_widths`), from the
+    channels of its features for traced models (the point names and feature modules are the
+    same), so a cross-covariance between models of widths ``n_i``, ``n_j`` is ``[n_i, n_j]``.
 
     ``positions``: of each conv feature map ``[B, C, H, W]``, the ``H*W`` positions of every
     image (None), ``k`` of them (an int) or a fraction (a float in (0, 1]), chosen at random
@@ -303,12 +304,13 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     """
     place = resolve_device(device) if device is not None else module_device(models[0])
     sampler = PositionSampler(positions, seed)
-    source, first = _shard(as_source(x), batch_size, group)  # all of x without a group
+    probe = as_source(x)
+    source, first = _shard(probe, batch_size, group)  # all of x without a group
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
-    widths = model_widths(models, spec)
+    runners, source = _runners(models, source, place)
+    widths = _point_widths(models, runners, spec, probe)
     acc = {(point.name, i, j): CrossMoments(widths[point.name][i], widths[point.name][j], place)
            for point in spec.points for i, j in blocks}
-    runners, source = _runners(models, source, place)
     workspace = _Workspace()
 
     def fold(captures: list[dict[str, list[torch.Tensor]]]) -> None:
@@ -322,6 +324,25 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     stats = _finish(acc, spec, widths, len(models), reference, pairs, place, samples_per_rank)
     stats.positions = sampler.positions
     return stats
+
+
+def _point_widths(models: Sequence[nn.Module], runners: Sequence[nn.Module], spec: AlignmentSpec,
+                  source: DataSource) -> dict[str, list[int]]:
+    """``{point: [n_i per model]}``: :func:`ccamerge.spec.model_widths`, except for models
+    outside the built-in families whose state-dict shapes differ (traced models of one family
+    at other widths), whose widths are read from one forward of the eval-mode ``runners`` on
+    two inputs: the channel count of each model's features at each point."""
+    if all(getattr(m, "arch", None) in ARCHITECTURES for m in models) or not _shapes_differ(models):
+        return model_widths(models, spec)
+    place = module_device(runners[0])
+    rows = [batch_features(r, spec, source.head(2).to(place)) for r in runners]  # {point: [S, n_i]}
+    return {p.name: [int(row[p.name].shape[1]) for row in rows] for p in spec.points}
+
+
+def _shapes_differ(models: Sequence[nn.Module]) -> bool:
+    """Whether some state-dict entry has another shape in some model than in model 0."""
+    first = {k: v.shape for k, v in models[0].state_dict().items()}
+    return any(first.get(k) != v.shape for m in models[1:] for k, v in m.state_dict().items())
 
 
 def _shard(source: DataSource, batch_size: int, group: ProcessGroup | None

@@ -116,19 +116,28 @@ def apply_transforms(state: dict[str, torch.Tensor], spec: AlignmentSpec,
     """New state dict with every merge point's transform applied to its producers and consumers.
 
     Merge points missing from ``transforms`` are left as they are (identity), and so are the
-    entries an identity transform maps (the returned dict then shares those tensors).
+    entries an identity transform maps (the returned dict then shares those tensors). With
+    rectangular maps (models of different widths) ``spec`` must be the transformed model's own
+    (its widths and offsets: :func:`ccamerge.spec.resized_spec`).
     """
     out = dict(state)
-    for point in spec.points:
-        if point.name not in transforms:
-            continue
-        t = transforms[point.name]
-        producer, consumer = t.T.T, t.T_inv
-        for axis in point.producers:
-            out[axis.param] = _apply_along(out[axis.param], axis, producer)
-        for axis in point.consumers:
-            out[axis.param] = _apply_along(out[axis.param], axis, consumer)
+    for axis, matrix in _maps(spec, transforms):
+        out[axis.param] = _apply_along(out[axis.param], axis, matrix)
     return out
+
+
+def _maps(spec: AlignmentSpec, transforms: Transforms) -> list[tuple[Axis, np.ndarray]]:
+    """``(axis, matrix)`` for every producer (``T^T``) and consumer (``T_inv``) axis, the
+    blocks furthest along an axis first: a rectangular map resizes its block, which moves the
+    blocks after it (a concatenation read by one layer) but never those before it, so the
+    offsets of ``spec`` (the model's own) stay valid."""
+    maps = []
+    for point in spec.points:
+        if point.name in transforms:
+            t = transforms[point.name]
+            maps += [(axis, t.T.T) for axis in point.producers]
+            maps += [(axis, t.T_inv) for axis in point.consumers]
+    return sorted(maps, key=lambda item: -item[0].offset)
 
 
 def average_states(states: Sequence[dict[str, torch.Tensor]],

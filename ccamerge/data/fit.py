@@ -24,6 +24,8 @@ from ccamerge.models import (
 )
 from ccamerge.spec import AlignmentSpec, build_spec
 from ccamerge.trace.derive import derive_and_verify
+from ccamerge.trace.family import family_specs
+from ccamerge.trace.family import widths_label as family_label
 
 
 def train_source(data) -> DataSource:
@@ -60,9 +62,10 @@ def check_compatible(models: Sequence[nn.Module], data, reference: int,
     """Before any work, fail with one clear line for < 2 models, mismatched models, a bad
     reference index, fewer than 2 samples, or data whose sample shape (feature width, channels,
     height, width) or number of classes does not fit the models. ``data``: anything
-    :func:`train_source` takes. Built-in models of one family whose widths differ pass when
-    ``method`` merges different widths (``Method.mixed_widths``; ``method=None``: statistics
-    alone, which any widths have)."""
+    :func:`train_source` takes. Models of one family whose widths differ (built-in ones by
+    their config, traced ones by :func:`check_traced_family`) pass when ``method`` merges
+    different widths (``Method.mixed_widths``; ``method=None``: statistics alone, which any
+    widths have)."""
     if len(models) < 2:
         raise CcamergeError(f"merging needs at least 2 models, got {len(models)}")
     if not 0 <= reference < len(models):
@@ -76,21 +79,54 @@ def check_compatible(models: Sequence[nn.Module], data, reference: int,
         same_architecture(list(models), mixed_widths=True)
         check_input_fit(models[0], source.sample_shape, source.num_classes)
         return
-    _same_state_shapes(models)
     _check_runs(models[0], source)
+    if shapes_differ(models):
+        check_traced_family(models, source.head(64), method)
+
+
+def check_traced_family(models: Sequence[nn.Module], x: torch.Tensor,
+                        method: str | None) -> list[AlignmentSpec]:
+    """Each traced model's own spec, derived on ``x`` ``[B, ...]``, when ``models`` (whose
+    shapes differ) are one architecture at other hidden widths
+    (:func:`ccamerge.trace.family.family_specs`) and ``method`` merges different widths; one
+    line otherwise."""
+    specs = family_specs(models, x)
+    _refuse_one_width(method, family_label(specs))
+    return specs
+
+
+def shapes_differ(models: Sequence[nn.Module]) -> bool:
+    """Whether some state-dict entry of some model has another shape (or is missing) than in
+    model 0: for models outside the built-in families, what makes their widths differ."""
+    first = {k: v.shape for k, v in models[0].state_dict().items()}
+    return any({k: v.shape for k, v in m.state_dict().items()} != first for m in models[1:])
+
+
+def widths_vary(models: Sequence[nn.Module]) -> bool:
+    """Whether ``models`` (checked to be of one family) differ in width: built-in ones by
+    their configs, others by their state-dict shapes."""
+    if all(is_builtin(m) for m in models):
+        return widths_differ(list(models))
+    return shapes_differ(models)
 
 
 def check_widths(models: list[nn.Module], method: str | None) -> None:
     """One line when built-in ``models`` differ only in width and ``method`` needs one width."""
+    if widths_differ(models):
+        _refuse_one_width(method, widths_label(models))
+
+
+def _refuse_one_width(method: str | None, label: str) -> None:
+    """One line when ``method`` (None: statistics alone) needs models of one width; ``label``
+    says where these differ."""
     from ccamerge.methods.registry import get_method, mixed_width_methods  # noqa: PLC0415 - cycle
 
-    if method is None or not widths_differ(models) or get_method(method).mixed_widths:
+    if method is None or get_method(method).mixed_widths:
         return
     capable = mixed_width_methods()
     names = ", ".join(capable[:-1]) + f" or {capable[-1]}" if len(capable) > 1 else capable[0]
     raise CcamergeError(f"{method} needs models of one width, but these differ in width "
-                        f"({widths_label(models)}); merge them with {names}, or pick models of "
-                        "one width")
+                        f"({label}); merge them with {names}, or pick models of one width")
 
 
 def _check_runs(model: nn.Module, source: DataSource) -> None:
