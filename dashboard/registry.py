@@ -11,6 +11,7 @@ import hashlib
 import json
 import shlex
 import shutil
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +19,13 @@ import torch
 from torch import nn
 
 from ccamerge import api
+from ccamerge.data.fit import check_traced_family, shapes_differ
 from ccamerge.errors import CcamergeError
 from ccamerge.io import load_model_bytes, model_summary, save_model
 from ccamerge.methods.registry import mixed_width_methods
 from ccamerge.models import count_parameters, widths_differ, widths_label
 from ccamerge.models import describe as describe_model
+from ccamerge.trace.family import widths_label as family_label
 from dashboard import archives, data, image_zip
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".torchscript")
@@ -299,12 +302,39 @@ def check_same(networks: list[nn.Module], x: torch.Tensor | None,
         if x is None:
             raise CcamergeError("cannot compare models outside the built-in families without "
                                 "example images")
-        for name, network in zip(names[1:], networks[1:], strict=True):
-            difference = shape_difference(networks[0], network)
-            if difference:
-                raise CcamergeError(f"{name} does not match {names[0]} ({difference}); only "
-                                    "models of one architecture and size merge")
-        api.check_compatible(networks, x, 0)
+        _check_traced(networks, x, names, mixed_widths)
+
+
+def _check_traced(networks: list[nn.Module], x: torch.Tensor, names: list[str],
+                  mixed_widths: bool) -> None:
+    """:func:`check_same` for models outside the built-in families: equal shapes, or one
+    architecture at other hidden widths (:func:`ccamerge.data.fit.check_traced_family`, run
+    once per set of models), which only ``mixed_widths`` takes; then model 0 runs on ``x``."""
+    if shapes_differ(networks):
+        label = _family_label(networks, x, names)
+        if not mixed_widths:
+            raise CcamergeError(f"{names[-1]} does not match {names[0]} (hidden widths "
+                                f"{label}); select it by hand to merge different widths with "
+                                "cca, gcca or ot")
+    api.check_compatible(networks, x, 0)
+
+
+MAX_FAMILIES = 64  # traced selections whose family check is remembered
+_FAMILIES: dict[tuple, tuple[list[weakref.ref], str]] = {}
+
+
+def _family_label(networks: list[nn.Module], x: torch.Tensor, names: list[str]) -> str:
+    """:func:`ccamerge.data.fit.check_traced_family` on ``networks`` (the sidebar asks on every
+    rerun: a passed check is remembered while the same loaded networks live) and the widths
+    label of its specs."""
+    key = (tuple(id(n) for n in networks), tuple(names), tuple(x.shape))
+    hit = _FAMILIES.get(key)
+    if hit is None or any(ref() is not n for ref, n in zip(hit[0], networks, strict=True)):
+        specs = check_traced_family(networks, x, None, names)
+        hit = _FAMILIES[key] = ([weakref.ref(n) for n in networks], family_label(specs))
+        while len(_FAMILIES) > MAX_FAMILIES:
+            _FAMILIES.pop(next(iter(_FAMILIES)))
+    return hit[1]
 
 
 def config_difference(first: nn.Module, other: nn.Module) -> str:
@@ -495,9 +525,15 @@ class Inputs:
 def mixed_widths_problem(networks: list[nn.Module]) -> str | None:
     """Why built-in ``networks`` of one family but different widths need the Merge page (its
     methods that merge them), None when their widths agree."""
-    if not (all(api.is_builtin(n) for n in networks) and widths_differ(networks)):
+    if all(api.is_builtin(n) for n in networks):
+        if not widths_differ(networks):
+            return None
+        label = widths_label(networks)
+    elif len(networks) < 2 or not shapes_differ(networks):
         return None
-    return (f"the selected models differ in width ({widths_label(networks)}); only the Merge "
+    else:
+        label = f"hidden widths: {shape_difference(networks[0], networks[1]) or 'shapes'}"
+    return (f"the selected models differ in width ({label}); only the Merge "
             f"page merges them, with {', '.join(mixed_width_methods())}; pick models of one width "
             "in the sidebar for this page")
 

@@ -298,13 +298,13 @@ def _selection_notes(models: dict, ids: list[str]) -> None:
         st.error(str(exc))
         return
     first = models[ids[0]].model()
-    if not hasattr(first, "config"):  # a TorchScript archive
-        st.caption(f"{len(ids)} × {registry.describe(first)}, "
-                   f"{sum(p.numel() for p in first.parameters()):,} parameters")
-        return
     problem = registry.mixed_widths_problem([e.model() for e in entries])
     if problem:
         st.info(problem)
+        return
+    if not hasattr(first, "config"):  # a TorchScript archive
+        st.caption(f"{len(ids)} × {registry.describe(first)}, "
+                   f"{sum(p.numel() for p in first.parameters()):,} parameters")
         return
     st.caption(f"{len(ids)} × {first.arch}, width {first.config.get('width')}, "
                f"{first.config.get('num_classes')} classes")

@@ -84,13 +84,13 @@ def check_compatible(models: Sequence[nn.Module], data, reference: int,
         check_traced_family(models, source.head(64), method)
 
 
-def check_traced_family(models: Sequence[nn.Module], x: torch.Tensor,
-                        method: str | None) -> list[AlignmentSpec]:
+def check_traced_family(models: Sequence[nn.Module], x: torch.Tensor, method: str | None,
+                        names: Sequence[str] | None = None) -> list[AlignmentSpec]:
     """Each traced model's own spec, derived on ``x`` ``[B, ...]``, when ``models`` (whose
     shapes differ) are one architecture at other hidden widths
-    (:func:`ccamerge.trace.family.family_specs`) and ``method`` merges different widths; one
-    line otherwise."""
-    specs = family_specs(models, x)
+    (:func:`ccamerge.trace.family.family_specs`, ``names`` naming the models) and ``method``
+    merges different widths; one line otherwise."""
+    specs = family_specs(models, x, names)
     _refuse_one_width(method, family_label(specs))
     return specs
 

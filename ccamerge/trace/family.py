@@ -35,35 +35,39 @@ WIDTHS = frozenset({"in_channels", "out_channels", "in_features", "out_features"
 HINT = "only models of one architecture merge (their hidden widths may differ)"
 
 
-def family_specs(models: Sequence[nn.Module], x: torch.Tensor) -> list[AlignmentSpec]:
+def family_specs(models: Sequence[nn.Module], x: torch.Tensor,
+                 names: Sequence[str] | None = None) -> list[AlignmentSpec]:
     """Every model's own spec (:func:`~ccamerge.trace.derive.derive_and_verify` on ``x``
     ``[B, ...]``), the models checked to be of one family (see the module docstring). Raises
-    :class:`CcamergeError` naming the first model, place and difference otherwise."""
-    graphs = [_traced(index, m) for index, m in enumerate(models)]
+    :class:`CcamergeError` naming the first model (by ``names``, default ``model i``), place
+    and difference otherwise."""
+    names = list(names or [f"model {k}" for k in range(len(models))])
+    graphs = [_traced(names, index, m) for index, m in enumerate(models)]
     for index, graph in enumerate(graphs[1:], start=1):
-        _refuse(index, graph_difference(graphs[0], graph))
+        _refuse(names, index, graph_difference(graphs[0], graph))
     first = derive_and_verify(models[0], x).spec
     for index, model in enumerate(models[1:], start=1):
-        _refuse(index, shape_difference(models[0], model, first))
+        _refuse(names, index, shape_difference(models[0], model, first))
     specs = [first, *(derive_and_verify(m, x).spec for m in models[1:])]
     for index, spec in enumerate(specs[1:], start=1):
-        _refuse(index, point_difference(first, spec))
+        _refuse(names, index, point_difference(first, spec))
     return specs
 
 
-def _traced(index: int, model: nn.Module) -> fx.GraphModule:
+def _traced(names: list[str], index: int, model: nn.Module) -> fx.GraphModule:
     """``model``'s fx graph; one line when torch.fx cannot trace it."""
     try:
         return _graph_module(model)
     except CcamergeError as exc:
         first = str(exc).splitlines()[0]
-        raise CcamergeError(f"model {index}'s shapes differ from model 0's and it cannot be traced "
-                            f"to tell whether only hidden widths do ({first}); {HINT}") from exc
+        raise CcamergeError(f"{names[index]}'s shapes differ from {names[0]}'s and it cannot be "
+                            f"traced to tell whether only hidden widths do ({first}); {HINT}"
+                            ) from exc
 
 
-def _refuse(index: int, difference: str | None) -> None:
+def _refuse(names: list[str], index: int, difference: str | None) -> None:
     if difference:
-        raise CcamergeError(f"model {index} does not match model 0 at {difference}; {HINT}")
+        raise CcamergeError(f"{names[index]} does not match {names[0]} ({difference}); {HINT}")
 
 
 def widths_label(specs: Sequence[AlignmentSpec], limit: int = 4) -> str:
