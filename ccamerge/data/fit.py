@@ -144,17 +144,6 @@ def _check_runs(model: nn.Module, source: DataSource) -> None:
                             "classes; pick the dataset it was trained on")
 
 
-def _same_state_shapes(models: Sequence[nn.Module]) -> None:
-    first = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
-    for index, model in enumerate(models[1:], start=1):
-        other = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for key in sorted(set(first) | set(other)):
-            if first.get(key) != other.get(key):
-                raise CcamergeError(f"model {index} does not match model 0 at {key} "
-                                    f"({other.get(key)} vs {first.get(key)}); only models of one "
-                                    "architecture and size merge")
-
-
 def resolve_spec(models: Sequence[nn.Module], x) -> AlignmentSpec:
     """The hand-written spec of a built-in family, else one derived by tracing and verified
     with a random permutation on the first 64 inputs of ``x`` (a tensor or a data source;
