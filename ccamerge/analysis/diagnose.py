@@ -151,7 +151,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     report = progress or (lambda _f, _m: None)
     x, test = train_source(data), score_source(data)
     x_stats = subsample(x, stats_samples, seed)
-    spec = resolve_spec(models, x)
+    spec = resolve_spec([models[reference]], x)  # the merged model's widths
     if statistics is None:  # every model against the reference, even for data-free methods
         report(0.0, "collecting activation statistics")
         pairs = get_method(method).statistics or "reference"
@@ -297,7 +297,7 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
         x_fit, val = data.train, as_source(validation)
         selected_on = f"{len(val)} held-out images"
     method_info = get_method(method)
-    spec = resolve_spec(models, x_fit)
+    spec = resolve_spec([models[reference]], x_fit)  # the merged model's widths
     if statistics is not None and validation is None:
         raise CcamergeError("sweep reuses statistics only with explicit validation images (the "
                             "held-out split needs statistics of its own)")

@@ -74,6 +74,14 @@ def test_merging_into_either_width_keeps_the_function(pair, x, method, target):
     assert result.recipe["target_widths"]["relu0"] == models[target].stem.out_channels
 
 
+@pytest.mark.parametrize("target", [0, 1])
+def test_the_paper_batchnorm_policy_keeps_the_function_too(pair, x, target):
+    """The default policy folds BatchNorm (its vectors widened to the target); "paper" maps
+    the BatchNorm vectors with the conv rows instead."""
+    result = api.merge(list(pair), x, "cca", target_model=target, bn_policy="paper")
+    assert max_diff(result.model, pair[0], x) < TOL
+
+
 @pytest.mark.parametrize(("other", "said"), [
     ({"kernel": 5}, "stem (Conv2d): kernel_size (5, 5) vs (3, 3)"),
     ({"batch_norm": False}, "bn0: module type Identity vs BatchNorm2d"),
