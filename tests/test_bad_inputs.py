@@ -136,7 +136,7 @@ CLI_CASES = [
     ("unknown-method", f"{MERGE} --method magic", "choose one of", None),
     ("option-of-another-method", f"{MERGE} --gamma 1", "has no option", None),
     ("interpolate-joint", f"interpolate {PAIR} --method zipit", "use it with merge", None),
-    ("interpolate-mapped", f"interpolate {PAIR} --bn-policy mapped", "available for merge", None),
+    ("interpolate-paper", f"interpolate {PAIR} --bn-policy paper", "available for merge", None),
     ("repair-joint", f"{CCA} --method zipit --repair", "joint method", None),
     # recipes
     ("recipe-missing", "replay {d}/absent.json --out {d}/out.safetensors", "does not exist",

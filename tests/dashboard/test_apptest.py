@@ -262,7 +262,7 @@ def test_uploads_of_good_models_are_added_and_selected(app, tmp_path):
     entry = app.session_state[state.MODELS][selected[-1]]
     assert Path(entry.path).is_file() and entry.path.endswith(".safetensors")  # replayable
     visit(app, "spectra")
-    assert len(charts(app)) == 2
+    assert len(charts(app)) == 4  # the pairwise spectrum and mean rho, the shared space and each model's consensus
 
 
 def test_bad_uploads_get_an_inline_message_and_change_nothing(app, tmp_path):
@@ -312,7 +312,7 @@ def test_dataset_uploads(app, tmp_path):
     assert_ok(app)
     assert app.selectbox(key=state.W_DATASET).value.startswith("npz:")
     visit(app, "spectra")
-    assert len(charts(app)) == 2
+    assert len(charts(app)) == 4
     bad = tmp_path / "bad.npz"
     np.savez(bad, x_train=rng.random((20, 8, 8)))
     visit(app, "models")
@@ -361,12 +361,12 @@ def test_batchnorm_reset_toggles_on_batchnorm_nets(app):
 def test_the_batchnorm_policy_and_stream_options_reach_the_recipe(app):
     select(app, ids_of(app, "vgg_w1_same")[:2])
     visit(app, "merge")
-    app.selectbox(key=state.W_MERGE_BN_POLICY).set_value("mapped").run()
+    app.selectbox(key=state.W_MERGE_BN_POLICY).set_value("paper").run()
     app.toggle(key=state.W_MERGE_RESET_BASE).set_value(True).run()
     app.selectbox(key=state.W_MERGE_STREAM).set_value("last").run()
     recipe = json.loads(run_merge(app, ["permute"])["recipes"]["permute"])
     assert (recipe["bn_policy"], recipe["reset_base_bn"], recipe["stream_points"]) == (
-        "mapped", True, "last")
+        "paper", True, "last")
 
 
 def test_reference_follows_a_changed_selection(app):
