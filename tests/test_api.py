@@ -47,7 +47,7 @@ def test_the_recipe_is_complete_and_names_the_sources(mlps, digits):
                    sources=["a.safetensors", None], data_dir="/data")
     assert result.recipe == {
         "method": "zipit", "options": {"alpha": 0.5, "beta": 0.125}, "reference": 0,
-        "target_model": 0, "target_widths": {"fc1": 64, "fc2": 64},
+        "target_model": 0, "target_width": None, "target_widths": {"fc1": 64, "fc2": 64},
         "bn_reset": False, "bn_policy": "mapped", "reset_base_bn": False,
         "stream_points": "pooled", "repair": False, "weights": [0.25, 0.75],
         "stats_samples": 500, "seed": 4, "models": ["a.safetensors", None],

@@ -75,8 +75,7 @@ def test_diagnosis_names_a_batchnorm_reset_left_off(app):
     assert not app.toggle(key=state.W_DIAG_BN).disabled
     app.toggle(key=state.W_DIAG_BN).set_value(False).run()
     assert_ok(app)
-    failures = texts(app.error)
-    assert "BatchNorm statistics were not reset" in failures and "NaN/inf" in failures
+    assert "BatchNorm statistics were not reset" in texts(app.error)
     assert "--no-bn-reset" in texts(app.caption)
 
 

@@ -173,7 +173,7 @@ def test_archives_upload_and_work_on_every_page(demo_cache, zoo):
     archived = table[table["source"] == "upload"]
     assert list(archived["arch"]) == ["torchscript LayerNormGeluMLP"] * 2
     assert (archived["accuracy (%)"] > 90).all()
-    for page, n_charts in (("spectra", 2), ("features", 5), ("interpolation", 1)):
+    for page, n_charts in (("spectra", 4), ("features", 5), ("interpolation", 1)):
         visit(app, page)
         assert not app.error, texts(app.error)
         assert len(charts(app)) == n_charts
