@@ -45,9 +45,7 @@ from ccamerge.data import load_dataset
 from ccamerge.evaluate import evaluate_model
 from ccamerge.io import load_model
 from ccamerge.methods.registry import mixed_width_methods
-from ccamerge.spec import build_spec
 from ccamerge.train import train_zoo
-from ccamerge.transform import Transform, apply_transforms, with_state
 
 ROOT = Path(__file__).resolve().parent
 
@@ -108,16 +106,6 @@ def run(args) -> list[dict]:
     return rows
 
 
-def truncated(model, width: float):
-    """``model`` with the first units of each merge point kept at multiplier ``width``."""
-    spec = build_spec(model)
-    shell = targets.shell(model, width)
-    kept = targets.point_widths(shell)
-    maps = {p.name: Transform(np.eye(p.width)[:, :kept[p.name]], np.eye(p.width)[:kept[p.name]])
-            for p in spec.points}
-    return with_state(shell, apply_transforms(model.state_dict(), spec, maps)).eval()
-
-
 def run_targets(args) -> list[dict]:
     """One row per pair of x1 models and target width: endpoint accuracies, each method's
     merged accuracy and the truncated full-width cca merge."""
@@ -131,7 +119,7 @@ def run_targets(args) -> list[dict]:
         full = api.merge(pair, data, "cca").model
         for width in args.target_widths:
             row = {"pair": k, "width": width, "a": ends[0], "b": ends[1],
-                   "truncated cca": evaluate_model(truncated(full, width), data.test)["accuracy"]}
+                   "truncated cca": evaluate_model(targets.truncated(full, width), data.test)["accuracy"]}
             for method in targets.target_width_methods():
                 merged = api.merge(pair, data, method, target_width=width).model
                 row[method] = evaluate_model(merged, data.test)["accuracy"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,7 @@ from ccamerge.methods import get_method
 from ccamerge.methods.registry import METHODS
 from ccamerge.models import ARCHITECTURES, build_model
 from ccamerge.spec import build_spec, model_widths
+from ccamerge.transform import Transform, apply_transforms, with_state
 
 
 def target_width_methods() -> list[str]:
@@ -113,3 +115,15 @@ def fit_static(state: dict[str, torch.Tensor], merged: nn.Module) -> dict[str, t
     shapes = {k: v.shape for k, v in merged.state_dict().items()}
     return {k: v[:shapes[k][0]] if v.dim() == 1 and v.shape != shapes[k] else v
             for k, v in state.items()}
+
+
+def truncated(model: nn.Module, target_width: float) -> nn.Module:
+    """The trivial compression a merge into ``target_width`` should beat: ``model`` rebuilt at
+    that width multiplier with the first units of every merge point kept and the rest dropped
+    (producers' rows and consumers' columns cut), eval mode."""
+    spec = build_spec(model)
+    narrow = shell(model, target_width)
+    kept = point_widths(narrow)
+    maps = {p.name: Transform(np.eye(p.width)[:, :kept[p.name]], np.eye(p.width)[:kept[p.name]])
+            for p in spec.points}
+    return with_state(narrow, apply_transforms(model.state_dict(), spec, maps)).eval()

@@ -16,23 +16,11 @@ from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_model
 from ccamerge.io import load_model, save_model
 from ccamerge.methods.narrow import pivot_units, unmerge
-from ccamerge.spec import build_spec
-from ccamerge.transform import Transform, apply_transforms, with_state
 
 
 def equal_states(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def truncated(model, width: float):
-    """The trivial baseline: the first units of every merge point kept, the rest dropped."""
-    spec = build_spec(model)
-    shell = target.shell(model, width)
-    kept = target.point_widths(shell)
-    maps = {p.name: Transform(np.eye(p.width)[:, :kept[p.name]], np.eye(p.width)[:kept[p.name]])
-            for p in spec.points}
-    return with_state(shell, apply_transforms(model.state_dict(), spec, maps)).eval()
 
 
 @pytest.mark.parametrize("method", ["cca", "gcca"])
@@ -79,7 +67,7 @@ def test_compression_beats_truncating_units(mlps, digits, method):
         merged = api.merge(models, digits, method, target_width=width).model
         assert merged.layers[3].weight.shape == (round(64 * width), round(64 * width))
         acc = evaluate_model(merged, digits.test)["accuracy"]
-        baseline = evaluate_model(truncated(full, width), digits.test)["accuracy"]
+        baseline = evaluate_model(target.truncated(full, width), digits.test)["accuracy"]
         assert acc > baseline + 20 and acc > full_acc - 8, (width, acc, baseline, full_acc)
 
 
