@@ -267,8 +267,9 @@ def paper_summary(rows: list[dict], base: int) -> str:
               if r.get("error")]
     threads = good[0]["threads"] if good else torch.get_num_threads()
     text = [f"Paper shapes (`python benchmarks/cost.py --paper`): VGG11 and ResNet20 on 3x32x32 "
-            f"synthetic images, random models, {threads} threads, {base} images at x1 and "
-            f"{base}/width^2 above (at least {MIN_IMAGES}); seconds; `forward` = the bare "
+            f"synthetic images, random models, {threads} threads, the `images` of each row "
+            f"(`--paper-images` at x1, that / width^2 above, at least {MIN_IMAGES}; {base} in "
+            "the latest run); seconds; `forward` = the bare "
             "forward in its fastest layout; `ratio` = total / forward at these images; "
             f"`ratio_50k` = the same projected to {PAPER_TARGET} statistics images (per-image "
             "phases scaled, solve and transforms as measured); `ratio_50k_adjacent` = the same "
@@ -279,11 +280,10 @@ def paper_summary(rows: list[dict], base: int) -> str:
             *markdown(good, cols), "",
             f"ratio_50k_adjacent at most 1.3: {', '.join(met) or 'nowhere'}; above: "
             f"{', '.join(missed) or 'nowhere'}."]
-    text += ["", f"Above x1 the sample is {base}/width^2 images, one batch: what a pass costs "
-             "once (the first look at each point, kernel choices) is counted per image there, so "
-             "the projections overstate the wide settings (VGG11 x2 N=2 measured directly on "
-             "512 images: 1.18-1.34). Peak memory is the whole process at the largest setting "
-             "(the models, their copies, the merged model and the solves)."]
+    text += ["", f"Where a row's sample is one batch ({MAX_BATCH} images or fewer), what a pass costs "
+             "once (the first look at each point, kernel choices) is counted per image, so the "
+             "projection overstates that setting. Peak memory is the whole process at the "
+             "largest setting (the models, their copies, the merged model and the solves)."]
     if failed:
         text += ["", "Did not complete: " + "; ".join(failed) + "."]
     return "\n".join(text) + "\n"
