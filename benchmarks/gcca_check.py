@@ -35,8 +35,14 @@ from reproduce import PROFILES, reproduction_settings, split_data
 from reproduce import train_pool as reproduction_pool
 from scipy import stats as scipy_stats
 
-from ccamerge.api import align, average_aligned, finish_batchnorm, resolve_spec, subsample
-from ccamerge.batchnorm import DEFAULT_POLICY
+from ccamerge.api import align, average_aligned, folded_pairs, resolve_spec, subsample
+from ccamerge.batchnorm import (
+    DEFAULT_POLICY,
+    mapped_targets,
+    output_moments,
+    set_moments,
+    written_points,
+)
 from ccamerge.evaluate import evaluate_model
 from ccamerge.stats import collect_statistics
 
@@ -49,16 +55,31 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def merged_scores(models, method, options, stats, spec, x_stats, reference, held,
+def merged_scores(models, moments, method, options, stats, spec, x_stats, reference, held,
                   test) -> tuple:
-    """(held-out accuracy, test accuracy) of one merge (the default BatchNorm policy, reset on
-    ``x_stats``)."""
+    """(held-out accuracy, test accuracy) of one merge under the default BatchNorm policy,
+    as ``api.merge`` builds it, with the models' BatchNorm-output ``moments`` measured once per
+    pool model on ``x_stats`` (the same for every merge it takes part in)."""
     aligned = align(models, x_stats, method, reference=reference, statistics=stats, spec=spec,
                     **options)
     weights = [1.0 / len(models)] * len(models)
     merged, _states = average_aligned(models, aligned, weights, reference, DEFAULT_POLICY)
-    finish_batchnorm(merged, models, aligned, weights, DEFAULT_POLICY, x_stats, x_stats)
+    if moments:
+        bns = list(moments[0])
+        targets = mapped_targets(moments, aligned.alignment.transforms,
+                                 written_points(aligned.spec, bns), weights)
+        set_moments(merged, targets, x_stats)
     return (evaluate_model(merged, *held)["accuracy"], evaluate_model(merged, *test)["accuracy"])
+
+
+def subsets_of(size: int, n: int, limit: int | None) -> list[tuple]:
+    """Every subset of ``n`` of ``size`` models, or ``limit`` of them drawn at random (fixed
+    seed) for N >= 3; every pair at N = 2."""
+    combos = list(itertools.combinations(range(size), n))
+    if n == 2 or limit is None or limit >= len(combos):
+        return combos
+    rng = np.random.default_rng(n)
+    return [combos[k] for k in sorted(rng.choice(len(combos), limit, replace=False))]
 
 
 def run_arch(arch: str, data, held, profile: dict, args) -> list[dict]:
@@ -69,16 +90,19 @@ def run_arch(arch: str, data, held, profile: dict, args) -> list[dict]:
     log(f"{arch}: {epochs} epochs, cca options {options}")
     x_stats = subsample(data.x_train, profile["stats"], 0)
     test = (data.x_test, data.y_test)
+    bns = [bn for _conv, bn in folded_pairs(pool[0], DEFAULT_POLICY)]
+    pool_moments = output_moments(pool, bns, x_stats) if bns else [{} for _ in pool]
     rows = []
     for n in range(2, args.max_n + 1):
-        for subset in itertools.combinations(range(len(pool)), n):
+        for subset in subsets_of(len(pool), n, args.subsets):
             members = [pool[i] for i in subset]
+            moments = [pool_moments[i] for i in subset] if bns else []
             spec = resolve_spec(members, x_stats)
             stats = collect_statistics(members, spec, x_stats, pairs="all")
             for method in METHODS:
                 for ref in range(n):
-                    h, t = merged_scores(members, method, options, stats, spec, x_stats, ref,
-                                         held, test)
+                    h, t = merged_scores(members, moments, method, options, stats, spec,
+                                         x_stats, ref, held, test)
                     rows.append({"arch": arch, "N": n, "subset": "-".join(map(str, subset)),
                                  "method": method, "reference": subset[ref],
                                  "heldout": round(h, 3), "test": round(t, 3)})
@@ -134,15 +158,17 @@ def summary_table(subsets: dict[tuple, dict[str, float]]) -> list[str]:
 
 def report(rows: list[dict], args, profile: dict, seconds: float) -> str:
     subsets = per_subset(rows)
+    subsets_text = ("every subset" if args.subsets is None
+                    else f"{args.subsets} random subsets per N (every one where fewer)")
     settings = "; ".join(f"{a} {v['epochs']} epochs, gamma {v['gamma']:g}"
                          for a, v in args.settings.items())
     return "\n".join([
         "# gcca vs cca with every reference", "",
         f"`python benchmarks/gcca_check.py --archs {' '.join(args.archs)} --pool {args.pool} "
-        f"--max-n {args.max_n}` ({seconds / 60:.1f} min on this machine's CPU).", "",
+        f"--max-n {args.max_n}{'' if args.subsets is None else f' --subsets {args.subsets}'}` ({seconds / 60:.1f} min on this machine's CPU).", "",
         f"Data: {profile['data']} at {28 // profile['downsample']} px, {profile['train']} training "
         f"images, pools of {args.pool} x1 models per architecture (seeds 0..{args.pool - 1}, same "
-        f"data, the reproduction's pools: {settings}); every subset of 2..{args.max_n} models; "
+        f"data, the reproduction's pools: {settings}); every pair and {subsets_text} of 3..{args.max_n} models; "
         f"statistics and BatchNorm reset on {profile['stats']} training images; both methods at "
         f"the gamma selected for the pool, BatchNorm policy `{DEFAULT_POLICY}`. Accuracy in % on "
         "the 2000 test images. `best`: the reference whose merge scored "
@@ -159,6 +185,8 @@ def main() -> None:
     p.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
     p.add_argument("--pool", type=int, default=6)
     p.add_argument("--max-n", type=int, default=5)
+    p.add_argument("--subsets", type=int, default=None,
+                   help="random subsets per N >= 3 (default: every subset)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/default"),
                    help="a reproduction's results: its pools' epochs and selected gamma")
     p.add_argument("--cache", type=Path, default=Path("benchmarks/cache"),
