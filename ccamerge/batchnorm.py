@@ -26,6 +26,12 @@ The ``mapped`` policy gives each merged unit the moments of the mapped endpoint 
    correction, so a deeper BatchNorm's statistics are those of slightly different inputs; on
    the test nets a model merged with its permuted twin differs from it by ~1e-3 in the logits).
 
+The moments ``mu_i``, ``Sigma_i`` come from the statistics pass itself (its ``self_only``
+modules, :func:`moment_batchnorms`: the same forwards, every position, no cross-covariances),
+so a merge under this policy runs the paper's passes: N statistics forwards and one
+train-mode pass. Statistics collected without them (and data-free methods) fall back to one
+pass per model (:func:`output_moments`).
+
 For a permutation ``t_ij^T mu_i`` and ``t_ij^T Sigma_i t_ij`` are the matched unit's own mean and
 variance, so a permuted twin merges back to the original model. Standard deviations (not
 variances) are averaged, as REPAIR does. Without a BatchNorm reset the folded average is kept
@@ -43,8 +49,8 @@ from torch import fx, nn
 from ccamerge.distributed import reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
 from ccamerge.spec import AlignmentSpec, MergePoint
-from ccamerge.stats import collect_statistics
-from ccamerge.transform import Transforms
+from ccamerge.stats import Statistics, collect_statistics
+from ccamerge.transform import Transforms, has_batchnorm
 
 POLICIES = ("mapped", "paper")
 DEFAULT_POLICY = "mapped"  # chosen on held-out data: see benchmarks/results/default/summary.md, options
@@ -123,12 +129,34 @@ def written_points(spec: AlignmentSpec, bns: Sequence[str]) -> dict[str, str | N
     return {bn: owner.get(f"{bn}.bias") for bn in bns}
 
 
+def moment_batchnorms(model: nn.Module, policy: str = DEFAULT_POLICY) -> list[str]:
+    """The BatchNorms whose output moments ``policy``'s reset needs: the folded ones under
+    "mapped" (:func:`conv_bn_pairs`), none under "paper" or without BatchNorm. Pass them as
+    ``self_only`` to :func:`ccamerge.stats.collect_statistics` to measure them in the
+    statistics pass."""
+    if policy != "mapped" or not has_batchnorm(model):
+        return []
+    return [bn for _conv, bn in conv_bn_pairs(model)]
+
+
+def carried_moments(stats: Statistics | None, bns: Sequence[str]) -> list[Moments] | None:
+    """Per model, each of ``bns``' output (mean ``[C_i]``, covariance ``[C_i, C_i]``) from
+    statistics collected with them as ``self_only`` (same numbers as :func:`output_moments`
+    on the statistics' inputs); None when ``stats`` does not carry all of them."""
+    if stats is None or any(bn not in stats.self_only for bn in bns):
+        return None
+    return [{bn: (stats.self_only[bn].mean[i], stats.self_only[bn].cov(i, i)) for bn in bns}
+            for i in range(stats.num_models)]
+
+
 def output_moments(models: Sequence[nn.Module], bns: Sequence[str], x, *,
                    batch_size: int = 256, group=None) -> list[Moments]:
     """Per model, each named BatchNorm's output mean ``[C]`` and covariance ``[C, C]`` (float64)
     over the inputs ``x`` (a tensor ``[B, ...]`` or a data source), eval mode, one streamed
     pass per model (shared by the ranks of ``group``). Models may differ in width (each
-    BatchNorm's ``C`` is its own model's)."""
+    BatchNorm's ``C`` is its own model's). A merge collects them in its statistics pass
+    instead (:func:`moment_batchnorms`, :func:`carried_moments`); this pass is for statistics
+    collected without them and for data-free methods."""
     out = []
     for model in models:
         modules = dict(model.named_modules())

@@ -33,7 +33,7 @@ from ccamerge.errors import CcamergeError
 from ccamerge.models import ARCHITECTURES
 from ccamerge.moments import UNCENTRED_LIMIT, _add_chunk, _Workspace  # noqa: F401 - re-exported
 from ccamerge.positions import PositionSampler
-from ccamerge.spec import AlignmentSpec, model_widths
+from ccamerge.spec import AlignmentSpec, MergePoint, model_widths
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -177,6 +177,8 @@ class Statistics:
     world_size: int = 1  # processes that shared the data (torch.distributed)
     samples_per_rank: list[int] = field(default_factory=list)  # input rows each process read
     positions: int | float | None = None  # per conv map and image: all (None), k, or a fraction
+    # module -> its outputs' moments, each model with itself only (``cov(i, i)``), every position
+    self_only: dict[str, PointStatistics] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> PointStatistics:
         return self.points[name]
@@ -276,7 +278,7 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
                        progress: Callable[[float], None] | None = None,
                        device: str | torch.device | None = None,
                        group: ProcessGroup | None = None, positions: int | float | None = None,
-                       seed: int = 0) -> Statistics:
+                       seed: int = 0, self_only: Sequence[str] = ()) -> Statistics:
     """One pass of all ``models`` over the inputs ``x``: a tensor ``[B, ...]`` or any data source
     (:func:`ccamerge.data.as_source`: a Dataset part, a DataLoader, an iterable of batches),
     streamed ``batch_size`` samples at a time, so memory does not grow with the data.
@@ -301,6 +303,12 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     torch.distributed process group; this rank then reads only its block of whole batches of
     ``x`` (every rank passes all of ``x``) and the moments are all-reduced exactly, so every
     rank returns the statistics of all of ``x`` (see :mod:`ccamerge.distributed`).
+
+    ``self_only``: names of modules (BatchNorms, convs, linears; present in every model) whose
+    outputs are measured in the same pass, each model with itself only (mean ``[C_i]``,
+    covariance ``[C_i, C_i]``, no cross-covariances), over every position whatever
+    ``positions`` (the mapped BatchNorm policy sets units to these moments and recomputes the
+    running statistics on all positions: :mod:`ccamerge.batchnorm`); in ``Statistics.self_only``.
     """
     place = resolve_device(device) if device is not None else module_device(models[0])
     sampler = PositionSampler(positions, seed)
@@ -309,21 +317,73 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
     runners, source = _runners(models, source, place)
     widths = _point_widths(models, runners, spec, probe)
-    acc = {(point.name, i, j): CrossMoments(widths[point.name][i], widths[point.name][j], place)
-           for point in spec.points for i, j in blocks}
-    workspace = _Workspace()
+    main = _View.of(spec, widths, blocks, place)
+    own_widths = module_widths(models, self_only)
+    own = _View.of(output_spec(own_widths), own_widths, [(i, i) for i in range(len(models))],
+                   place)
 
-    def fold(captures: list[dict[str, list[torch.Tensor]]]) -> None:
-        for point in spec.points:  # the k-th feature module of every model (streams read several)
-            for chunk in zip(*(captured[point.name] for captured in captures), strict=True):
-                _add_chunk(acc, point.name, chunk, blocks, workspace)
-        _check_finite(acc, spec, len(models))
+    def fold(captures: list[dict[str, list[torch.Tensor]]],
+             own_captures: list[dict[str, list[torch.Tensor]]]) -> None:
+        main.fold(captures)
+        own.fold(own_captures)
+        _check_finite(main.acc, spec, len(models))
 
-    seen = _stream(runners, spec, source, batch_size, sampler, first, fold, progress)
-    samples_per_rank = all_reduce_moments(list(acc.values()), seen, group)  # [seen] alone
-    stats = _finish(acc, spec, widths, len(models), reference, pairs, place, samples_per_rank)
+    views = [(spec, sampler), (own.spec, None)]
+    seen = _stream(runners, views, source, batch_size, sampler, first, fold, progress)
+    samples_per_rank = all_reduce_moments([*main.acc.values(), *own.acc.values()], seen, group)
+    stats = _finish(main.acc, spec, widths, len(models), reference, pairs, place,
+                    samples_per_rank)
     stats.positions = sampler.positions
+    stats.self_only = _points(own.acc, own.spec, own_widths, len(models))
     return stats
+
+
+@dataclass
+class _View:
+    """What one set of points of the pass accumulates: ``acc`` ``{(point, i, j): CrossMoments
+    [n_i, n_j]}`` for each covariance block ``(i, j)`` of ``blocks``, and its workspace."""
+
+    spec: AlignmentSpec
+    blocks: list[tuple[int, int]]
+    acc: dict[tuple[str, int, int], CrossMoments]
+    workspace: _Workspace
+
+    @classmethod
+    def of(cls, spec: AlignmentSpec, widths: dict[str, list[int]],
+           blocks: list[tuple[int, int]], place: torch.device) -> _View:
+        acc = {(p.name, i, j): CrossMoments(widths[p.name][i], widths[p.name][j], place)
+               for p in spec.points for i, j in blocks}
+        return cls(spec, blocks, acc, _Workspace())
+
+    def fold(self, captures: list[dict[str, list[torch.Tensor]]]) -> None:
+        """One batch of every model's captured samples (``captures[i]``: model i's)."""
+        for point in self.spec.points:  # the k-th feature module of every model (streams read several)
+            for chunk in zip(*(captured[point.name] for captured in captures), strict=True):
+                _add_chunk(self.acc, point.name, chunk, self.blocks, self.workspace)
+
+
+def output_spec(widths: dict[str, list[int]]) -> AlignmentSpec:
+    """A spec with one point per module of ``widths`` (:func:`module_widths`), reading its
+    output (the point's width: model 0's)."""
+    return AlignmentSpec(tuple(MergePoint(name, per_model[0], (name,), (), ())
+                               for name, per_model in widths.items()))
+
+
+def module_widths(models: Sequence[nn.Module], names: Sequence[str]) -> dict[str, list[int]]:
+    """``{module: [output channels per model]}`` of BatchNorm (``num_features``), conv
+    (``out_channels``) or linear (``out_features``) modules; another kind fails in one line."""
+    out: dict[str, list[int]] = {name: [] for name in names}
+    for model in models:
+        modules = dict(model.named_modules())
+        for name in names:
+            module = modules.get(name)
+            width = next((getattr(module, a) for a in ("num_features", "out_channels",
+                                                       "out_features") if hasattr(module, a)), None)
+            if width is None:
+                raise CcamergeError(f"cannot measure the outputs of {name!r}: the model has no "
+                                    "such BatchNorm, conv or linear module")
+            out[name].append(int(width))
+    return out
 
 
 def _point_widths(models: Sequence[nn.Module], runners: Sequence[nn.Module], spec: AlignmentSpec,
@@ -354,21 +414,24 @@ def _shard(source: DataSource, batch_size: int, group: ProcessGroup | None
     return part, batch_block(source.size_hint(), batch_size, *rank_and_size(group)).start
 
 
-def _stream(runners, spec: AlignmentSpec, source: DataSource, batch_size: int,
-            sampler: PositionSampler, first: int, fold: Callable, progress) -> int:
-    """Run every model on every batch with the features captured, ``fold(captures)`` after each
-    batch; returns the number of inputs read."""
+def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], source: DataSource,
+            batch_size: int, sampler: PositionSampler, first: int, fold: Callable,
+            progress) -> int:
+    """Run every model on every batch with the features of each ``(spec, select)`` view
+    captured, ``fold(*captures)`` after each batch (one list of per-model captures per view);
+    returns the number of inputs read."""
     total, seen = source.size_hint(), 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
-        captures = [stack.enter_context(capture_features(m, spec, sampler)) for m in runners]
+        captures = [[stack.enter_context(capture_features(m, spec, select)) for m in runners]
+                    for spec, select in views]
         for xb, _ in source.batches(batch_size):
             sampler.start_batch(first + seen, len(xb))
             with torch.no_grad():
                 for model in runners:
                     model(xb)
-            fold(captures)
-            for captured in captures:
+            fold(*captures)
+            for captured in (c for view in captures for c in view):
                 for chunks in captured.values():
                     chunks.clear()
             seen += len(xb)
@@ -437,6 +500,13 @@ def _moved(x: torch.Tensor | DataSource, to: dict) -> torch.Tensor | DataSource:
 def _finish(acc, spec, widths: dict[str, list[int]], num_models, reference, pairs,
             device: torch.device, samples_per_rank: list[int]) -> Statistics:
     """The accumulated moments as numpy float64 :class:`Statistics` (on the host)."""
+    return Statistics(_points(acc, spec, widths, num_models), num_models, reference, pairs,
+                      str(device), len(samples_per_rank), list(samples_per_rank))
+
+
+def _points(acc, spec, widths: dict[str, list[int]], num_models: int
+            ) -> dict[str, PointStatistics]:
+    """``{point: PointStatistics}`` of the accumulated blocks (numpy float64, on the host)."""
     points = {}
     for point in spec.points:
         autos = [acc[(point.name, i, i)] for i in range(num_models)]
@@ -444,5 +514,4 @@ def _finish(acc, spec, widths: dict[str, list[int]], num_models, reference, pair
         points[point.name] = PointStatistics(point.name, point.width, autos[0].count,
                                              [a.mean_x.cpu().numpy() for a in autos], covs,
                                              list(widths[point.name]))
-    return Statistics(points, num_models, reference, pairs, str(device), len(samples_per_rank),
-                      list(samples_per_rank))
+    return points
