@@ -25,10 +25,12 @@ from ccamerge import target, validate
 from ccamerge.analysis.shared import shared_spectrum_rows
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
+    carried_moments,
     check_policy,
     conv_bn_pairs,
     fold_state,
     mapped_targets,
+    moment_batchnorms,
     output_moments,
     set_moments,
     widen_static_vectors,
@@ -99,7 +101,8 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           stats_samples: int | None = None, batch_size: int = 256, seed: int = 0,
           statistics: Statistics | None = None, spec: AlignmentSpec | None = None,
           stream_points: str = "pooled", device=None, group=None, progress: Progress = _silent,
-          widths: dict[str, int] | None = None, **options) -> AlignResult:
+          widths: dict[str, int] | None = None, self_only: Sequence[str] = (),
+          **options) -> AlignResult:
     """Transforms bringing every model into the reference's basis (jointly for ZipIt).
 
     ``statistics``: reuse statistics collected earlier (same models and reference, and every
@@ -112,7 +115,9 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     torch.distributed process group whose ranks share the statistics data (every rank passes
     the same data and gets the same result; see :mod:`ccamerge.distributed`). ``widths``: the
     merged model's width per merge point where it is below the reference's (a method with
-    ``Method.target_width``; see :mod:`ccamerge.methods.narrow`).
+    ``Method.target_width``; see :mod:`ccamerge.methods.narrow`). ``self_only``: modules whose
+    output moments the statistics pass also measures, each model with itself (the mapped
+    BatchNorm reset's: :func:`ccamerge.batchnorm.moment_batchnorms`); only when collected here.
     """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
@@ -128,7 +133,7 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                                    subsample(source, stats_samples, seed),
                                    reference=reference,
                                    pairs=spec_method.statistics, batch_size=batch_size,
-                                   device=place, group=group,
+                                   device=place, group=group, self_only=self_only,
                                    progress=lambda f: progress(0.6 * f, "collecting statistics"))
     progress(0.6, f"solving {method}")
     ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed, widths)
@@ -265,6 +270,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     batch_size=batch_size, seed=seed, spec=spec, statistics=statistics,
                     stream_points=stream_points, group=group, progress=progress, widths=widths,
+                    self_only=moment_batchnorms(models[0], bn_policy) if bn_reset else (),
                     **options)
     progress(0.8, "averaging")
     weights = weights if weights is not None else [1.0 / len(models)] * len(models)
@@ -360,13 +366,16 @@ def finish_batchnorm(merged: nn.Module, models: Sequence[nn.Module], aligned: Al
                      batch_size: int = 256, group=None) -> None:
     """The BatchNorm reset of a merged model, in place. "paper": running statistics recomputed
     on ``train``; "mapped": each folded BatchNorm given the mapped moments of the original
-    ``models`` measured on ``fit`` (:mod:`ccamerge.batchnorm`), statistics recomputed on ``fit``.
+    ``models`` (:mod:`ccamerge.batchnorm`), statistics recomputed on ``fit``. The moments are
+    those ``aligned.statistics`` carry (collected with ``self_only``, on their own inputs: the
+    statistics sample, ``fit`` in a merge), else measured on ``fit`` in one pass per model.
     No-op without BatchNorm."""
-    bns = [bn for _conv, bn in folded_pairs(models[0], bn_policy)]
+    bns = moment_batchnorms(models[0], bn_policy)
     if not bns:
         reset_batchnorm_sharded(merged, train, batch_size=batch_size, group=group)
         return
-    moments = output_moments(models, bns, fit, batch_size=batch_size, group=group)
+    moments = (carried_moments(aligned.statistics, bns)
+               or output_moments(models, bns, fit, batch_size=batch_size, group=group))
     targets = mapped_targets(moments, aligned.alignment.transforms,
                              written_points(aligned.spec, bns), weights)
     set_moments(merged, targets, fit, batch_size=batch_size, group=group)
@@ -412,8 +421,9 @@ def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
     ``x_eval`` with ``y_eval`` None) of a merge built from statistics collected earlier (to score
     several methods or settings on one pass over the data), its BatchNorm reset (if on, with
     ``bn_policy``) run over ``x_fit`` (a tensor or a source; shared by the ranks of ``group``).
-    ``fit``: the inputs the mapped policy measures its moments on (default ``x_fit``; a merge
-    uses its statistics sample)."""
+    ``fit``: the inputs the mapped policy recomputes the running statistics on (default
+    ``x_fit``; a merge uses its statistics sample); its moments are those ``stats`` carry
+    (collected with ``self_only=moment_batchnorms(...)``), else measured on ``fit``."""
     check_policy(bn_policy)
     aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
                     **options)

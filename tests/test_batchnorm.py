@@ -3,11 +3,19 @@ import pytest
 import torch
 from helpers import max_output_diff, permuted_twin
 
-from ccamerge.api import merge
-from ccamerge.batchnorm import conv_bn_pairs, fold_state, output_moments
+from ccamerge.api import merge, resolve_spec, subsample
+from ccamerge.batchnorm import (
+    carried_moments,
+    conv_bn_pairs,
+    fold_state,
+    moment_batchnorms,
+    output_moments,
+)
 from ccamerge.errors import CcamergeError
 from ccamerge.models import build_model
 from ccamerge.repair import unit_moments
+from ccamerge.spec import build_spec
+from ccamerge.stats import collect_statistics
 from ccamerge.transform import with_state
 
 
@@ -56,6 +64,87 @@ def test_the_statistics_pass_gives_numpys_moments_of_the_batchnorm_outputs(resne
     for bn, samples in _bn_outputs(resnets[0], bns, x).items():
         np.testing.assert_allclose(moments[bn][0], samples.mean(0), atol=1e-5)
         np.testing.assert_allclose(moments[bn][1], np.cov(samples.T), atol=1e-5)
+
+
+def test_the_statistics_pass_carries_the_moments_a_pass_of_their_own_measures(resnets, digits):
+    """``self_only`` BatchNorms: each model with itself, every position (``positions`` is for
+    the merge points only), the same numbers as one pass per model."""
+    x, bns = digits.x_train[:150], moment_batchnorms(resnets[0])
+    stats = collect_statistics(resnets, build_spec(resnets[0]), x, batch_size=64, positions=3,
+                               self_only=bns)
+    assert set(stats["block1.1"].covs) == {(0, 0), (1, 1), (0, 1)}
+    assert all(set(stats.self_only[bn].covs) == {(0, 0), (1, 1)} for bn in bns)
+    carried, separate = carried_moments(stats, bns), output_moments(resnets, bns, x, batch_size=64)
+    for mine, theirs in zip(carried, separate, strict=True):
+        for bn in bns:
+            np.testing.assert_allclose(mine[bn][0], theirs[bn][0], rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(mine[bn][1], theirs[bn][1], rtol=1e-12, atol=1e-12)
+    assert stats.self_only[bns[0]].count == 150 * 8 * 8  # every position of every image
+    assert carried_moments(collect_statistics(resnets, build_spec(resnets[0]), x), bns) is None
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module, rtol: float = 1e-6) -> None:
+    for key, value in a.state_dict().items():
+        other = b.state_dict()[key]
+        scale = max(float(other.abs().max()), 1e-30) if other.is_floating_point() else 1.0
+        torch.testing.assert_close(value, other, rtol=0, atol=rtol * scale, msg=key)
+
+
+@pytest.mark.parametrize("method", ["cca", "permute"])
+def test_a_mapped_merge_with_the_moments_of_the_statistics_pass_equals_the_separate_pass(
+        resnets, digits, method):
+    """The old path (statistics without the moments: one more pass per model over the same
+    sample) and the new one build the same merged model."""
+    x = digits.x_train[:400]
+    together = merge(resnets, x, method, stats_samples=250, seed=3, batch_size=100)
+    spec = resolve_spec(resnets, x)
+    plain = collect_statistics(resnets, spec, subsample(x, 250, 3), batch_size=100,
+                               pairs="all")
+    separate = merge(resnets, x, method, stats_samples=250, seed=3, batch_size=100,
+                     statistics=plain)
+    assert set(together.statistics.self_only) == set(moment_batchnorms(resnets[0]))
+    _same_weights(together.model, separate.model)
+
+
+def _counted_rows(models, **merge_options) -> dict[str, int]:
+    """Input rows the ``models`` (and the merged model, a copy of the reference) ran in eval
+    and in train mode during one merge."""
+    rows = {"eval": 0, "train": 0}
+
+    def hook(module, inputs, _out):
+        rows["train" if module.training else "eval"] += inputs[0].shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in models]
+    try:
+        merge(models, **merge_options)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
+
+
+def _random_resnets(n: int) -> list[torch.nn.Module]:
+    out = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        out.append(build_model("resnet20", image_shape=[3, 32, 32], width=0.25).eval())
+    return out
+
+
+def test_a_mapped_merge_runs_the_forwards_of_the_paper_policy_and_no_pass_per_model():
+    """N statistics forwards over the sample + one train-mode pass, as under "paper". Statistics
+    given without the moments cost one eval pass per model for them; given with them, none."""
+    models, x = _random_resnets(3), torch.randn(90, 3, 32, 32)
+    common = dict(data=x, method="cca", batch_size=40)
+    paper = _counted_rows(models, bn_policy="paper", **common)
+    mapped = _counted_rows(models, bn_policy="mapped", **common)
+    assert paper == mapped == {"eval": 3 * 90, "train": 90}
+    spec = resolve_spec(models, x)
+    plain = collect_statistics(models, spec, x, batch_size=40)
+    assert _counted_rows(models, statistics=plain, **common) == {"eval": 3 * 90, "train": 90}
+    carrying = collect_statistics(models, spec, x, batch_size=40,
+                                  self_only=moment_batchnorms(models[0]))
+    assert _counted_rows(models, statistics=carrying, **common) == {"eval": 0, "train": 90}
 
 
 def test_under_a_dense_map_merged_units_take_the_mapped_moments(resnets, digits):

@@ -33,7 +33,7 @@ from ccamerge.api import (
     subsample,
     train_source,
 )
-from ccamerge.batchnorm import DEFAULT_POLICY, check_policy
+from ccamerge.batchnorm import DEFAULT_POLICY, check_policy, moment_batchnorms
 from ccamerge.data import as_source, holdout_split
 from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
@@ -141,7 +141,9 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     ``sweep`` (with ``with_sweep``, for cca and zipit); ``findings`` (checklist, most severe
     first) and ``healthy``. ``statistics``: reuse statistics collected earlier on
     ``subsample(train, stats_samples, seed)`` (every model with the reference, or every pair)
-    instead of a new pass; the sweep reuses them only with ``validation`` (see :func:`sweep`).
+    instead of a new pass (collected with ``self_only=moment_batchnorms(...)`` they also give
+    the mapped BatchNorm reset its moments; else one more pass per model measures them); the
+    sweep reuses them only with ``validation`` (see :func:`sweep`).
     ``device``: where it runs (see :func:`ccamerge.api.place_models`). ``bn_policy``: the
     merge's BatchNorm policy (see :func:`ccamerge.api.merge`): ``merged`` is the merge as
     ``merge`` builds it; the partial merges before it recompute their BatchNorm statistics
@@ -156,6 +158,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         report(0.0, "collecting activation statistics")
         pairs = get_method(method).statistics or "reference"
         statistics = collect_statistics(models, spec, x_stats, reference=reference, pairs=pairs,
+                                        self_only=_moment_modules(models, bn_policy, bn_reset),
                                         progress=lambda f: report(0.25 * f, "collecting statistics"))
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     seed=seed, statistics=statistics, spec=spec, **options)
@@ -209,6 +212,12 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     result["healthy"] = not any(f["severity"] == "failure" for f in result["findings"])
     report(1.0, "done")
     return result
+
+
+def _moment_modules(models: Sequence[nn.Module], bn_policy: str, bn_reset: bool) -> list[str]:
+    """The BatchNorms whose output moments the statistics pass measures for the merges' reset
+    (:func:`ccamerge.batchnorm.moment_batchnorms`; none without a reset)."""
+    return moment_batchnorms(models[0], bn_policy) if bn_reset else []
 
 
 def _loss_added(before: float, after: float) -> float | None:
@@ -303,7 +312,8 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
                             "held-out split needs statistics of its own)")
     stats = statistics or collect_statistics(models, spec, subsample(x_fit, stats_samples, seed),
                                              reference=reference,
-                                             pairs=method_info.statistics or "reference")
+                                             pairs=method_info.statistics or "reference",
+                                             self_only=_moment_modules(models, bn_policy, bn_reset))
 
     def score(options: dict) -> dict:
         return score_merge(models, method, options, stats, spec, x_fit, val, None, reference,
