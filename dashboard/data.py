@@ -58,6 +58,7 @@ from ccamerge.analysis.features import (
     feature_matching,
 )
 from ccamerge.batchnorm import DEFAULT_POLICY as BN_DEFAULT
+from ccamerge.batchnorm import moment_batchnorms
 from ccamerge.data import Dataset, holdout_split, load_dataset
 from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
@@ -326,7 +327,10 @@ def shared_statistics(models: Sequence[nn.Module], digests: Sequence[str], data:
     images (:data:`SEED`), kept per (model digests, dataset, samples) and shared by every page,
     method, setting and subset (:func:`pick_statistics`). Collected with every pair when asked
     for or when N <= 3 (then it costs what the reference pairs cost); such an object also serves
-    any reference. Shared and read-only; ``reference`` is set on the copy returned."""
+    any reference. For BatchNorm nets it also carries the folded BatchNorms' output moments
+    (``self_only``: what the mapped reset needs, so no merge runs a pass per model for them;
+    the models, hence the key, decide them). Shared and read-only; ``reference`` is set on the
+    copy returned."""
     base = ("statistics", list(digests), data_key, data.name, stats_samples, SEED)
     hit = memo().get(_key(*base, "all"))
     if hit is None and pairs == "reference":
@@ -348,7 +352,8 @@ def _collect(models: Sequence[nn.Module], data: Dataset, reference: int,
                   "training images")
     return collect_statistics(models, api.resolve_spec(models, x),
                               api.subsample(x, stats_samples, SEED), reference=reference,
-                              pairs=pairs, progress=lambda f: progress(f, "collecting statistics"))
+                              pairs=pairs, self_only=moment_batchnorms(models[0], "mapped"),
+                              progress=lambda f: progress(f, "collecting statistics"))
 
 
 def pick_statistics(stats: Statistics, indices: Sequence[int], reference: int) -> Statistics:
@@ -356,13 +361,18 @@ def pick_statistics(stats: Statistics, indices: Sequence[int], reference: int) -
     ``reference`` (an index into ``indices``); the blocks they need must have been collected."""
     indices = list(indices)
     pairs = [(a, b) for a in range(len(indices)) for b in range(a, len(indices))]
-    points = {name: PointStatistics(p.name, p.width, p.count, [p.mean[i] for i in indices],
-                                    _picked_blocks(p, indices, pairs),
-                                    [p.widths[i] for i in indices])
-              for name, p in stats.points.items()}
+    points = {name: _picked_point(p, indices, pairs) for name, p in stats.points.items()}
+    self_only = {name: _picked_point(p, indices, pairs) for name, p in stats.self_only.items()}
     kind = "all" if stats.pairs == "all" or len(indices) == 2 else "reference"
     return dataclasses.replace(stats, points=points, num_models=len(indices), reference=reference,
-                               pairs=kind)
+                               pairs=kind, self_only=self_only)
+
+
+def _picked_point(point: PointStatistics, indices: list[int], pairs) -> PointStatistics:
+    """``point`` of models ``indices`` only, renumbered 0.. (the blocks of ``pairs`` it holds)."""
+    return PointStatistics(point.name, point.width, point.count,
+                           [point.mean[i] for i in indices], _picked_blocks(point, indices, pairs),
+                           [point.widths[i] for i in indices])
 
 
 def _picked_blocks(point: PointStatistics, indices: list[int], pairs) -> dict:

@@ -147,3 +147,31 @@ def test_channels_last_copies_merge_to_the_same_weights_bit_for_bit(digits):
     got = api.merge(fast, digits, "cca", stats_samples=SAMPLES, statistics=stats).model
     want = api.merge(vggs, digits, "cca", stats_samples=SAMPLES).model
     assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+
+
+def test_shared_statistics_carry_the_batchnorm_moments_and_merges_need_no_pass_for_them(
+        digits, monkeypatch):
+    """A BatchNorm selection's shared pass measures the mapped reset's moments (each model with
+    itself), a subset picks them, and a merge on them runs no pass per model."""
+    import ccamerge.api as api_module
+    from ccamerge.batchnorm import carried_moments, moment_batchnorms, output_moments
+
+    data.memo().clear()
+    torch.manual_seed(4)
+    vggs = [build_model("vgg", **(default_config("vgg", digits) | {"batch_norm": True,
+                                                                   "width": 0.5}))
+            for _ in range(3)]
+    bns = moment_batchnorms(vggs[0])
+    stats = data.shared_statistics(vggs, ("b0", "b1", "b2"), digits, "digits", reference=0,
+                                   stats_samples=SAMPLES)
+    picked = data.pick_statistics(stats, [2, 0], 0)
+    x = api.subsample(api.train_source(digits), SAMPLES, data.SEED)
+    for mine, theirs in zip(carried_moments(picked, bns), output_moments([vggs[2], vggs[0]], bns, x),
+                            strict=True):
+        for bn in bns:
+            np.testing.assert_allclose(mine[bn][1], theirs[bn][1], rtol=1e-9, atol=1e-12)
+    monkeypatch.setattr(api_module, "output_moments", lambda *a, **k: pytest.fail("extra pass"))
+    merged = data.merge(vggs[:2], ("b0", "b1"), digits, "digits", "cca", {}, reference=0,
+                        bn_reset=True, stats_samples=SAMPLES, test_samples=100,
+                        statistics=data.pick_statistics(stats, [0, 1], 0))
+    assert merged["recipe"]["bn_policy"] == "mapped"
