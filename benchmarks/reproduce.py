@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ccamerge.analysis.diagnose import sweep
 from ccamerge.api import interpolate, reset_base_models, resolve_spec, score_merge, subsample
-from ccamerge.batchnorm import DEFAULT_POLICY
+from ccamerge.batchnorm import DEFAULT_POLICY, moment_batchnorms
 from ccamerge.data import load_dataset, split_indices
 from ccamerge.evaluate import evaluate_model, metrics_from_logits
 from ccamerge.io import load_model
@@ -216,7 +216,8 @@ def merge_subset(models, data, x_stats, methods: dict[str, dict]) -> dict[str, f
     ``"<method> paper"`` runs ``<method>`` under the paper's BatchNorm policy, the others
     under the library's default (``mapped``)."""
     spec = resolve_spec(models, x_stats)
-    stats = collect_statistics(models, spec, x_stats, pairs="all")
+    stats = collect_statistics(models, spec, x_stats, pairs="all",
+                               self_only=moment_batchnorms(models[0]))  # the mapped reset's
     out = {}
     for label, options in methods.items():
         method, _, policy = label.partition(" ")
@@ -237,7 +238,8 @@ def compare_options(models, pairs, held, x_stats, options: dict, key: dict, writ
                 members = [reset[i] for i in pair]
             spec = resolve_spec(members, x_stats)
             stats = collect_statistics(members, with_stream_points(
-                spec, variant.get("stream_points", "pooled")), x_stats, pairs="all")
+                spec, variant.get("stream_points", "pooled")), x_stats, pairs="all",
+                self_only=moment_batchnorms(members[0], variant["bn_policy"]))
             score = score_merge(members, "cca", options, stats, spec, x_stats, held[0], held[1],
                                 reference=0, bn_reset=True,
                                 bn_policy=variant["bn_policy"])["accuracy"]
