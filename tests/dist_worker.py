@@ -4,7 +4,8 @@
 
 or under ``torchrun``. Reads ``DIR/inputs.pt`` (models as ``(arch, config, state)``, inputs,
 batch size; written by the test) and writes ``DIR/rank{r}.pt``. MODE ``merge``: statistics of
-the MLPs, their CCA merge and the BatchNorm reset of the convnet, all sharded over the ranks;
+the MLPs, their CCA merge, the convnet's BatchNorm output moments (the mapped reset's, from a
+statistics pass) and its BatchNorm reset, all sharded over the ranks;
 ``die`` / ``hang``: the last rank exits / stalls during the statistics pass. A CcamergeError is
 printed as one line on stderr with exit status 2, as the CLI does, and the process
 group is left in every case (:func:`ccamerge.distributed.shutdown`).
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ccamerge.api import merge
+from ccamerge.batchnorm import carried_moments, moment_batchnorms
 from ccamerge.distributed import init_from_env, reset_batchnorm_sharded, shutdown
 from ccamerge.errors import CcamergeError
 from ccamerge.models import build_model
@@ -58,12 +60,16 @@ def run(mode: str, folder: Path) -> None:
                                progress=saboteur(mode, ctx.rank, ctx.world_size))
     merged = merge(models, inputs["x"], "cca", statistics=stats, batch_size=bs)
     [bn_model] = load_models([inputs["bn"]])
+    bns = moment_batchnorms(bn_model)
+    bn_stats = collect_statistics([bn_model], build_spec(bn_model), inputs["x_bn"], batch_size=bs,
+                                  group=ctx.group, self_only=bns)
     reset_batchnorm_sharded(bn_model, inputs["x_bn"], batch_size=bs, group=ctx.group)
     torch.save({"covs": {n: stats[n].covs for n in spec.names},
                 "means": {n: stats[n].mean for n in spec.names},
                 "counts": {n: stats[n].count for n in spec.names},
                 "collection": stats.collection(), "merged": merged.model.state_dict(),
-                "bn": bn_model.state_dict()}, folder / f"rank{ctx.rank}.pt")
+                "bn": bn_model.state_dict(), "bn_moments": carried_moments(bn_stats, bns)[0]},
+               folder / f"rank{ctx.rank}.pt")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ccamerge.api import merge
+from ccamerge.batchnorm import moment_batchnorms, output_moments
 from ccamerge.distributed import batch_block, every_nth_batch, launched_by_torchrun
 from ccamerge.errors import CcamergeError
 from ccamerge.models import build_model
@@ -94,8 +95,10 @@ def _single_process(inputs) -> dict:
         stats = collect_statistics(models, spec, inputs["x"], batch_size=BATCH)
         merged = merge(models, inputs["x"], "cca", statistics=stats, batch_size=BATCH)
         [bn] = load_models([inputs["bn"]])
+        [moments] = output_moments([bn], moment_batchnorms(bn), inputs["x_bn"], batch_size=BATCH)
         reset_batchnorm(bn, inputs["x_bn"], batch_size=BATCH)
-    return {"stats": stats, "merged": merged.model.state_dict(), "bn": bn.state_dict()}
+    return {"stats": stats, "merged": merged.model.state_dict(), "bn": bn.state_dict(),
+            "bn_moments": moments}
 
 
 def _relative(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -152,6 +155,9 @@ def test_gloo_ranks_equal_one_process(tmp_path, mlps, digits, launch, world, row
                   if "running" in k)
     assert bn_diff < 1e-5
     assert ranks[0]["bn"]["features.1.num_batches_tracked"] == 5
+    moments_diff = max(_relative(mine, single) for bn, pair in reference["bn_moments"].items()
+                       for mine, single in zip(ranks[0]["bn_moments"][bn], pair, strict=True))
+    assert moments_diff < 1e-12  # the mapped reset's moments, all-reduced with the statistics
     print(f"{world} ranks, max relative difference: covariances {cov_diff:.2e}, merged weights "
           f"{weights_diff:.2e}, BatchNorm running statistics {bn_diff:.2e}")
 

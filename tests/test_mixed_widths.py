@@ -189,6 +189,10 @@ def test_batchnorm_models_of_two_widths_merge_into_either_under_each_policy(
     models = [narrow, duplicated(narrow)]
     result = api.merge(models, x, "cca", target_model=target, bn_policy=policy, batch_size=400)
     assert result.recipe["bn_policy"] == policy
+    for point in result.statistics.self_only.values():  # mapped: from the statistics pass
+        assert point.widths[1] == 2 * point.widths[0] and point.cov(1, 1).shape == (
+            point.widths[1], point.widths[1])
+    assert bool(result.statistics.self_only) == (policy == "mapped")
     assert (outputs(result.model, x) - outputs(narrow, x)).abs().max() < 5e-3
 
 
