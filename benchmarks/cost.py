@@ -300,6 +300,9 @@ def main() -> None:
     parser.add_argument("--paper-widths", nargs="+", type=float, default=list(PAPER_WIDTHS),
                         help="--paper: the widths to measure now (a rerun adds the rest)")
     parser.add_argument("--paper-ns", nargs="+", type=int, default=list(PAPER_NS))
+    parser.add_argument("--paper-redo", action="store_true",
+                        help="--paper: measure --paper-widths x --paper-ns again (e.g. with more "
+                        "--paper-images), keeping the other rows")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,6 +335,9 @@ def main() -> None:
 
 def paper(args, out: Path) -> None:
     done = [] if args.fresh else read_rows(out / "cost_paper.csv")
+    if args.paper_redo:  # measure the named settings again, keep the others
+        done = [r for r in done if not (float(r["width"]) in args.paper_widths
+                                        and int(r["N"]) in args.paper_ns)]
     rows = paper_rows(["vgg11", "resnet20"], args.paper_widths, args.paper_ns, args.paper_images,
                       args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images))
     print(write_paper(rows, out, args.paper_images))
