@@ -35,10 +35,11 @@ from reproduce import PROFILES, reproduction_settings, split_data
 from reproduce import train_pool as reproduction_pool
 from scipy import stats as scipy_stats
 
-from ccamerge.api import align, average_aligned, folded_pairs, resolve_spec, subsample
+from ccamerge.api import align, average_aligned, resolve_spec, subsample
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
     mapped_targets,
+    moment_batchnorms,
     output_moments,
     set_moments,
     written_points,
@@ -90,7 +91,7 @@ def run_arch(arch: str, data, held, profile: dict, args) -> list[dict]:
     log(f"{arch}: {epochs} epochs, cca options {options}")
     x_stats = subsample(data.x_train, profile["stats"], 0)
     test = (data.x_test, data.y_test)
-    bns = [bn for _conv, bn in folded_pairs(pool[0], DEFAULT_POLICY)]
+    bns = moment_batchnorms(pool[0])
     pool_moments = output_moments(pool, bns, x_stats) if bns else [{} for _ in pool]
     rows = []
     for n in range(2, args.max_n + 1):

@@ -27,8 +27,8 @@ from ccamerge.batchnorm import (
     DEFAULT_POLICY,
     carried_moments,
     check_policy,
-    conv_bn_pairs,
     fold_state,
+    folded_pairs,
     mapped_targets,
     moment_batchnorms,
     output_moments,
@@ -270,7 +270,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     batch_size=batch_size, seed=seed, spec=spec, statistics=statistics,
                     stream_points=stream_points, group=group, progress=progress, widths=widths,
-                    self_only=moment_batchnorms(models[0], bn_policy) if bn_reset else (),
+                    self_only=moment_batchnorms(models[0], bn_policy, bn_reset=bn_reset),
                     **options)
     progress(0.8, "averaging")
     weights = weights if weights is not None else [1.0 / len(models)] * len(models)
@@ -340,11 +340,6 @@ def reset_base_models(models: Sequence[nn.Module], x, *, batch_size: int = 256,
         out.append(reset_batchnorm_sharded(with_state(model, model.state_dict()), x,
                                            batch_size=batch_size, group=group))
     return out
-
-
-def folded_pairs(model: nn.Module, bn_policy: str) -> list[tuple[str, str]]:
-    """The ``(conv, batchnorm)`` pairs ``bn_policy`` folds (none for "paper" or without BN)."""
-    return conv_bn_pairs(model) if bn_policy == "mapped" and has_batchnorm(model) else []
 
 
 def average_aligned(models: Sequence[nn.Module], aligned: AlignResult, weights: Sequence[float],

@@ -129,14 +129,18 @@ def written_points(spec: AlignmentSpec, bns: Sequence[str]) -> dict[str, str | N
     return {bn: owner.get(f"{bn}.bias") for bn in bns}
 
 
-def moment_batchnorms(model: nn.Module, policy: str = DEFAULT_POLICY) -> list[str]:
-    """The BatchNorms whose output moments ``policy``'s reset needs: the folded ones under
-    "mapped" (:func:`conv_bn_pairs`), none under "paper" or without BatchNorm. Pass them as
-    ``self_only`` to :func:`ccamerge.stats.collect_statistics` to measure them in the
-    statistics pass."""
-    if policy != "mapped" or not has_batchnorm(model):
-        return []
-    return [bn for _conv, bn in conv_bn_pairs(model)]
+def folded_pairs(model: nn.Module, policy: str) -> list[tuple[str, str]]:
+    """The ``(conv, batchnorm)`` pairs ``policy`` folds: :func:`conv_bn_pairs` under "mapped",
+    none under "paper" or without BatchNorm."""
+    return conv_bn_pairs(model) if policy == "mapped" and has_batchnorm(model) else []
+
+
+def moment_batchnorms(model: nn.Module, policy: str = DEFAULT_POLICY, *,
+                      bn_reset: bool = True) -> list[str]:
+    """The BatchNorms whose output moments ``policy``'s reset needs: the folded ones
+    (:func:`folded_pairs`), none without a reset. Pass them as ``self_only`` to
+    :func:`ccamerge.stats.collect_statistics` to measure them in the statistics pass."""
+    return [bn for _conv, bn in folded_pairs(model, policy)] if bn_reset else []
 
 
 def carried_moments(stats: Statistics | None, bns: Sequence[str]) -> list[Moments] | None:

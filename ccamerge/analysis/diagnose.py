@@ -158,7 +158,8 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         report(0.0, "collecting activation statistics")
         pairs = get_method(method).statistics or "reference"
         statistics = collect_statistics(models, spec, x_stats, reference=reference, pairs=pairs,
-                                        self_only=_moment_modules(models, bn_policy, bn_reset),
+                                        self_only=moment_batchnorms(models[0], bn_policy,
+                                                                    bn_reset=bn_reset),
                                         progress=lambda f: report(0.25 * f, "collecting statistics"))
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     seed=seed, statistics=statistics, spec=spec, **options)
@@ -212,12 +213,6 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     result["healthy"] = not any(f["severity"] == "failure" for f in result["findings"])
     report(1.0, "done")
     return result
-
-
-def _moment_modules(models: Sequence[nn.Module], bn_policy: str, bn_reset: bool) -> list[str]:
-    """The BatchNorms whose output moments the statistics pass measures for the merges' reset
-    (:func:`ccamerge.batchnorm.moment_batchnorms`; none without a reset)."""
-    return moment_batchnorms(models[0], bn_policy) if bn_reset else []
 
 
 def _loss_added(before: float, after: float) -> float | None:
@@ -313,7 +308,8 @@ def sweep(models: Sequence[nn.Module], data, method: str = "cca", *, grid: list[
     stats = statistics or collect_statistics(models, spec, subsample(x_fit, stats_samples, seed),
                                              reference=reference,
                                              pairs=method_info.statistics or "reference",
-                                             self_only=_moment_modules(models, bn_policy, bn_reset))
+                                             self_only=moment_batchnorms(models[0], bn_policy,
+                                                                         bn_reset=bn_reset))
 
     def score(options: dict) -> dict:
         return score_merge(models, method, options, stats, spec, x_fit, val, None, reference,
