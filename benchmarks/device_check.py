@@ -3,7 +3,8 @@
     python benchmarks/device_check.py            # a GPU machine: x1..x8 on 50 000 images
     python benchmarks/device_check.py --quick    # any machine, also a CPU: small widths, 512 images
     options: [--device auto] [--widths 1 2 4 8] [--samples 50000] [--check-samples 5000]
-             [--archs vgg11 resnet20] [--out benchmarks/results/device_check.md]
+             [--archs vgg11 resnet20] [--factorisations 128 256 ... 4096]
+             [--out benchmarks/results/device_check.md]
 
 1. Agreement: the CCA merge of two randomly initialised VGG11 and ResNet20 (x1) on
    ``--check-samples`` images, once with the passes on the CPU and once on ``--device``: the
@@ -16,8 +17,12 @@
    device (statistics, solve, transforms and averaging, BatchNorm reset), their total, and the
    bare forward on the device (2 eval passes, plus the train-mode pass for BatchNorm nets, no
    hooks, the same channels-last layout and exact float32, copying models and data there
-   included in both), and ``ratio`` = total / bare forward. The solve and the transforms run on
-   the host in float64 (numpy).
+   included in both), and ``ratio`` = total / bare forward. The solve's eigh and SVD run on the
+   device in float64 from :data:`ccamerge.linalg.DEVICE_MIN_SIZE` rows, its products on the host;
+   the transforms on the device in float64.
+3. Factorisations: float64 ``eigh`` and SVD of ``[n, n]`` matrices (``--factorisations``), numpy
+   in and out, on the host and on the device: where the device is faster, hence the size from
+   which ccamerge factorises there.
 
 Each phase ends with a device synchronisation. Rows print as JSON lines as they finish and the
 Markdown file is rewritten after each row. Models are random (cost does not depend on training;
@@ -31,6 +36,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +44,8 @@ import torch
 from cost import markdown
 from cost_paper import unavoidable_passes
 
-from ccamerge.api import align, aligned_states
+from ccamerge import linalg
+from ccamerge.api import align, aligned_states, place_models
 from ccamerge.devices import exact_float32, resolve_device
 from ccamerge.distributed import reset_batchnorm_sharded
 from ccamerge.models import build_model, count_parameters
@@ -87,17 +94,63 @@ def merge_on(models, x: torch.Tensor, device: torch.device) -> tuple[dict, dict,
     """A CCA merge with its passes on ``device``: ``(merged state, {point: cov(0, 1)},
     phase seconds)``; what ``ccamerge.api.merge(..., device=...)`` is meant to run."""
     phases = Phases(device)
+    models, _ = place_models(models, device)
     spec = build_spec(models[0])
     stats = collect_statistics(models, spec, x, device=device, batch_size=BATCH)
     phases.mark("statistics")
-    aligned = align(models, x, "cca", statistics=stats, spec=spec)
+    aligned = align(models, x, "cca", statistics=stats, spec=spec, device=device)
     phases.mark("solve")
     merged = with_state(models[0], average_states(aligned_states(models, aligned)))
     phases.mark("transforms")
     reset_batchnorm_sharded(merged, x, device=device, batch_size=BATCH)
     phases.mark("bn_reset")
     covs = {name: stats[name].cov(0, 1) for name in spec.names}
-    return merged.state_dict(), covs, phases.times
+    return {k: v.cpu() for k, v in merged.state_dict().items()}, covs, phases.times
+
+
+def seconds_of(run, device: torch.device, repeats: int = 3) -> float:
+    """Fastest of ``repeats`` timings of ``run()`` (after one warm-up), synchronised."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def factorisation_row(n: int, device: torch.device) -> dict:
+    """Seconds of a float64 ``eigh`` of an ``[n, n]`` covariance and an SVD of an ``[n, n]``
+    cross-covariance, from numpy arrays to numpy arrays, on the host and on ``device`` (copies
+    included): the evidence for :data:`ccamerge.linalg.DEVICE_MIN_SIZE`."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((2 * n, 2 * n))
+    c = x.T @ x / len(x)
+    sym, cross = c[:n, :n], c[:n, n:]
+    row = {"n": n}
+    for place in dict.fromkeys([torch.device("cpu"), device]):
+        label = "host" if place.type == "cpu" else "device"
+        row[f"eigh_{label}_s"] = round(seconds_of(partial(_forced_eigh, sym, place), place), 4)
+        row[f"svd_{label}_s"] = round(seconds_of(partial(_forced_svd, cross, place), place), 4)
+    if device.type == "cuda":
+        row["device_faster"] = (row["eigh_device_s"] < row["eigh_host_s"]
+                                and row["svd_device_s"] < row["svd_host_s"])
+        row["ccamerge_uses"] = "device" if n >= linalg.DEVICE_MIN_SIZE else "host"
+    return row
+
+
+def _forced_eigh(sym: np.ndarray, place: torch.device):
+    """``torch.linalg.eigh`` on ``place`` whatever the size (what :func:`ccamerge.linalg.eigh`
+    would do there), numpy in and out."""
+    eig, q = torch.linalg.eigh(torch.from_numpy(sym.copy()).to(place))
+    return eig.cpu().numpy(), q.cpu().numpy()
+
+
+def _forced_svd(m: np.ndarray, place: torch.device):
+    u, s, vh = torch.linalg.svd(torch.from_numpy(m.copy()).to(place))
+    return u.cpu().numpy(), s.cpu().numpy(), vh.cpu().numpy()
 
 
 @torch.no_grad()
@@ -158,14 +211,20 @@ def describe(device: torch.device) -> str:
             f"{torch.get_num_threads()} CPU threads")
 
 
-def report(args, device, agreement, cost, seconds: float) -> str:
-    """The Markdown file: the command, the machine, the agreement and the cost tables."""
+def report(args, device, agreement, factorisations, cost, seconds: float) -> str:
+    """The Markdown file: the command, the machine, the agreement, factorisation and cost
+    tables."""
     lines = [f"# Device check{' (--quick)' if args.quick else ''}", "", f"`{args.command}`", "",
              describe(device) + f"; run time {seconds:.0f} s.", ""]
     if device.type == "cpu":
         lines += ["No CUDA device: the agreement rows only check the code path against itself.", ""]
     lines += ["## CPU against device (merged weights must agree to "
               f"{TOLERANCE:g} relative)", "", *markdown(agreement, list(agreement[0])), ""]
+    if factorisations:
+        lines += ["## Float64 factorisations, host against device (seconds, copies included)", "",
+                  f"ccamerge factorises on a CUDA solve device from {linalg.DEVICE_MIN_SIZE} rows "
+                  "(`ccamerge.linalg.DEVICE_MIN_SIZE`).", "",
+                  *markdown(factorisations, list(factorisations[-1])), ""]
     if cost:
         lines += ["## Cost of a CCA merge of two models (seconds)", "",
                   *markdown(cost, list(dict.fromkeys(k for r in cost for k in r))), ""]
@@ -181,6 +240,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--widths", nargs="+", type=float, default=None)
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--check-samples", type=int, default=None)
+    parser.add_argument("--factorisations", nargs="+", type=int, default=None, metavar="N",
+                        help="matrix sizes of the eigh/SVD timings")
     parser.add_argument("--out", default="benchmarks/results/device_check.md")
     args = parser.parse_args(argv)
     args.command = " ".join(["python benchmarks/device_check.py",
@@ -188,6 +249,8 @@ def parse(argv=None) -> argparse.Namespace:
     args.widths = args.widths or ([0.25, 0.5] if args.quick else [1, 2, 4, 8])
     args.samples = args.samples or (512 if args.quick else 50_000)
     args.check_samples = args.check_samples or (256 if args.quick else 5000)
+    args.factorisations = args.factorisations or ([128, 256, 512] if args.quick
+                                                  else [128, 256, 512, 1024, 2048, 4096])
     return args
 
 
@@ -203,12 +266,16 @@ def main(argv=None) -> None:
     for arch in args.archs:
         agreement.append(agreement_row(arch, x_check, device))
         print(json.dumps(agreement[-1]), flush=True)
+    factorisations = []
+    for n in args.factorisations:
+        factorisations.append(factorisation_row(n, device))
+        print(json.dumps(factorisations[-1]), flush=True)
     for arch in args.archs:
         for width in args.widths:
             cost.append(cost_row(arch, width, x, device))
             print(json.dumps(cost[-1]), flush=True)
-            out.write_text(report(args, device, agreement, cost, time.perf_counter() - start))
-    out.write_text(report(args, device, agreement, cost, time.perf_counter() - start))
+            out.write_text(report(args, device, agreement, factorisations, cost, time.perf_counter() - start))
+    out.write_text(report(args, device, agreement, factorisations, cost, time.perf_counter() - start))
     if any(row["verdict"] == "DISAGREE" for row in agreement):
         sys.exit(f"CPU and {device} merges disagree beyond {TOLERANCE:g}; see {out}")
 

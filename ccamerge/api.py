@@ -21,7 +21,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ccamerge import target, validate
+from ccamerge import linalg, target, validate
 from ccamerge.analysis.shared import shared_spectrum_rows
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
@@ -137,8 +137,9 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                                    progress=lambda f: progress(0.6 * f, "collecting statistics"))
     progress(0.6, f"solving {method}")
     ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed, widths)
-    return AlignResult(spec_method.solve(ctx, **resolved), stats, spec, resolved, method,
-                       widths)
+    with linalg.solving_on(place):  # a GPU's statistics are factorised on that GPU
+        alignment = spec_method.solve(ctx, **resolved)
+    return AlignResult(alignment, stats, spec, resolved, method, widths)
 
 
 def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
@@ -512,12 +513,9 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     models, place = place_models(models, device)
     stats = statistics or collect_statistics(models, spec, subsample(source, stats_samples, seed),
                                              reference=reference, device=place, group=group)
-    rows = []
-    for point in spec.points:
-        p = stats[point.name]
-        for i in (k for k in range(len(models)) if k != reference):
-            rows.append(_spectrum_row(p, reference, i, gamma, relative))
-    return rows
+    with linalg.solving_on(place):
+        return [_spectrum_row(stats[point.name], reference, i, gamma, relative)
+                for point in spec.points for i in range(len(models)) if i != reference]
 
 
 def _spectrum_row(p, ref: int, i: int, gamma: float | None, relative: bool | None) -> dict:

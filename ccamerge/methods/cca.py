@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
-import torch
 
+from ccamerge import linalg
 from ccamerge.errors import CcamergeError
 from ccamerge.methods.base import AlignContext, Alignment, Method, Option, per_model
 from ccamerge.methods.narrow import narrow_point
@@ -49,10 +49,10 @@ NEAR_EXACT_GAMMA = 1e-4  # relative ridge of "nearly unregularised" CCA (spectra
 
 def psd_eigh(s: np.ndarray, floor: float = EIG_FLOOR) -> tuple[np.ndarray, np.ndarray]:
     """``(eigenvalues [n] ascending, eigenvectors [n, n])`` of a symmetric PSD matrix ``[n, n]``:
-    symmetrised, float64 ``eigh`` (torch's LAPACK, faster than numpy's on CPU), eigenvalues
-    clamped at ``floor * max(eig)`` (an SVD of a slightly indefinite matrix gives wrong roots)."""
-    sym = torch.from_numpy(np.ascontiguousarray(0.5 * (s + s.T), dtype=np.float64))
-    eig, q = (t.numpy() for t in torch.linalg.eigh(sym))
+    symmetrised, float64 ``eigh`` (:func:`ccamerge.linalg.eigh`: on the host or the solve's GPU),
+    eigenvalues clamped at ``floor * max(eig)`` (an SVD of a slightly indefinite matrix gives
+    wrong roots)."""
+    eig, q = linalg.eigh(0.5 * (s + s.T))
     top = max(float(eig[-1]), 1e-300) if len(eig) else 1.0
     return np.clip(eig, floor * top, None), q
 
@@ -73,12 +73,6 @@ def _condition(eig: np.ndarray) -> float:
     if not len(eig):
         return 1.0
     return float(np.inf) if eig[0] <= 0 else float(eig[-1] / eig[0])
-
-
-def _svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(U [p, p], s [min(p, q)], V [q, q])`` of ``m`` ``[p, q]``, float64 (torch's LAPACK)."""
-    u, s, vh = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(m)))
-    return u.numpy(), s.numpy(), vh.numpy().T
 
 
 @dataclass(frozen=True)
@@ -245,7 +239,7 @@ def cca(c_xx: np.ndarray, c_yy: np.ndarray, c_xy: np.ndarray, *, gamma: float = 
     ey = Eigen(*psd_eigh(syy))
     rx, ry = np.sqrt(ex.values), np.sqrt(ey.values)
     m = (ex.vectors.T @ c_xy[np.ix_(live_x, live_y)] @ ey.vectors) / rx[:, None] / ry[None, :]
-    u, rho, v = _svd(m)
+    u, rho, v = linalg.svd(m)
     u, v = u[:, :len(rho)], v[:, :len(rho)]  # [live_x, k], [live_y, k]: the canonical pairs
     u = _align_null_space(u, rho, v, ex.vectors, ey.vectors)
     vu = v @ u.T  # [live_y, live_x]
