@@ -25,6 +25,7 @@ from ccamerge import linalg, target, validate
 from ccamerge.analysis.shared import shared_spectrum_rows
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
+    batchnorm_eps,
     carried_moments,
     check_policy,
     fold_state,
@@ -148,8 +149,9 @@ def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
     folded first and their BatchNorm scale and statistics left untransformed."""
     bns = [bn for _conv, bn in folded]
     spec = without_static_vectors(aligned.spec, bns)
-    return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded),
-                                                  own_spec(spec, t), t), bns)
+    eps = batchnorm_eps(models[0], bns)
+    return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded, eps),
+                                                  own_spec(spec, t), t), bns, eps)
             for m, t in zip(models, aligned.alignment.transforms, strict=True)]
 
 

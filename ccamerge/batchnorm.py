@@ -40,7 +40,7 @@ as it is (step 3 skipped).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ RETIRED = {"fold": "bn_policy 'fold' took its per-unit targets from the aligned 
                    "a dense map makes wrong below the first layer; it is replaced by 'mapped' "
                    "(targets from the original models' statistics mapped by T)"}
 STATIC = ("weight", "running_mean", "running_var")  # identity after folding: never transformed
+DEFAULT_EPS = 1e-5  # torch's BatchNorm epsilon, for a state dict without its module
 Moments = dict[str, tuple[np.ndarray, np.ndarray]]  # batchnorm -> (mean [C], covariance [C, C])
 
 
@@ -89,28 +90,41 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def fold_state(state: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]],
-               eps: float = 1e-5) -> dict[str, torch.Tensor]:
-    """A state dict with each paired BatchNorm folded into its conv (same function in eval)."""
+               eps: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """A state dict with each paired BatchNorm folded into its conv (same function in eval).
+    ``eps``: each BatchNorm's own epsilon by name (:func:`batchnorm_eps`; missing: 1e-5, torch's
+    default)."""
     out = dict(state)
     for conv, bn in pairs:
-        scale = state[f"{bn}.weight"] / torch.sqrt(state[f"{bn}.running_var"] + eps)  # [C]
+        scale = state[f"{bn}.weight"] / torch.sqrt(state[f"{bn}.running_var"]
+                                                    + _eps(eps, bn))  # [C]
         out[f"{conv}.weight"] = state[f"{conv}.weight"] * scale.view(-1, 1, 1, 1)
         out[f"{bn}.bias"] = state[f"{bn}.bias"] - state[f"{bn}.running_mean"] * scale
     return widen_static_vectors(out, [bn for _conv, bn in pairs], eps)
 
 
 def widen_static_vectors(state: dict[str, torch.Tensor], bns: Sequence[str],
-                         eps: float = 1e-5) -> dict[str, torch.Tensor]:
+                         eps: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """``state`` with each folded BatchNorm's constant vectors (scale 1, running mean 0,
-    running variance ``1 - eps``) at the width of its transformed shift ``[C']``: they are
-    never transformed, and a map between models of different widths changes ``C``."""
+    running variance ``1 - eps``, its own ``eps`` as in :func:`fold_state`) at the width of its
+    transformed shift ``[C']``: they are never transformed, and a map between models of
+    different widths changes ``C``."""
     out = dict(state)
     for bn in bns:
         shift = state[f"{bn}.bias"]
         out[f"{bn}.weight"] = torch.ones_like(shift)
         out[f"{bn}.running_mean"] = torch.zeros_like(shift)
-        out[f"{bn}.running_var"] = torch.full_like(shift, 1.0 - eps)
+        out[f"{bn}.running_var"] = torch.full_like(shift, 1.0 - _eps(eps, bn))
     return out
+
+
+def batchnorm_eps(model: nn.Module, bns: Sequence[str]) -> dict[str, float]:
+    """``{name: eps}`` of the BatchNorms ``bns`` of ``model``."""
+    return {bn: float(model.get_submodule(bn).eps) for bn in bns}
+
+
+def _eps(eps: Mapping[str, float] | None, bn: str) -> float:
+    return (eps or {}).get(bn, DEFAULT_EPS)
 
 
 def without_static_vectors(spec: AlignmentSpec, bns: Sequence[str]) -> AlignmentSpec:

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ from helpers import max_output_diff, permuted_twin
 
 from ccamerge.api import merge, resolve_spec, subsample
 from ccamerge.batchnorm import (
+    batchnorm_eps,
     carried_moments,
     conv_bn_pairs,
     fold_state,
@@ -33,6 +36,30 @@ def test_folding_keeps_the_function(vgg_bn, digits):
     assert max_output_diff(model, folded, digits.x_test) < 1e-4
     bn = dict(folded.named_modules())[conv_bn_pairs(model)[0][1]]
     assert torch.all(bn.weight == 1) and torch.all(bn.running_mean == 0)
+
+
+def test_folding_uses_each_batchnorms_own_epsilon(vgg_bn, digits):
+    model = vgg_bn[0]
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = 0.5  # far from torch's 1e-5: a fold that ignores it changes the function
+    pairs = conv_bn_pairs(model)
+    eps = batchnorm_eps(model, [bn for _conv, bn in pairs])
+    assert set(eps.values()) == {0.5}
+    folded = with_state(model, fold_state(model.state_dict(), pairs, eps))
+    assert max_output_diff(model, folded, digits.x_test) < 1e-4
+    wrong = with_state(model, fold_state(model.state_dict(), pairs))
+    assert max_output_diff(model, wrong, digits.x_test) > 1e-2
+
+
+def test_a_model_with_another_epsilon_merges_with_itself_under_the_mapped_policy(resnets, digits):
+    model = copy.deepcopy(resnets[0])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = 1e-3
+    merged = merge([model, model], digits.x_train[:300], "cca", bn_policy="mapped",
+                   bn_reset=False, batch_size=300).model
+    assert max_output_diff(merged, model, digits.x_test[:200]) < 1e-4
 
 
 @pytest.mark.parametrize("bn_reset", [True, False])
