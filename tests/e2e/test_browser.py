@@ -19,11 +19,11 @@ PAGES = [("Spectra", 2), ("Feature matching", 5), ("Interpolation", 1), ("Why di
          ("Feature explorer", 2), ("Teaching mode", 5), ("Merge and compare", 0)]
 
 
-def wait_idle(page, charts: int = 0) -> None:
+def wait_idle(page, charts: int = 0, timeout_ms: int = 120_000) -> None:
     """Until the script run is over and ``charts`` plotly charts are drawn."""
     page.wait_for_timeout(300)
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=120_000)
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
     page.wait_for_function(
         f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {charts}",
         timeout=60_000)
@@ -40,7 +40,7 @@ def open_demo(browser, server):
     page.goto(server)
     page.get_by_text("Loaded models").wait_for(timeout=DEMO_TIMEOUT_MS)
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=60_000)
-    wait_idle(page)
+    wait_idle(page, timeout_ms=DEMO_TIMEOUT_MS)  # a cold start's first run goes on training
     assert_no_exception(page)
     return context, page
 
