@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ccamerge import linalg, target, validate
 from ccamerge.analysis.shared import shared_spectrum_rows
+from ccamerge.analysis.spectra import HOLDOUT, MIN_HELDOUT, spectrum_rows
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
     batchnorm_eps,
@@ -54,7 +54,6 @@ from ccamerge.distributed import rank_and_size, reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method
-from ccamerge.methods.cca import solve_near_exact, solve_pair
 from ccamerge.repair import repair as repair_units
 from ccamerge.spec import STREAM_POINTS, AlignmentSpec, resized_spec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
@@ -96,6 +95,12 @@ class AlignResult:
     options: dict
     method: str = "cca"
     widths: dict[str, int] | None = None  # the merged model's, when narrower than the reference's
+
+
+def solve_place(models: Sequence[nn.Module], device=None) -> torch.device:
+    """Where :func:`place_models` would put ``models`` (without copying them): the device whose
+    statistics a solve factorises on (see :mod:`ccamerge.linalg`)."""
+    return resolve_device(device) if device is not None else module_device(models[0])
 
 
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
@@ -499,48 +504,38 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
 
 def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: float | None = None,
              relative: bool | None = None, stats_samples: int | None = None, seed: int = 0,
-             statistics: Statistics | None = None, device=None, group=None) -> list[dict]:
-    """Per merge point and non-reference model: canonical correlations at ``gamma`` (default: the
-    cca method's) and nearly unregularised (``rho``, ``rho_exact``, each ``[n]`` descending), the
-    Hungarian-matched unit correlations sorted descending (``matched``), their means, and
-    numerical health. ``device``, ``group``: see :func:`align`."""
+             holdout: float = HOLDOUT,
+             statistics: Statistics | tuple[Statistics, Statistics | None] | None = None,
+             device=None, group=None) -> list[dict]:
+    """What CCA between model ``reference`` and each other model finds, per merge point: rows of
+    :func:`ccamerge.analysis.spectra.spectrum_row`. CCA at ``gamma`` (default: the cca method's)
+    and nearly unregularised CCA are fitted on a random ``1 - holdout`` of the ``stats_samples``
+    training images; each row holds the ridge's shrunk singular values (``shrunk``, not
+    correlations) beside the correlations the canonical pairs reach on the fitting images and
+    on the held-out rest (``reached_fit``, ``reached_heldout``; ``exact_*`` for the nearly
+    unregularised pairs), the Hungarian-matched unit pairs measured the same way
+    (``matched_*``), ``mean_*`` of each, the chance level for that many samples
+    (``noise_level``) and numerical health. Held-out entries are None when under
+    :data:`~ccamerge.analysis.spectra.MIN_HELDOUT` images would be held out. ``statistics``:
+    ``(fit, held-out or None)`` or one :class:`Statistics` (nothing held out), collected with
+    this reference, instead of the passes here. ``device``, ``group``: see :func:`align`."""
     validate.models(models)
     validate.integer("reference", reference, 0, len(models) - 1)
     validate.sampling(stats_samples, seed)
     get_method("cca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
                                if v is not None})
-    source = train_source(data)
-    check_compatible(models, source, reference, "cca")
-    spec = resolve_spec([models[reference]], source)
-    models, place = place_models(models, device)
-    stats = statistics or collect_statistics(models, spec, subsample(source, stats_samples, seed),
-                                             reference=reference, device=place, group=group)
-    with linalg.solving_on(place):
-        return [_spectrum_row(stats[point.name], reference, i, gamma, relative)
-                for point in spec.points for i in range(len(models)) if i != reference]
-
-
-def _spectrum_row(p, ref: int, i: int, gamma: float | None, relative: bool | None) -> dict:
-    fit = solve_pair(p, ref, i, gamma=gamma, relative=relative)
-    exact = solve_near_exact(p, ref, i)
-    corr = p.corr(ref, i)  # [n_ref, n_i]
-    rows, cols = linear_sum_assignment(corr, maximize=True)  # min(n_ref, n_i) pairs
-    matched = np.sort(corr[rows, cols])[::-1]
-    return {"name": p.name, "model": i, "width": p.widths[ref], "samples": p.count,
-            "samples_per_feature": p.count / max(p.widths[ref], p.widths[i]),
-            "rho": fit.rho.tolist(), "rho_exact": exact.rho.tolist(), "matched": matched.tolist(),
-            "mean_rho": float(fit.rho.mean()), "mean_matched": float(matched.mean()),
-            "cond_xx": fit.cond_xx, "cond_yy": fit.cond_yy,
-            "dead_reference": int(len(p.dead_units(ref))), "dead_model": int(len(p.dead_units(i)))}
-
-
-SHARED_HOLDOUT = 0.2  # share of the statistics images :func:`shared_spectrum` holds out
-MIN_SHARED_HELDOUT = 10  # fewer held-out images than this and nothing is held out
+    if statistics is None:
+        statistics = _split_statistics(models, data, stats_samples, seed, holdout, device, group,
+                                       reference=reference, pairs="reference", method="cca")
+    elif isinstance(statistics, Statistics):
+        statistics = (statistics, None)
+    with linalg.solving_on(solve_place(models, device)):
+        return spectrum_rows(*statistics, gamma=gamma, relative=relative)
 
 
 def shared_spectrum(models: Sequence[nn.Module], data, *, gamma: float | None = None,
                     relative: bool | None = None, stats_samples: int | None = None,
-                    seed: int = 0, holdout: float = SHARED_HOLDOUT,
+                    seed: int = 0, holdout: float = HOLDOUT,
                     statistics: tuple[Statistics, Statistics | None] | None = None,
                     device=None, group=None) -> list[dict]:
     """The gcca shared space of all N models per merge point
@@ -557,23 +552,27 @@ def shared_spectrum(models: Sequence[nn.Module], data, *, gamma: float | None = 
                                 if v is not None})
     if statistics is None:
         statistics = _split_statistics(models, data, stats_samples, seed, holdout, device, group)
-    return shared_spectrum_rows(*statistics, gamma=gamma, relative=relative)
+    with linalg.solving_on(solve_place(models, device)):
+        return shared_spectrum_rows(*statistics, gamma=gamma, relative=relative)
 
 
-def _split_statistics(models, data, stats_samples, seed, holdout, device,
-                      group) -> tuple[Statistics, Statistics | None]:
-    """Statistics with every pair on a random ``1 - holdout`` of the sampled training images
-    and on the rest (None when under :data:`MIN_SHARED_HELDOUT` images would be held out)."""
+def _split_statistics(models, data, stats_samples, seed, holdout, device, group, *,
+                      reference: int = 0, pairs: str = "all",
+                      method: str = "gcca") -> tuple[Statistics, Statistics | None]:
+    """Statistics (``pairs`` with ``reference``) on a random ``1 - holdout`` of the sampled
+    training images and on the rest (None when under :data:`MIN_HELDOUT` images would be held
+    out); the models are checked for ``method``."""
     source = train_source(data)
-    check_compatible(models, source, 0, "gcca")
-    spec = resolve_spec([models[0]], source)
+    check_compatible(models, source, reference, method)
+    spec = resolve_spec([models[reference]], source)
     models, place = place_models(models, device)
     x = subsample(source, stats_samples, seed)
-    if not MIN_SHARED_HELDOUT <= round(holdout * len(x)) <= len(x) - 2:
+    if not MIN_HELDOUT <= round(holdout * len(x)) <= len(x) - 2:
         parts = [x]
     else:
         parts = [_rows(x, idx) for idx in holdout_split(len(x), holdout, seed)]
-    stats = [collect_statistics(models, spec, part, pairs="all", device=place, group=group)
+    stats = [collect_statistics(models, spec, part, reference=reference, pairs=pairs,
+                                device=place, group=group)
              for part in parts]
     return stats[0], stats[1] if len(stats) > 1 else None
 

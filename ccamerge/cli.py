@@ -385,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_options(p)
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("spectrum", parents=[common], help="canonical correlations per merge point "
-                       "(--shared: the generalized CCA space of all models)")
+    p = sub.add_parser("spectrum", parents=[common], help="CCA per merge point: the correlations its "
+                       "canonical pairs reach on fitting and held-out images beside the ridge's "
+                       "shrunk singular values and the matched units (--shared: the "
+                       "generalized CCA space of all models)")
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("more", nargs="*", metavar="model", help="more models (each against model_a; "

@@ -418,15 +418,6 @@ def statistics(digests: tuple[str, ...], data_key: str, reference: int, stats_sa
                              stats_samples=stats_samples, pairs=pairs)
 
 
-@cached(lambda: memo())
-def spectrum(digests: tuple[str, ...], data_key: str, reference: int, gamma: float, relative: bool,
-             stats_samples: int | None, _models: Sequence[nn.Module], _data: Dataset) -> list[dict]:
-    """``api.spectrum`` rows (per merge point and non-reference model) on shared statistics."""
-    stats = statistics(digests, data_key, reference, stats_samples, _models, _data)
-    return api.spectrum(fresh(_models), _data, reference=reference, gamma=gamma, relative=relative,
-                        stats_samples=stats_samples, seed=SEED, statistics=stats)
-
-
 def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
                      stats_samples: int | None, _models: Sequence[nn.Module],
                      _data: Dataset, *,

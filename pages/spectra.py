@@ -138,8 +138,16 @@ widgets.explain("per merge point: samples behind the fitting covariances (images
                 "limit), condition numbers of the regularised covariances S_xx (reference) and "
                 "S_yy (model) (huge = unstable inverse square roots, raise γ), and dead units "
                 "that never activate on this data.")
-st.caption("Regenerate (Python): `from ccamerge import load_dataset, load_model; from "
-           "ccamerge.analysis.spectra import held_out_spectrum; held_out_spectrum([load_model(p) "
+ordered = [inputs.entries[inputs.reference],
+           *(e for k, e in enumerate(inputs.entries) if k != inputs.reference)]
+st.caption("Regenerate (Python): `from ccamerge import load_dataset, load_model, spectrum; "
+           "spectrum([load_model(p) "
            f"for p in {[e.portable_path for e in inputs.entries]!r}], "
            f"load_dataset('{inputs.data_name}'), reference="
-           f"{inputs.reference}, gamma={gamma:g}, relative={relative})`")
+           f"{inputs.reference}, gamma={gamma:g}, relative={relative}"
+           f"{'' if stats_samples is None else f', stats_samples={stats_samples}'})` or (CLI, "
+           f"reference first) `ccamerge spectrum {' '.join(e.portable_path for e in ordered)} "
+           f"--data {inputs.data_name} --gamma {gamma:g}{'' if relative else ' --absolute'}"
+           f"{'' if stats_samples is None else f' --stats-samples {stats_samples}'} --json`"
+           + ("" if stats_samples is None else "; both hold out 20% of those images instead "
+              "of the page's held-out ones"))

@@ -6,6 +6,8 @@ from ccamerge.api import interpolate, merge, spectrum
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model
 from ccamerge.models import build_model
+from ccamerge.spec import build_spec
+from ccamerge.stats import collect_statistics
 
 
 def test_mismatched_models_are_refused(mlps, digits):
@@ -102,12 +104,26 @@ def test_barrier_of_a_straight_line_is_zero_and_of_a_bump_is_its_height():
 def test_spectrum_reports_every_point_with_health(mlps, digits):
     rows = spectrum(mlps[:2], digits)
     assert [r["name"] for r in rows] == ["fc1", "fc2"]
+    fitting = len(digits.x_train) - round(0.2 * len(digits.x_train))
     for row in rows:
-        assert len(row["rho"]) == len(row["matched"]) == row["width"] == 64
-        # a linear map captures at least as much correlation as a one-to-one map
-        assert row["rho_exact"][0] >= row["matched"][0] - 1e-6
-        assert row["samples_per_feature"] == pytest.approx(len(digits.x_train) / 64)
+        assert len(row["shrunk"]) == len(row["matched_heldout"]) == row["width"] == 64
+        # on the images it was fitted on, a linear map reaches at least the matched units
+        assert row["exact_fit"][0] >= row["matched_fit"][0] - 1e-6
+        # the ridge shrinks: the pairs reach at least the shrunk values where they were fitted
+        assert (np.asarray(row["reached_fit"]) >= np.asarray(row["shrunk"]) - 1e-9).all()
+        assert row["samples"] == fitting
+        assert row["heldout_samples"] == len(digits.x_train) - fitting
+        assert row["samples_per_feature"] == pytest.approx(fitting / 64)
         assert row["cond_xx"] >= 1.0
+
+
+def test_spectrum_on_given_statistics_holds_nothing_out_and_equals_the_rows(mlps, digits):
+    from ccamerge.analysis.spectra import spectrum_rows
+
+    stats = collect_statistics(mlps[:2], build_spec(mlps[0]), digits.x_train[:400])
+    rows = spectrum(mlps[:2], digits, statistics=stats)
+    assert rows == spectrum_rows(stats, None)
+    assert all(r["reached_heldout"] is None and r["heldout_samples"] is None for r in rows)
 
 
 def test_repair_restores_unit_statistics_of_a_net_without_batchnorm(mlps, digits):

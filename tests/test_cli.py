@@ -92,10 +92,11 @@ def test_interpolate_and_spectrum(zoo, capsys):
     code, spec, _ = run(capsys, "spectrum", *zoo)
     assert code == 0 and spec["gamma"] == 0.1 and spec["relative"] is True  # the registry's
     assert [p["name"] for p in spec["merge_points"]] == ["fc1", "fc2"]
-    assert len(spec["merge_points"][0]["rho"]) == 128
+    first = spec["merge_points"][0]
+    assert len(first["shrunk"]) == len(first["reached_heldout"]) == 128
     code, absolute, _ = run(capsys, "spectrum", *zoo, "--absolute", "--gamma", "0.01")
     assert code == 0 and absolute["gamma"] == 0.01 and absolute["relative"] is False
-    assert absolute["merge_points"][0]["rho"] != spec["merge_points"][0]["rho"]
+    assert absolute["merge_points"][0]["shrunk"] != first["shrunk"]
 
 
 def test_diagnose_prints_a_checklist(zoo, capsys):

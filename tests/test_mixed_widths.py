@@ -236,8 +236,9 @@ def test_duplicating_units_leaves_the_spectrum_of_a_model_with_itself(pair, digi
     x = digits.x_train[:1500]
     for mixed, same in zip(api.spectrum([narrow, wide], x), api.spectrum([narrow, narrow], x),
                            strict=True):
-        assert mixed["width"] == 64 and len(mixed["rho_exact"]) == 64
-        np.testing.assert_allclose(mixed["rho"], same["rho"], atol=1e-5)  # float32 products
-        np.testing.assert_allclose(mixed["rho_exact"], same["rho_exact"], atol=1e-4)
+        assert mixed["width"] == 64 and len(mixed["exact_fit"]) == 64
+        np.testing.assert_allclose(mixed["shrunk"], same["shrunk"], atol=1e-5)  # float32
+        np.testing.assert_allclose(mixed["exact_fit"], same["exact_fit"], atol=1e-4)
+        np.testing.assert_allclose(mixed["reached_heldout"], same["reached_heldout"], atol=1e-4)
         live = 64 - mixed["dead_reference"]
-        assert np.asarray(mixed["matched"])[:live].min() > 0.999
+        assert np.asarray(mixed["matched_heldout"])[:live].min() > 0.999

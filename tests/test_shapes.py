@@ -70,8 +70,8 @@ def test_any_shape_through_the_api(files, name, arch, overrides, shape, classes)
     curve = interpolate(*models, data, "cca", steps=3)
     assert curve["accuracy"][0] == pytest.approx(evaluate_model(models[0], data.test)["accuracy"])
     rows = spectrum(models, data)
-    assert rows and all(r["samples"] >= len(data.train) for r in rows)
-    assert all(len(r["rho"]) == r["width"] for r in rows)
+    assert rows and all(r["samples"] + r["heldout_samples"] >= len(data.train) for r in rows)
+    assert all(len(r["shrunk"]) == len(r["reached_fit"]) == r["width"] for r in rows)
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:

@@ -14,24 +14,17 @@ fitting-data correlations approach 1 even between unrelated features (:func:`noi
 held-out ones do not. The Hungarian-matched unit pairs are measured the same way, so both methods
 are compared on the same held-out images.
 
-Pure numpy on collected statistics, except :func:`split_statistics` and
-:func:`held_out_spectrum`, which collect them.
+Pure numpy on collected statistics; :func:`ccamerge.api.spectrum` collects them (fitting and
+held-out) and returns these rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-import torch
-from torch import nn
+from scipy.optimize import linear_sum_assignment
 
-from ccamerge import api
-from ccamerge.data import holdout_split
-from ccamerge.methods.base import hungarian
 from ccamerge.methods.cca import CCAResult, solve_near_exact, solve_pair
-from ccamerge.spec import AlignmentSpec
-from ccamerge.stats import PointStatistics, Statistics, collect_statistics
+from ccamerge.stats import PointStatistics, Statistics
 
 HOLDOUT = 0.2  # share of the training images held out to measure correlations on
 MIN_HELDOUT = 10  # fewer held-out images than this and nothing is held out
@@ -70,15 +63,16 @@ def reached(fit: CCAResult, point: PointStatistics, reference: int, other: int) 
     corr = pair_correlations(a, b, point.cov(reference, reference)[np.ix_(lx, lx)],
                              point.cov(other, other)[np.ix_(ly, ly)],
                              point.cov(reference, other)[np.ix_(lx, ly)])
-    return np.concatenate([corr, np.zeros(point.width - len(corr))])
+    return np.concatenate([corr, np.zeros(len(fit.rho) - len(corr))])
 
 
 def matched(fit_point: PointStatistics, eval_point: PointStatistics, reference: int,
             other: int) -> np.ndarray:
-    """Correlations ``[n]`` on ``eval_point``'s statistics of the unit pairs that the Hungarian
-    match on ``fit_point``'s correlations pairs (reference unit order)."""
-    perm = hungarian(fit_point.corr(reference, other))
-    return eval_point.corr(reference, other)[np.arange(fit_point.width), perm]
+    """Correlations ``[min(n_ref, n_other)]`` on ``eval_point``'s statistics of the unit pairs
+    that the Hungarian match on ``fit_point``'s correlations pairs (reference unit order; models
+    of different widths: each unit of the narrower model once)."""
+    rows, cols = linear_sum_assignment(fit_point.corr(reference, other), maximize=True)
+    return eval_point.corr(reference, other)[rows, cols]
 
 
 def noise_level(samples: int, p: int, q: int) -> float:
@@ -119,8 +113,9 @@ def spectrum_row(fit_point: PointStatistics, eval_point: PointStatistics | None,
         arrays |= {"reached_heldout": reached(fit, eval_point, reference, other),
                    "exact_heldout": reached(exact, eval_point, reference, other),
                    "matched_heldout": _desc(matched(fit_point, eval_point, reference, other))}
-    row = {"name": fit_point.name, "model": other, "width": fit_point.width,
-           "samples": fit_point.count, "samples_per_feature": fit_point.count / fit_point.width,
+    widths = fit_point.widths[reference], fit_point.widths[other]
+    row = {"name": fit_point.name, "model": other, "width": widths[0],
+           "samples": fit_point.count, "samples_per_feature": fit_point.count / max(widths),
            "heldout_samples": None if eval_point is None else eval_point.count,
            "noise_level": noise_level(fit_point.count, len(fit.live_x), len(fit.live_y)),
            "gamma_x": fit.gamma_x, "gamma_y": fit.gamma_y,
@@ -141,28 +136,3 @@ def spectrum_rows(fit_stats: Statistics, eval_stats: Statistics | None, *,
     return [spectrum_row(point, None if eval_stats is None else eval_stats[name], ref, i,
                          gamma=gamma, relative=relative)
             for name, point in fit_stats.points.items() for i in others]
-
-
-def split_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x: torch.Tensor, *,
-                     reference: int = 0, holdout: float = HOLDOUT,
-                     seed: int = 0) -> tuple[Statistics, Statistics | None]:
-    """Statistics on a random ``1 - holdout`` of the images ``x`` ``[B, ...]`` and, in a
-    separate pass, on the held-out rest; ``(statistics of all of x, None)`` when fewer than
-    :data:`MIN_HELDOUT` images would be held out."""
-    if round(holdout * len(x)) < MIN_HELDOUT or len(x) - round(holdout * len(x)) < 2:
-        return collect_statistics(models, spec, x, reference=reference), None
-    fit_idx, val_idx = holdout_split(len(x), holdout, seed)
-    return (collect_statistics(models, spec, x[fit_idx], reference=reference),
-            collect_statistics(models, spec, x[val_idx], reference=reference))
-
-
-def held_out_spectrum(models: Sequence[nn.Module], data, *, reference: int = 0,
-                      gamma: float | None = None, relative: bool | None = None,
-                      holdout: float = HOLDOUT, seed: int = 0) -> list[dict]:
-    """:func:`spectrum_rows` with CCA fitted on ``1 - holdout`` of ``data``'s training images
-    and measured on the rest as well (what the dashboard's Spectra page shows)."""
-    x = api.train_inputs(data)
-    api.check_compatible(models, x, reference)
-    fit, held = split_statistics(models, api.resolve_spec(models, x), x, reference=reference,
-                                 holdout=holdout, seed=seed)
-    return spectrum_rows(fit, held, gamma=gamma, relative=relative)

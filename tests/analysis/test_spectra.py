@@ -8,20 +8,21 @@ import pytest
 import torch
 from sklearn.cross_decomposition import CCA
 
+from ccamerge import api
 from ccamerge.analysis.spectra import (
     directions,
-    held_out_spectrum,
     matched,
     noise_level,
     pair_correlations,
     reached,
     spectrum_row,
-    split_statistics,
+    spectrum_rows,
 )
+from ccamerge.data import holdout_split
 from ccamerge.methods.cca import solve_near_exact, solve_pair
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
-from ccamerge.stats import PointStatistics
+from ccamerge.stats import PointStatistics, collect_statistics
 
 
 def point_of(x: np.ndarray, y: np.ndarray, name: str = "p") -> PointStatistics:
@@ -126,25 +127,25 @@ def images(count: int) -> torch.Tensor:
     return torch.randn(count, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def test_split_statistics_holds_out_disjoint_images():
-    models = [build_model("mlp", in_channels=1, image_size=8, num_classes=10) for _ in range(2)]
-    spec = build_spec(models[0])
-    x = images(300)
-    fit, held = split_statistics(models, spec, x, holdout=0.2, seed=0)
-    name = spec.points[0].name
-    assert fit[name].count == 240 and held[name].count == 60
-    assert not np.allclose(fit[name].cov(0, 0), held[name].cov(0, 0))
-    everything, none = split_statistics(models, spec, x[:30], holdout=0.2)
-    assert none is None and everything[name].count == 30
-
-
-def test_held_out_spectrum_on_models():
+def test_the_api_spectrum_holds_out_disjoint_images_and_fits_on_the_rest():
     torch.manual_seed(0)
     models = [build_model("mlp", in_channels=1, image_size=8, num_classes=10) for _ in range(3)]
-    rows = held_out_spectrum(models, images(400), reference=1, gamma=0.1)
+    x = images(400)
+    rows = api.spectrum(models, x, reference=1, gamma=0.1)
     points = [p.name for p in build_spec(models[0]).points]
     assert [(r["name"], r["model"]) for r in rows] == [(p, i) for p in points for i in (0, 2)]
     assert all(r["samples"] == 320 and r["heldout_samples"] == 80 for r in rows)
+    fit_idx, held_idx = holdout_split(400, 0.2, 0)
+    assert not set(fit_idx.tolist()) & set(held_idx.tolist())
+    spec = build_spec(models[1])
+    expected = spectrum_rows(collect_statistics(models, spec, x[fit_idx], reference=1),
+                             collect_statistics(models, spec, x[held_idx], reference=1),
+                             gamma=0.1)
+    for got, want in zip(rows, expected, strict=True):
+        np.testing.assert_allclose(got["reached_heldout"], want["reached_heldout"], atol=1e-9)
+        np.testing.assert_allclose(got["shrunk"], want["shrunk"], atol=1e-9)
+    few = api.spectrum(models, x[:30], gamma=0.1)  # 6 would be held out: nothing is
+    assert all(r["samples"] == 30 and r["reached_heldout"] is None for r in few)
 
 
 def test_pair_correlations_of_a_direction_without_variance_is_zero():

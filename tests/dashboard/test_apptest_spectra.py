@@ -11,7 +11,7 @@ import pytest
 from apptest_helpers import assert_ok, opened, texts, visit
 from streamlit.testing.v1 import AppTest
 
-from ccamerge.analysis.spectra import held_out_spectrum
+from ccamerge.api import spectrum
 from dashboard import state
 
 CONDITION = re.compile(r"^(\d+(\.\d+)?|\d\.\de\d+|∞ \(singular\))$")
@@ -47,8 +47,8 @@ def test_spectra_show_reached_correlations_and_label_the_shrunk_ones(app):
     # the headline is what the pairs reach on held-out images, recomputed through the library
     from dashboard import data
 
-    rows = held_out_spectrum(selected_models(app), data.dataset("digits"), gamma=0.1,
-                             relative=True, seed=data.SEED)
+    rows = spectrum(selected_models(app), data.dataset("digits"), gamma=0.1, relative=True,
+                    seed=data.SEED)
     for point in ("fc1", "fc2"):
         at_point = [r for r in rows if r["name"] == point]
         shown = next(m for m in app.metric if m.label == f"correlation reached, {point}")
