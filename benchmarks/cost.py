@@ -225,7 +225,8 @@ def summary(cost: list[dict], by_n: list[dict], memory: list[dict], x8: list[dic
             phases.append({"arch": arch, "width": f"x{width:g}",
                            **{k: r[k] for k in ("statistics", "solve", "transforms", "averaging",
                                                 "bn_reset", "total", "ratio")},
-                           "ratio vs standard layout": round(r["total"] / r["forward_standard"], 3)})
+                           "ratio vs standard layout":
+                               round(r["total"] / r["forward_standard"], 3)})
     methods = [m for m in ("average", "permute", "weight_matching", "zipit", "ot", "cca")
                if any(m in r for r in ratios)]
     met = [f"{p['arch']} {p['width']}" for p in phases if p["ratio"] <= 1.3]
@@ -256,7 +257,8 @@ def summary(cost: list[dict], by_n: list[dict], memory: list[dict], x8: list[dic
     if x8:
         r = {row["method"]: row for row in x8}
         text += ["", "VGG x8 (two models): " + "; ".join(
-            f"{m} {row['total']} s total (statistics {row['statistics']} s, solve {row['solve']} s, "
+            f"{m} {row['total']} s total (statistics {row['statistics']} s, "
+            f"solve {row['solve']} s, "
             f"ratio {row['ratio']})" for m, row in r.items())
             + (f"; whole-process peak memory {x8_memory[0]['process_peak_mb'] / 1024:.1f} GB of "
                "this machine's 24 GB." if x8_memory else ".")]
@@ -323,14 +325,16 @@ def main() -> None:
     if "x8" in parts:
         write(time_rows(["vgg"], [8], ["cca", "permute"], [2], args.samples, 1), out / "cost_x8")
         extra, total = peak_memory_mb("vgg", 8, args.samples, "cca")
-        write([{"arch": "vgg", "width": 8, "samples": args.samples, "peak_extra_mb": round(extra, 1),
-                "process_peak_mb": round(total, 1)}], out / "cost_x8_memory")
+        write([{"arch": "vgg", "width": 8, "samples": args.samples,
+                "peak_extra_mb": round(extra, 1), "process_peak_mb": round(total, 1)}],
+              out / "cost_x8_memory")
     body = summary(*(read_rows(out / f"{name}.csv") for name in
                      ("cost", "cost_n", "cost_memory", "cost_x8", "cost_x8_memory")), args.samples)
     (out / "cost_summary.md").write_text(body)
     write_readme(args, out, body)
     print(body)
-    print(f"peak RSS of this run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"peak RSS of this run: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 def paper(args, out: Path) -> None:

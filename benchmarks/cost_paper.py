@@ -280,9 +280,9 @@ def paper_summary(rows: list[dict], base: int) -> str:
             *markdown(good, cols), "",
             f"ratio_50k_adjacent at most 1.3: {', '.join(met) or 'nowhere'}; above: "
             f"{', '.join(missed) or 'nowhere'}."]
-    text += ["", f"Where a row's sample is one batch ({MAX_BATCH} images or fewer), what a pass costs "
-             "once (the first look at each point, kernel choices) is counted per image, so the "
-             "projection overstates that setting. Peak memory is the whole process at the "
+    text += ["", f"Where a row's sample is one batch ({MAX_BATCH} images or fewer), what a pass "
+             "costs once (the first look at each point, kernel choices) is counted per image, so "
+             "the projection overstates that setting. Peak memory is the whole process at the "
              "largest setting (the models, their copies, the merged model and the solves)."]
     if failed:
         text += ["", "Did not complete: " + "; ".join(failed) + "."]

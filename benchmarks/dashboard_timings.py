@@ -246,8 +246,9 @@ def measure_fashion() -> dict:
             data.memo().clear()
         out["actions_s"][name] = timed(at, action)
         print(f"{name}: {out['actions_s'][name]} s (load {os.getloadavg()[0]:.1f})", flush=True)
-    out["actions_s"]["diagnosis + sweep"] = round(out["actions_s"]["diagnosis (cca)"]
-                                                  + out["actions_s"]["sweep, ticked after the diagnosis"], 2)
+    out["actions_s"]["diagnosis + sweep"] = round(
+        out["actions_s"]["diagnosis (cca)"]
+        + out["actions_s"]["sweep, ticked after the diagnosis"], 2)
     out["estimates_shown"] = dict(ESTIMATES)
     out["load_average_after"] = list(os.getloadavg())
     return out
@@ -258,7 +259,8 @@ def fashion_table(result: dict) -> str:
     lines = [f"Two VGG x1 models on Fashion-MNIST (60,000 training images), default sidebar "
              f"settings ({result['statistics_images']:,} statistics images, "
              f"{result['test_images']:,} test images), {machine['cpus']} cores, "
-             f"{result['threads']} torch thread(s), load average {machine['load_average_1min']:.1f} "
+             f"{result['threads']} torch thread(s), "
+             f"load average {machine['load_average_1min']:.1f} "
              f"before and {result['load_average_after'][0]:.1f} after (a machine shared with other "
              "jobs). "
              "Each action from an empty result cache, its statistics pass included, except the "

@@ -274,8 +274,10 @@ def main(argv=None) -> None:
         for width in args.widths:
             cost.append(cost_row(arch, width, x, device))
             print(json.dumps(cost[-1]), flush=True)
-            out.write_text(report(args, device, agreement, factorisations, cost, time.perf_counter() - start))
-    out.write_text(report(args, device, agreement, factorisations, cost, time.perf_counter() - start))
+            out.write_text(report(args, device, agreement, factorisations, cost,
+                                  time.perf_counter() - start))
+    out.write_text(report(args, device, agreement, factorisations, cost,
+                          time.perf_counter() - start))
     if any(row["verdict"] == "DISAGREE" for row in agreement):
         sys.exit(f"CPU and {device} merges disagree beyond {TOLERANCE:g}; see {out}")
 

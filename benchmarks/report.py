@@ -111,8 +111,9 @@ def paired_table(rows: list[dict]) -> list[str]:
         return []
     tables = {c: paired(rows, *c, group) for c in columns}
     keys = sorted(set().union(*tables.values()), key=lambda k: (k[0], float(k[1]), k[2], int(k[3])))
-    lines = ["| arch | width | setting | N | subsets | " + " | ".join(f"{a} - {b}" for a, b in columns)
-             + " |", "|" + "---|" * (5 + len(columns))]
+    lines = ["| arch | width | setting | N | subsets | "
+             + " | ".join(f"{a} - {b}" for a, b in columns) + " |",
+             "|" + "---|" * (5 + len(columns))]
     for key in keys:
         cells = [_cell(tables[c].get(key, [])) for c in columns]
         count = max(len(t.get(key, [])) for t in tables.values())

@@ -17,9 +17,10 @@ loss and accuracy (on each model's own training part) and the trail of the rule.
 
 N = 2 cells merge every pair of the pool (15 for 6 models); N >= 3 cells several random subsets.
 Methods run under the library's default BatchNorm policy (``mapped``); ``cca paper`` and
-``permute paper`` under the paper's handling (BatchNorm vectors transformed with the conv rows). Hyperparameters (CCA's gamma, ZipIt's alpha and beta) are
-selected on a held-out slice of the training set that no model trained on, never on the test
-set: once per pool on two models, or for each N (``--gamma-per-n``: on the first N models).
+``permute paper`` under the paper's handling (BatchNorm vectors transformed with the conv rows).
+Hyperparameters (CCA's gamma, ZipIt's alpha and beta) are selected on a held-out slice of the
+training set that no model trained on, never on the test set: once per pool on two models, or
+for each N (``--gamma-per-n``: on the first N models).
 ``options.csv`` compares the official code's details (BatchNorm policy, stream statistics read
 at the last block, base-model BatchNorm reset) for CCA at N = 2 on held-out data, paired over
 pairs. Writes to ``--out``: ``accuracy.csv`` (one row per subset and method), ``barriers.csv``
@@ -195,7 +196,8 @@ def pool(arch, width, setting, data, profile, cache: Path, pool_writer) -> list:
     pool_writer.writerow({"arch": arch, "width": width, "setting": setting, "epochs": base,
                           "steps_epochs": epochs_for(arch, setting, profile, base),
                           "train_loss": round(float(np.mean([s["loss"] for s in scores])), 4),
-                          "train_accuracy": round(float(np.mean([s["accuracy"] for s in scores])), 2),
+                          "train_accuracy": round(float(np.mean([s["accuracy"]
+                                                                 for s in scores])), 2),
                           "trail": json.dumps([[e, round(v, 4)] for e, v in trail])})
     log(f"pool {arch} x{width:g} {setting}: {base} epochs, training loss "
         f"{np.mean([s['loss'] for s in scores]):.3f}, accuracy "

@@ -123,7 +123,8 @@ def run_targets(args) -> list[dict]:
         full = api.merge(pair, data, "cca").model
         for width in args.target_widths:
             row = {"pair": k, "width": width, "a": ends[0], "b": ends[1],
-                   "truncated cca": evaluate_model(targets.truncated(full, width), data.test)["accuracy"]}
+                   "truncated cca": evaluate_model(targets.truncated(full, width),
+                                                   data.test)["accuracy"]}
             for method in targets.target_width_methods():
                 merged = api.merge(pair, data, method, target_width=width).model
                 row[method] = evaluate_model(merged, data.test)["accuracy"]
@@ -177,7 +178,8 @@ def report(rows: list[dict], args, seconds: float) -> str:
              "agree to the image; the comparison between them is only a check.", ""]
     for target in ("x1", "x2"):
         part = [r for r in rows if r["target"] == target]
-        lines += [f"## Merged into {target}", "", "| | " + " | ".join(["x1", "x2", *methods]) + " |",
+        lines += [f"## Merged into {target}", "",
+                  "| | " + " | ".join(["x1", "x2", *methods]) + " |",
                   "|---" * (3 + len(methods)) + "|",
                   "| mean accuracy | " + " | ".join(f"{np.mean([r[c] for r in part]):.2f}"
                                                    for c in ["x1", "x2", *methods]) + " |", "",

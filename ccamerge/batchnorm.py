@@ -53,7 +53,8 @@ from ccamerge.stats import Statistics, collect_statistics
 from ccamerge.transform import Transforms, has_batchnorm
 
 POLICIES = ("mapped", "paper")
-DEFAULT_POLICY = "mapped"  # chosen on held-out data: see benchmarks/results/default/summary.md, options
+DEFAULT_POLICY = "mapped"  # chosen on held-out data: see
+                           # benchmarks/results/default/summary.md, options
 LEGACY_POLICY = "paper"  # what a recipe without ``bn_policy`` was made with (the old default)
 RETIRED = {"fold": "bn_policy 'fold' took its per-unit targets from the aligned endpoints, which "
                    "a dense map makes wrong below the first layer; it is replaced by 'mapped' "

@@ -113,7 +113,8 @@ def add_method_flags(p, methods, only=None) -> None:
 def add_merge_options(p) -> None:
     """Every method's flags and the merge settings (BatchNorm reset and policy, statistics)."""
     add_method_flags(p, METHODS.values())
-    p.add_argument("--no-bn-reset", action="store_true", help="keep the averaged BatchNorm statistics")
+    p.add_argument("--no-bn-reset", action="store_true",
+                   help="keep the averaged BatchNorm statistics")
     p.add_argument("--bn-policy", choices=list(POLICIES), default=DEFAULT_POLICY,
                    help="mapped (default): fold BatchNorm into the conv first and give each merged "
                    "unit the mean and scale of the mapped endpoint features (from the original "

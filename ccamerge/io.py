@@ -283,6 +283,6 @@ def _file_kind(name: str) -> str:
 
 def _require_description(name: str, arch: str | None, config: dict | None) -> None:
     if arch is None or config is None:
-        raise CcamergeError(f"{name} is a bare state dict: pass an architecture description (arch "
-                            f"and config, e.g. arch='mlp' and its config) to load it, or convert it "
-                            "to .safetensors with save_model")
+        raise CcamergeError(f"{name} is a bare state dict: pass an architecture description "
+                            f"(arch and config, e.g. arch='mlp' and its config) to load it, or "
+                            "convert it to .safetensors with save_model")

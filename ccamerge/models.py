@@ -291,7 +291,8 @@ def widths_differ(models: list[nn.Module]) -> bool:
 def widths_label(models: list[nn.Module]) -> str:
     """The config fields in which ``models`` differ, each model's value in order:
     ``hidden [12, 10] / [24, 20]``."""
-    keys = sorted({k for m in models for k in m.config if m.config.get(k) != models[0].config.get(k)})
+    keys = sorted({k for m in models for k in m.config
+                   if m.config.get(k) != models[0].config.get(k)})
     return ", ".join(f"{k} " + " / ".join(str(m.config.get(k)) for m in models) for k in keys)
 
 

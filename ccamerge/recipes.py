@@ -106,7 +106,8 @@ def _check_fields(recipe: dict) -> None:
     recorded_sha256(recipe)
     recorded_architectures(recipe)
     data_sha256 = data.get("sha256")
-    if data_sha256 is not None and not (isinstance(data_sha256, str) and _HEX.fullmatch(data_sha256)):
+    if data_sha256 is not None and not (isinstance(data_sha256, str)
+                                        and _HEX.fullmatch(data_sha256)):
         raise CcamergeError(f"data.sha256 must be a sha256 hex digest, got {data_sha256!r}")
 
 

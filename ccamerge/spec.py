@@ -242,7 +242,8 @@ def resized_spec(spec: AlignmentSpec, widths: dict[str, int]) -> AlignmentSpec:
     for point in spec.points:
         extra = widths.get(point.name, point.width) - point.width
         for axis in point.producers + point.consumers:
-            growth.setdefault((axis.param, axis.axis), []).append((axis.offset, extra * axis.repeat))
+            growth.setdefault((axis.param, axis.axis), []).append(
+                (axis.offset, extra * axis.repeat))
 
     def moved(axis: Axis) -> Axis:
         shift = sum(d for o, d in growth[(axis.param, axis.axis)] if o < axis.offset)

@@ -149,7 +149,8 @@ class PointStatistics:
         return np.sqrt(np.clip(np.diag(self.cov(i, i)), 0.0, None))
 
     def corr(self, i: int, j: int) -> np.ndarray:
-        """Pearson correlation ``[n_i, n_j]`` between units of models i (rows) and j; dead units give 0."""
+        """Pearson correlation ``[n_i, n_j]`` between units of models i (rows) and j; dead units
+        give 0."""
         outer = np.outer(self.std(i), self.std(j))
         with np.errstate(divide="ignore", invalid="ignore"):
             c = np.where(outer > 0, self.cov(i, j) / np.where(outer > 0, outer, 1.0), 0.0)
@@ -242,7 +243,8 @@ def _recorder(chunks: list, key: tuple[str, int], select: Select | None) -> Call
     return hook
 
 
-def batch_features(model: nn.Module, spec: AlignmentSpec, xb: torch.Tensor) -> dict[str, torch.Tensor]:
+def batch_features(model: nn.Module, spec: AlignmentSpec,
+                   xb: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{point: samples [S, n]}`` of one forward pass of ``model`` on the batch ``xb``."""
     with capture_features(model, spec) as captured, torch.no_grad():
         model(xb.to(module_device(model)))
@@ -357,7 +359,8 @@ class _View:
 
     def fold(self, captures: list[dict[str, list[torch.Tensor]]]) -> None:
         """One batch of every model's captured samples (``captures[i]``: model i's)."""
-        for point in self.spec.points:  # the k-th feature module of every model (streams read several)
+        for point in self.spec.points:  # the k-th feature module of every model
+                                        # (streams read several)
             for chunk in zip(*(captured[point.name] for captured in captures), strict=True):
                 _add_chunk(self.acc, point.name, chunk, self.blocks, self.workspace)
 

@@ -21,7 +21,8 @@ from ccamerge.devices import module_device, resolve_device  # noqa: E402
 from dashboard import data, registry, state, widgets  # noqa: E402
 
 PAGES = [
-    st.Page("../pages/models.py", title="Models and data", icon=":material/inventory_2:", default=True),
+    st.Page("../pages/models.py", title="Models and data", icon=":material/inventory_2:",
+            default=True),
     st.Page("../pages/spectra.py", title="Spectra", icon=":material/ssid_chart:"),
     st.Page("../pages/features.py", title="Feature matching", icon=":material/grid_on:"),
     st.Page("../pages/interpolation.py", title="Interpolation", icon=":material/timeline:"),

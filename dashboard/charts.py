@@ -72,7 +72,8 @@ def spread_figure(top1: np.ndarray, participation: np.ndarray, k90: np.ndarray) 
                                          (k90, method_color("ot")))):
         values = np.asarray(values, float)
         fig.add_trace(go.Histogram(x=values[np.isfinite(values)], marker_color=color, nbinsx=30,
-                                   showlegend=False, hovertemplate="%{x}: %{y} units<extra></extra>"),
+                                   showlegend=False,
+                                   hovertemplate="%{x}: %{y} units<extra></extra>"),
                       row=1, col=k + 1)
     fig.update_yaxes(title_text="reference units", col=1)
     fig.update_layout(height=300, margin=_MARGIN, bargap=0.05)
@@ -216,8 +217,8 @@ def results_frame(names: Sequence[str], base: dict, merges: Sequence[dict]) -> p
     rows.append({"kind": "ensemble", "name": "ensemble (mean logits)",
                  "accuracy (%)": base["ensemble"]["accuracy"], "loss": base["ensemble"]["loss"],
                  "seconds": np.nan})
-    rows += [{"kind": "merge", "name": m["method"], "accuracy (%)": m["accuracy"], "loss": m["loss"],
-              "seconds": m["seconds"]} for m in merges]
+    rows += [{"kind": "merge", "name": m["method"], "accuracy (%)": m["accuracy"],
+              "loss": m["loss"], "seconds": m["seconds"]} for m in merges]
     frame = pd.DataFrame(rows)
     if any(m.get("held_out_accuracy") is not None for m in merges):
         held = [np.nan] * (len(rows) - len(merges)) + [m.get("held_out_accuracy") for m in merges]

@@ -32,7 +32,8 @@ CHARTS = {"summary": ("diag-summary", "Scores"),
           "collapse": ("diag-collapse", "Collapse"),
           "sweep": ("diag-sweep", "Hyperparameter sweep")}
 SEVERITIES = ("failure", "warning", "info")
-GROUP_COLORS = {"reference": "#1f77b4", "model": "#ff7f0e", "aligned": "#2ca02c", "merged": "#d62728"}
+GROUP_COLORS = {"reference": "#1f77b4", "model": "#ff7f0e", "aligned": "#2ca02c",
+                "merged": "#d62728"}
 CLASS_COLORS = qualitative.D3 + qualitative.Set3
 
 
@@ -86,7 +87,8 @@ def summary_figure(report: dict, names: Sequence[str]) -> go.Figure:
     values = [b["accuracy"] for b in report["base"]] + [report["ensemble"]["accuracy"],
                                                        report["merged"]["accuracy"]]
     colors = [BASE_COLOR] * len(names) + [ENSEMBLE_COLOR, method_color(report["method"])]
-    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=colors, text=[f"{v:.1f}" for v in values],
+    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=colors,
+                           text=[f"{v:.1f}" for v in values],
                            textposition="outside", cliponaxis=False,
                            hovertemplate="%{x}: %{y:.2f}%<extra></extra>"))
     fig.update_layout(height=320, margin=dict(_MARGIN, t=30), yaxis=dict(
@@ -120,9 +122,11 @@ def damage_figure(report: dict) -> go.Figure:
     added = [p["damage_loss"] for p in ranked]
     shown = [v if _finite(v) else 0.0 for v in added]
     top = max([abs(v) for v in shown] + [1e-3])
-    text = [f"{v:+.3f}" if _finite(v) else ("breaks (NaN)" if v is not None else "n/a") for v in added]
-    fig.add_trace(go.Bar(y=[p["name"] for p in ranked], x=[top if v == math.inf else s
-                                                           for v, s in zip(added, shown, strict=True)],
+    text = [f"{v:+.3f}" if _finite(v) else ("breaks (NaN)" if v is not None else "n/a")
+            for v in added]
+    fig.add_trace(go.Bar(y=[p["name"] for p in ranked],
+                         x=[top if v == math.inf else s
+                            for v, s in zip(added, shown, strict=True)],
                          orientation="h", marker_color=["#d62728" if (v or 0) > 0 else BASE_COLOR
                                                         for v in added],
                          text=text, textposition="auto", showlegend=False,
@@ -169,8 +173,10 @@ def similarity_figure(report: dict) -> go.Figure:
             ("mean_same_index", "same-index corr. (no alignment)", method_color("average")))
     fig = go.Figure([go.Bar(x=names, y=[p.get(key) for p in report["points"]], name=label,
                             marker_color=color,
-                            text=[f"{p[key]:.2f}" if _finite(p.get(key)) else "" for p in report["points"]],
-                            textposition="outside", cliponaxis=False) for key, label, color in bars])
+                            text=[f"{p[key]:.2f}" if _finite(p.get(key)) else ""
+                                  for p in report["points"]],
+                            textposition="outside", cliponaxis=False)
+                     for key, label, color in bars])
     fig.update_layout(barmode="group", height=320, margin=_MARGIN, xaxis_title="merge point",
                       yaxis=dict(title="mean correlation", range=[min(0.0, _low(report)), 1.12]),
                       legend=dict(orientation="h", y=1.15))
@@ -188,7 +194,8 @@ def collapse_figure(report: dict) -> go.Figure:
     ratios = [p["variance_ratio"] for p in report["points"]]
     fig = go.Figure(go.Bar(
         x=names, y=[r if _finite(r) else 0.0 for r in ratios],
-        marker_color=["#d62728" if not _finite(r) or r < COLLAPSE_RATIO else method_color(report["method"])
+        marker_color=["#d62728" if not _finite(r) or r < COLLAPSE_RATIO
+                      else method_color(report["method"])
                       for r in ratios],
         text=[f"{r:.2f}" if _finite(r) else "NaN/inf" for r in ratios], textposition="auto",
         cliponaxis=False, hovertemplate="%{x}: %{text}× the endpoints' variance<extra></extra>"))
@@ -203,7 +210,8 @@ def collapse_figure(report: dict) -> go.Figure:
 
 # ----------------------------------------------------------------------------- sweep
 def _setting(options: dict, keys: Sequence[str]) -> str:
-    return ", ".join(f"{k} = {options[k]:g}" if isinstance(options[k], float) else f"{k} = {options[k]}"
+    return ", ".join(f"{k} = {options[k]:g}" if isinstance(options[k], float)
+                     else f"{k} = {options[k]}"
                      for k in keys)
 
 
@@ -221,11 +229,13 @@ def sweep_figure(sweep: dict) -> go.Figure:
     fig = go.Figure(go.Scatter(x=x, y=acc, mode="lines+markers", name="held-out accuracy",
                                line=dict(color=method_color(sweep["method"]), width=2),
                                hovertemplate=f"{key} = %{{x:g}}: %{{y:.2f}}%<extra></extra>"))
-    fig.add_trace(go.Scatter(x=[x[best]], y=[acc[best]], mode="markers", name=f"best: {key} = {x[best]:g}",
+    fig.add_trace(go.Scatter(x=[x[best]], y=[acc[best]], mode="markers",
+                             name=f"best: {key} = {x[best]:g}",
                              marker=dict(symbol="star", size=18, color="#ffbf00",
                                          line=dict(color="black", width=1))))
     if current is not None and key in current["options"]:
-        fig.add_trace(go.Scatter(x=[current["options"][key]], y=[current["accuracy"]], mode="markers",
+        fig.add_trace(go.Scatter(x=[current["options"][key]], y=[current["accuracy"]],
+                                 mode="markers",
                                  name=f"used: {key} = {current['options'][key]:g}",
                                  marker=dict(symbol="diamond", size=12, color=ENSEMBLE_COLOR)))
     positive = all(isinstance(v, (int, float)) and v > 0 for v in x)
@@ -246,7 +256,8 @@ def _sweep_heatmap(sweep: dict, keys: Sequence[str]) -> go.Figure:
     labels = ([f"{v:g}" for v in a_values], [f"{v:g}" for v in b_values])
     fig = go.Figure(go.Heatmap(z=z, x=labels[0], y=labels[1], colorscale="Viridis",
                                colorbar=dict(title="held-out<br>acc. (%)"), texttemplate="%{z:.1f}",
-                               hovertemplate=f"{a_key} = %{{x}}, {b_key} = %{{y}}: %{{z:.2f}}%<extra></extra>"))
+                               hovertemplate=f"{a_key} = %{{x}}, {b_key} = %{{y}}: "
+                                             f"%{{z:.2f}}%<extra></extra>"))
     best = sweep["best"]
     fig.add_trace(go.Scatter(x=[f"{best[a_key]:g}"], y=[f"{best[b_key]:g}"], mode="markers",
                              name=f"best: {_setting(best, keys)}",
@@ -259,10 +270,12 @@ def _sweep_heatmap(sweep: dict, keys: Sequence[str]) -> go.Figure:
 
 def sweep_caption(sweep: dict) -> str:
     keys = [k for k in sweep["parameter"].split(", ") if k]
-    text = f"best {_setting(sweep['best'], keys or list(sweep['best']))}: {max(sweep['accuracy']):.1f}%"
+    text = (f"best {_setting(sweep['best'], keys or list(sweep['best']))}: "
+            f"{max(sweep['accuracy']):.1f}%")
     current = sweep.get("current")
     if current is not None:
-        text += f"; used {_setting(current['options'], keys or list(current['options']))}: {current['accuracy']:.1f}%"
+        text += (f"; used {_setting(current['options'], keys or list(current['options']))}: "
+                 f"{current['accuracy']:.1f}%")
     return f"{text}; chosen on the {sweep['selected_on']}"
 
 
@@ -270,8 +283,8 @@ def sweep_caption(sweep: dict) -> str:
 def unit_hover(units, labels: dict[str, str]) -> list[str]:
     """Hover text per unit: its model and index, and its partner with their correlation."""
     out = []
-    for group, unit, partner, corr in zip(units.group, units.unit, units.partner, units.partner_corr,
-                                          strict=True):
+    for group, unit, partner, corr in zip(units.group, units.unit, units.partner,
+                                          units.partner_corr, strict=True):
         kind = "matched to" if group in ("reference", "model") else "aligned to"
         other = labels["model"] if group == "reference" else labels["reference"]
         out.append(f"{labels[group]} unit {unit}<br>{kind} {other} unit {partner} (r = {corr:.2f})")
@@ -333,7 +346,8 @@ def covariance_figure(s_xx: np.ndarray, s_xy: np.ndarray) -> go.Figure:
                               limit=limit, colorbar="cov.")
 
 
-def corner_frame(matrix: np.ndarray, k: int = 5, *, rows: str = "x", cols: str = "y") -> pd.DataFrame:
+def corner_frame(matrix: np.ndarray, k: int = 5, *, rows: str = "x",
+                 cols: str = "y") -> pd.DataFrame:
     """The top-left ``k`` x ``k`` entries of ``matrix`` as a labelled table (real numbers)."""
     part = np.asarray(matrix)[:k, :k]
     return pd.DataFrame(part, index=[f"{rows}{i}" for i in range(part.shape[0])],
@@ -351,7 +365,8 @@ def eigen_figure(eig_x: np.ndarray, eig_y: np.ndarray) -> go.Figure:
                                  hovertemplate="eigenvalue %{x}: %{y:.3g}<extra></extra>"))
     fig.add_hline(y=1.0, line=dict(color=ENSEMBLE_COLOR, dash="dot"),
                   annotation_text="after whitening: all 1")
-    fig.update_layout(height=300, margin=_MARGIN, yaxis=dict(type="log", title="eigenvalue", dtick=1),
+    fig.update_layout(height=300, margin=_MARGIN,
+                      yaxis=dict(type="log", title="eigenvalue", dtick=1),
                       xaxis_title="index (sorted)", legend=dict(orientation="h", y=1.12))
     return fig
 

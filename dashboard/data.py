@@ -132,7 +132,8 @@ def demo_dir() -> Path:
 
 
 def demo_files() -> list[Path]:
-    return [demo_dir() / zoo_filename(g.arch, g.width, g.split, s) for g in DEMO_ZOO for s in g.seeds]
+    return [demo_dir() / zoo_filename(g.arch, g.width, g.split, s)
+            for g in DEMO_ZOO for s in g.seeds]
 
 
 def demo_ready() -> bool:
@@ -155,7 +156,8 @@ def ensure_demo(progress: Progress | None = None) -> list[dict]:
         for group in DEMO_ZOO:
             def report(fraction: float, message: str, done=done, group=group) -> None:
                 if progress is not None:
-                    progress((done + fraction * len(group.seeds)) / total, f"{group.arch}: {message}")
+                    progress((done + fraction * len(group.seeds)) / total,
+                             f"{group.arch}: {message}")
             # The full config (defaults the constructor adds included), so that train_zoo
             # recognises its own files on the next start.
             config = default_config(group.arch, data, width=group.width) | dict(group.overrides)
@@ -348,8 +350,8 @@ def _collect(models: Sequence[nn.Module], data: Dataset, reference: int,
     check_fit(models, data)
     x = api.train_source(data)
     api.check_compatible(models, x, reference)
-    progress(0.0, f"collecting activation statistics on {len(api.subsample(x, stats_samples, SEED)):,} "
-                  "training images")
+    progress(0.0, f"collecting activation statistics on "
+                  f"{len(api.subsample(x, stats_samples, SEED)):,} training images")
     return collect_statistics(models, api.resolve_spec(models, x),
                               api.subsample(x, stats_samples, SEED), reference=reference,
                               pairs=pairs, self_only=moment_batchnorms(models[0], "mapped"),
@@ -706,7 +708,7 @@ def merged_file(model: nn.Module, info: dict, *, reference: nn.Module) -> bytes:
         return save_merged(model, reference, Path(folder) / f"merged{suffix}", info).read_bytes()
 
 
-# ----------------------------------------------------------------------------- archives, merge points
+# --------------------------------------------------------------------------- archives, merge points
 @cached(lambda: model_memo(), share=True)
 def _load_archive(digest: str, filename: str, example_key: str, _read: Callable[[], bytes],
                   _example: torch.Tensor) -> nn.Module:
@@ -741,7 +743,7 @@ def merge_points(digest: str, data_key: str, samples: int, _model: nn.Module,
     return report
 
 
-# ----------------------------------------------------------------------------- diagnosis, explorer, teaching
+# ------------------------------------------------------------------- diagnosis, explorer, teaching
 def diagnosis(models: Sequence[nn.Module], digests: Sequence[str], data: Dataset, data_key: str,
               method: str, options: dict, *, reference: int, bn_reset: bool,
               stats_samples: int | None, test_samples: int | None = None,
@@ -844,7 +846,8 @@ def input_embeddings(digests: tuple[str, ...], data_key: str, method: str, refer
                                     stats_samples, _models, _data)
     x, y = explorer.sample_inputs(_data, samples, SEED)
     nets = fresh([_models[reference], _models[other], moved, merged])
-    return {group: explorer.embed_inputs(explorer.point_features(net, spec, x, point, pool="flatten"),
+    return {group: explorer.embed_inputs(explorer.point_features(net, spec, x, point,
+                                                                 pool="flatten"),
                                          y, embedding, seed=SEED)
             for group, net in zip(explorer.GROUPS, nets, strict=True)}
 

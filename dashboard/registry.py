@@ -173,8 +173,9 @@ def check_budget(filename: str, size: int, session_dir: Path) -> None:
 def check_size(filename: str, size: int, max_bytes: int) -> None:
     """Refuse one uploaded file over ``max_bytes``."""
     if size > max_bytes:
-        raise CcamergeError(f"{filename} is {size / 2**20:.1f} MB, over the {max_bytes / 2**20:.0f} MB "
-                            "upload limit of this dashboard; merge large models with the ccamerge CLI")
+        raise CcamergeError(f"{filename} is {size / 2**20:.1f} MB, over the "
+                            f"{max_bytes / 2**20:.0f} MB upload limit of this dashboard; merge "
+                            "large models with the ccamerge CLI")
 
 
 def add_model_upload(models: dict[str, ModelEntry], filename: str,
@@ -227,8 +228,8 @@ def add_model_upload(models: dict[str, ModelEntry], filename: str,
     return entry, True
 
 
-def _add_archive(models: dict[str, ModelEntry], filename: str, content: bytes, digest: str, path: Path, *, trust_code: bool,
-                 example: torch.Tensor | None) -> ModelEntry:
+def _add_archive(models: dict[str, ModelEntry], filename: str, content: bytes, digest: str,
+                 path: Path, *, trust_code: bool, example: torch.Tensor | None) -> ModelEntry:
     """Replay a trusted archive (the file at ``path``) and add it; removes the file on failure."""
     try:
         if not trust_code:
@@ -368,7 +369,8 @@ def describe(model: nn.Module) -> str:
 
 
 def add_dataset_upload(datasets: dict[str, DatasetEntry], filename: str, content: bytes,
-                       session_dir: Path, *, max_bytes: int = data.MAX_UPLOAD_BYTES) -> DatasetEntry:
+                       session_dir: Path, *,
+                       max_bytes: int = data.MAX_UPLOAD_BYTES) -> DatasetEntry:
     """Check and add an uploaded dataset: an ``.npz`` (``x_train, y_train, x_test, y_test``;
     inputs ``[N, F]``, ``[N, H, W]`` or ``[N, C, H, W]``, read without pickle) or a ``.zip`` of
     an image folder (extracted by :func:`dashboard.image_zip.extract_images`). It is kept in
@@ -473,7 +475,8 @@ def dataset_label(key: str, datasets: dict[str, DatasetEntry]) -> str:
     return datasets[key].name if key in datasets else key
 
 
-def table_rows(models: dict[str, ModelEntry], selected: list[str], scores: dict[str, dict | None]) -> list[dict]:
+def table_rows(models: dict[str, ModelEntry], selected: list[str],
+               scores: dict[str, dict | None]) -> list[dict]:
     """One row per loaded model for the models table."""
     rows = []
     for entry in models.values():
@@ -545,7 +548,8 @@ def inputs(ids: tuple[str, ...], reference: int, data_key: str, models: dict[str
     mismatch between the models is explained in the sidebar, so it is only pointed at here.
     ``mixed_widths``: the page takes models whose widths differ (the Merge page)."""
     if len(ids) < minimum:
-        raise CcamergeError(f"select at least {minimum} models in the sidebar (selected: {len(ids)})")
+        raise CcamergeError(f"select at least {minimum} models in the sidebar "
+                            f"(selected: {len(ids)})")
     entries = [models[i] for i in ids]
     try:
         check_entries(entries)

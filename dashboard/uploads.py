@@ -3,8 +3,8 @@ add in the sidebar) and leave inline messages for the page to show.
 
 Every readable upload is loaded; it is selected only when it fits the selection (a model: the
 selected models' architecture and size; a dataset: their inputs and classes), so an upload never
-leaves every page broken. "Start a new selection from these uploads" switches to the models uploaded since the last
-new selection.
+leaves every page broken. "Start a new selection from these uploads" switches to the models
+uploaded since the last new selection.
 
 A TorchScript archive is loaded only while "I trust this archive's code" is ticked; until then it
 stays in the uploader, unprocessed, and ticking the box (whose callback is
@@ -151,8 +151,8 @@ def on_new_selection() -> None:
     messages = [("success", f"new selection: {names}")]
     left_out = [models[i].label for i in batch if i not in chosen]
     if left_out:
-        messages.append(("warning", f"not selected, they do not merge with {models[chosen[0]].label}: "
-                                    f"{', '.join(left_out)}"))
+        messages.append(("warning", f"not selected, they do not merge with "
+                                    f"{models[chosen[0]].label}: {', '.join(left_out)}"))
     _keep_a_fitting_dataset(ss, chosen, messages)
     ss[state.UPLOAD_MESSAGES] = messages
 
@@ -180,7 +180,8 @@ def on_trust_change() -> None:
     """Ticking "I trust this archive's code" loads the archives waiting in the uploader."""
     processed = st.session_state[state.PROCESSED_UPLOADS]
     uploads = st.session_state.get(state.W_MODEL_UPLOAD) or []
-    if st.session_state.get(state.W_TRUST_CODE) and any(u.file_id not in processed for u in uploads):
+    if st.session_state.get(state.W_TRUST_CODE) and any(u.file_id not in processed
+                                                        for u in uploads):
         on_model_upload()
 
 

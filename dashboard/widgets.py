@@ -92,7 +92,8 @@ def method_options(method: str, prefix: str) -> dict:
             values[name] = st.checkbox(label, key=key, help=opt.help, **KEEP)
         elif opt.kind is int:
             values[name] = int(st.number_input(label, step=1, key=key,
-                                               min_value=None if opt.minimum is None else int(opt.minimum),
+                                               min_value=(None if opt.minimum is None
+                                                          else int(opt.minimum)),
                                                help=opt.help, **KEEP))
         else:
             values[name] = float(st.number_input(label, key=key, min_value=opt.minimum,
@@ -207,7 +208,8 @@ def pick_other(label: str, sel: state.Selection, models: dict, key: str) -> int:
     """A non-reference model of the selection; returns its index in the selection."""
     others = sel.others
     valid_choice(key, others)
-    chosen = st.selectbox(label, others, key=key, format_func=lambda i: model_label(models, i), **KEEP)
+    chosen = st.selectbox(label, others, key=key,
+                          format_func=lambda i: model_label(models, i), **KEEP)
     return sel.ids.index(chosen if chosen in others else others[0])
 
 

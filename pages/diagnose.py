@@ -130,5 +130,6 @@ else:
     st.info(f"{method} has no hyperparameter to sweep; cca (gamma) and zipit (alpha, beta) do.")
 
 st.caption("Regenerate: `" + cd.diagnose_command(
-    [e.portable_path for e in inputs.entries], inputs.data_name, method, options, reference=inputs.reference,
-    bn_reset=bn_reset or not has_bn, stats_samples=stats_samples, sweep=with_sweep) + "`")
+    [e.portable_path for e in inputs.entries], inputs.data_name, method, options,
+    reference=inputs.reference, bn_reset=bn_reset or not has_bn, stats_samples=stats_samples,
+    sweep=with_sweep) + "`")

@@ -27,7 +27,8 @@ ref_name, other_name = inputs.entries[inputs.reference].name, inputs.entries[oth
 summary = fm.summary()
 cols = st.columns(5)
 cols[0].metric("mean matched corr.", f"{summary['mean_matched_corr']:.3f}")
-cols[1].metric("mean top-1 share", f"{summary['mean_top1']:.2f}", help="1 = each feature sits in one unit")
+cols[1].metric("mean top-1 share", f"{summary['mean_top1']:.2f}",
+               help="1 = each feature sits in one unit")
 cols[2].metric("mean participation ratio", f"{summary['mean_participation']:.2f}",
                help="effective number of units a feature is spread over (1 = one unit)")
 cols[3].metric("median k90", f"{summary['median_k90']:g}", help="units holding 90% of a feature")
@@ -58,9 +59,9 @@ widgets.explain(f"entry (j, k) is the Pearson correlation of unit j of {ref_name
                 "models' own order: no structure, because units are numbered arbitrarily. Right, "
                 "the columns reordered by the Hungarian matching: a bright diagonal means units "
                 "correspond one to one; off-diagonal colour means features are shared between "
-                "several units." + (" A wide layer is shown in blocks (the strongest entry of each, "
-                                    "labelled by its first unit) or as a zoomed window of raw units."
-                                    if wide else ""))
+                "several units." + (" A wide layer is shown in blocks (the strongest entry of "
+                                    "each, labelled by its first unit) or as a zoomed window of "
+                                    "raw units." if wide else ""))
 
 st.subheader("CCA map beside the permutation")
 order = st.toggle("Order model units by the matching", value=True, key=state.W_FEAT_ORDER,
@@ -71,7 +72,8 @@ p_win, _, _ = charts.window(p_view, view=view, start=start)
 st.plotly_chart(charts.matrix_pair_figure(
     t_win, p_win, titles=("CCA transform T̃ (correlation units)", "permutation"),
     x_title=f"unit of {other_name}" + (" (matched order)" if order else ""),
-    y_title=f"unit of {ref_name}", rows=rows, cols=cols_t, colorbar="weight"), key="transform_chart")
+    y_title=f"unit of {ref_name}", rows=rows, cols=cols_t, colorbar="weight"),
+    key="transform_chart")
 widgets.explain("how each model unit contributes to each reference feature when the models are "
                 f"merged. Left: CCA's map T̃ = D_y T D_x⁻¹, in correlation units (γ = {gamma:g}). "
                 "Right: the permutation found by matching, which can only copy one unit. Where "

@@ -58,10 +58,10 @@ for col, curve in zip(cols, curves, strict=True):
 
 st.plotly_chart(charts.interpolation_figure(curves), key="interpolation_chart")
 widgets.explain(f"left, the test loss; right, the test accuracy of the blended model as λ goes "
-                f"from {models[a_id].name} (0) to {models[b_id].name} (1). *average* blends the raw "
-                "weights; the other curves first align B's units to A's. The barrier is the "
-                "highest point of the loss above the straight line joining the two ends: near 0 "
-                "means no barrier between the aligned models. A dense map (CCA) does not "
+                f"from {models[a_id].name} (0) to {models[b_id].name} (1). *average* blends "
+                "the raw weights; the other curves first align B's units to A's. The barrier is "
+                "the highest point of the loss above the straight line joining the two ends: "
+                "near 0 means no barrier between the aligned models. A dense map (CCA) does not "
                 "reproduce a model's function exactly, so its path is two halves, drawn apart: "
                 "up to λ = 0.5 B is aligned to A (solid), after it A is aligned to B (dashed), so "
                 "that both ends are the real models; the step between the halves is not part of "

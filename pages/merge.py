@@ -24,11 +24,12 @@ c1, c2, c4 = st.columns(3)
 has_bn = data.uses_batchnorm(inputs.models)
 bn_reset = c1.toggle("Reset BatchNorm statistics", value=True, key=state.W_MERGE_BN,
                      disabled=not has_bn, help="recompute BatchNorm running statistics of the "
-                     "merged model on the training images; only matters for networks with BatchNorm",
-                     **widgets.KEEP)
+                     "merged model on the training images; only matters for networks with "
+                     "BatchNorm", **widgets.KEEP)
 repair = c2.toggle("REPAIR", value=False, key=state.W_MERGE_REPAIR, disabled=has_bn,
                    help="rescale each merged unit to the mean/std of the endpoints' units (for "
-                   "networks without BatchNorm; not for zipit, which aligns jointly)", **widgets.KEEP)
+                   "networks without BatchNorm; not for zipit, which aligns jointly)",
+                   **widgets.KEEP)
 curve = c4.checkbox("Accuracy vs N", value=True, key=state.W_MERGE_CURVE,
                     help="also merge the reference with the first 1, 2, ... other models, for "
                     "the chart of accuracy against the number of merged models", **widgets.KEEP)
@@ -88,7 +89,8 @@ if results["signature"] != signature:
 for method, message in results["errors"].items():
     st.error(f"{method}: {message}")
 
-st.subheader(f"Results: {len(results['names'])} models, reference {results['names'][results['reference']]}")
+st.subheader(f"Results: {len(results['names'])} models, "
+             f"reference {results['names'][results['reference']]}")
 frame = charts.results_frame(results["names"], results["base"], results["merges"])
 ranked = merging.ranked(results["merges"])
 held_on = results.get("held_out_on")
@@ -110,13 +112,15 @@ widgets.explain("test accuracy of each base model (grey), of their ensemble (bla
                 "models' outputs, costs N forward passes, the ceiling a merge aims for) and of the "
                 "single model each method produces (colours). Plain *average* without alignment "
                 "usually collapses: units in the same position do different things.")
-st.dataframe(frame, hide_index=True, height=charts.table_height(frame), placeholder="—", column_config={
-    "accuracy (%)": st.column_config.NumberColumn("test accuracy (%)", format="%.2f"),
-    "held-out accuracy (%)": st.column_config.NumberColumn(
-        format="%.2f", help=f"the merge redone without the {held_on}, scored on them (the base "
-                            "models trained on them: accuracies run high)" if held_on else None),
-    "loss": st.column_config.NumberColumn("test loss", format="%.4f"),
-    "seconds": st.column_config.NumberColumn("merge time (s)", format="%.2f")})
+st.dataframe(frame, hide_index=True, height=charts.table_height(frame), placeholder="—",
+             column_config={
+                 "accuracy (%)": st.column_config.NumberColumn("test accuracy (%)", format="%.2f"),
+                 "held-out accuracy (%)": st.column_config.NumberColumn(
+                     format="%.2f",
+                     help=f"the merge redone without the {held_on}, scored on them (the base "
+                          "models trained on them: accuracies run high)" if held_on else None),
+                 "loss": st.column_config.NumberColumn("test loss", format="%.4f"),
+                 "seconds": st.column_config.NumberColumn("merge time (s)", format="%.2f")})
 for warning, methods_with in charts.merge_warnings(results["merges"]).items():
     st.warning(f"{warning} ({', '.join(methods_with)})")
 

@@ -28,9 +28,11 @@ columns = {
                                         "`torchscript` and the class of a TorchScript archive"),
     "parameters": st.column_config.NumberColumn("parameters", format="localized"),
     "accuracy (%)": st.column_config.NumberColumn("accuracy (%)", format="%.1f",
-                                                  help="measured now on the selected dataset's test set"),
+                                                  help="measured now on the selected "
+                                                       "dataset's test set"),
     "saved accuracy (%)": st.column_config.NumberColumn("saved accuracy (%)", format="%.1f",
-                                                        help="recorded in the file when it was trained"),
+                                                        help="recorded in the file when it "
+                                                             "was trained"),
 }
 st.dataframe(frame, hide_index=True, placeholder="—", height=charts.table_height(frame),
              column_config=columns)
@@ -68,8 +70,8 @@ with left:
         arch = st.selectbox("architecture", list(catalog.ARCHITECTURES), key=state.W_PT_ARCH,
                             **widgets.KEEP)
         st.text_area("config (JSON, as `build_model(arch, **config)` takes it)",
-                     value=uploads.default_pt_config(arch, sel.dataset), key=uploads.config_key(arch),
-                     height=90, **widgets.KEEP)
+                     value=uploads.default_pt_config(arch, sel.dataset),
+                     key=uploads.config_key(arch), height=90, **widgets.KEEP)
         st.caption(".pt files are read with PyTorch's weights-only unpickler: a file that tries to "
                    "run code is refused, never executed.")
 with right:

@@ -20,7 +20,8 @@ gamma, relative = widgets.gamma_controls(state.W_SPEC_GAMMA, state.W_SPEC_RELATI
 choices = ["all"] + sel.others
 widgets.valid_choice(state.W_SPEC_MODEL, choices)
 shown = st.selectbox("Model compared with the reference", choices, key=state.W_SPEC_MODEL,
-                     format_func=lambda i: "every model" if i == "all" else widgets.model_label(models, i),
+                     format_func=lambda i: ("every model" if i == "all"
+                                            else widgets.model_label(models, i)),
                      **widgets.KEEP)
 stats_samples, _test_samples = widgets.sampling(inputs)
 widgets.sampling_note(inputs)
@@ -82,12 +83,13 @@ with widgets.stop_on_error():
                                                 stats_samples, inputs.models, inputs.data)
 shared_where = "held-out" if cs.shared_held_out(shared_rows) else "fitting images"
 for col, row in zip(st.columns(len(shared_rows)), shared_rows, strict=True):
-    col.metric(f"shared correlation, {row['name']}",
-               f"{row['mean_rho_heldout' if cs.shared_held_out(shared_rows) else 'mean_rho_fit']:.3f}",
-               f"mean eigenvalue {row['mean_eigenvalues']:.2f} of {row['num_models']}",
-               delta_color="off", delta_arrow="off",
-               help=f"mean pairwise correlation of the shared directions' variates "
-                    f"({shared_where}); below, the mean MAXVAR eigenvalue (1 to N)")
+    col.metric(
+        f"shared correlation, {row['name']}",
+        f"{row['mean_rho_heldout' if cs.shared_held_out(shared_rows) else 'mean_rho_fit']:.3f}",
+        f"mean eigenvalue {row['mean_eigenvalues']:.2f} of {row['num_models']}",
+        delta_color="off", delta_arrow="off",
+        help=f"mean pairwise correlation of the shared directions' variates "
+             f"({shared_where}); below, the mean MAXVAR eigenvalue (1 to N)")
     col.caption(cs.shared_headline(row, [r for r in pair_rows if r["name"] == row["name"]]))
 st.plotly_chart(cs.shared_figure(shared_rows, pair_rows, model_names=names), key="shared_chart")
 widgets.explain(
@@ -116,8 +118,10 @@ widgets.explain(
     "variance (on the fitting images) in the span of its shared directions (below 1 when it is "
     "wider or richer than the space all models share), and the condition number of V_iᵀV_i, "
     "its block of the eigenvectors (large: it barely spans the shared space).")
-st.caption(f"Regenerate (CLI): `ccamerge spectrum {' '.join(e.portable_path for e in inputs.entries)} "
-           f"--shared --data {inputs.data_name} --gamma {gamma:g}{'' if relative else ' --absolute'}"
+st.caption(f"Regenerate (CLI): `ccamerge spectrum "
+           f"{' '.join(e.portable_path for e in inputs.entries)} "
+           f"--shared --data {inputs.data_name} --gamma {gamma:g}"
+           f"{'' if relative else ' --absolute'}"
            f"{'' if stats_samples is None else f' --stats-samples {stats_samples}'} --json`"
            + ("" if stats_samples is None else " (it holds out 20% of those images instead of "
               "the page's held-out ones)"))

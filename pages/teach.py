@@ -42,7 +42,8 @@ st.markdown(f"Averaging the model with its own shuffled copy, two networks compu
             f"function*, drops it to {acc['average_unaligned']:.1f}%: weight by weight it "
             f"averages unrelated units. Matching units by their activations finds the shuffle "
             f"again ({100 * swap['recovered']:.0f}% of units; dead units, which never fire, "
-            f"cannot be told apart) and the average is the original: {acc['average_matched']:.1f}%.")
+            f"cannot be told apart) and the average is the original: "
+            f"{acc['average_matched']:.1f}%.")
 
 # ----------------------------------------------------------------------------- step 2
 st.header("2. The permutation found by matching")

@@ -76,7 +76,8 @@ def test_merge_writes_a_model_that_loads(zoo, tmp_path, capsys, method):
 
 def test_replay_reproduces_the_same_weights(zoo, tmp_path, capsys):
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    run(capsys, "merge", *zoo, "--method", "cca", "--gamma", "0.3", "--reference", "1", "--out", str(first))
+    run(capsys, "merge", *zoo, "--method", "cca", "--gamma", "0.3", "--reference", "1",
+        "--out", str(first))
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(load_model(first).info["merge"]))
     code, result, _ = run(capsys, "replay", str(recipe), "--out", str(second))
@@ -166,7 +167,8 @@ def archives(tmp_path_factory):
         opt = torch.optim.Adam(model.parameters(), 3e-3)
         for _ in range(60):
             idx = torch.randint(0, len(digits.x_train), (128,))
-            loss = torch.nn.functional.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx])
+            loss = torch.nn.functional.cross_entropy(model(digits.x_train[idx]),
+                                                     digits.y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -70,7 +70,8 @@ def test_metadata_layout(tmp_path):
     assert header["config"]["blocks"] == 1 and header["info"] == {"recipe": {"g": 1}}
     assert "stages.0.0.bn1.num_batches_tracked" in load_model(path).state_dict()
     summary = model_summary(load_model(path))
-    assert summary["arch"] == "resnet20" and summary["parameters"] > 0 and summary["accuracy"] is None
+    assert (summary["arch"] == "resnet20" and summary["parameters"] > 0
+            and summary["accuracy"] is None)
     json.dumps(summary)
 
 

@@ -106,7 +106,8 @@ def test_every_point_and_pair_matches_numpy_and_models_are_untouched(digits):
     for m in models:
         with capture_features(m, spec) as captured, torch.no_grad():
             m(x)
-        feats.append({name: torch.cat(chunks).double().numpy() for name, chunks in captured.items()})
+        feats.append({name: torch.cat(chunks).double().numpy()
+                      for name, chunks in captured.items()})
     for point in spec.points:
         n = point.width
         joint = np.cov(np.hstack([f[point.name] for f in feats]).T)

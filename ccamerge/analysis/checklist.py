@@ -1,9 +1,9 @@
 """A plain-language checklist computed from a :func:`ccamerge.analysis.diagnose.diagnose` report.
 
-Each finding: ``id``, ``severity`` ("failure" explains a broken merge, "warning" weakens it, "info"),
-``title`` (one sentence with the numbers), ``next_step`` (what to try), ``chart`` (the view that
-shows the evidence: "summary", "partial", "spectra", "health", "collapse" or "sweep") and, where the
-next step is a setting, ``apply``: ``{"method", "options"}``.
+Each finding: ``id``, ``severity`` ("failure" explains a broken merge, "warning" weakens it,
+"info"), ``title`` (one sentence with the numbers), ``next_step`` (what to try), ``chart`` (the
+view that shows the evidence: "summary", "partial", "spectra", "health", "collapse" or "sweep")
+and, where the next step is a setting, ``apply``: ``{"method", "options"}``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ def _batchnorm(r) -> list[dict]:
     if not (r["has_batchnorm"] and not r["bn_reset"]):
         return []
     return [_finding("bn_not_reset", "failure",
-                     f"BatchNorm statistics were not reset: the merged net normalises with averaged "
-                     f"running statistics that match none of its units (merged "
-                     f"{r['merged']['accuracy']:.1f}% vs ensemble {r['ensemble']['accuracy']:.1f}%).",
-                     "Merge with the BatchNorm reset on (drop --no-bn-reset / tick 'Reset BatchNorm').",
+                     f"BatchNorm statistics were not reset: the merged net normalises with "
+                     f"averaged running statistics that match none of its units (merged "
+                     f"{r['merged']['accuracy']:.1f}% vs ensemble "
+                     f"{r['ensemble']['accuracy']:.1f}%).",
+                     "Merge with the BatchNorm reset on (drop --no-bn-reset / tick "
+                     "'Reset BatchNorm').",
                      "summary")]
 
 
@@ -45,8 +47,8 @@ def _undertrained(r) -> tuple[list[dict], set[int]]:
     floor = max(2 * chance, max(accs) - UNDERTRAINED_GAP)
     weak = {i for i, a in enumerate(accs) if a < floor}
     out = [_finding("undertrained", "failure",
-                    f"Model {i} is under-trained: {accs[i]:.1f}% test accuracy against {max(accs):.1f}% "
-                    "for the best model; its features are not worth aligning.",
+                    f"Model {i} is under-trained: {accs[i]:.1f}% test accuracy against "
+                    f"{max(accs):.1f}% for the best model; its features are not worth aligning.",
                     f"Train model {i} longer, or leave it out of the merge.", "summary")
            for i in sorted(weak)]
     return out, weak
@@ -79,9 +81,9 @@ def _samples(r) -> list[dict]:
     worst = min(thin, key=lambda p: p["samples_per_feature"])
     severity = "failure" if worst["samples_per_feature"] < 2 else "warning"
     return [_finding("few_samples", severity,
-                     f"Too few statistics samples: {worst['samples_per_feature']:.1f} per feature at "
-                     f"{worst['name']} ({worst['samples']} samples for {worst['width']} units); the "
-                     f"covariances there are noise ({len(thin)} merge point(s) below "
+                     f"Too few statistics samples: {worst['samples_per_feature']:.1f} per feature "
+                     f"at {worst['name']} ({worst['samples']} samples for {worst['width']} "
+                     f"units); the covariances there are noise ({len(thin)} merge point(s) below "
                      f"{MIN_SAMPLES_PER_FEATURE:.0f}).",
                      "Collect statistics on more data (raise --stats-samples, or use the whole "
                      "training set).", "health")]
@@ -123,8 +125,8 @@ def _dead(r) -> list[dict]:
         return []
     return [_finding("dead_units", "warning",
                      f"{worst['dead_fraction']:.0%} of the units at {worst['name']} never fire "
-                     f"(dead units per model {worst['dead_units']}); they are paired by identity and "
-                     "carry nothing.",
+                     f"(dead units per model {worst['dead_units']}); they are paired by identity "
+                     "and carry nothing.",
                      "Train with a lower learning rate or better initialisation; a narrower layer "
                      "would lose nothing.", "health")]
 
@@ -172,8 +174,8 @@ def _gamma(r) -> list[dict]:
     sweep = r.get("sweep")
     if sweep and sweep.get("best_at_edge"):
         return [_finding("gamma_extreme", "warning",
-                         f"The best {sweep['parameter']} ({_setting(sweep['best'])}) is at the edge of the "
-                         "grid searched; the optimum may lie beyond it.",
+                         f"The best {sweep['parameter']} ({_setting(sweep['best'])}) is at the "
+                         "edge of the grid searched; the optimum may lie beyond it.",
                          "Extend the sweep grid in that direction.", "sweep")]
     options = r["options"]
     if r["method"] != "cca" or not options.get("relative", False):
@@ -274,13 +276,15 @@ def _summary(r, found: list[dict]) -> list[dict]:
                          "matching, and compare with another method.", "partial")]
     if merged >= base - GAP_INFO:
         return [_finding("healthy", "info",
-                         f"The merge is healthy: {merged:.1f}% against {base:.1f}% for the mean base "
-                         f"model and {r['ensemble']['accuracy']:.1f}% for the ensemble.",
-                         "Nothing to fix; try more models or another method to compare.", "summary")]
+                         f"The merge is healthy: {merged:.1f}% against {base:.1f}% for the mean "
+                         f"base model and {r['ensemble']['accuracy']:.1f}% for the ensemble.",
+                         "Nothing to fix; try more models or another method to compare.",
+                         "summary")]
     return [_finding("merge_gap", "info",
-                     f"The merge loses {base - merged:.1f} points against the mean base model; most "
-                     f"loss is added at {r['ranking'][0]} (partial merges).",
-                     "Inspect that layer's spectrum and feature matching; try another method or gamma.",
+                     f"The merge loses {base - merged:.1f} points against the mean base model; "
+                     f"most loss is added at {r['ranking'][0]} (partial merges).",
+                     "Inspect that layer's spectrum and feature matching; "
+                     "try another method or gamma.",
                      "partial")]
 
 

@@ -160,7 +160,8 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
         statistics = collect_statistics(models, spec, x_stats, reference=reference, pairs=pairs,
                                         self_only=moment_batchnorms(models[0], bn_policy,
                                                                     bn_reset=bn_reset),
-                                        progress=lambda f: report(0.25 * f, "collecting statistics"))
+                                        progress=lambda f: report(0.25 * f,
+                                                                  "collecting statistics"))
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     seed=seed, statistics=statistics, spec=spec, **options)
     stats = statistics

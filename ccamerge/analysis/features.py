@@ -1,9 +1,9 @@
 """Feature matching between two models at one merge point (``method.md`` section 7).
 
-Convention (as in :mod:`ccamerge.methods.cca`): X is the reference model, Y the other model; a feature row
-``y`` ``[n]`` maps to ``y @ T`` in X's basis, so ``T`` is ``[n_y, n_x]``: row k = unit k of Y,
-column j = unit j of X. The Hungarian match ``perm`` ``[n]`` pairs reference unit j with unit
-``perm[j]`` of Y (``Transform.from_permutation``: ``T[perm[j], j] = 1``).
+Convention (as in :mod:`ccamerge.methods.cca`): X is the reference model, Y the other model; a
+feature row ``y`` ``[n]`` maps to ``y @ T`` in X's basis, so ``T`` is ``[n_y, n_x]``: row k =
+unit k of Y, column j = unit j of X. The Hungarian match ``perm`` ``[n]`` pairs reference unit j
+with unit ``perm[j]`` of Y (``Transform.from_permutation``: ``T[perm[j], j] = 1``).
 
 Quantities, per column j of ``T~ = D_y T D_x^-1`` (T in correlation units, D = diag of unit std):
 
@@ -117,7 +117,8 @@ def block_reduce(matrix: np.ndarray, max_size: int = MAX_DISPLAY,
         raise CcamergeError("block_reduce needs a 2-D matrix and max_size >= 1")
     if how not in ("mean", "absmax"):
         raise CcamergeError(f"how must be 'mean' or 'absmax', not {how!r}")
-    (r, c), (br, bc) = matrix.shape, (-(-matrix.shape[0] // max_size), -(-matrix.shape[1] // max_size))
+    (r, c), (br, bc) = matrix.shape, (-(-matrix.shape[0] // max_size),
+                                      -(-matrix.shape[1] // max_size))
     rows, cols = -(-r // br), -(-c // bc)
     padded = np.full((rows * br, cols * bc), np.nan)
     padded[:r, :c] = matrix
@@ -161,7 +162,8 @@ class FeatureMatching:
         return {"name": self.name, "width": self.width,
                 "mean_matched_corr": float(np.mean(np.diag(self.corr_matched))),
                 "mean_rho": float(np.mean(self.rho)),
-                "mean_top1": float(np.nanmean(self.top1)) if np.isfinite(self.top1).any() else float("nan"),
+                "mean_top1": float(np.nanmean(self.top1))
+                if np.isfinite(self.top1).any() else float("nan"),
                 "mean_participation": float(np.nanmean(self.participation))
                 if np.isfinite(self.participation).any() else float("nan"),
                 "median_k90": float(np.median(self.k90)), "agreement": self.agreement}

@@ -161,7 +161,8 @@ class Method:
         unknown = set(options) - set(self.options)
         if unknown:
             valid = ", ".join(sorted(self.options)) or "none"
-            raise CcamergeError(f"method {self.name} has no option {sorted(unknown)}; valid: {valid}")
+            raise CcamergeError(f"method {self.name} has no option {sorted(unknown)}; "
+                                f"valid: {valid}")
         return {name: opt.check(self.name, name, options.get(name, opt.default))
                 for name, opt in self.options.items()}
 

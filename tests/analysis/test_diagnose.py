@@ -37,7 +37,8 @@ def test_merge_with_an_untrained_model_names_it(mlps, digits):
 def test_batchnorm_reset_switched_off_is_reported(vgg_bn, digits):
     report = diagnose(vgg_bn, digits, "permute", bn_reset=False, stats_samples=300)
     assert "bn_not_reset" in _ids(report)
-    assert diagnose(vgg_bn, digits, "permute", stats_samples=300)["findings"][0]["id"] != "bn_not_reset"
+    assert (diagnose(vgg_bn, digits, "permute", stats_samples=300)["findings"][0]["id"]
+            != "bn_not_reset")
 
 
 @pytest.mark.parametrize("policy", ["paper", "mapped"])
@@ -48,7 +49,8 @@ def test_cca_on_a_batchnorm_net_is_checked_against_permutation(vgg_bn, digits, p
     permuted = merge(vgg_bn, digits, "permute", stats_samples=300, bn_policy=policy).model
     merged = merge(vgg_bn, digits, "cca", stats_samples=300, bn_policy=policy).model
     check = report["permute_check"]["accuracy"]
-    assert check == pytest.approx(evaluate_model(permuted, digits.x_test, digits.y_test)["accuracy"])
+    assert check == pytest.approx(
+        evaluate_model(permuted, digits.x_test, digits.y_test)["accuracy"])
     assert report["merged"]["accuracy"] == pytest.approx(
         evaluate_model(merged, digits.x_test, digits.y_test)["accuracy"])
     assert report["bn_policy"] == policy
@@ -89,7 +91,8 @@ def test_partial_merges_run_from_the_reference_to_the_merge(mlps, digits):
     result = merge(mlps[:2], digits, "permute")
     ref_state = mlps[0].state_dict()
     merged_state = result.model.state_dict()
-    assert all(torch.equal(v, ref_state[k]) for k, v in partial_state(ref_state, merged_state, spec, 0).items())
+    assert all(torch.equal(v, ref_state[k])
+               for k, v in partial_state(ref_state, merged_state, spec, 0).items())
     full = partial_state(ref_state, merged_state, spec, len(spec.points))
     assert all(torch.equal(v, merged_state[k]) for k, v in full.items())
     report = diagnose(mlps[:2], digits, "permute")

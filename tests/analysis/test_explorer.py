@@ -47,7 +47,8 @@ def test_a_permuted_twins_units_embed_like_the_originals_up_to_the_permutation(m
         original = explorer.unit_profiles(model, spec, x, point)
         swapped = explorer.unit_profiles(twin, spec, x, point)
         assert np.allclose(swapped, original[perm], atol=1e-5)
-        assert np.allclose(explorer.embed_units(swapped), explorer.embed_units(original)[perm], atol=1e-6)
+        assert np.allclose(explorer.embed_units(swapped), explorer.embed_units(original)[perm],
+                           atol=1e-6)
         found, corr = explorer.matched_partners(original, swapped)
         live = np.flatnonzero(original.std(1) > 0)
         assert np.array_equal(perm[found[live]], live) and np.allclose(corr[live], 1.0)

@@ -262,7 +262,8 @@ def test_uploads_of_good_models_are_added_and_selected(app, tmp_path):
     entry = app.session_state[state.MODELS][selected[-1]]
     assert Path(entry.path).is_file() and entry.path.endswith(".safetensors")  # replayable
     visit(app, "spectra")
-    assert len(charts(app)) == 4  # the pairwise spectrum and mean rho, the shared space and each model's consensus
+    assert len(charts(app)) == 4  # the pairwise spectrum and mean rho, the shared space and
+                                  # each model's consensus
 
 
 def test_bad_uploads_get_an_inline_message_and_change_nothing(app, tmp_path):
@@ -340,7 +341,8 @@ def test_two_sessions_never_see_each_others_uploads_or_results(demo_cache, tmp_p
     assert private[0].id not in second.session_state[state.MODELS]
     assert private[0].id not in second.multiselect(key=state.W_MODELS).options
     assert state.MERGE_RESULTS not in second.session_state
-    assert first.session_state[state.SESSION_DIR].path != second.session_state[state.SESSION_DIR].path
+    assert (first.session_state[state.SESSION_DIR].path
+            != second.session_state[state.SESSION_DIR].path)
 
 
 def test_batchnorm_reset_toggles_on_batchnorm_nets(app):

@@ -123,7 +123,8 @@ def test_teaching_mode_walks_through_the_four_steps_with_live_numbers(app):
     m = metrics(app)
     assert float(m["largest output change"]) < 1e-4
     assert m["accuracy, original"] == m["accuracy, swapped"]
-    assert float(m["averaged with its swapped copy"].rstrip("%")) < float(m["accuracy, original"].rstrip("%"))
+    assert (float(m["averaged with its swapped copy"].rstrip("%"))
+            < float(m["accuracy, original"].rstrip("%")))
     assert float(m["loss barrier, average"]) > float(m["loss barrier, permute"])
     assert n_charts(app) == 5 and texts(app.caption).count(NOTE) >= 5
     before = texts(app.markdown)

@@ -246,7 +246,8 @@ def test_pt_uploads_replay_from_their_own_files_in_another_folder(app, tmp_path)
     downloaded = load_model_bytes(results["files"]["cca"], "merged.safetensors").state_dict()
     replayed = _replay(elsewhere, recipe["replay"])
     assert all(torch.equal(t, replayed[k]) for k, t in downloaded.items())
-    (elsewhere / "net_1.pt").write_bytes(pt_bytes(random_model("mlp", 5, hidden=[24, 24]).state_dict()))
+    (elsewhere / "net_1.pt").write_bytes(
+        pt_bytes(random_model("mlp", 5, hidden=[24, 24]).state_dict()))
     with pytest.raises(AssertionError):
         _replay(elsewhere, recipe["replay"])  # a changed file is named, not merged
 

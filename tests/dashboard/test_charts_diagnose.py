@@ -31,10 +31,10 @@ def broken_report():
             "merged": {"accuracy": 10.0, "loss": math.nan},
             "reference_only": {"accuracy": 99.0, "loss": 0.05}, "points": points,
             "ranking": ["conv1", "conv2"], "healthy": False,
-            "findings": [{"id": "bn_not_reset", "severity": "failure", "title": "BN", "next_step": "reset",
-                          "chart": "summary"},
-                         {"id": "non_finite", "severity": "failure", "title": "NaN", "next_step": "reset",
-                          "chart": "collapse"}]}
+            "findings": [{"id": "bn_not_reset", "severity": "failure", "title": "BN",
+                          "next_step": "reset", "chart": "summary"},
+                         {"id": "non_finite", "severity": "failure", "title": "NaN",
+                          "next_step": "reset", "chart": "collapse"}]}
 
 
 def test_every_finding_links_to_an_anchor_of_the_page(report):

@@ -50,7 +50,8 @@ def _shared(mlps, digits, **kw):
 
 def test_one_pass_serves_every_reference_and_both_kinds_of_pairs(mlps, digits, passes):
     first = _shared(mlps, digits, reference=0)
-    again = [_shared(mlps, digits, reference=r, pairs=p) for r in (0, 2) for p in ("reference", "all")]
+    again = [_shared(mlps, digits, reference=r, pairs=p)
+             for r in (0, 2) for p in ("reference", "all")]
     assert passes == ["all"]  # N <= 3: every pair, for the price of the reference pairs
     assert [s.reference for s in again] == [0, 0, 2, 2]
     assert all(s.points is first.points for s in again)
@@ -166,8 +167,8 @@ def test_shared_statistics_carry_the_batchnorm_moments_and_merges_need_no_pass_f
                                    stats_samples=SAMPLES)
     picked = data.pick_statistics(stats, [2, 0], 0)
     x = api.subsample(api.train_source(digits), SAMPLES, data.SEED)
-    for mine, theirs in zip(carried_moments(picked, bns), output_moments([vggs[2], vggs[0]], bns, x),
-                            strict=True):
+    for mine, theirs in zip(carried_moments(picked, bns),
+                            output_moments([vggs[2], vggs[0]], bns, x), strict=True):
         for bn in bns:
             np.testing.assert_allclose(mine[bn][1], theirs[bn][1], rtol=1e-9, atol=1e-12)
     monkeypatch.setattr(api_module, "output_moments", lambda *a, **k: pytest.fail("extra pass"))

@@ -42,7 +42,8 @@ def test_upload_select_merge_download_and_replay_elsewhere(browser, server, tmp_
     assert sidebar.get_by_text("Computing on").count() == 1
     uploader = page.locator('[data-testid="stFileUploader"]').filter(has_text="Model files")
     uploader.locator('input[type="file"]').set_input_files(
-        [{"name": n, "mimeType": "application/octet-stream", "buffer": b} for n, b in files.items()])
+        [{"name": n, "mimeType": "application/octet-stream", "buffer": b}
+         for n, b in files.items()])
     wait_idle(page)
     page.get_by_text("narrow_b.safetensors loaded as 'narrow_b' but not selected").wait_for()
     page.get_by_text("(width 0.5 vs 1.0)").first.wait_for()  # only the differing field
