@@ -47,17 +47,18 @@ the reference's basis through a rank-k map (the reference keeps its own units).
 
 ``consensus_units``: merge into units that no model owns instead of the reference's
 (:mod:`ccamerge.methods.consensus_units`). Every model's units are written in shared
-coordinates, ``G_i = W_i^T S_i``; they are matched to a common order and averaged there
-(alternating Hungarian matching and averaging, ``min sum_i ||G_i P_i - G*||^2``), and the
-merged model's units are those averages: ``T_i = W_i G*`` and ``T_inv_i = G*^-1 G_i`` for
-every model, the reference included (directions outside the shared space are averaged after a
-Procrustes rotation of each model's). ``T_i T_inv_j = W_i G_j`` is still gcca's map from model i
-to model j: only the basis of the average moves, from the reference's units to the consensus
-units, so the result depends on the set of models and not on the reference or their order.
-For N = 2 the merged units are the midpoints of the matched units of the two models (not CCA
-Merge, though ``T_1 T_inv_0`` is CCA Merge's T). The models themselves are transformed, so an
-interpolation's endpoints under this option are the models in the consensus basis, not the
-models (the basis change is dense).
+coordinates, ``G_i = W_i^T S_i``; they are matched to a common order there (alternating
+Hungarian matching and averaging, ``min sum_i ||G_i P_i - G*||^2``), and the merged model's
+units ``L*`` average the matched models' units: their orthogonal frames (polar factors) on the
+orthogonal group and their covariances (a plain mean of the loadings cancels and is
+ill-conditioned). ``T_i = W_i L*`` and ``T_inv_i = L*^-1 G_i`` for every model, the reference
+included (directions outside the shared space are averaged after a Procrustes rotation of each
+model's). ``T_i T_inv_j = W_i G_j`` is still gcca's map from model i to model j: only the basis
+of the average moves, from the reference's units to the consensus units, so the result depends
+on the set of models and not on the reference or their order. For N = 2 the merged units sit
+midway between the matched units of the two models (not CCA Merge, though ``T_1 T_inv_0`` is
+CCA Merge's T). The models themselves are transformed, so an interpolation's endpoints under
+this option are the models in the consensus basis, not the models (the basis change is dense).
 """
 
 from __future__ import annotations

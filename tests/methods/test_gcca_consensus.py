@@ -40,6 +40,17 @@ def test_maps_between_models_are_gccas_and_each_map_inverts(n_models):
             np.testing.assert_allclose(t.T @ ts[j].T_inv, transform_to(space, i, j).T, atol=1e-9)
 
 
+def test_merged_units_carry_the_mean_covariance():
+    """L*^T L* is the models' mean covariance in consensus order (ridge included), so the
+    consensus is as well conditioned as the models (a plain mean of loadings is not)."""
+    xs = _family(3, seed=4)
+    p = _point(xs)
+    _space, units, _ts = _consensus(xs)
+    ridged = [p.cov(i, i) + GAMMA * np.trace(p.cov(i, i)) / 6 * np.eye(6) for i in range(3)]
+    mean = np.mean([c[np.ix_(q, q)] for c, q in zip(ridged, units.perms, strict=True)], axis=0)
+    np.testing.assert_allclose(units.loadings.T @ units.loadings, mean, atol=1e-9)
+
+
 def test_two_models_compose_to_cca_merge_and_meet_at_the_midpoint():
     """N = 2: model 1 into model 0 through the consensus is CCA Merge's T; the merged units are
     the midpoints, so both models move (neither map is the identity) and by the same amount."""
