@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import max_output_diff, permuted_twin
+from scipy.optimize import linear_sum_assignment
 from test_gcca import GAMMA, _family, _point
 
 from ccamerge.api import merge
 from ccamerge.errors import CcamergeError
+from ccamerge.evaluate import evaluate_model
 from ccamerge.methods import get_method
 from ccamerge.methods.cca import cca
 from ccamerge.methods.consensus_units import consensus_transform, consensus_units
@@ -24,7 +26,6 @@ def _consensus(xs, **options):
 
 def _column_order(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The column permutation ``p`` with ``a[:, p] ~ b`` (nearest columns, one to one)."""
-    from scipy.optimize import linear_sum_assignment
     cost = ((a[:, :, None] - b[:, None, :]) ** 2).sum(0)  # [n, n]
     rows, cols = linear_sum_assignment(cost)
     return rows[np.argsort(cols)]
@@ -144,3 +145,12 @@ def test_merge_of_a_permuted_family_and_of_a_model_with_itself_return_the_model(
 def test_the_option_is_declared_for_every_front_end():
     option = get_method("gcca").options["consensus_units"]
     assert option.default is False and option.kind is bool
+
+
+def test_consensus_units_compress_to_a_target_width(mlps, digits):
+    """The kept units are consensus units (picked from G*), for every model alike."""
+    full = merge(mlps[:2], digits, "gcca", consensus_units=True).model
+    half = merge(mlps[:2], digits, "gcca", consensus_units=True, target_width=0.5).model
+    assert half.layers[3].weight.shape == (32, 32)
+    full_acc = evaluate_model(full, digits.test)["accuracy"]
+    assert evaluate_model(half, digits.test)["accuracy"] > full_acc - 8
