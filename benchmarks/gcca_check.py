@@ -67,13 +67,15 @@ def log(message: str) -> None:
 
 
 def merged_scores(models, moments, method, options, stats, spec, x_stats, reference, held,
-                  test) -> tuple:
+                  test, weights=None) -> tuple:
     """(held-out accuracy, test accuracy, alignment details) of one merge under the default
     BatchNorm policy, as ``api.merge`` builds it, with the models' BatchNorm-output ``moments``
-    measured once per pool model on ``x_stats`` (the same for every merge it takes part in)."""
+    measured once per pool model on ``x_stats`` (the same for every merge it takes part in).
+    ``weights``: of the average (default 1/N each; one-hot: one model alone in the merged
+    basis)."""
     aligned = align(models, x_stats, method, reference=reference, statistics=stats, spec=spec,
                     **options)
-    weights = [1.0 / len(models)] * len(models)
+    weights = weights or [1.0 / len(models)] * len(models)
     merged, _states = average_aligned(models, aligned, weights, reference, DEFAULT_POLICY)
     if moments:
         bns = list(moments[0])
@@ -144,6 +146,67 @@ def run_arch(arch: str, data, held, profile: dict, args) -> list[dict]:
                     rows.append(pick | {"method": "gcca nearest"})
         log(f"  {arch} N={n} done")
     return rows
+
+
+ALONE = {"cca": ("cca", {}), "gcca": ("gcca", {}),
+         "gcca consensus": ("gcca", {"consensus_units": True})}
+
+
+def run_alone(arch: str, data, held, profile: dict, args) -> list[dict]:
+    """Each member alone in the merged basis (one-hot weights, reference: the subset's first):
+    test accuracy of model i mapped by its own ``T_i``, for the first ``--alone`` subsets of
+    ``--max-n`` models. The reference of cca and gcca is mapped exactly (a check); under
+    consensus units every member is mapped. Shows what each basis costs the models before
+    any averaging."""
+    epochs, options = reproduction_settings(args.results, arch)
+    args.settings[arch] = {"epochs": epochs, **options}
+    pool = reproduction_pool(arch, 1.0, "same", data, profile, args.cache / "default",
+                             range(args.pool), epochs)
+    x_stats = subsample(data.x_train, profile["stats"], 0)
+    test = (data.x_test, data.y_test)
+    bns = moment_batchnorms(pool[0])
+    pool_moments = output_moments(pool, bns, x_stats) if bns else [{} for _ in pool]
+    rows = []
+    n = args.max_n
+    for subset in subsets_of(len(pool), n, args.subsets)[:args.alone]:
+        members = [pool[i] for i in subset]
+        moments = [pool_moments[i] for i in subset] if bns else []
+        spec = resolve_spec(members, x_stats)
+        stats = collect_statistics(members, spec, x_stats, pairs="all")
+        for name, (method, extra) in ALONE.items():
+            for i in range(n):
+                one = [float(j == i) for j in range(n)]
+                _h, t, _d = merged_scores(members, moments, method, options | extra, stats,
+                                          spec, x_stats, 0, held, test, one)
+                rows.append({"arch": arch, "N": n, "subset": "-".join(map(str, subset)),
+                             "method": name, "member": subset[i], "is_reference": i == 0,
+                             "test": round(t, 3)})
+        log(f"  {arch} alone {subset} done")
+    return rows
+
+
+def alone_report(rows: list[dict], args, seconds: float) -> str:
+    lines = ["# Each model alone in the merged basis", "",
+             f"`python benchmarks/gcca_check.py --archs {' '.join(args.archs)} --pool "
+             f"{args.pool} --max-n {args.max_n}"
+             f"{'' if args.subsets is None else f' --subsets {args.subsets}'} --alone "
+             f"{args.alone}` ({seconds / 60:.1f} min on this machine's CPU).", "",
+             "Each member of a subset alone in the merged basis: the merge with weight 1 on "
+             "model i and 0 on the others (its own map T_i, the same BatchNorm policy and "
+             "reset), so the loss is what the basis costs that model before any averaging. "
+             "The reference of cca and gcca (the subset's first model) is mapped exactly; "
+             "under consensus units every member is mapped. Test accuracy in %, mean over "
+             "members and subsets; `others`: the members that are not the reference.", "",
+             "| arch | N | subsets | method | reference alone | others alone | all alone |",
+             "|---|---|---|---|---|---|---|"]
+    for arch in args.archs:
+        for name in ALONE:
+            sel = [r for r in rows if r["arch"] == arch and r["method"] == name]
+            ref = [r["test"] for r in sel if r["is_reference"]]
+            oth = [r["test"] for r in sel if not r["is_reference"]]
+            lines.append(f"| {arch} | {args.max_n} | {len(ref)} | {name} | {np.mean(ref):.2f} | "
+                         f"{np.mean(oth):.2f} | {np.mean(ref + oth):.2f} |")
+    return "\n".join(lines + [""])
 
 
 def per_subset(rows: list[dict]) -> dict[tuple, dict[str, float]]:
@@ -242,6 +305,13 @@ def report(rows: list[dict], args, profile: dict, seconds: float) -> str:
         f"Per merge rows: `{args.csv.name}`.", ""])
 
 
+def write_rows(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def reused_rows(path: Path | None) -> list[dict]:
     """The rows of a previous run's CSV, typed as :func:`run_arch` writes them."""
     if path is None:
@@ -264,6 +334,9 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("benchmarks/cache"),
                    help="the reproduction's model cache")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gcca_check.md"))
+    p.add_argument("--alone", type=int, default=None,
+                   help="instead: each member alone in the merged basis, for this many subsets "
+                        "of --max-n models (writes --out)")
     p.add_argument("--reuse", type=Path, default=None,
                    help="a previous run's per-merge CSV: its (subset, method) rows are kept and "
                         "only the methods missing there are merged")
@@ -274,11 +347,14 @@ def main() -> None:
     profile = PROFILES["default"]
     data, held = split_data(profile)
     start = time.time()
+    if args.alone:
+        rows = [r for arch in args.archs for r in run_alone(arch, data, held, profile, args)]
+        write_rows(rows, args.csv)
+        args.out.write_text(alone_report(rows, args, time.time() - start))
+        print(args.out.read_text())
+        return
     rows = [r for arch in args.archs for r in run_arch(arch, data, held, profile, args)]
-    with args.csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, args.csv)
     text = report(rows, args, profile, time.time() - start)
     args.out.write_text(text)
     print(text)
