@@ -44,6 +44,21 @@ block): they are matched to the reference's by the orthogonal Procrustes map bet
 null spaces, so that copies of one model merge to it. ``shared_width``: how many shared directions k
 to keep (0: all, up to the narrowest model's live rank); with fewer, every other model reaches
 the reference's basis through a rank-k map (the reference keeps its own units).
+
+``consensus_units``: merge into units that no model owns instead of the reference's
+(:mod:`ccamerge.methods.consensus_units`). Every model's units are written in shared
+coordinates, ``G_i = W_i^T S_i``; they are matched to a common order there (alternating
+Hungarian matching and averaging, ``min sum_i ||G_i P_i - G*||^2``), and the merged model's
+units ``L*`` average the matched models' units: their orthogonal frames (polar factors) on the
+orthogonal group and their covariances (a plain mean of the loadings cancels and is
+ill-conditioned). ``T_i = W_i L*`` and ``T_inv_i = L*^-1 G_i`` for every model, the reference
+included (directions outside the shared space are averaged after a Procrustes rotation of each
+model's). ``T_i T_inv_j = W_i G_j`` is still gcca's map from model i to model j: only the basis
+of the average moves, from the reference's units to the consensus units, so the result depends
+on the set of models and not on the reference or their order. For N = 2 the merged units sit
+midway between the matched units of the two models (not CCA Merge, though ``T_1 T_inv_0`` is
+CCA Merge's T). The models themselves are transformed, so an interpolation's endpoints under
+this option are the models in the consensus basis, not the models (the basis change is dense).
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ import numpy as np
 import torch
 
 from ccamerge.errors import CcamergeError
+from ccamerge.methods import consensus_units as consensus
 from ccamerge.methods.base import AlignContext, Alignment, Method, Option, identity_transforms
 from ccamerge.methods.cca import (
     MAX_GAMMA,
@@ -258,19 +274,23 @@ def _padded_rho(space: SharedSpace, width: int) -> np.ndarray:
     return np.concatenate([rho, np.zeros(max(width - len(rho), 0))])
 
 
-def align_gcca(ctx: AlignContext, *, gamma: float, relative: bool,
-               shared_width: int) -> Alignment:
+def align_gcca(ctx: AlignContext, *, gamma: float, relative: bool, shared_width: int,
+               consensus_units: bool) -> Alignment:
     """Generalized CCA Merge: one shared space per merge point for all models, every model
-    mapped into the reference's unit basis through it (see the module docstring)."""
+    mapped into the reference's unit basis through it, or into consensus units (see the module
+    docstring)."""
     result = Alignment(identity_transforms(ctx))
     n_models = len(ctx.states)
     for point in ctx.spec.points:
         space = solve_shared(ctx.stats[point.name], n_models, gamma=gamma, relative=relative,
                              width=shared_width)
+        units = consensus.consensus_units(space) if consensus_units else None
         ref = space.bases[ctx.reference]
         result.details[point.name] = {}
         for i in range(n_models):
-            result.transforms[i][point.name] = transform_to(space, i, ctx.reference)
+            result.transforms[i][point.name] = (transform_to(space, i, ctx.reference)
+                                                if units is None
+                                                else consensus.consensus_transform(space, units, i))
             if i == ctx.reference:
                 continue
             result.details[point.name][i] = {
@@ -278,18 +298,29 @@ def align_gcca(ctx: AlignContext, *, gamma: float, relative: bool,
                 "shared_width": len(space.eigenvalues), "cond_xx": ref.condition,
                 "cond_yy": space.bases[i].condition, "cond_shared": space.gram_condition(i),
                 "dead_x": ref.dead, "dead_y": space.bases[i].dead}
-        _narrow(result, ctx, point.name, space)
+            if units is not None:
+                result.details[point.name][i] |= {
+                    "consensus_distance": float(units.distances[i]),
+                    "reference_distance": float(units.distances[ctx.reference]),
+                    "cond_consensus": consensus.condition(units)}
+        _narrow(result, ctx, point.name, space, units)
     return result
 
 
-def _narrow(result: Alignment, ctx: AlignContext, name: str, space: SharedSpace) -> None:
+def _narrow(result: Alignment, ctx: AlignContext, name: str, space: SharedSpace,
+            units=None) -> None:
     """Narrow the point to ``ctx.widths`` (:mod:`ccamerge.methods.narrow`), the units picked
-    from the reference's loadings on the top shared directions, ``G_ref`` ``[k, n_ref]``."""
+    from the merged units' loadings on the top shared directions: the reference's ``G_ref``
+    ``[k, n_ref]``, or the consensus units' ``G*``."""
     ref = space.bases[ctx.reference]
     width = ctx.narrowed(name, ref.width)
     if width is None:
         return
-    loadings = full_loadings(space.unmerge(ctx.reference), ref.live, ref.width)
+    if units is None:
+        loadings = full_loadings(space.unmerge(ctx.reference), ref.live, ref.width)
+    else:
+        home = space.bases[units.start]
+        loadings = full_loadings(units.loadings[:len(space.eigenvalues)], home.live, home.width)
     narrow_point(result, name, ctx.stats[name], ctx.reference, loadings[:width], width)
 
 
@@ -300,5 +331,9 @@ METHOD = Method("gcca", "Generalized CCA Merge: one shared space for all models 
                  "relative": Option(True, bool, "gamma in units of each layer's mean variance "
                                     "(tr(S)/n); false = absolute", negative_flag="absolute"),
                  "shared_width": Option(0, int, "shared directions kept per merge point (0: all, "
-                                        "up to the narrowest model's width)", 0)},
+                                        "up to the narrowest model's width)", 0),
+                 "consensus_units": Option(False, bool, "merge into consensus units (every "
+                                           "model's units matched and averaged in the shared "
+                                           "space) instead of the reference's units; equal "
+                                           "widths")},
                 mixed_widths=True, target_width=True)

@@ -183,7 +183,8 @@ def test_cli_merge_with_gcca_writes_what_the_api_computes(mlps, digits, tmp_path
                  "--out", str(out), "--json", "--quiet"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["options"] == {"gamma": GAMMA, "relative": True, "shared_width": 40}
+    assert printed["options"] == {"gamma": GAMMA, "relative": True, "shared_width": 40,
+                                  "consensus_units": False}
     merged = load_model(out)
     wanted = merge([load_model(p) for p in paths], digits, "gcca", shared_width=40).model
     assert all(torch.equal(t, merged.state_dict()[k]) for k, t in wanted.state_dict().items())
