@@ -476,7 +476,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, method: str = "ave
     validate.integer("steps", steps, 2, validate.MAX_STEPS)
     validate.flag("bn_reset", bn_reset)
     validate.sampling(stats_samples, seed)
-    spec_method.resolve(options)
+    if spec_method.resolve(options).get("consensus_units"):
+        raise CcamergeError("interpolation runs between the two models themselves; "
+                            "consensus_units moves every model, the endpoints included, into "
+                            "averaged units: interpolate without it, or merge with it")
     train, test = train_source(data), score_source(data)
     pair, _place = place_models([model_a, model_b], device)
     model_a, model_b = pair

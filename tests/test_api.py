@@ -87,6 +87,11 @@ def test_interpolation_endpoints_are_the_true_models(mlps, digits):
         assert curve["barrier"] == pytest.approx(barrier(curve["lambdas"], curve["loss"]))
     with pytest.raises(CcamergeError, match="jointly"):
         interpolate(a, b, digits, "zipit")
+    curve = interpolate(a, b, digits, "gcca", steps=3)  # gcca's maps: the endpoints stay
+    assert curve["accuracy"][0] == pytest.approx(
+        evaluate_model(a, digits.x_test, digits.y_test)["accuracy"])
+    with pytest.raises(CcamergeError, match="consensus_units moves every model"):
+        interpolate(a, b, digits, "gcca", consensus_units=True)
 
 
 def test_alignment_lowers_the_barrier(mlps, digits):
