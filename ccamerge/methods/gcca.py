@@ -66,8 +66,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from ccamerge import linalg
 from ccamerge.errors import CcamergeError
 from ccamerge.methods import consensus_units as consensus
 from ccamerge.methods.base import AlignContext, Alignment, Method, Option, identity_transforms
@@ -216,8 +216,8 @@ def solve_shared(point: PointStatistics, num_models: int, *, gamma: float, relat
                             f"at merge point {point.name}; use 0 (all) or at most {narrowest}")
     rank = min(b.rank for b in bases)
     k = rank if width == 0 else min(width, rank)
-    values, vectors = torch.linalg.eigh(torch.from_numpy(whitened_blocks(point, bases)))
-    values, vectors = values.numpy()[::-1][:k], vectors.numpy()[:, ::-1][:, :k]
+    values, vectors = linalg.eigh(whitened_blocks(point, bases))  # [sum r_i, sum r_i]: the cost
+    values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
     edges = np.concatenate([[0], np.cumsum([b.rank for b in bases])])
     split = [vectors[edges[i]:edges[i + 1]] for i in range(num_models)]
     return SharedSpace(values.copy(), split, bases, full=width == 0)
