@@ -213,7 +213,8 @@ def per_subset(rows: list[dict]) -> dict[tuple, dict[str, float]]:
     """``{(arch, N, subset): {"cca mean": ..., "cca best": ..., ...}}``."""
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
-        groups.setdefault((r["arch"], r["N"], r["subset"]), {}).setdefault(r["method"], []).append(r)
+        key = (r["arch"], r["N"], r["subset"])
+        groups.setdefault(key, {}).setdefault(r["method"], []).append(r)
     out = {}
     for key, by_method in groups.items():
         scores = {}
@@ -286,7 +287,8 @@ def report(rows: list[dict], args, profile: dict, seconds: float) -> str:
         + ").", "",
         f"Data: {profile['data']} at {28 // profile['downsample']} px, {profile['train']} training "
         f"images, pools of {args.pool} x1 models per architecture (seeds 0..{args.pool - 1}, same "
-        f"data, the reproduction's pools: {settings}); every pair and {subsets_text} of 3..{args.max_n} models; "
+        f"data, the reproduction's pools: {settings}); every pair and {subsets_text} of "
+        f"3..{args.max_n} models; "
         f"statistics and BatchNorm reset on {profile['stats']} training images; both methods at "
         f"the gamma selected for the pool, BatchNorm policy `{DEFAULT_POLICY}`. Accuracy in % on "
         "the 2000 test images. `best`: the reference whose merge scored "

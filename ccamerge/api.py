@@ -248,8 +248,9 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     ``sources``: the file each model was loaded from (default: each model's ``.source``) and
     ``data_dir``: the folder the dataset was read from, both recorded in the recipe.
     ``statistics``: reuse statistics collected earlier (:func:`align`), so several methods
-    and settings need one pass over the data. ``device``, ``group``:
-    where it runs and which torch.distributed ranks share the data (see :func:`align`); the result's ``collection`` says ``device``, ``world_size`` and
+    and settings need one pass over the data. ``device``, ``group``: where it runs and which
+    torch.distributed ranks share the data (see :func:`align`); the result's ``collection`` says
+    ``device``, ``world_size`` and
     ``samples_per_rank`` (statistics inputs each rank read). The merged model stays on
     ``device``.
     Returns the merged model (eval mode) in the reference's basis, with details and the recipe
@@ -323,7 +324,9 @@ def target_reference(reference: int, target_model: int | None, count: int) -> in
 def target_widths(aligned: AlignResult) -> dict[str, int]:
     """``{merge point: width}`` of the merged model (the reference's, or the narrower
     ``aligned.widths``)."""
-    return dict(aligned.widths) if aligned.widths else {p.name: p.width for p in aligned.spec.points}
+    if aligned.widths:
+        return dict(aligned.widths)
+    return {p.name: p.width for p in aligned.spec.points}
 
 
 def _check_width_options(models: Sequence[nn.Module], repair: bool) -> None:

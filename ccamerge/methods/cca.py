@@ -57,7 +57,8 @@ def psd_eigh(s: np.ndarray, floor: float = EIG_FLOOR) -> tuple[np.ndarray, np.nd
     return np.clip(eig, floor * top, None), q
 
 
-def sym_powers(s: np.ndarray, powers: tuple[float, ...], floor: float = EIG_FLOOR) -> list[np.ndarray]:
+def sym_powers(s: np.ndarray, powers: tuple[float, ...],
+               floor: float = EIG_FLOOR) -> list[np.ndarray]:
     """``[S^p for p in powers]`` of a symmetric PSD matrix ``[n, n]`` (see :func:`psd_eigh`)."""
     eig, q = psd_eigh(s, floor)
     return [(q * eig**p) @ q.T for p in powers]
@@ -177,8 +178,8 @@ def _align_null_space(u: np.ndarray, rho: np.ndarray, v: np.ndarray, qx: np.ndar
     """For canonical pairs with rho ~ 0 (rank-deficient but live features) the SVD may rotate U's
     columns arbitrarily against V's; replace them by the rotation of that block closest to V's,
     so that U V^T there is the projector when the two sides span the same space (a model merged
-    with itself gets T = I). ``u`` ``[live_x, k]``, ``v`` ``[live_y, k]`` are in the eigenbases ``qx``, ``qy``
-    (the directions in the units' basis are ``qx @ u``, ``qy @ v``)."""
+    with itself gets T = I). ``u`` ``[live_x, k]``, ``v`` ``[live_y, k]`` are in the eigenbases
+    ``qx``, ``qy`` (the directions in the units' basis are ``qx @ u``, ``qy @ v``)."""
     null = rho <= tol * max(float(rho[0]) if len(rho) else 0.0, 1e-30)
     if not null.any():
         return u

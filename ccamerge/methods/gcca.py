@@ -163,7 +163,8 @@ class SharedSpace:
 
     @property
     def rho(self) -> np.ndarray:
-        """``[k]`` mean correlation of the N variates of each direction, ``(lambda - 1)/(N - 1)``."""
+        """``[k]`` mean correlation of the N variates of each direction,
+        ``(lambda - 1)/(N - 1)``."""
         return (self.eigenvalues - 1.0) / max(len(self.blocks) - 1, 1)
 
     def padded(self, i: int) -> np.ndarray:
