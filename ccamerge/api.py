@@ -224,8 +224,8 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     reference it compresses, the
     merged units being reference units picked by the shared directions (see
     :mod:`ccamerge.target` and :mod:`ccamerge.methods.narrow`). Without ``target_model``, a
-    model whose widths ``target_width`` gives becomes the reference (the first such), so the
-    merge is the one into that model (``target_model``) rather than a compression.
+    built-in model whose widths ``target_width`` gives becomes the reference (the first such),
+    so the merge is the one into that model (``target_model``) rather than a compression.
 
     ``data``: a Dataset (its training part gives the statistics and the BatchNorm reset) or any
     source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
@@ -255,7 +255,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                                        seed=seed, bn_reset=bn_reset, repair=repair)
     reference = target_reference(reference, target_model, len(models))
     if target_model is None:
-        reference = target.reference_for(models, reference, target_width, data)
+        reference = target.reference_for(models, reference, target_width)
     check_policy(bn_policy)
     validate.flag("reset_base_bn", reset_base_bn)
     _check_choice("stream_points", stream_points, STREAM_POINTS)

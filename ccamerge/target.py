@@ -69,23 +69,19 @@ def largest_width(models: Sequence[nn.Module], reference: int) -> float:
     return min(narrowest[name] / base[name] for name in base)
 
 
-def reference_for(models: Sequence[nn.Module], reference: int, target_width, data=None) -> int:
-    """The reference of a merge into ``target_width``: ``reference``, unless another model has
-    exactly the widths ``target_width`` gives (the first such; the merge is then the one into
-    that model, as ``target_model`` would make it, instead of a compression of the
-    reference's units). ``data``: the merge's (traced models' widths are read from it)."""
-    if target_width is None:
+def reference_for(models: Sequence[nn.Module], reference: int, target_width) -> int:
+    """The reference of a merge into ``target_width``: ``reference``, unless another built-in
+    model has exactly the widths ``target_width`` gives (the first such; the merge is then the
+    one into that model, as ``target_model`` would make it, instead of a compression of the
+    reference's units). Traced models keep ``reference``: their ``target_width`` is a fraction
+    of its widths (give ``target_model`` to merge into another model's widths)."""
+    if target_width is None or not all(is_builtin(m) for m in models):
         return reference
     check_value(target_width)
-    if all(is_builtin(m) for m in models):
-        widths = point_widths(shell(models[reference], target_width))
-        rows = [point_widths(m) for m in models]
-    else:
-        spec, rows = traced_widths(models, reference, data)
-        widths = fraction_widths(spec, min(float(target_width), 1.0))
-    if rows[reference] == widths:
+    widths = point_widths(shell(models[reference], target_width))
+    if point_widths(models[reference]) == widths:
         return reference
-    return next((i for i, row in enumerate(rows) if row == widths), reference)
+    return next((i for i, m in enumerate(models) if point_widths(m) == widths), reference)
 
 
 def plan(models: Sequence[nn.Module], method: str, reference: int, target_width: float | None,
