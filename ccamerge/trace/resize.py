@@ -103,16 +103,18 @@ def check_resized(model: nn.Module, narrow: nn.Module, spec: AlignmentSpec,
     state = model.state_dict()
     kept = apply_transforms(state, spec, kept_units(spec, widths))
     want = with_state(model, apply_transforms(state, spec, silenced_units(spec, widths))).eval()(x)
-    candidates = [("its copy", lambda: with_state(narrow, kept))]
+    candidates = [("its copy", lambda: with_state(narrow, kept), "its code likely fixes some "
+                   "widths")]
     if getattr(model, "script", None) is not None:
-        candidates.append(("its archive", lambda: with_script_state(model.script, kept)))
-    for what, build in candidates:
+        candidates.append(("its TorchScript archive", lambda: with_script_state(model.script, kept),
+                           "an archive's compiled code fixes some widths (e.g. a depthwise "
+                           "conv's groups)"))
+    for what, build, why in candidates:
         problem = _difference(build, x, want)
         if problem:
-            raise CcamergeError(
-                f"{name} cannot be rebuilt at other widths: {what} at the target widths "
-                f"{problem}, so its code likely fixes some widths; merge into one model's "
-                "widths with target_model instead")
+            raise CcamergeError(f"{name} cannot be rebuilt at other widths: {what} at the target "
+                                f"widths {problem}, so {why}; merge into one model's widths with "
+                                "target_model instead")
 
 
 def _difference(build, x: torch.Tensor, want: torch.Tensor) -> str | None:

@@ -5,6 +5,8 @@ and convs whose (non-depthwise) groups differ are refused in one line."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from width_nets import MobileBlockCNN, duplicated_module
 
 from ccamerge import api
 from ccamerge.errors import CcamergeError
+from ccamerge.io import load_archive_model, save_merged
 from ccamerge.trace.family import family_specs
 from ccamerge.transform import reset_batchnorm
 
@@ -68,6 +71,29 @@ def test_cca_compresses_the_twin_to_half_keeping_the_function(pair, x, policy):
     assert {k: v.shape for k, v in merged.state_dict().items()} == \
         {k: v.shape for k, v in narrow.state_dict().items()}
     assert max_diff(merged, baseline(narrow, x, policy), x) < TOL
+
+
+def _replayed(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buffer)
+    return load_archive_model(buffer.getvalue(), x[:8])
+
+
+def test_archives_merge_into_either_width_but_refuse_a_target_width(pair, x, tmp_path):
+    """An archive compiles a depthwise conv's groups into its code: its merges keep the
+    target's archive, and a free target width is refused in one line naming the archive."""
+    narrow, wide = pair
+    replays = [_replayed(m, x) for m in pair]
+    for target in (0, 1):
+        result = api.merge(replays, x, "cca", target_model=target, bn_policy="paper")
+        path = save_merged(result.model, replays[target], tmp_path / f"m{target}.ts",
+                           {"merge": result.recipe})
+        assert max_diff(torch.jit.load(str(path)), narrow, x) < TOL
+    with pytest.raises(CcamergeError) as err:
+        api.merge(replays, x, "cca", target_model=1, target_width=0.5)
+    line = str(err.value)
+    assert "\n" not in line and "model 1 cannot be rebuilt at other widths" in line
+    assert "TorchScript archive" in line and "target_model" in line
 
 
 class GroupedCNN(nn.Module):
