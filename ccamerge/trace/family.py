@@ -26,9 +26,10 @@ not: mapping the kernels along axis 0 mixes the filters of several channels, as 
 BatchNorm vectors with the conv rows does (the "paper" policy), and is exact only for
 permutations and for a duplicated model's selection maps. That is the same approximation a
 dense map already makes through every ReLU and BatchNorm, and the alternative, leaving the
-channels around a depthwise conv unmerged, averages them unaligned: two digits MobileNet-style
-nets (98.3% and 97.2%) merged with cca keep 67.5% through the depthwise conv against 24.4% left
-unmerged (permute 72.5% against 30.8%; ``benchmarks/depthwise_check.py``). A grouped conv with
+channels around a depthwise conv unmerged, averages them unaligned: pairs of digits
+MobileNet-style nets (98.3%) merged with cca keep 58.7% through the depthwise conv against
+29.8% left unmerged (permute 72.9% against 31.6%, zipit 71.2% against 30.2%; 3 pairs,
+``benchmarks/results/depthwise_check.md``). A grouped conv with
 fewer groups than channels ties each output to a block of inputs that a permutation across
 blocks breaks: it stays unsupported, and models whose ``groups`` differ are refused.
 """
