@@ -225,13 +225,15 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     (``Method.mixed_widths``: cca, gcca): ``target_model`` is the model whose widths (and
     units) the merged model has, merging into a narrower one compresses the others. It is the
     reference the others are aligned to, so it replaces ``reference`` (default: the reference).
-    ``target_width``: a free width for the merged model instead, in the family's ``width``
-    multiplier (built-in models; cca, gcca): the reference's layout at that multiplier, at most
-    the narrowest model's at every point; narrower than the reference it compresses, the
+    ``target_width``: a free width for the merged model instead (cca, gcca): for built-in
+    models the family's ``width`` multiplier (the reference's layout at that multiplier), for
+    traced models a fraction in (0, 1] of the reference's width at every merge point (a resized
+    copy of the reference); at most the narrowest model's at every point; narrower than the
+    reference it compresses, the
     merged units being reference units picked by the shared directions (see
     :mod:`ccamerge.target` and :mod:`ccamerge.methods.narrow`). Without ``target_model``, a
-    model whose widths ``target_width`` gives becomes the reference (the first such), so the
-    merge is the one into that model (``target_model``) rather than a compression.
+    built-in model whose widths ``target_width`` gives becomes the reference (the first such),
+    so the merge is the one into that model (``target_model``) rather than a compression.
 
     ``data``: a Dataset (its training part gives the statistics and the BatchNorm reset) or any
     source of inputs (a tensor ``[B, ...]``, a DataLoader, an iterable of batches), streamed.
@@ -268,7 +270,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     _check_choice("stream_points", stream_points, STREAM_POINTS)
     recorded = model_sources(models, sources)
     _check_width_options(models, repair)
-    shell, widths = target.plan(models, method, reference, target_width)
+    shell, widths = target.plan(models, method, reference, target_width, data)
     if shell is not None and repair:
         raise CcamergeError("repair with a narrower target_width is not supported; the BatchNorm "
                             "reset or no correction, or target_width None")

@@ -191,17 +191,25 @@ def mapped_targets(moments: Sequence[Moments], transforms: Sequence[Transforms],
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{batchnorm: (mean [C], std [C])}``: ``sum_i w_i T_i^T mu_i`` and ``sum_i w_i
     sqrt(diag(T_i^T Sigma_i T_i))``, with ``T_i`` model i's map at the point the BatchNorm
-    writes (identity where it has none)."""
+    writes (identity where it has none; per block of ``repeat`` entries for a BatchNorm with
+    several entries per unit, e.g. after a depthwise conv with a channel multiplier)."""
     targets = {}
     for bn, point in points.items():
         mean, std = 0.0, 0.0
         for w, stats, maps in zip(weights, moments, transforms, strict=True):
             mu, sigma = stats[bn]
-            T = maps[point].T if point in maps else np.eye(len(mu))
+            T = block_map(maps[point].T, len(mu)) if point in maps else np.eye(len(mu))
             mean = mean + w * (T.T @ mu)
             std = std + w * np.sqrt(np.clip(np.einsum("kj,kl,lj->j", T, sigma, T), 0.0, None))
         targets[bn] = (mean, std)
     return targets
+
+
+def block_map(T: np.ndarray, entries: int) -> np.ndarray:
+    """``T`` ``[n, m]`` acting on ``entries`` channel-major entries, ``entries / n`` per unit:
+    ``kron(T, I_repeat)`` ``[n * repeat, m * repeat]`` (``T`` itself for one entry per unit)."""
+    repeat = entries // T.shape[0]
+    return T if repeat == 1 else np.kron(T, np.eye(repeat))
 
 
 @torch.no_grad()

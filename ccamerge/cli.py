@@ -360,9 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the merged model takes model K's widths and units (K becomes the "
                         "reference; models of different widths: cca, gcca); default --reference")
     p.add_argument("--target-width", type=positive(MAX_WIDTH), default=None, metavar="W",
-                   help="the merged model's width multiplier (the config's width; built-in "
-                        "models, cca and gcca): the reference's layout at W, at most the "
-                        "narrowest model's; narrower compresses (default: the reference's)")
+                   help="the merged model's width (cca and gcca): built-in models' width "
+                        "multiplier (the reference's layout at W), or for traced models a "
+                        "fraction in (0, 1] of the reference's widths (a resized copy of it); at "
+                        "most the narrowest model's; narrower compresses (default: the "
+                        "reference's)")
     p.add_argument("--repair", action="store_true",
                    help="REPAIR: rescale merged units to the endpoints' statistics (nets without BN)")
     add_merge_options(p)

@@ -46,7 +46,7 @@ import streamlit as st
 import torch
 from torch import nn
 
-from ccamerge import api
+from ccamerge import api, target
 from ccamerge.analysis import explorer, shared, spectra, teach
 from ccamerge.analysis.checklist import findings_for
 from ccamerge.analysis.diagnose import base_scores as diagnose_base_scores
@@ -706,6 +706,15 @@ def merged_file(model: nn.Module, info: dict, *, reference: nn.Module) -> bytes:
     suffix = ".pt" if is_archive_model(reference) else ".safetensors"
     with tempfile.TemporaryDirectory(prefix="ccamerge-") as folder:
         return save_merged(model, reference, Path(folder) / f"merged{suffix}", info).read_bytes()
+
+
+@cached(lambda: memo())
+def largest_target_width(digests: tuple[str, ...], data_key: str, reference: int,
+                         _models: Sequence[nn.Module], _data: Dataset) -> float:
+    """The largest ``target_width`` of traced models (a fraction of the reference's widths:
+    :func:`ccamerge.target.largest_fraction`), once per selection, reference and dataset."""
+    spec, rows = target.traced_widths(fresh(_models), reference, _data)
+    return target.largest_fraction(spec, rows)
 
 
 # --------------------------------------------------------------------------- archives, merge points

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from ccamerge import target
+from ccamerge.api import is_builtin
 from ccamerge.batchnorm import DEFAULT_POLICY as BN_DEFAULT
 from ccamerge.batchnorm import POLICIES as BN_POLICIES  # noqa: F401 - the page's choices
 from ccamerge.errors import CcamergeError
@@ -45,6 +47,35 @@ def width_for(method: str, target_width: float | None) -> float | None:
     """The ``target_width`` a method merges into: the chosen one for the methods that take it
     (``Method.target_width``), None (the reference's width) for the others."""
     return target_width if METHODS[method].target_width else None
+
+
+@dataclass(frozen=True)
+class WidthRange:
+    """The Merge page's target width control: the reference's value, the largest allowed, the
+    field's label and what the unit means (for its help)."""
+
+    own: float
+    largest: float
+    label: str
+    unit: str
+
+
+def target_width_range(inputs: Inputs) -> WidthRange:
+    """:class:`WidthRange` of the selection: the width multiplier of built-in models
+    (:func:`ccamerge.target.largest_width`), a fraction of the reference's widths for traced
+    ones (:func:`dashboard.data.largest_target_width`). One line when traced models cannot be
+    measured (e.g. no merge point)."""
+    models, reference = inputs.models, inputs.reference
+    if all(is_builtin(m) for m in models):
+        own = float(models[reference].config["width"])
+        return WidthRange(own, target.largest_width(models, reference),
+                          "Target width (width multiplier)",
+                          f"in its config's width multiplier (the reference has {own:g})")
+    largest = data.largest_target_width(inputs.digests, inputs.data_key, reference, models,
+                                        inputs.data)
+    return WidthRange(1.0, largest, "Target width (fraction of the reference's widths)",
+                      "as a fraction of the reference's width at every merge point (1: the "
+                      "reference's; the merged model is a resized copy of it)")
 
 
 def repairs(method: str, repair: bool) -> bool:

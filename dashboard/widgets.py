@@ -18,7 +18,7 @@ from ccamerge.data import available_datasets
 from ccamerge.errors import CcamergeError
 from ccamerge.methods.registry import mixed_width_methods
 from ccamerge.spec import build_spec
-from dashboard import catalog, data, jobs, registry, state
+from dashboard import catalog, data, jobs, merging, registry, state
 
 KEEP = {"persist_state": "session"}
 W_STATS_SAMPLES = "w_stats_samples"  # sidebar: training images behind the statistics (0 = all)
@@ -338,26 +338,28 @@ def target_width_note(inputs: registry.Inputs) -> None:
 
 
 def target_width_control(inputs: registry.Inputs, methods: list[str]) -> float | None:
-    """The merged model's width multiplier (``target_width``), offered when a chosen method
-    merges into a chosen width and the models are built-in; default the reference's width.
-    Returns None at the reference's width (the merge into the reference)."""
+    """The merged model's width (``target_width``), offered when a chosen method merges into a
+    chosen width: the width multiplier of built-in models, a fraction of the reference's widths
+    for traced ones (:func:`dashboard.merging.target_width_range`); default the reference's
+    width. Returns None at the reference's width (the merge into the reference)."""
     chosen = [m for m in methods if m in target.target_width_methods()]
-    if not chosen or not all(is_builtin(m) for m in inputs.models):
+    if not chosen:
         return None
-    reference = inputs.models[inputs.reference]
-    own, largest = float(reference.config["width"]), target.largest_width(inputs.models,
-                                                                          inputs.reference)
+    try:
+        span = merging.target_width_range(inputs)
+    except CcamergeError:  # the merges say why, each in one line
+        return None
     stored = st.session_state.get(state.W_MERGE_TARGET_WIDTH)
-    if stored is None or not 0 < stored <= largest:
-        st.session_state[state.W_MERGE_TARGET_WIDTH] = min(own, largest)
+    if stored is None or not 0 < stored <= span.largest:
+        st.session_state[state.W_MERGE_TARGET_WIDTH] = min(span.own, span.largest)
     value = st.number_input(
-        "Target width (width multiplier)", min_value=0.01, max_value=float(largest),
-        step=0.05, format="%.3g", key=state.W_MERGE_TARGET_WIDTH,
-        help=f"the merged model's width, in its config's width multiplier (the reference has "
-             f"{own:g}; at most {largest:g}, the narrowest model's). Narrower compresses: the "
-             f"merged units are the reference units that best carry the shared directions. "
-             f"Applies to {', '.join(chosen)}; the other methods merge at the reference's width.")
-    return None if value == own else float(value)
+        span.label, min_value=0.01, max_value=float(span.largest), step=0.05, format="%.3g",
+        key=state.W_MERGE_TARGET_WIDTH,
+        help=f"the merged model's width, {span.unit}; at most {span.largest:g}, the narrowest "
+             f"model's. Narrower compresses: the merged units are the reference units that "
+             f"best carry the shared directions. Applies to {', '.join(chosen)}; the other "
+             "methods merge at the reference's width.")
+    return None if value == span.own else float(value)
 
 
 def sample_controls() -> None:

@@ -88,7 +88,7 @@ if unsupported:
 else:
     st.success("None: every operation in the graph is understood.")
 widgets.explain("operations whose effect on channels the trace cannot follow (for example a "
-                "depthwise convolution or attention), with the reason. The channel groups they "
+                "grouped convolution or attention), with the reason. The channel groups they "
                 "touch are left unmerged rather than merged wrongly.")
 if report["unmerged"]:
     st.markdown("**Left unmerged**\n" + "\n".join(f"- {u}" for u in report["unmerged"]))

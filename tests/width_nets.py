@@ -70,3 +70,38 @@ def duplicated(model: WidthCNN, x: torch.Tensor) -> WidthCNN:
     wide = WidthCNN(2 * model.stem.out_channels, batch_norm=isinstance(model.bn0, nn.BatchNorm2d))
     wide.load_state_dict(apply_transforms(model.state_dict(), spec, maps))
     return wide.eval()
+
+
+class MobileBlockCNN(nn.Module):
+    """A MobileNet-style net with a ``width`` argument: stem -> pointwise (``w -> 2w``) ->
+    depthwise 3x3 (``groups = 2w``, ``multiplier`` outputs per channel) -> pointwise (back to
+    ``w``), each with BatchNorm and ReLU -> pool -> Linear. Input ``[B, 1, 8, 8]``."""
+
+    def __init__(self, width: int = 4, *, multiplier: int = 1, classes: int = 10):
+        super().__init__()
+        inner = 2 * width
+
+        def unit(conv: nn.Conv2d) -> nn.Sequential:
+            return nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU())
+
+        self.stem = unit(nn.Conv2d(1, width, 3, padding=1))
+        self.expand = unit(nn.Conv2d(width, inner, 1))
+        self.depthwise = unit(nn.Conv2d(inner, multiplier * inner, 3, padding=1, groups=inner))
+        self.project = unit(nn.Conv2d(multiplier * inner, width, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+    def forward(self, x):
+        y = self.stem(x)  # [B, w, 8, 8]
+        y = self.project(self.depthwise(self.expand(y)))  # [B, w, 8, 8]
+        return self.head(y)  # [B, classes]
+
+
+def duplicated_module(model: nn.Module, wide: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``wide`` (``model``'s architecture at twice its traced widths) carrying ``model``'s
+    function: every unit of every merge point twice (producers ``[W; W]``), each copy read with
+    half the weight (consumers ``[W/2, W/2]``)."""
+    spec = derive_and_verify(model, x[:32]).spec
+    maps = {p.name: Transform(np.hstack([np.eye(p.width)] * 2),  # [n, 2n]
+                              np.vstack([np.eye(p.width) / 2] * 2)) for p in spec.points}
+    wide.load_state_dict(apply_transforms(model.state_dict(), spec, maps))
+    return wide.eval()

@@ -236,14 +236,33 @@ class Propagator:
         x = first_node(node)
         layout, weight = self.layout(x), self.state[info.params["weight"]]
         groups = dims(x)[1] // weight.shape[1]
+        if groups == dims(x)[1] > 1 and weight.shape[0] % groups == 0:
+            return self._depthwise(node, info, x, weight.shape[0] // groups)
         if groups != 1:
-            kind = "depthwise" if groups == dims(x)[1] else f"grouped (groups={groups})"
-            raise Unsupported(f"{kind} convolution ties each output channel to its own group of "
-                              "input channels; a permutation across groups changes the function",
-                              always=True)
+            raise Unsupported(f"grouped (groups={groups}) convolution ties each output channel to "
+                              "its own group of input channels; a permutation across groups "
+                              "changes the function", always=True)
         if layout is not None:
             self._consume(layout, info.params["weight"], x)
         return self._open(node, weight.shape[0], info)
+
+    def _depthwise(self, node, info, x: fx.Node, multiplier: int) -> Layout:
+        """A depthwise conv (one group per input channel, ``multiplier`` outputs each) filters
+        every channel alone, so it keeps the input's channel spaces: each channel ``multiplier``
+        times (``repeat``), its kernels and bias producers along axis 0. It also reads them (the
+        features before it join the point's statistics, as a residual stream pools its
+        writers). A permutation of the space commutes with it; a dense map mixes kernels as it
+        mixes BatchNorm vectors (see :mod:`ccamerge.trace.family`)."""
+        layout = self.layout(x)
+        if layout is None:
+            return self._open(node, self.state[info.params["weight"]].shape[0], info)
+        out = tuple(Seg(s.space, s.channels, s.repeat * multiplier) for s in layout)
+        for role in ("weight", "bias"):
+            if role in info.params:
+                self._per_seg(out, info.params[role], 0, "producer")
+        for seg in layout:
+            self.spaces[seg.space].reads.append(x.name)
+        return out
 
     def _on_channel_norm(self, node, info):
         layout = self._keep(node)

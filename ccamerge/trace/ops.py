@@ -8,7 +8,8 @@ propagation (:mod:`ccamerge.trace.graph`) what to do:
 ==============  =================================================================================
 kind            effect on the channel axis (axis 1 of ``[B, C, ...]``)
 ==============  =================================================================================
-linear, conv    read the input's channels (weight axis 1), open a new space (weight axis 0, bias)
+linear, conv    read the input's channels (weight axis 1), open a new space (weight axis 0, bias);
+                a depthwise conv keeps its input's spaces (kernels and bias producers)
 channel_norm    keep; 1-D per-channel vectors (BatchNorm, InstanceNorm, PReLU) are producers
 layer_norm      keep; parameters broadcast from the right are producers when they span channels
 group_norm      keep when groups are 1 or one per channel, else unsupported

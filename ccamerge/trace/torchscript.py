@@ -343,8 +343,25 @@ def _check_same(gm: fx.GraphModule, script: torch.jit.ScriptModule, x: torch.Ten
 def with_script_state(script: torch.jit.ScriptModule,
                       state: dict[str, torch.Tensor]) -> torch.jit.ScriptModule:
     """A copy of the archive carrying ``state`` (e.g. merged weights), ready for
-    ``torch.jit.save``; entries missing from ``state`` keep their values."""
+    ``torch.jit.save``; entries missing from ``state`` keep their values, entries of another
+    shape (a merge into other widths) replace the archive's tensors, whose shapes its compiled
+    layers read."""
     clone = copy.deepcopy(script)
+    own = clone.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            set_tensor(clone, key, value.detach().clone())
     clone.load_state_dict({**clone.state_dict(), **state})
     return clone
 
+
+def set_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace state-dict entry ``key`` of ``module`` (eager or compiled) by ``value`` of any
+    shape; a parameter stays a parameter."""
+    owner_name, _, leaf = key.rpartition(".")
+    owner = module
+    for part in owner_name.split(".") if owner_name else ():
+        owner = getattr(owner, part)  # ScriptModules have no get_submodule
+    if isinstance(getattr(owner, leaf), nn.Parameter):
+        value = nn.Parameter(value, requires_grad=getattr(owner, leaf).requires_grad)
+    setattr(owner, leaf, value)

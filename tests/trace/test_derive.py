@@ -103,16 +103,62 @@ def test_gate_joins_the_gated_space(x):
     assert {"conv1.weight", "gate.3.weight", "gate.3.bias"} <= {a.param for a in gated.producers}
 
 
-def test_depthwise_is_reported_and_neighbours_unmerged(x):
-    derived = derive_spec(make(DepthwiseNet), x[:8])
+def test_depthwise_keeps_its_channels_space(x):
+    """Stem, depthwise conv and its BatchNorm write one space (the kernels along axis 0),
+    read by the pointwise conv; its features are pooled from both sides of the depthwise conv."""
+    derived = derive_and_verify(make(DepthwiseNet), x[:32])
+    assert not derived.unsupported and derived.verified
+    point = derived.spec.point("stem.2")
+    assert point.features == ("stem.2", "dw.2")
+    assert {("stem.0.weight", 0), ("dw.0.weight", 0), ("dw.0.bias", 0), ("dw.1.weight", 0)} <= \
+        {(a.param, a.axis) for a in point.producers}
+    assert {(a.param, a.axis) for a in point.consumers} == {("pw.0.weight", 1)}
+
+
+class ChannelMultiplier(nn.Module):
+    """A depthwise conv with two outputs per channel: its output holds each channel twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8),
+                                nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(6, 10))
+
+    def forward(self, x):
+        return self.head(self.dw(self.stem(x)))
+
+
+def test_a_channel_multiplier_repeats_each_channel(x):
+    derived = derive_and_verify(make(ChannelMultiplier), x[:32])
+    assert derived.verified and not derived.unsupported
+    point = derived.spec.point("stem.1")
+    assert point.width == 4 and point.features == ("stem.1",)
+    repeats = {(a.param, a.axis): a.repeat for a in point.producers + point.consumers}
+    assert repeats[("dw.0.weight", 0)] == repeats[("head.0.weight", 1)] == 2
+    assert repeats[("stem.0.weight", 0)] == 1
+
+
+class GroupedNet(nn.Module):
+    """A conv of two groups: a permutation across its groups changes the function."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.grouped(self.stem(x)))
+
+
+def test_a_grouped_conv_is_reported_and_neighbours_unmerged(x):
+    derived = derive_spec(make(GroupedNet), x[:8])
     (report,) = derived.unsupported
-    assert report["op"] == "Conv2d" and report["location"] == "dw.0"
-    assert "depthwise" in report["reason"]
+    assert report["location"] == "grouped.0" and "grouped (groups=2)" in report["reason"]
     axes = {(a.param, a.axis) for p in derived.spec.points for a in p.producers + p.consumers}
-    assert not axes & {("stem.0.weight", 0), ("dw.0.weight", 0), ("dw.1.weight", 0),
-                       ("pw.0.weight", 1)}
-    assert any(u.startswith("8 channels from stem.0") for u in derived.unmerged)
-    assert any(u.startswith("8 channels from dw.0") for u in derived.unmerged)
+    assert not axes & {("stem.0.weight", 0), ("grouped.0.weight", 0), ("head.2.weight", 1)}
 
 
 def test_attention_is_reported(x):

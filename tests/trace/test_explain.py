@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from traced_nets import (
-    DepthwiseNet,
+    AttentionNet,
     make,
 )
 
@@ -17,7 +17,7 @@ from ccamerge.trace.explain import explain, to_dot, to_mermaid
 
 # explanation -----------------------------------------------------------------------------------
 def test_explain_is_json_with_diagrams(x):
-    derived = derive_and_verify(make(DepthwiseNet), x[:16])
+    derived = derive_and_verify(make(AttentionNet), x[:16])
     info = json.loads(json.dumps(explain(derived)))
     assert [p["name"] for p in info["points"]] == derived.spec.names
     point = info["points"][0]
