@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "most the narrowest model's; narrower compresses (default: the "
                         "reference's)")
     p.add_argument("--repair", action="store_true",
-                   help="REPAIR: rescale merged units to the endpoints' statistics (nets without BN)")
+                   help="REPAIR: rescale merged units to the endpoints' statistics "
+                        "(nets without BN)")
     add_merge_options(p)
     p.set_defaults(func=cmd_merge)
 
@@ -378,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one folder searched by the sha256 the recipe records")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("interpolate", parents=[common], help="loss along the path between two models")
+    p = sub.add_parser("interpolate", parents=[common],
+                       help="loss along the path between two models")
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("--method", default="average", help=f"one of {', '.join(METHODS)}")
@@ -387,10 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_options(p)
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("spectrum", parents=[common], help="CCA per merge point: the correlations its "
-                       "canonical pairs reach on fitting and held-out images beside the ridge's "
-                       "shrunk singular values and the matched units (--shared: the "
-                       "generalized CCA space of all models)")
+    p = sub.add_parser("spectrum", parents=[common],
+                       help="CCA per merge point: the correlations its canonical pairs reach on "
+                       "fitting and held-out images beside the ridge's shrunk singular values "
+                       "and the matched units (--shared: the generalized CCA space of all "
+                       "models)")
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("more", nargs="*", metavar="model", help="more models (each against model_a; "

@@ -122,7 +122,8 @@ def _difference(build, x: torch.Tensor, want: torch.Tensor) -> str | None:
     try:
         got = build().eval()(x)
     except Exception as exc:  # noqa: BLE001 - the model's own code at other widths
-        return f"fails to run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"fails to run ({type(exc).__name__}: {first})"
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return "gives outputs of another shape"
     scale = float(want.abs().max()) or 1.0
