@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ccamerge.cli import main
 from ccamerge.spec import build_spec
 from ccamerge.transform import apply_transforms, random_permutations, with_state
 
@@ -40,3 +41,10 @@ class ProjBlock(nn.Module):
     def forward(self, x):
         out = self.relu1(self.bn1(self.conv1(x)))
         return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``ccamerge *argv --json --quiet`` in this process."""
+    code = main([*argv, "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from torch import nn
 from width_nets import NoSkipCNN, WidthCNN, duplicated, make
 
 from ccamerge import api
-from ccamerge.cli import main
 from ccamerge.errors import CcamergeError
 from ccamerge.io import load_archive_model, save_merged
 from ccamerge.methods import METHODS
@@ -132,28 +132,10 @@ def test_torchscript_archives_of_two_widths_merge_into_the_target(pair, x, tmp_p
     assert max_diff(merged, pair[0], x) < TOL
 
 
-def _run(capsys, *argv):
-    code = main([*argv, "--json", "--quiet"])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def archive_files(digits, tmp_path_factory) -> list[str]:
-    """A narrow model (BatchNorm statistics of the digits) and its twin, as archive files."""
-    narrow = make(x=digits.x_train)
-    folder = tmp_path_factory.mktemp("mixed_archives")
-    paths = []
-    for k, model in enumerate([narrow, duplicated(narrow, digits.x_train)]):
-        paths.append(str(folder / f"cnn{k}.ts"))
-        torch.jit.save(torch.jit.script(model), paths[-1])
-    return paths
-
-
 def test_cli_merges_archives_into_the_target_model_and_replay_reproduces(archive_files, digits,
                                                                         tmp_path, capsys):
     out, again = tmp_path / "merged.ts", tmp_path / "again.ts"
-    code, text, err = _run(capsys, "merge", *archive_files, "--method", "gcca",
+    code, text, err = run_cli(capsys, "merge", *archive_files, "--method", "gcca",
                            "--target-model", "1", "--out", str(out), "--trust-code")
     assert code == 0, err
     report = json.loads(text)
@@ -163,7 +145,7 @@ def test_cli_merges_archives_into_the_target_model_and_replay_reproduces(archive
     assert {k: v.shape for k, v in merged.state_dict().items()} == \
         {k: v.shape for k, v in wide.state_dict().items()}
     assert max_diff(merged, torch.jit.load(archive_files[0]), digits.x_train[:500]) < TOL
-    code, _text, err = _run(capsys, "replay", str(out), "--out", str(again), "--trust-code")
+    code, _text, err = run_cli(capsys, "replay", str(out), "--out", str(again), "--trust-code")
     assert code == 0, err
     replayed = torch.jit.load(str(again)).state_dict()
     assert all(torch.equal(v, replayed[k]) for k, v in merged.state_dict().items())
@@ -172,7 +154,7 @@ def test_cli_merges_archives_into_the_target_model_and_replay_reproduces(archive
 def test_cli_refuses_permute_on_archives_of_two_widths_in_one_line(archive_files, tmp_path,
                                                                   capsys):
     out = tmp_path / "merged.ts"
-    code, text, err = _run(capsys, "merge", *archive_files, "--method", "permute", "--out",
+    code, text, err = run_cli(capsys, "merge", *archive_files, "--method", "permute", "--out",
                            str(out), "--trust-code")
     assert code != 0 and text == ""
     assert len(err.strip().splitlines()) == 1 and "permute needs models of one width" in err

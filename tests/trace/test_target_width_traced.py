@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
+from helpers import run_cli
 from torch import nn
 from width_nets import WidthCNN, duplicated, make
 
 from ccamerge import api
-from ccamerge.cli import main
 from ccamerge.errors import CcamergeError
 from ccamerge.trace.derive import derive_and_verify
 from ccamerge.trace.resize import resized_model
@@ -109,28 +109,10 @@ def test_a_model_whose_code_fixes_a_width_is_refused_in_one_line(x):
     assert "target_model" in line
 
 
-def _run(capsys, *argv):
-    code = main([*argv, "--json", "--quiet"])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def archive_files(digits, tmp_path_factory) -> list[str]:
-    """A narrow model (BatchNorm statistics of the digits) and its twin, as archive files."""
-    narrow = make(x=digits.x_train)
-    folder = tmp_path_factory.mktemp("narrowed_archives")
-    paths = []
-    for k, model in enumerate([narrow, duplicated(narrow, digits.x_train)]):
-        paths.append(str(folder / f"cnn{k}.ts"))
-        torch.jit.save(torch.jit.script(model), paths[-1])
-    return paths
-
-
 def test_cli_compresses_archives_to_a_target_width_and_replay_reproduces(archive_files, digits,
                                                                         tmp_path, capsys):
     out, again = tmp_path / "merged.ts", tmp_path / "again.ts"
-    code, text, err = _run(capsys, "merge", *archive_files, "--method", "cca", "--target-model",
+    code, text, err = run_cli(capsys, "merge", *archive_files, "--method", "cca", "--target-model",
                            "1", "--target-width", "0.5", "--out", str(out), "--trust-code")
     assert code == 0, err
     report = json.loads(text)
@@ -138,6 +120,6 @@ def test_cli_compresses_archives_to_a_target_width_and_replay_reproduces(archive
     merged, narrow = torch.jit.load(str(out)), torch.jit.load(archive_files[0])
     assert shapes(merged) == shapes(narrow)
     assert max_diff(merged, narrow, digits.x_train[:500]) < TOL
-    code, _text, err = _run(capsys, "replay", str(out), "--out", str(again), "--trust-code")
+    code, _text, err = run_cli(capsys, "replay", str(out), "--out", str(again), "--trust-code")
     assert code == 0, err
     assert equal_states(merged, torch.jit.load(str(again)))
