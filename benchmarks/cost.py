@@ -302,6 +302,9 @@ def main() -> None:
     parser.add_argument("--paper-widths", nargs="+", type=float, default=list(PAPER_WIDTHS),
                         help="--paper: the widths to measure now (a rerun adds the rest)")
     parser.add_argument("--paper-ns", nargs="+", type=int, default=list(PAPER_NS))
+    parser.add_argument("--paper-archs", nargs="+", default=["vgg11", "resnet20"],
+                        choices=["vgg11", "resnet20"], help="--paper: the architectures to "
+                        "measure now")
     parser.add_argument("--paper-redo", action="store_true",
                         help="--paper: measure --paper-widths x --paper-ns again (e.g. with more "
                         "--paper-images), keeping the other rows")
@@ -340,9 +343,10 @@ def main() -> None:
 def paper(args, out: Path) -> None:
     done = [] if args.fresh else read_rows(out / "cost_paper.csv")
     if args.paper_redo:  # measure the named settings again, keep the others
-        done = [r for r in done if not (float(r["width"]) in args.paper_widths
+        done = [r for r in done if not (r["arch"] in args.paper_archs
+                                        and float(r["width"]) in args.paper_widths
                                         and int(r["N"]) in args.paper_ns)]
-    rows = paper_rows(["vgg11", "resnet20"], args.paper_widths, args.paper_ns, args.paper_images,
+    rows = paper_rows(args.paper_archs, args.paper_widths, args.paper_ns, args.paper_images,
                       args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images))
     print(write_paper(rows, out, args.paper_images))
     write_readme(args, out, (out / "cost_summary.md").read_text()

@@ -268,8 +268,8 @@ def paper_summary(rows: list[dict], base: int) -> str:
     threads = good[0]["threads"] if good else torch.get_num_threads()
     text = [f"Paper shapes (`python benchmarks/cost.py --paper`): VGG11 and ResNet20 on 3x32x32 "
             f"synthetic images, random models, {threads} threads, the `images` of each row "
-            f"(`--paper-images` at x1, that / width^2 above, at least {MIN_IMAGES}; {base} in "
-            "the latest run); seconds; `forward` = the bare "
+            f"(`--paper-images` at x1, that / width^2 above, at least {MIN_IMAGES}; rows are "
+            "kept between runs, so each says its own); seconds; `forward` = the bare "
             "forward in its fastest layout; `ratio` = total / forward at these images; "
             f"`ratio_50k` = the same projected to {PAPER_TARGET} statistics images (per-image "
             "phases scaled, solve and transforms as measured); `ratio_50k_adjacent` = the same "
