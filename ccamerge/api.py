@@ -67,7 +67,8 @@ from ccamerge.transform import (
 Progress = Callable[[float, str], None]
 __all__ = ["AlignResult", "MergeResult", "align", "aligned_states", "check_compatible",
            "interpolate", "is_builtin", "merge", "resolve_spec", "score_merge", "score_source",
-           "shared_spectrum", "spectrum", "subsample", "train_inputs", "train_source"]
+           "shared_spectrum", "spectrum", "split_statistics", "subsample", "train_inputs",
+           "train_source"]
 
 
 def _silent(_fraction: float, _message: str) -> None:
@@ -79,11 +80,17 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
         raise CcamergeError(f"{name} must be one of {tuple(choices)}, not {value!r}")
 
 
+def model_place(models: Sequence[nn.Module], device=None) -> torch.device:
+    """Where :func:`place_models` puts ``models``, without copying them: ``device`` resolved,
+    or model 0's device (also the device a solve factorises on: :mod:`ccamerge.linalg`)."""
+    return resolve_device(device) if device is not None else module_device(models[0])
+
+
 def place_models(models: Sequence[nn.Module], device=None) -> tuple[list[nn.Module], torch.device]:
     """``models`` on ``device`` (``"auto" | "cpu" | "cuda" | "cuda:N"`` or a torch.device;
     default: where model 0 is) and that device: the models already there, copies of the others
     (the caller's models never move). A device that is not there fails in one line."""
-    place = resolve_device(device) if device is not None else module_device(models[0])
+    place = model_place(models, device)
     return models_to(models, place), place
 
 
@@ -95,12 +102,6 @@ class AlignResult:
     options: dict
     method: str = "cca"
     widths: dict[str, int] | None = None  # the merged model's, when narrower than the reference's
-
-
-def solve_place(models: Sequence[nn.Module], device=None) -> torch.device:
-    """Where :func:`place_models` would put ``models`` (without copying them): the device whose
-    statistics a solve factorises on (see :mod:`ccamerge.linalg`)."""
-    return resolve_device(device) if device is not None else module_device(models[0])
 
 
 def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: int = 0,
@@ -533,11 +534,12 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
     get_method("cca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
                                if v is not None})
     if statistics is None:
-        statistics = _split_statistics(models, data, stats_samples, seed, holdout, device, group,
-                                       reference=reference, pairs="reference", method="cca")
+        statistics = split_statistics(models, data, stats_samples=stats_samples, seed=seed,
+                                      holdout=holdout, reference=reference, pairs="reference",
+                                      method="cca", device=device, group=group)
     elif isinstance(statistics, Statistics):
         statistics = (statistics, None)
-    with linalg.solving_on(solve_place(models, device)):
+    with linalg.solving_on(model_place(models, device)):
         return spectrum_rows(*statistics, gamma=gamma, relative=relative)
 
 
@@ -559,17 +561,20 @@ def shared_spectrum(models: Sequence[nn.Module], data, *, gamma: float | None = 
     get_method("gcca").resolve({k: v for k, v in (("gamma", gamma), ("relative", relative))
                                 if v is not None})
     if statistics is None:
-        statistics = _split_statistics(models, data, stats_samples, seed, holdout, device, group)
-    with linalg.solving_on(solve_place(models, device)):
+        statistics = split_statistics(models, data, stats_samples=stats_samples, seed=seed,
+                                      holdout=holdout, method="gcca", device=device, group=group)
+    with linalg.solving_on(model_place(models, device)):
         return shared_spectrum_rows(*statistics, gamma=gamma, relative=relative)
 
 
-def _split_statistics(models, data, stats_samples, seed, holdout, device, group, *,
-                      reference: int = 0, pairs: str = "all",
-                      method: str = "gcca") -> tuple[Statistics, Statistics | None]:
-    """Statistics (``pairs`` with ``reference``) on a random ``1 - holdout`` of the sampled
-    training images and on the rest (None when under :data:`MIN_HELDOUT` images would be held
-    out); the models are checked for ``method``."""
+def split_statistics(models: Sequence[nn.Module], data, *, stats_samples: int | None = None,
+                     seed: int = 0, holdout: float = HOLDOUT, reference: int = 0,
+                     pairs: str = "all", method: str | None = None, device=None,
+                     group=None) -> tuple[Statistics, Statistics | None]:
+    """Statistics (``pairs`` with ``reference``) on a random ``1 - holdout`` of the
+    ``stats_samples`` training images and on the rest (None when under :data:`MIN_HELDOUT`
+    images would be held out), for fitting and measuring on images the fit did not see; the
+    models are checked for ``method`` first (:func:`check_compatible`)."""
     source = train_source(data)
     check_compatible(models, source, reference, method)
     spec = resolve_spec([models[reference]], source)

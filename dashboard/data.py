@@ -59,7 +59,7 @@ from ccamerge.analysis.features import (
 )
 from ccamerge.batchnorm import DEFAULT_POLICY as BN_DEFAULT
 from ccamerge.batchnorm import moment_batchnorms
-from ccamerge.data import Dataset, holdout_split, load_dataset
+from ccamerge.data import Dataset, load_dataset
 from ccamerge.data.sources import DataSource
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import evaluate_ensemble, evaluate_model
@@ -427,7 +427,7 @@ def split_statistics(digests: tuple[str, ...], data_key: str, reference: int,
     """Statistics to fit on and statistics of held-out images: the shared statistics (with
     ``pairs``) and, in a pass of their own, :func:`held_out_images`; with all training images
     in the statistics (or too few left), a random 80% and the held-out 20%
-    (``spectra.split_statistics``). The held-out ones always hold every pair."""
+    (``api.split_statistics``). The held-out ones always hold every pair."""
     held = held_out_images(_data, stats_samples)
     if held is None:
         fit, rest = _split_all(digests, data_key, _models, _data)
@@ -452,14 +452,7 @@ def _split_all(digests: tuple[str, ...], data_key: str, _models: Sequence[nn.Mod
                _data: Dataset) -> tuple[Statistics, Statistics | None]:
     models = fresh(_models)
     check_fit(models, _data)
-    x = api.train_inputs(_data)
-    api.check_compatible(models, x, 0)
-    spec = api.resolve_spec(models, x)
-    if round(spectra.HOLDOUT * len(x)) < spectra.MIN_HELDOUT:
-        return collect_statistics(models, spec, x, pairs="all"), None
-    fit_idx, val_idx = holdout_split(len(x), spectra.HOLDOUT, SEED)
-    return (collect_statistics(models, spec, x[fit_idx], pairs="all"),
-            collect_statistics(models, spec, x[val_idx], pairs="all"))
+    return api.split_statistics(models, _data, seed=SEED, pairs="all")
 
 
 @cached(lambda: memo())
