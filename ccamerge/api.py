@@ -49,7 +49,7 @@ from ccamerge.data.fit import (
     train_source,
     widths_vary,
 )
-from ccamerge.devices import models_to, module_device, resolve_device
+from ccamerge.devices import models_to, work_device
 from ccamerge.distributed import rank_and_size, reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
@@ -80,17 +80,11 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
         raise CcamergeError(f"{name} must be one of {tuple(choices)}, not {value!r}")
 
 
-def model_place(models: Sequence[nn.Module], device=None) -> torch.device:
-    """Where :func:`place_models` puts ``models``, without copying them: ``device`` resolved,
-    or model 0's device (also the device a solve factorises on: :mod:`ccamerge.linalg`)."""
-    return resolve_device(device) if device is not None else module_device(models[0])
-
-
 def place_models(models: Sequence[nn.Module], device=None) -> tuple[list[nn.Module], torch.device]:
     """``models`` on ``device`` (``"auto" | "cpu" | "cuda" | "cuda:N"`` or a torch.device;
     default: where model 0 is) and that device: the models already there, copies of the others
     (the caller's models never move). A device that is not there fails in one line."""
-    place = model_place(models, device)
+    place = work_device(models, device)
     return models_to(models, place), place
 
 
@@ -539,7 +533,7 @@ def spectrum(models: Sequence[nn.Module], data, *, reference: int = 0, gamma: fl
                                       method="cca", device=device, group=group)
     elif isinstance(statistics, Statistics):
         statistics = (statistics, None)
-    with linalg.solving_on(model_place(models, device)):
+    with linalg.solving_on(work_device(models, device)):
         return spectrum_rows(*statistics, gamma=gamma, relative=relative)
 
 
@@ -563,7 +557,7 @@ def shared_spectrum(models: Sequence[nn.Module], data, *, gamma: float | None = 
     if statistics is None:
         statistics = split_statistics(models, data, stats_samples=stats_samples, seed=seed,
                                       holdout=holdout, method="gcca", device=device, group=group)
-    with linalg.solving_on(model_place(models, device)):
+    with linalg.solving_on(work_device(models, device)):
         return shared_spectrum_rows(*statistics, gamma=gamma, relative=relative)
 
 

@@ -62,6 +62,13 @@ def module_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def work_device(models: Sequence[nn.Module], device: str | torch.device | None = None
+                ) -> torch.device:
+    """Where work on ``models`` runs: ``device`` resolved (:func:`resolve_device`), or model 0's
+    device when None."""
+    return resolve_device(device) if device is not None else module_device(models[0])
+
+
 def model_to(model: nn.Module, device: torch.device, **to_kwargs) -> nn.Module:
     """``model`` itself when it is already on ``device`` (and no other conversion is asked),
     else a copy moved there (``to_kwargs``, e.g. ``memory_format``, go to ``Module.to``); the

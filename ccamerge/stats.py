@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from ccamerge.data import DataSource, as_source
-from ccamerge.devices import exact_float32, model_to, models_to, module_device, resolve_device
+from ccamerge.devices import (
+    exact_float32,
+    model_to,
+    models_to,
+    module_device,
+    work_device,
+)
 from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size, shard_source
 from ccamerge.errors import CcamergeError
 from ccamerge.models import ARCHITECTURES
@@ -312,7 +318,7 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     ``positions`` (the mapped BatchNorm policy sets units to these moments and recomputes the
     running statistics on all positions: :mod:`ccamerge.batchnorm`); in ``Statistics.self_only``.
     """
-    place = resolve_device(device) if device is not None else module_device(models[0])
+    place = work_device(models, device)
     sampler = PositionSampler(positions, seed)
     probe = as_source(x)
     source, first = _shard(probe, batch_size, group)  # all of x without a group
