@@ -134,27 +134,15 @@ def factorisation_row(n: int, device: torch.device) -> dict:
     for place in dict.fromkeys([torch.device("cpu"), device]):
         label = "host" if place.type == "cpu" else "device"
         repeats = 3 if n < 2048 else 1  # a host SVD of 4096 rows takes tens of seconds
-        row[f"eigh_{label}_s"] = round(seconds_of(partial(_forced_eigh, sym, place), place,
+        row[f"eigh_{label}_s"] = round(seconds_of(partial(linalg.eigh, sym, device=place), place,
                                                   repeats), 4)
-        row[f"svd_{label}_s"] = round(seconds_of(partial(_forced_svd, cross, place), place,
+        row[f"svd_{label}_s"] = round(seconds_of(partial(linalg.svd, cross, device=place), place,
                                                  repeats), 4)
     if device.type == "cuda":
         row["device_faster"] = (row["eigh_device_s"] < row["eigh_host_s"]
                                 and row["svd_device_s"] < row["svd_host_s"])
         row["ccamerge_uses"] = "device" if n >= linalg.DEVICE_MIN_SIZE else "host"
     return row
-
-
-def _forced_eigh(sym: np.ndarray, place: torch.device):
-    """``torch.linalg.eigh`` on ``place`` whatever the size (what :func:`ccamerge.linalg.eigh`
-    would do there), numpy in and out."""
-    eig, q = torch.linalg.eigh(torch.from_numpy(sym.copy()).to(place))
-    return eig.cpu().numpy(), q.cpu().numpy()
-
-
-def _forced_svd(m: np.ndarray, place: torch.device):
-    u, s, vh = torch.linalg.svd(torch.from_numpy(m.copy()).to(place))
-    return u.cpu().numpy(), s.cpu().numpy(), vh.cpu().numpy()
 
 
 @torch.no_grad()

@@ -52,16 +52,20 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def eigh(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def eigh(sym: np.ndarray, device: torch.device | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
     """``(eigenvalues [n] ascending, eigenvectors [n, n])`` of a symmetric ``[n, n]`` float64
-    matrix (torch's LAPACK on the host, faster than numpy's; cuSOLVER on a CUDA solve device)."""
-    eig, q = torch.linalg.eigh(_tensor(sym, solve_device(len(sym))))
+    matrix (torch's LAPACK on the host, faster than numpy's; cuSOLVER on a CUDA solve device).
+    ``device``: run there whatever the size and context (to time one side)."""
+    eig, q = torch.linalg.eigh(_tensor(sym, device or solve_device(len(sym))))
     return _host(eig), _host(q)
 
 
-def svd(m: np.ndarray, full_matrices: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def svd(m: np.ndarray, full_matrices: bool = True, device: torch.device | None = None
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(U [p, p], s [min(p, q)], V [q, q])`` of ``m`` ``[p, q]`` in float64 (``full_matrices``
-    False: ``U [p, k]``, ``V [q, k]`` with ``k = min(p, q)``); note ``V``, not ``V^T``."""
-    u, s, vh = torch.linalg.svd(_tensor(m, solve_device(max(m.shape))),
+    False: ``U [p, k]``, ``V [q, k]`` with ``k = min(p, q)``); note ``V``, not ``V^T``.
+    ``device``: as for :func:`eigh`."""
+    u, s, vh = torch.linalg.svd(_tensor(m, device or solve_device(max(m.shape))),
                                 full_matrices=full_matrices)
     return _host(u), _host(s), _host(vh).T
