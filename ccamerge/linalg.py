@@ -69,3 +69,11 @@ def svd(m: np.ndarray, full_matrices: bool = True, device: torch.device | None =
     u, s, vh = torch.linalg.svd(_tensor(m, device or solve_device(max(m.shape))),
                                 full_matrices=full_matrices)
     return _host(u), _host(s), _host(vh).T
+
+
+def polar(m: np.ndarray) -> np.ndarray:
+    """``U V^T`` of the thin SVD ``m = U diag(s) V^T`` (``[p, q]``, on the host): the matrix with
+    orthonormal columns (or rows) nearest ``m``; for ``m = A^T B`` the orthogonal Procrustes
+    rotation taking ``B`` onto ``A``."""
+    left, _, right = np.linalg.svd(m, full_matrices=False)
+    return left @ right

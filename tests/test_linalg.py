@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from ccamerge import linalg
@@ -53,3 +54,10 @@ def test_a_cca_solve_on_the_gpu_equals_the_host_solve():
         device = cca(*args, gamma=0.1, relative=True)
     np.testing.assert_allclose(device.rho, host.rho, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(device.T, host.T, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (9, 4), (4, 9)])
+def test_polar_is_scipys_unitary_polar_factor(shape):
+    m = np.random.default_rng(3).standard_normal(shape)
+    u, _p = scipy.linalg.polar(m)
+    np.testing.assert_allclose(linalg.polar(m), u, atol=1e-12)

@@ -184,9 +184,8 @@ def _align_null_space(u: np.ndarray, rho: np.ndarray, v: np.ndarray, qx: np.ndar
     if not null.any():
         return u
     ux, vy = _same_rows(qx @ u[:, null], qy @ v[:, null])
-    a, _, bt = np.linalg.svd(ux.T @ vy)
     u = u.copy()
-    u[:, null] = u[:, null] @ (a @ bt)
+    u[:, null] = u[:, null] @ linalg.polar(ux.T @ vy)
     return u
 
 

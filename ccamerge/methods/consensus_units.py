@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ccamerge import linalg
 from ccamerge.errors import CcamergeError
 from ccamerge.methods.base import hungarian
 from ccamerge.transform import Transform
@@ -108,8 +109,7 @@ def _match(loadings: list[np.ndarray], start: int) -> tuple[list[np.ndarray], np
 
 def _procrustes(target: np.ndarray, source: np.ndarray) -> np.ndarray:
     """Orthogonal ``R`` ``[m, m]`` minimising ``||R source - target||`` (both ``[m, r]``)."""
-    left, _, right = np.linalg.svd(target @ source.T)
-    return left @ right
+    return linalg.polar(target @ source.T)
 
 
 def _complements(aligned: list[np.ndarray], start: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -156,13 +156,11 @@ def polar_mean(aligned: list[np.ndarray]) -> np.ndarray:
     averaged, so the consensus is as well conditioned as the models."""
     frames, covs = [], []
     for a in aligned:
-        left, _, right = np.linalg.svd(a)
-        frames.append(left @ right)
+        frames.append(linalg.polar(a))
         covs.append(a.T @ a)
-    left, _, right = np.linalg.svd(np.mean(frames, axis=0))
     values, vectors = np.linalg.eigh(np.mean(covs, axis=0))
     root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
-    return left @ right @ root
+    return linalg.polar(np.mean(frames, axis=0)) @ root
 
 
 def consensus_transform(space, units: Consensus, i: int) -> Transform:

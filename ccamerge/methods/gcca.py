@@ -75,6 +75,7 @@ from ccamerge.methods.cca import (
     MAX_GAMMA,
     _condition,
     _dead,
+    _same_rows,
     psd_eigh,
     regulariser,
     ridge_units,
@@ -171,9 +172,7 @@ class SharedSpace:
         """``O_i = polar(V_i diag(lambda)^1/2)`` ``[live_i, k]`` (zero rows for model i's null
         directions): the orthonormal whitened directions of model i closest to its
         covariance with the consensus variates (``V_i diag(lambda)^1/2``)."""
-        left, _, right = np.linalg.svd(self.blocks[i] * np.sqrt(self.eigenvalues),
-                                       full_matrices=False)
-        o = left @ right
+        o = linalg.polar(self.blocks[i] * np.sqrt(self.eigenvalues))
         return np.vstack([o, np.zeros((len(self.bases[i].live) - len(o), o.shape[1]))])
 
     def projection(self, i: int) -> np.ndarray:
@@ -236,12 +235,8 @@ def _complement_map(space: SharedSpace, i: int, j: int) -> np.ndarray:
     ea, eb = space.complement(i), space.complement(j)
     if not ea.shape[1] or not eb.shape[1]:
         return np.zeros((len(a.live), len(b.live)))
-    ua, ub = a.vectors @ ea, b.vectors @ eb  # unit-space directions, compared by position
-    rows = max(len(ua), len(ub))
-    ua, ub = (np.vstack([u, np.zeros((rows - len(u), u.shape[1]))]) for u in (ua, ub))
-    left, _, right = np.linalg.svd(ua.T @ ub)
-    m = min(left.shape[0], right.shape[0])
-    return a.whitener @ ea @ (left[:, :m] @ right[:m]) @ eb.T @ b.dewhitener
+    ua, ub = _same_rows(a.vectors @ ea, b.vectors @ eb)  # unit-space directions, by position
+    return a.whitener @ ea @ linalg.polar(ua.T @ ub) @ eb.T @ b.dewhitener
 
 
 def _pair_dead(out: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
