@@ -12,8 +12,10 @@ Each setting runs in a fresh process (its peak memory is its own). Timed, interl
   over the same images without hooks, in three layouts: standard, channels-last images with the
   weights as they are (how the merge runs) and channels-last images and weights; the fastest
   counts;
-* the merge's phases as ``ccamerge.api.merge`` runs them: statistics, solve, transforms (every
-  model's state dict), averaging (and the merged model), BatchNorm reset.
+* the merge's phases as ``ccamerge.api.merge`` runs them: the memory-layout probe (once per
+  process: model 0 on the quarters of one batch in each layout, :mod:`ccamerge.layout`; counted
+  as a one-time phase), statistics, solve, transforms (every model's state dict), averaging (and
+  the merged model), BatchNorm reset.
 
 Per-image phases (the forwards, statistics, BatchNorm reset) are the best of ``--repeats`` runs;
 the solve, transforms and averaging, which do not depend on the data, are the best of
@@ -39,6 +41,7 @@ VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 PAPER_WIDTHS, PAPER_NS, PAPER_IMAGES, PAPER_TARGET = (1, 2, 4, 8), (2, 4), 512, 50_000
 MIN_IMAGES, MAX_BATCH = 8, 500
 LAYOUTS = ("standard", "channels_last", "channels_last_weights")
+FIXED_PHASES = ("layout_probe", "solve", "transforms", "averaging")  # do not grow with the images
 
 
 def paper_model(arch: str, width: float, seed: int, init: str = "default") -> torch.nn.Module:
@@ -148,6 +151,7 @@ def status_mb(key: str) -> float:
 def measure(arch: str, width: float, n: int, images: int, repeats: int,
             positions=None) -> dict:
     """One setting's row (run it in a fresh process: see :func:`run_setting`)."""
+    from ccamerge.layout import choose_layout, forget_choices
     from ccamerge.transform import reset_batchnorm
 
     models = [paper_model(arch, width, seed) for seed in range(n)]
@@ -159,6 +163,10 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
 
     def keep(name: str, seconds: float) -> None:
         best[name] = min(best.get(name, float("inf")), seconds)
+
+    forget_choices()  # the merge's layout probe, once per process: a one-time phase of its own
+    chosen, probe = timed(choose_layout, models[0], x[:batch])
+    keep("layout_probe", probe)
 
     adjacent = []  # statistics / bare forward of one repeat: both under the same load
     for _ in range(repeats):
@@ -180,7 +188,7 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
         reset = timed(lambda: reset_batchnorm(merged, x, batch_size=batch))[1]
         keep("bn_reset", reset if arch == "resnet20" else 0.0)
     out = row(arch, width, n, images, best, status_mb("VmHWM"), before, positions)
-    return out | adjacent_ratio(out, sorted(adjacent)[len(adjacent) // 2])
+    return out | adjacent_ratio(out, sorted(adjacent)[len(adjacent) // 2]) | {"layout": chosen}
 
 
 def adjacent_ratio(out: dict, statistics_ratio: float) -> dict:
@@ -188,7 +196,7 @@ def adjacent_ratio(out: dict, statistics_ratio: float) -> dict:
     over the bare forward measured just before it (robust to load that changes between
     phases, which best-of-repeats per phase is not)."""
     scale = PAPER_TARGET / out["images"]
-    fixed = out["solve"] + out["transforms"] + out["averaging"]
+    fixed = sum(out.get(k, 0.0) for k in FIXED_PHASES)
     rest = (out["bn_reset"] * scale + fixed) / (out["forward"] * scale)
     return {"statistics_ratio_median": round(statistics_ratio, 3),
             "ratio_50k_adjacent": round(statistics_ratio + rest, 3),
@@ -197,7 +205,7 @@ def adjacent_ratio(out: dict, statistics_ratio: float) -> dict:
 
 def row(arch, width, n, images, best, peak, before, positions) -> dict:
     forward = min(best[f"forward_{layout}"] for layout in LAYOUTS)
-    fixed = best["solve"] + best["transforms"] + best["averaging"]
+    fixed = sum(best.get(k, 0.0) for k in FIXED_PHASES)
     per_image = best["statistics"] + best["bn_reset"]
     scale = PAPER_TARGET / images
     return {"arch": arch, "width": width, "N": n, "images": images,
@@ -255,8 +263,8 @@ def paper_summary(rows: list[dict], base: int) -> str:
     """The Markdown section for ``cost_paper.md`` and the README."""
     from cost import markdown
 
-    cols = ["arch", "width", "N", "images", "forward", "statistics", "solve", "transforms",
-            "averaging", "bn_reset", "total", "ratio", "ratio_50k", "ratio_50k_adjacent",
+    cols = ["arch", "width", "N", "images", "layout", "forward", "layout_probe", "statistics",
+            "solve", "transforms", "averaging", "bn_reset", "total", "ratio", "ratio_50k", "ratio_50k_adjacent",
             "peak_gb", "merge_peak_extra_gb", "load_1min"]
     good = [r for r in rows if not r.get("error")]
     met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r in good

@@ -385,12 +385,12 @@ def finish_batchnorm(merged: nn.Module, models: Sequence[nn.Module], aligned: Al
 
 
 def collection_of(stats: Statistics | None, place: torch.device, group=None) -> dict:
-    """``{"device", "world_size", "samples_per_rank", "samples"}`` of a merge (no samples for a
-    data-free method)."""
+    """``{"device", "world_size", "samples_per_rank", "samples", "layout"}`` of a merge (no
+    samples for a data-free method)."""
     if stats is not None:
         return stats.collection()
     return {"device": str(place), "world_size": rank_and_size(group)[1], "samples_per_rank": [],
-            "samples": 0}
+            "samples": 0, "layout": "n/a"}
 
 
 def _file_name(model: nn.Module) -> str | None:

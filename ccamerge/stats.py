@@ -5,8 +5,10 @@ Features are read by forward hooks (:func:`capture_features`, a context manager)
 ``B`` samples. Each batch is centred and multiplied in the model's float32, then merged into float64
 accumulators with Chan's update, so results do not depend on the batch size and two shards combine
 exactly (:meth:`CrossMoments.merge`). :func:`collect_statistics` is the hot path of every
-activation-based merge: it runs image models channels-last (a feature map is then ``[S, C]``
-without a copy) and centres into one reused workspace (see ``benchmarks/cost.py``).
+activation-based merge: image batches run in the faster memory layout, chosen once per process
+(:mod:`ccamerge.layout`; channels-last feature maps read as ``[S, C]`` without a copy), self
+blocks are multiplied as symmetric products and centring uses one reused workspace
+(:mod:`ccamerge.moments`; see ``benchmarks/cost.py --paper``).
 
 The passes and the float64 accumulators stay on the models' device (or ``device=``), with TF32
 off (:func:`ccamerge.devices.exact_float32`); only the finished covariances come to the host, as
@@ -36,6 +38,7 @@ from ccamerge.devices import (
 )
 from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size, shard_source
 from ccamerge.errors import CcamergeError
+from ccamerge.layout import choose_layout, in_layout
 from ccamerge.models import ARCHITECTURES
 from ccamerge.moments import UNCENTRED_LIMIT, _add_chunk, _Workspace  # noqa: F401 - re-exported
 from ccamerge.positions import PositionSampler
@@ -184,6 +187,7 @@ class Statistics:
     world_size: int = 1  # processes that shared the data (torch.distributed)
     samples_per_rank: list[int] = field(default_factory=list)  # input rows each process read
     positions: int | float | None = None  # per conv map and image: all (None), k, or a fraction
+    layout: str = "n/a"  # memory layout the image batches ran in (rank 0's): ccamerge.layout
     # module -> its outputs' moments, each model with itself only (``cov(i, i)``), every position
     self_only: dict[str, PointStatistics] = field(default_factory=dict)
 
@@ -201,10 +205,10 @@ class Statistics:
 
     def collection(self) -> dict:
         """JSON-able: ``device``, ``world_size``, ``samples_per_rank`` (inputs, not feature-map
-        positions) and their sum ``samples``."""
+        positions), their sum ``samples`` and the ``layout`` of the image batches."""
         return {"device": self.device, "world_size": self.world_size,
                 "samples_per_rank": list(self.samples_per_rank),
-                "samples": sum(self.samples_per_rank)}
+                "samples": sum(self.samples_per_rank), "layout": self.layout}
 
 
 def _as_samples(out: torch.Tensor) -> torch.Tensor:
@@ -294,8 +298,8 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     Collects, per merge point, every model's mean and covariance and the cross-covariances of
     ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
     Models run in eval mode as structural copies that share the callers' parameters (the
-    callers' modules, layout and mode are untouched); image inputs run channels-last (faster
-    on CPU, and a feature map then reads as ``[S, C]`` samples without a copy).
+    callers' modules, layout and mode are untouched); image batches run in the memory layout
+    :func:`ccamerge.layout.choose_layout` finds faster (``Statistics.layout``).
 
     Models of one family whose widths differ are fine: each model's width at a point is read
     from its own spec for the built-in families (:func:`ccamerge.spec.model_widths`), from the
@@ -337,11 +341,12 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
         _check_finite(main.acc, spec, len(models))
 
     views = [(spec, sampler), (own.spec, None)]
-    seen = _stream(runners, views, source, batch_size, sampler, first, fold, progress)
+    seen, layout = _stream(runners, views, source, batch_size, sampler, first, fold, progress)
     samples_per_rank = all_reduce_moments([*main.acc.values(), *own.acc.values()], seen, group)
     stats = _finish(main.acc, spec, widths, len(models), reference, pairs, place,
                     samples_per_rank)
     stats.positions = sampler.positions
+    stats.layout = layout
     stats.self_only = _points(own.acc, own.spec, own_widths, len(models))
     return stats
 
@@ -425,42 +430,52 @@ def _shard(source: DataSource, batch_size: int, group: ProcessGroup | None
 
 def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], source: DataSource,
             batch_size: int, sampler: PositionSampler, first: int, fold: Callable,
-            progress) -> int:
+            progress) -> tuple[int, str]:
     """Run every model on every batch with the features of each ``(spec, select)`` view
     captured, ``fold(*captures)`` after each batch (one list of per-model captures per view);
-    returns the number of inputs read."""
+    returns the number of inputs read and the memory layout image batches ran in
+    (:func:`ccamerge.layout.choose_layout`)."""
     total, seen = source.size_hint(), 0
+    layout = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
         captures = [[stack.enter_context(capture_features(m, spec, select)) for m in runners]
                     for spec, select in views]
+
+        def discard(captured: Sequence[dict[str, list[torch.Tensor]]]) -> None:
+            for chunks in (c for features in captured for c in features.values()):
+                chunks.clear()
+
+        def probe(part: torch.Tensor) -> None:  # model 0 with its hooks, nothing folded
+            sampler.start_batch(first + seen, len(part))
+            runners[0](part)
+            discard([view[0] for view in captures])
+
         for xb, _ in source.batches(batch_size):
+            layout = layout or choose_layout(runners[0], xb, probe)
             sampler.start_batch(first + seen, len(xb))
             with torch.no_grad():
+                xb = in_layout(xb, layout)
                 for model in runners:
                     model(xb)
             fold(*captures)
-            for captured in (c for view in captures for c in view):
-                for chunks in captured.values():
-                    chunks.clear()
+            discard([c for view in captures for c in view])
             seen += len(xb)
             if progress and total:
                 progress(min(1.0, seen / total))
-    return seen
+    return seen, layout or "n/a"
 
 
 def _runners(models: Sequence[nn.Module], source: DataSource, place: torch.device
              ) -> tuple[list[nn.Module], DataSource]:
-    """Eval-mode models to run on ``place`` and ``source`` moved there (images channels-last).
-    A model already there becomes a copy of its modules that shares its parameters and buffers
-    (no memory, hooks and mode stay off the caller's modules); others are copied there."""
-    image = len(source.sample_shape) == 3
-    to = {"device": place} | ({"memory_format": torch.channels_last} if image else {})
+    """Eval-mode models to run on ``place`` and ``source`` moved there. A model already there
+    becomes a copy of its modules that shares its parameters and buffers (no memory, hooks and
+    mode stay off the caller's modules); others are copied there."""
     runners = []
     for model in models:
         runner = _shared_copy(model) if module_device(model) == place else model_to(model, place)
         runners.append(runner.eval())
-    return runners, _moved(source, to)
+    return runners, _moved(source, {"device": place})
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:
@@ -478,8 +493,9 @@ def channels_last(models: Sequence[nn.Module], x: torch.Tensor | DataSource,
                   ) -> tuple[list[nn.Module], torch.Tensor | DataSource]:
     """Copies of ``models`` in channels-last memory on ``device`` (default: where they are),
     and ``x`` with its images in that layout there (a tensor ``[B, C, H, W]`` converted, a data
-    source converted batch by batch); feature vectors only moved. On CPU convolutions run faster
-    this way, and a feature map then reads as ``[S, C]`` samples without a transposing copy.
+    source converted batch by batch); feature vectors only moved. A feature map then reads as
+    ``[S, C]`` samples without a transposing copy; whether convolutions run faster this way
+    depends on the model (:mod:`ccamerge.layout`).
     Models that cannot be copied are used as they are (an error if they must move)."""
     shape = x.shape[1:] if isinstance(x, torch.Tensor) else x.sample_shape
     if len(shape) != 3:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ccamerge.data import as_source
+from ccamerge.layout import choose_layout, in_layout
 from ccamerge.models import check_input_fit
 from ccamerge.spec import AlignmentSpec, Axis
 
@@ -175,8 +176,8 @@ def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
     """Recompute every BatchNorm's running statistics in place with one train-mode pass over
     ``x``: a tensor ``[B, ...]`` or any data source (:func:`ccamerge.data.as_source`), streamed
     ``batch_size`` samples at a time (average of the batch statistics weighted by batch size, no
-    gradients). Image models run the pass in channels-last memory (faster on CPU) and come back
-    with standard-layout (contiguous) parameters. No-op without BatchNorm."""
+    gradients). Image batches run in the faster memory layout (:mod:`ccamerge.layout`); the
+    parameters keep theirs. No-op without BatchNorm."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
@@ -185,17 +186,15 @@ def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-    image = len(source.sample_shape) == 3
-    if image:
-        model.to(memory_format=torch.channels_last)
     model.train()
     total, seen = source.size_hint(), 0
     place = norms[0].running_mean.device
+    layout = None
     try:
         for xb, _ in source.batches(batch_size):
             xb = xb.to(place)
-            if image:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+            layout = layout or choose_layout(model, xb, lambda part: _in_eval(model, part))
+            xb = in_layout(xb, layout)
             for m in norms:  # sample-weighted running average: a short last batch weighs less
                 m.momentum = len(xb) / (seen + len(xb))
             model(xb)
@@ -205,9 +204,16 @@ def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
-        if image:
-            model.to(memory_format=torch.contiguous_format)
     return model.eval()
+
+
+def _in_eval(model: nn.Module, xb: torch.Tensor) -> None:
+    """``model(xb)`` in eval mode (running statistics untouched), back in train mode after."""
+    model.eval()
+    try:
+        model(xb)
+    finally:
+        model.train()
 
 
 def random_permutations(spec: AlignmentSpec, seed: int = 0) -> Transforms:

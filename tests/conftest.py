@@ -6,12 +6,21 @@ import numpy as np
 import pytest
 
 from ccamerge.data import load_dataset
+from ccamerge.layout import ENV_VAR
 from ccamerge.train import default_config, train_model
 
 
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")
+
+
+@pytest.fixture
+def pinned_layout(monkeypatch):
+    """Image passes in the standard layout, in this process and the ones it starts: for tests
+    that compare two passes bit for bit (an automatic choice may differ in rounding between
+    them; :mod:`ccamerge.layout`)."""
+    monkeypatch.setenv(ENV_VAR, "standard")
 
 
 def _train(arch, digits, seed, epochs, samples=None, **overrides):

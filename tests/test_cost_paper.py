@@ -13,7 +13,8 @@ def test_a_setting_row_adds_up_and_projects_fixed_costs_away(arch, width):
     from cost_paper import measure, paper_summary
 
     row = measure(arch, width, 2, 8, 1)
-    phases = ["statistics", "solve", "transforms", "averaging", "bn_reset"]
+    phases = ["layout_probe", "statistics", "solve", "transforms", "averaging", "bn_reset"]
+    assert row["layout"] in ("standard", "channels_last") and row["layout_probe"] > 0
     assert row["total"] == pytest.approx(sum(row[p] for p in phases), abs=1e-3)
     assert row["forward"] == min(row[f"forward_{k}"] for k in
                                  ("standard", "channels_last", "channels_last_weights"))

@@ -127,7 +127,8 @@ def _plain_processes(folder: Path, world: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("launch, world, rows", [(_torchrun, 2, 1000), (_plain_processes, 3, 150)],
                          ids=["torchrun-2-ranks", "3-ranks-one-empty"])
-def test_gloo_ranks_equal_one_process(tmp_path, mlps, digits, launch, world, rows):
+def test_gloo_ranks_equal_one_process(pinned_layout, tmp_path, mlps, digits, launch, world,
+                                      rows):
     """CPU ranks (gloo): all-reduced moments equal the single-process ones to float64
     round-off, the CCA merge built from them to 1e-6 relative, the BatchNorm reset to float32
     round-off. With 150 rows in batches of 100 over 3 ranks, rank 0 reads nothing."""
@@ -147,7 +148,8 @@ def test_gloo_ranks_equal_one_process(tmp_path, mlps, digits, launch, world, row
     assert weights_diff < 1e-6
     blocks = [batch_block(rows, BATCH, r, world) for r in range(world)]
     assert ranks[0]["collection"] == {"device": "cpu", "world_size": world, "samples": rows,
-                                      "samples_per_rank": [b.stop - b.start for b in blocks]}
+                                      "samples_per_rank": [b.stop - b.start for b in blocks],
+                                      "layout": ranks[0]["collection"]["layout"]}
     for other in ranks[1:]:  # every rank holds the same merge
         for key, value in other["merged"].items():
             torch.testing.assert_close(value, ranks[0]["merged"][key], rtol=0, atol=0)
@@ -194,7 +196,8 @@ def test_a_rank_that_dies_or_hangs_is_one_error_line_not_a_hang(tmp_path, mlps, 
 
 
 @pytest.mark.slow
-def test_ccamerge_merge_under_torchrun_reports_once_and_matches_one_process(tmp_path, mlps):
+def test_ccamerge_merge_under_torchrun_reports_once_and_matches_one_process(
+        pinned_layout, tmp_path, mlps):
     """`torchrun --nproc_per_node=2 -m ccamerge merge ... --json`: one JSON object (rank 0)
     with world_size 2 and each rank's statistics samples, one file written, and the weights of
     the single-process CLI merge."""

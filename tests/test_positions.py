@@ -129,7 +129,7 @@ shutdown()
 
 
 @pytest.mark.slow
-def test_sharded_subset_statistics_equal_one_process(tmp_path, digits):
+def test_sharded_subset_statistics_equal_one_process(pinned_layout, tmp_path, digits):
     """Two gloo ranks read different images; each image keeps the positions it keeps in one
     process (global image indices), so the all-reduced subsets equal the single-process ones."""
     import os

@@ -153,8 +153,10 @@ def test_accumulators_are_float64_on_the_samples_device_and_match_numpy():
 def test_statistics_say_where_and_from_how_many_inputs_they_were_collected(digits):
     model = build_model("mlp", hidden=[16])
     stats = collect_statistics([model, model], build_spec(model), digits.x_train[:30])
-    assert stats.collection() == {"device": "cpu", "world_size": 1, "samples_per_rank": [30],
-                                  "samples": 30}
+    collection = stats.collection()
+    assert collection.pop("layout") in ("standard", "channels_last")  # digits are 1x8x8 images
+    assert collection == {"device": "cpu", "world_size": 1, "samples_per_rank": [30],
+                          "samples": 30}
 
 
 def _fold(samples, blocks, batch=1000):
@@ -250,3 +252,17 @@ def test_products_of_shifted_samples_fold_into_the_exact_moments():
     np.testing.assert_allclose(moments.covariance, np.cov(np.hstack([x, y]).T)[:4, 4:],
                                rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(moments.mean_x.numpy(), x.mean(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("columns", [3, 255, 256, 300, 511, 512, 777])
+def test_a_models_product_with_itself_is_its_exact_symmetric_gram(columns):
+    """The self block multiplies the upper triangle's row blocks from 256 columns: the same
+    numbers as a float64 ``a^T a`` to float32 rounding, and exactly symmetric."""
+    from ccamerge.moments import gram
+
+    a = torch.randn(600, columns, generator=torch.Generator().manual_seed(columns)) + 0.5
+    got = gram(a)
+    want = a.double().T @ a.double()
+    assert got.dtype == torch.float32 and torch.equal(got, got.T)
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=2e-5,
+                               atol=2e-5 * float(want.abs().max()))

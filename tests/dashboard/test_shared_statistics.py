@@ -136,7 +136,7 @@ def test_estimates_scale_with_the_work():
     assert jobs.estimate_text(12.4) == "about 12 s" and jobs.estimate_text(300) == "about 5 min"
 
 
-def test_channels_last_copies_merge_to_the_same_weights_bit_for_bit(digits):
+def test_channels_last_copies_merge_to_the_same_weights_bit_for_bit(pinned_layout, digits):
     torch.manual_seed(2)
     vggs = [build_model("vgg", **default_config("vgg", digits)) for _ in range(2)]
     fast = data.fast(vggs)
