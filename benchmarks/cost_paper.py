@@ -264,8 +264,8 @@ def paper_summary(rows: list[dict], base: int) -> str:
     from cost import markdown
 
     cols = ["arch", "width", "N", "images", "layout", "forward", "layout_probe", "statistics",
-            "solve", "transforms", "averaging", "bn_reset", "total", "ratio", "ratio_50k", "ratio_50k_adjacent",
-            "peak_gb", "merge_peak_extra_gb", "load_1min"]
+            "solve", "transforms", "averaging", "bn_reset", "total", "ratio", "ratio_50k",
+            "ratio_50k_adjacent", "peak_gb", "merge_peak_extra_gb", "load_1min"]
     good = [r for r in rows if not r.get("error")]
     met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r in good
            if r.get("ratio_50k_adjacent", r["ratio_50k"]) <= 1.3]

@@ -221,13 +221,39 @@ def _as_samples(out: torch.Tensor) -> torch.Tensor:
 Select = Callable[[tuple[str, int], torch.Tensor], torch.Tensor]
 
 
+class MapBuffers:
+    """Reused memory for standard-layout feature maps ``[B, C, H, W]`` copied to channels-last,
+    whose samples ``[B*H*W, C]`` are then a view: one buffer per feature module and call, kept
+    from batch to batch (a fresh map-sized allocation per batch costs page faults on the order of
+    the copy). Only for captures that are consumed before the next batch (the statistics pass)."""
+
+    def __init__(self):
+        self.flat: dict[tuple, torch.Tensor] = {}
+
+    def channels_last(self, key: tuple, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ``[B, C, H, W]`` itself when channels-last, else a channels-last copy in the
+        buffer of ``key`` (valid until the next call with ``key``)."""
+        if out.dim() != 4 or out.is_contiguous(memory_format=torch.channels_last):
+            return out
+        b, c, h, w = out.shape
+        flat = self.flat.get(key)
+        if (flat is None or flat.numel() < out.numel() or flat.dtype != out.dtype
+                or flat.device != out.device):
+            flat = self.flat[key] = torch.empty(out.numel(), dtype=out.dtype, device=out.device)
+        target = flat[:out.numel()].view(b, h, w, c).permute(0, 3, 1, 2)
+        return target.copy_(out)
+
+
 @contextlib.contextmanager
-def capture_features(model: nn.Module, spec: AlignmentSpec, select: Select | None = None
+def capture_features(model: nn.Module, spec: AlignmentSpec, select: Select | None = None,
+                     buffers: MapBuffers | None = None
                      ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record each merge point's features while the block runs. Yields ``{point: [samples, ...]}``
     (one ``[S, n]`` entry per feature module per forward; clear it between batches).
     ``select(key, output)``: the samples ``[S, n]`` to keep of a module's output, ``key`` =
-    ``(point name, index of the feature module in the point)`` (default: every sample)."""
+    ``(point name, index of the feature module in the point)`` (default: every sample).
+    ``buffers``: standard-layout maps are copied into these reused buffers first (the samples
+    are then overwritten by a later forward: fold them before it)."""
     modules = dict(model.named_modules())
     captured: dict[str, list[torch.Tensor]] = {p.name: [] for p in spec.points}
     handles = []
@@ -236,7 +262,7 @@ def capture_features(model: nn.Module, spec: AlignmentSpec, select: Select | Non
             if feature not in modules:
                 raise CcamergeError(f"merge point {point.name} reads module {feature!r}, which the "
                                     "model does not have")
-            hook = _recorder(captured[point.name], (point.name, k), select)
+            hook = _recorder(captured[point.name], (point.name, k), select, buffers)
             handles.append(modules[feature].register_forward_hook(hook))
     try:
         yield captured
@@ -245,10 +271,13 @@ def capture_features(model: nn.Module, spec: AlignmentSpec, select: Select | Non
             handle.remove()
 
 
-def _recorder(chunks: list, key: tuple[str, int], select: Select | None) -> Callable:
+def _recorder(chunks: list, key: tuple[str, int], select: Select | None,
+              buffers: MapBuffers | None = None) -> Callable:
     """A forward hook appending the samples of a module's output to ``chunks``."""
     def hook(_module, _inputs, out):
         out = out.detach()
+        if buffers is not None:
+            out = buffers.channels_last((*key, len(chunks)), out)
         chunks.append(_as_samples(out) if select is None else select(key, out))
     return hook
 
@@ -439,8 +468,8 @@ def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], sourc
     layout = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
-        captures = [[stack.enter_context(capture_features(m, spec, select)) for m in runners]
-                    for spec, select in views]
+        captures = [[stack.enter_context(capture_features(m, spec, select, MapBuffers()))
+                     for m in runners] for spec, select in views]
 
         def discard(captured: Sequence[dict[str, list[torch.Tensor]]]) -> None:
             for chunks in (c for features in captured for c in features.values()):

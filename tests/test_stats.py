@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from ccamerge.errors import CcamergeError
+from ccamerge.layout import pinned
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
-from ccamerge.stats import CrossMoments, capture_features, collect_statistics
+from ccamerge.stats import CrossMoments, MapBuffers, capture_features, collect_statistics
 
 
 def _uneven_batches(n, sizes=(1, 7, 3, 50, 2)):
@@ -93,15 +94,20 @@ def test_missing_pair_is_a_clear_error(digits):
     assert full["fc1"].cov(1, 2).shape == (128, 128)
 
 
-def test_every_point_and_pair_matches_numpy_and_models_are_untouched(digits):
-    """BatchNorm ResNet with stream points: all blocks of all pairs against numpy.cov of the
-    features read in the models' own (standard) layout; the callers' models keep their layout."""
+@pytest.mark.parametrize("layout", ["standard", "channels_last"])
+def test_every_point_and_pair_matches_numpy_and_models_are_untouched(digits, layout):
+    """BatchNorm ResNet with stream points (several feature modules per point), uneven batches,
+    either memory layout (standard: maps copied into reused buffers): all blocks of all pairs
+    against numpy.cov of the features read in the models' own (standard) layout; the callers'
+    models keep their layout."""
     torch.manual_seed(0)
     models = [build_model("resnet20", width=0.5).eval() for _ in range(3)]
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     spec = build_spec(models[0])
     x = digits.x_train[:40]
-    stats = collect_statistics(models, spec, x, pairs="all", batch_size=17)
+    with pinned(layout):
+        stats = collect_statistics(models, spec, x, pairs="all", batch_size=17)
+    assert stats.layout == layout
     feats = []
     for m in models:
         with capture_features(m, spec) as captured, torch.no_grad():
@@ -266,3 +272,18 @@ def test_a_models_product_with_itself_is_its_exact_symmetric_gram(columns):
     assert got.dtype == torch.float32 and torch.equal(got, got.T)
     np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=2e-5,
                                atol=2e-5 * float(want.abs().max()))
+
+
+def test_map_buffers_copy_standard_maps_to_channels_last_in_memory_kept_per_key():
+    buffers = MapBuffers()
+    out = torch.randn(3, 5, 4, 2)
+    first = buffers.channels_last(("p", 0, 0), out)
+    assert first.is_contiguous(memory_format=torch.channels_last) and torch.equal(first, out)
+    again = buffers.channels_last(("p", 0, 0), out[:2] * 2)  # a smaller batch: the same memory
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, out[:2] * 2)
+    other = buffers.channels_last(("p", 0, 1), out)  # a second call in one forward: its own
+    assert other.data_ptr() != first.data_ptr()
+    already = out.contiguous(memory_format=torch.channels_last)
+    assert buffers.channels_last(("q", 0, 0), already) is already
+    flat = torch.randn(3, 5)
+    assert buffers.channels_last(("r", 0, 0), flat) is flat
