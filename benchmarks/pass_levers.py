@@ -1,4 +1,4 @@
-"""The statistics pass's two latest levers, each on and off, in one run.
+"""The statistics pass's three latest levers, each on and off, in one run.
 
     python benchmarks/pass_levers.py [--images 1000] [--repeats 3]
                                      [--out benchmarks/results/pass_levers.md]
@@ -12,7 +12,9 @@ fastest of each counts (other load on the machine only adds time):
   self block one GEMM (``ccamerge.moments.GRAM_BLOCKS`` emptied);
 * ``layout``: the layout :func:`ccamerge.layout.choose_layout` picks, self blocks one GEMM;
 * ``gram``: channels-last, self blocks as the row blocks of their upper triangle;
-* ``after``: both (the code as it is);
+* ``copy``: both, but every standard-layout map copied to channels-last (no
+  :class:`ccamerge.moments.ChannelMaps`: ``MAP_MIN_POSITIONS`` out of reach);
+* ``after``: all three (the code as it is);
 * the bare forward of the two models in either layout (no hooks), for statistics / forward.
 
 ``probe_s``: the one-time layout probe (model 0 on the quarters of one batch in each layout).
@@ -30,6 +32,7 @@ from cost import markdown
 from cost_paper import paper_images, paper_model
 
 import ccamerge.moments
+import ccamerge.stats
 from ccamerge.layout import choose_layout, forget_choices, in_layout, pinned
 from ccamerge.spec import build_spec
 from ccamerge.stats import collect_statistics
@@ -53,20 +56,23 @@ def forward(models, x, layout: str) -> None:
 
 def variants(models, spec, x) -> dict:
     """Name -> a call running that variant."""
-    def stats(layout: str, gram: bool):
+    def stats(layout: str, gram: bool, in_place: bool = True):
         def call():
-            blocks = ccamerge.moments.GRAM_BLOCKS
+            blocks, least = ccamerge.moments.GRAM_BLOCKS, ccamerge.stats.MAP_MIN_POSITIONS
             ccamerge.moments.GRAM_BLOCKS = blocks if gram else ()
+            ccamerge.stats.MAP_MIN_POSITIONS = least if in_place else 2**62
             try:
                 with pinned(layout):
                     collect_statistics(models, spec, x, batch_size=BATCH)
             finally:
                 ccamerge.moments.GRAM_BLOCKS = blocks
+                ccamerge.stats.MAP_MIN_POSITIONS = least
         return call
     return {"forward_standard": lambda: forward(models, x, "standard"),
             "forward_channels_last": lambda: forward(models, x, "channels_last"),
-            "before": stats("channels_last", False), "layout": stats("auto", False),
-            "gram": stats("channels_last", True), "after": stats("auto", True)}
+            "before": stats("channels_last", False, False), "layout": stats("auto", False),
+            "gram": stats("channels_last", True), "copy": stats("auto", True, False),
+            "after": stats("auto", True)}
 
 
 def setting(arch: str, width: float, images: int, repeats: int) -> dict:
@@ -95,6 +101,7 @@ def ratios(row: dict) -> dict:
             "stats/forward after": round(row["after"] / forward, 3),
             "layout lever (auto / channels-last)": round(row["after"] / row["gram"], 3),
             "gram lever (triangle / one GEMM)": round(row["after"] / row["layout"], 3),
+            "maps lever (in place / copied)": round(row["after"] / row["copy"], 3),
             "after / before": round(row["after"] / row["before"], 3),
             "probe / after": round(row["probe_s"] / row["after"], 3)}
 
@@ -116,7 +123,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = [ratios(r) for r in rows]
     command = " ".join(["python benchmarks/pass_levers.py", *sys.argv[1:]])
-    text = ["# The statistics pass's memory layout and symmetric self blocks, on and off", "",
+    text = ["# The statistics pass's memory layout, symmetric self blocks and in-place maps, "
+            "on and off", "",
             f"`{command}`", "", f"{torch.get_num_threads()} threads, N = 2, batches of {BATCH}; "
             "ratios of the fastest of the interleaved repeats (below 1: faster). stats/forward: "
             "over the bare forward in its faster layout.", "",

@@ -1,7 +1,8 @@
 """One batch of features folded into streaming float64 moments: the statistics pass's hot path.
 
-Per merge point and batch, every model gives samples ``[S, n]`` (for an image model in
-channels-last memory a view of its feature map, in the standard layout a copy).
+Per merge point and batch, every model gives samples ``[S, n]``: for an image model in
+channels-last memory a view of its feature map; in the standard layout a channels-last copy, or,
+for maps of many positions on the CPU, the map itself read in place (:class:`ChannelMaps`).
 :func:`_add_chunk` multiplies only the covariance blocks asked for (each model with itself, as a
 symmetric product: :func:`gram`; and the pairs: the reference with each other model, or all
 pairs), as float32 products of the samples as they are, and folds them into the float64
@@ -11,6 +12,7 @@ accumulators (:class:`ccamerge.stats.CrossMoments`) with Chan's update. Samples 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +33,62 @@ FIRST_LOOK_ROWS = 16_384
 # Time over one GEMM, 2 threads: 0.89 at [128000, 256], 0.75 at [32000, 512], 0.70 at [8000,
 # 1024]; no gain below 256 columns (1.0-1.3). BLAS ssyrk was slower than MKL's GEMM there.
 GRAM_BLOCKS = ((512, 4), (256, 2))
+# A standard-layout feature map of at least this many positions per image is read in place on
+# the CPU (:class:`ChannelMaps`: products summed image by image) instead of copied to
+# channels-last. Time over copy-then-products, two models (2 self blocks, 1 pair), 2 threads:
+# 0.61 at [500, 64, 32x32], 0.67 at [250, 256, 32x32], 0.92 at [125, 512, 32x32]; 0.90-1.07 at
+# 16x16 and 1.03-1.67 at 8x8 and below, where one GEMM over the whole batch wins.
+MAP_MIN_POSITIONS = 1024
+
+
+class ChannelMaps:
+    """The ``B*P`` samples ``[B*P, n]`` of a standard-layout feature map ``maps`` ``[B, n, P]``
+    (``P = H*W`` positions, contiguous), read in place: each product is a sum over the images
+    of ``[n, P]`` GEMMs (:func:`product`), so the map is never copied to channels-last."""
+
+    def __init__(self, maps: torch.Tensor):
+        self.maps = maps
+
+    @property
+    def shape(self) -> torch.Size:
+        batch, n, positions = self.maps.shape
+        return torch.Size((batch * positions, n))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.maps.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.maps.device
+
+    def head(self, rows: int) -> ChannelMaps:
+        """The whole images holding about the first ``rows`` samples (at least one)."""
+        return ChannelMaps(self.maps[:max(1, rows // self.maps.shape[2])])
+
+    def column_sums(self, square: bool = False) -> torch.Tensor:
+        """``[n]`` sums over the samples (of their squares with ``square``), float32."""
+        return (self.maps.square() if square else self.maps).sum((0, 2))
+
+
+Samples = torch.Tensor | ChannelMaps  # [S, n]
+
+
+def column_sums(samples: Samples, square: bool = False) -> torch.Tensor:
+    """``[n]`` sums of samples ``[S, n]`` (of their squares with ``square``), float64."""
+    if isinstance(samples, ChannelMaps):
+        return samples.column_sums(square).to(torch.float64)
+    return (samples.square() if square else samples).sum(0).to(torch.float64)
+
+
+def product(a: Samples, b: Samples) -> torch.Tensor:
+    """``a^T b`` ``[n_a, n_b]`` of samples ``[S, n_a]``, ``[S, n_b]``."""
+    if isinstance(a, ChannelMaps):
+        out = torch.mm(a.maps[0], b.maps[0].T)
+        for image_a, image_b in zip(a.maps[1:], b.maps[1:], strict=True):
+            out.addmm_(image_a, image_b.T)
+        return out
+    return a.T @ b
 
 
 class _Workspace:
@@ -46,36 +104,51 @@ class _Workspace:
     def matrix(self, rows: int, cols: int, dtype: torch.dtype,
                device: torch.device | None = None, slot: int = 0) -> torch.Tensor:
         """A ``[rows, cols]`` view of buffer ``slot``, reallocated when too small or elsewhere."""
-        device = torch.device("cpu") if device is None else device
-        flat = self.flat.get(slot, torch.empty(0))
-        if flat.dtype != dtype or flat.device != device or flat.numel() < rows * cols:
-            flat = self.flat[slot] = torch.empty(rows * cols, dtype=dtype, device=device)
-        return flat[:rows * cols].view(rows, cols)
+        return self.like((rows, cols), dtype, device, slot)
 
-    def first_look(self, name: str, samples: Sequence[torch.Tensor]) -> None:
+    def like(self, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device | None = None, slot: int = 0) -> torch.Tensor:
+        """A view of buffer ``slot`` of ``shape``, reallocated when too small or elsewhere."""
+        device = torch.device("cpu") if device is None else device
+        size = math.prod(shape)
+        flat = self.flat.get(slot, torch.empty(0))
+        if flat.dtype != dtype or flat.device != device or flat.numel() < size:
+            flat = self.flat[slot] = torch.empty(size, dtype=dtype, device=device)
+        return flat[:size].view(shape)
+
+    def first_look(self, name: str, samples: Sequence[Samples]) -> None:
         """The first batch of a point: mark the models whose units are offset (from column
         sums and norms of its first :data:`FIRST_LOOK_ROWS` samples, before any product), so no
         product is computed twice."""
         new = [i for i in range(len(samples)) if (name, i) not in self.checked]
         if not new:
             return
-        heads = {i: samples[i][:FIRST_LOOK_ROWS] for i in new}
-        flags = [_offset(heads[i].sum(0).to(torch.float64),
-                         heads[i].square().sum(0).to(torch.float64),
-                         len(heads[i])) for i in new]
+        heads = {i: _head(samples[i], FIRST_LOOK_ROWS) for i in new}
+        flags = [_offset(column_sums(heads[i]), column_sums(heads[i], square=True),
+                         heads[i].shape[0]) for i in new]
         self.centre.update((name, i) for i, bad in zip(new, torch.stack(flags).tolist(),
                                                        strict=True) if bad)
         self.checked.update((name, i) for i in new)
 
-    def shifted(self, name: str, i: int, samples: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def shifted(self, name: str, i: int, samples: Samples
+                ) -> tuple[Samples, torch.Tensor | None]:
         """``(samples - shift [S, n], shift [n] or None)``: model ``i``'s samples as they are,
         or centred on their float32 mean into buffer ``i`` once ``(name, i)`` is marked."""
         if (name, i) not in self.centre:
             return samples, None
+        if isinstance(samples, ChannelMaps):
+            maps = samples.maps
+            mean = maps.mean((0, 2))
+            out = self.like(tuple(maps.shape), maps.dtype, maps.device, slot=i)
+            return ChannelMaps(torch.sub(maps, mean[:, None], out=out)), mean
         mean = samples.mean(0)
         out = self.matrix(*samples.shape, samples.dtype, samples.device, slot=i)
         return torch.sub(samples, mean, out=out), mean
+
+
+def _head(samples: Samples, rows: int) -> Samples:
+    """About the first ``rows`` samples (whole images of a :class:`ChannelMaps`)."""
+    return samples.head(rows) if isinstance(samples, ChannelMaps) else samples[:rows]
 
 
 def _offset(sums: torch.Tensor, squares: torch.Tensor, count: int) -> torch.Tensor:
@@ -85,7 +158,7 @@ def _offset(sums: torch.Tensor, squares: torch.Tensor, count: int) -> torch.Tens
     return (square_of_mean > UNCENTRED_LIMIT * (squares - square_of_mean)).any()
 
 
-def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
+def _add_chunk(acc: dict, name: str, samples: Sequence[Samples], blocks,
                workspace: _Workspace) -> None:
     """Fold one batch of samples ``[S, n]`` per model into the moments of ``blocks``.
 
@@ -100,8 +173,8 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[torch.Tensor], blocks,
     workspace.first_look(name, samples)
     mats, shifts = zip(*(workspace.shifted(name, i, s) for i, s in enumerate(samples)),
                        strict=True)
-    sums = [m.sum(0).to(torch.float64) for m in mats]  # [n] each
-    products = {(i, j): gram(mats[i]) if i == j else mats[i].T @ mats[j]
+    sums = [column_sums(m) for m in mats]  # [n] each
+    products = {(i, j): gram(mats[i]) if i == j else product(mats[i], mats[j])
                 for i, j in blocks}  # [n, n] float32
     offset = _offset_models(products, sums, count, shifts)
     if offset:
@@ -126,17 +199,24 @@ def _offset_models(products: dict, sums: list[torch.Tensor], count: int,
     return [i for i, bad in zip(candidates, torch.stack(flags).tolist(), strict=True) if bad]
 
 
-def gram(a: torch.Tensor) -> torch.Tensor:
-    """``a^T a`` ``[n, n]`` of samples ``a`` ``[S, n]``: one GEMM, or on the CPU from 256
+def gram(a: Samples) -> torch.Tensor:
+    """``a^T a`` ``[n, n]`` of samples ``a`` ``[S, n]``: one product, or on the CPU from 256
     columns the row blocks of its upper triangle, each mirrored (:data:`GRAM_BLOCKS`)."""
     n = a.shape[1]
     k = next((k for cols, k in GRAM_BLOCKS if n >= cols), 1) if a.device.type == "cpu" else 1
     if k == 1:
-        return a.T @ a
+        return product(a, a)
     out = torch.empty(n, n, dtype=a.dtype, device=a.device)
     edges = [i * n // k for i in range(k + 1)]
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        rows = a[:, lo:hi].T @ a[:, lo:]  # [hi - lo, n - lo]
+        rows = product(_columns(a, lo, hi), _columns(a, lo, n))  # [hi - lo, n - lo]
         out[lo:hi, lo:] = rows
         out[hi:, lo:hi] = rows[:, hi - lo:].T
     return out
+
+
+def _columns(samples: Samples, lo: int, hi: int) -> Samples:
+    """Samples ``[S, hi - lo]`` of the units ``lo:hi`` (a view)."""
+    if isinstance(samples, ChannelMaps):
+        return ChannelMaps(samples.maps[:, lo:hi])
+    return samples[:, lo:hi]

@@ -79,13 +79,18 @@ class PositionSampler:
         self.first, self.size = int(first), int(size)
         self._rows.clear()
 
+    def keeps_all(self, out: torch.Tensor) -> bool:
+        """Whether every sample of the module output ``out`` passes (no subset to choose)."""
+        return out.dim() == 2 or (positions_per_image(self.positions, out.shape[2] * out.shape[3])
+                                  >= out.shape[2] * out.shape[3])
+
     def __call__(self, key: tuple[str, int], out: torch.Tensor) -> torch.Tensor:
         """Samples ``[B*k, C]`` of a module's output ``[B, C, H, W]`` (``[B, C]`` unchanged)."""
         if out.dim() == 2:
             return out
         samples = out.movedim(1, -1).reshape(-1, out.shape[1])  # [B*H*W, C]
         hw = out.shape[2] * out.shape[3]
-        if positions_per_image(self.positions, hw) >= hw:
+        if self.keeps_all(out):
             return samples
         if key not in self._rows:
             self._rows[key] = self._choose(key, hw, out.shape[0], out.device)

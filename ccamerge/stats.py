@@ -40,7 +40,14 @@ from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size,
 from ccamerge.errors import CcamergeError
 from ccamerge.layout import choose_layout, in_layout
 from ccamerge.models import ARCHITECTURES
-from ccamerge.moments import UNCENTRED_LIMIT, _add_chunk, _Workspace  # noqa: F401 - re-exported
+from ccamerge.moments import (  # noqa: F401 - UNCENTRED_LIMIT, _add_chunk re-exported
+    MAP_MIN_POSITIONS,
+    UNCENTRED_LIMIT,
+    ChannelMaps,
+    Samples,
+    _add_chunk,
+    _Workspace,
+)
 from ccamerge.positions import PositionSampler
 from ccamerge.spec import AlignmentSpec, MergePoint, model_widths
 
@@ -230,6 +237,16 @@ class MapBuffers:
     def __init__(self):
         self.flat: dict[tuple, torch.Tensor] = {}
 
+    def samples(self, key: tuple, out: torch.Tensor) -> Samples:
+        """The samples ``[S, C]`` of a module's output: a standard-layout map of at least
+        :data:`~ccamerge.moments.MAP_MIN_POSITIONS` positions on the CPU read in place
+        (:class:`~ccamerge.moments.ChannelMaps`), any other map through :meth:`channels_last`."""
+        if (out.dim() == 4 and out.device.type == "cpu" and out.is_contiguous()
+                and not out.is_contiguous(memory_format=torch.channels_last)
+                and out.shape[2] * out.shape[3] >= MAP_MIN_POSITIONS):
+            return ChannelMaps(out.flatten(2))
+        return _as_samples(self.channels_last(key, out))
+
     def channels_last(self, key: tuple, out: torch.Tensor) -> torch.Tensor:
         """``out`` ``[B, C, H, W]`` itself when channels-last, else a channels-last copy in the
         buffer of ``key`` (valid until the next call with ``key``)."""
@@ -276,6 +293,10 @@ def _recorder(chunks: list, key: tuple[str, int], select: Select | None,
     """A forward hook appending the samples of a module's output to ``chunks``."""
     def hook(_module, _inputs, out):
         out = out.detach()
+        whole = select is None or (isinstance(select, PositionSampler) and select.keeps_all(out))
+        if buffers is not None and whole:
+            chunks.append(buffers.samples((*key, len(chunks)), out))
+            return
         if buffers is not None:
             out = buffers.channels_last((*key, len(chunks)), out)
         chunks.append(_as_samples(out) if select is None else select(key, out))

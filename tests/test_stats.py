@@ -287,3 +287,95 @@ def test_map_buffers_copy_standard_maps_to_channels_last_in_memory_kept_per_key(
     assert buffers.channels_last(("q", 0, 0), already) is already
     flat = torch.randn(3, 5)
     assert buffers.channels_last(("r", 0, 0), flat) is flat
+
+
+def test_standard_maps_of_many_positions_fold_in_place_like_their_samples():
+    """Standard-layout maps of 32x32 positions fold image by image (ChannelMaps, no copy): the
+    moments of every block, with a model offset enough to be centred and 300 units (the
+    triangle's row blocks), match numpy.cov of the samples ``[B*H*W, n]`` and the fold of those
+    samples as one matrix."""
+    from ccamerge.moments import ChannelMaps, _add_chunk, _Workspace
+
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.relu(torch.randn(6, 300, 32, 32, generator=g)) for _ in range(3)]
+    maps[2][:, :150] += 50.0  # offset units: this model is centred
+    blocks = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2)]
+    samples = [m.permute(0, 2, 3, 1).reshape(-1, 300) for m in maps]  # [B*H*W, n]
+    folds = {}
+    for kind in ("maps", "samples"):
+        acc = {("p", i, j): CrossMoments(300, 300) for i, j in blocks}
+        workspace = _Workspace()
+        for start in range(0, 6, 3):  # two batches of three images
+            chunk = ([ChannelMaps(m[start:start + 3].flatten(2)) for m in maps] if kind == "maps"
+                     else [s[start * 1024:(start + 3) * 1024] for s in samples])
+            _add_chunk(acc, "p", chunk, blocks, workspace)
+        assert workspace.centre == {("p", 2)}, kind
+        folds[kind] = acc
+    joint = np.cov(torch.cat(samples, 1).double().numpy().T)
+    std = np.sqrt(np.diag(joint))
+    for i, j in blocks:
+        rows, cols = slice(i * 300, (i + 1) * 300), slice(j * 300, (j + 1) * 300)
+        got = folds["maps"][("p", i, j)].covariance
+        assert (np.abs(got - joint[rows, cols]) / np.outer(std[rows], std[cols])).max() < 3e-5
+        np.testing.assert_allclose(got, folds["samples"][("p", i, j)].covariance, rtol=0,
+                                   atol=2e-5 * float(np.abs(got).max()))
+    from ccamerge.moments import gram
+
+    own = gram(ChannelMaps(maps[1].flatten(2)))  # the self block: exactly symmetric
+    assert torch.equal(own, own.T)
+
+
+def test_map_buffers_read_wide_standard_maps_in_place_and_copy_the_rest():
+    from ccamerge.moments import MAP_MIN_POSITIONS, ChannelMaps
+
+    buffers = MapBuffers()
+    wide = torch.randn(2, 3, 32, 32)
+    assert 32 * 32 >= MAP_MIN_POSITIONS
+    read = buffers.samples(("p", 0, 0), wide)
+    assert isinstance(read, ChannelMaps) and read.maps.data_ptr() == wide.data_ptr()
+    assert read.shape == (2 * 32 * 32, 3)
+    small = torch.randn(2, 3, 8, 8)
+    copied = buffers.samples(("q", 0, 0), small)
+    assert torch.equal(copied, small.permute(0, 2, 3, 1).reshape(-1, 3))
+    already = wide.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(buffers.samples(("r", 0, 0), already), already.permute(0, 2, 3, 1)
+                       .reshape(-1, 3))
+
+
+@pytest.mark.parametrize("positions", [None, 0.25])
+def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, monkeypatch):
+    """VGG on 3x32x32 images: its first maps (32x32, read in place in the standard layout) and
+    the rest give the same moments in either layout, and, with every position, numpy.cov's."""
+    from ccamerge import moments
+
+    read = []
+    product = moments.product
+    monkeypatch.setattr(moments, "product",
+                        lambda a, b: read.append(type(a).__name__) or product(a, b))
+    torch.manual_seed(0)
+    models = [build_model("vgg", cfg=[8, "M", 16], image_shape=[3, 32, 32]).eval()
+              for _ in range(2)]
+    spec = build_spec(models[0])
+    x = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    got = {}
+    for layout in ("standard", "channels_last"):
+        with pinned(layout):
+            got[layout] = collect_statistics(models, spec, x, batch_size=4, positions=positions)
+        assert ("ChannelMaps" in read) == (layout == "standard" and positions is None)
+        read.clear()
+    feats = []
+    for m in models:
+        with capture_features(m, spec) as captured, torch.no_grad():
+            m(x)
+        feats.append({name: torch.cat(chunks).double().numpy()
+                      for name, chunks in captured.items()})
+    for point in spec.points:
+        n = point.width
+        joint = np.cov(np.hstack([f[point.name] for f in feats]).T)
+        for i, j in [(0, 0), (1, 1), (0, 1)]:
+            standard = got["standard"][point.name].cov(i, j)
+            np.testing.assert_allclose(standard, got["channels_last"][point.name].cov(i, j),
+                                       atol=1e-5)
+            if positions is None:
+                np.testing.assert_allclose(standard, joint[i * n:(i + 1) * n,
+                                                           j * n:(j + 1) * n], atol=1e-5)
