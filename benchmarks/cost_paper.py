@@ -4,7 +4,8 @@ VGG11 (64-M-128-M-256-256-M-512-512-M-512-512-M times the width, no BatchNorm, o
 classifier) and ResNet20 (16/32/64 times the width) on 3x32x32 inputs, 10 classes, widths x1, x2,
 x4, x8, N = 2 and 4 randomly initialised models, synthetic CIFAR-shaped images (standard normal,
 seed 0). The sample shrinks with the width, ``--paper-images / width^2`` images (at least 8), so
-that every setting's passes cost about the same time; batches of at most 500.
+that every setting's passes cost about the same time; equal batches of at most 500, at least two
+of them.
 
 Each setting runs in a fresh process (its peak memory is its own). Timed, interleaved:
 
@@ -21,7 +22,9 @@ Per-image phases (the forwards, statistics, BatchNorm reset) are the best of ``-
 the solve, transforms and averaging, which do not depend on the data, are the best of
 ``--repeats`` at x1 and x2 and one run at x4 and x8 (minutes each on this CPU). ``ratio`` = total
 / bare forward at the sample measured; ``ratio_50k`` projects both to the paper's 50 000
-statistics images: the per-image phases scale with the images (they stream batch by batch), the
+statistics images in batches of the same size: the statistics pass and the bare forward as what
+each costs once (its first batch over its later ones, finishing) plus the mean of its later
+batches for every batch (:func:`projected`), the BatchNorm reset scaled per image, the
 solve and transforms stay. Peak memory: the whole process's VmHWM, and what the merge adds to the
 process holding the models and images (VmHWM reset before it, glibc's mmap threshold fixed).
 """
@@ -39,7 +42,7 @@ import torch
 
 VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 PAPER_WIDTHS, PAPER_NS, PAPER_IMAGES, PAPER_TARGET = (1, 2, 4, 8), (2, 4), 512, 50_000
-MIN_IMAGES, MAX_BATCH = 8, 500
+MIN_IMAGES, MAX_BATCH, MIN_BATCHES = 8, 500, 2
 LAYOUTS = ("standard", "channels_last", "channels_last_weights")
 FIXED_PHASES = ("layout_probe", "solve", "transforms", "averaging")  # do not grow with the images
 
@@ -75,46 +78,77 @@ def images_for(width: float, base: int = PAPER_IMAGES) -> int:
 
 
 @torch.no_grad()
-def unavoidable_passes(models, x: torch.Tensor, batch: int) -> None:
+def unavoidable_passes(models, x: torch.Tensor, batch: int) -> list[float]:
     """What a merge cannot avoid: every model's eval pass over ``x`` ``[B, ...]`` in batches of
     ``batch``, plus one train-mode pass of model 0 (the BatchNorm reset) for BatchNorm nets,
-    which is left in eval mode again. No hooks."""
+    which is left in eval mode again. No hooks. Batch by batch, each through every model (as the
+    statistics pass runs); returns each batch's seconds."""
     from ccamerge.transform import has_batchnorm
 
-    for m in models:
-        for i in range(0, len(x), batch):
-            m(x[i:i + batch])
-    if has_batchnorm(models[0]):
-        models[0].train()
-        for i in range(0, len(x), batch):
-            models[0](x[i:i + batch])
-        models[0].eval()
+    batchnorm, seconds = has_batchnorm(models[0]), []
+    for i in range(0, len(x), batch):
+        start, xb = time.perf_counter(), x[i:i + batch]
+        for m in models:
+            m(xb)
+        if batchnorm:
+            models[0].train()
+            models[0](xb)
+            models[0].eval()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 @torch.no_grad()
-def bare_forward(models, x: torch.Tensor, batch: int, layout: str) -> float:
-    """Seconds of N eval passes (plus one train-mode pass for BatchNorm nets) over ``x`` in
-    ``layout`` (models converted in place for channels-last weights, then back)."""
+def bare_forward(models, x: torch.Tensor, batch: int, layout: str) -> list[float]:
+    """Seconds per batch of N eval passes (plus one train-mode pass for BatchNorm nets) over
+    ``x`` in ``layout`` (models converted in place for channels-last weights, then back)."""
 
     cl = torch.channels_last
     xs = x if layout == "standard" else x.contiguous(memory_format=cl)
     if layout == "channels_last_weights":
         for m in models:
             m.to(memory_format=cl)
-    start = time.perf_counter()
-    unavoidable_passes(models, xs, batch)
-    seconds = time.perf_counter() - start
+    seconds = unavoidable_passes(models, xs, batch)
     for m in models:
         m.to(memory_format=torch.contiguous_format)
     return seconds
 
 
-def statistics(models, x, batch: int, positions):
+def paper_batches(images: int) -> tuple[int, int]:
+    """``(images, batch)``: the sample cut into equal batches of at most :data:`MAX_BATCH`, at
+    least :data:`MIN_BATCHES` of them (``images`` rounded down to their multiple)."""
+    batches = max(MIN_BATCHES, -(-images // MAX_BATCH))
+    batch = max(1, images // batches)
+    return batch * batches, batch
+
+
+def projected(total: float, per_batch: list[float], batches: float) -> float:
+    """A pass's seconds over ``batches`` batches from one pass over ``len(per_batch)`` of them
+    (``total`` seconds, ``per_batch`` seconds each): the steady cost of a batch is the mean of
+    all but the first, and what the pass costs once (the first batch's extra: allocations,
+    kernel choices, each point's first look; and finishing) is ``total`` less that many steady
+    batches."""
+    steady = sum(per_batch[1:]) / (len(per_batch) - 1)
+    return total - len(per_batch) * steady + batches * steady
+
+
+def statistics(models, x, batch: int, positions, marks: list | None = None):
+    """The statistics pass as ``api.merge`` runs it; ``marks`` gets the clock at each batch's
+    end (its progress reports)."""
     from ccamerge.spec import build_spec
     from ccamerge.stats import collect_statistics
 
+    report = None if marks is None else (lambda _done: marks.append(time.perf_counter()))
     return collect_statistics(models, build_spec(models[0]), x, batch_size=batch,
-                              positions=positions)
+                              positions=positions, progress=report)
+
+
+def timed_statistics(models, x, batch: int, positions):
+    """``(statistics, total seconds, seconds per batch)`` of one statistics pass."""
+    marks = [time.perf_counter()]
+    stats = statistics(models, x, batch, positions, marks)
+    end = time.perf_counter()
+    return stats, end - marks[0], [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
 
 
 def timed(fn, *args):
@@ -155,7 +189,8 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
     from ccamerge.transform import reset_batchnorm
 
     models = [paper_model(arch, width, seed) for seed in range(n)]
-    x, batch = paper_images(images), min(MAX_BATCH, images)
+    images, batch = paper_batches(images)
+    x, target_batches = paper_images(images), PAPER_TARGET / batch
     for layout in LAYOUTS:  # one-time allocations and kernel choices go first
         bare_forward(models, x[:2], 2, layout)
     statistics(models, x[:2], 2, positions)
@@ -164,22 +199,27 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
     def keep(name: str, seconds: float) -> None:
         best[name] = min(best.get(name, float("inf")), seconds)
 
+    def keep_statistics() -> tuple:
+        stats, total, per_batch = timed_statistics(models, x, batch, positions)
+        keep("statistics", total)
+        keep("statistics_50k", projected(total, per_batch, target_batches))
+        return stats, projected(total, per_batch, target_batches)
+
     forget_choices()  # the merge's layout probe, once per process: a one-time phase of its own
     chosen, probe = timed(choose_layout, models[0], x[:batch])
     keep("layout_probe", probe)
 
-    adjacent = []  # statistics / bare forward of one repeat: both under the same load
+    adjacent = []  # statistics / bare forward of one repeat, both at 50k: under the same load
     for _ in range(repeats):
-        forwards = [bare_forward(models, x, batch, layout) for layout in LAYOUTS]
-        for layout, seconds in zip(LAYOUTS, forwards, strict=True):
-            keep(f"forward_{layout}", seconds)
-        seconds = timed(statistics, models, x, batch, positions)[1]
-        keep("statistics", seconds)
-        adjacent.append(seconds / min(forwards))
+        forwards = {layout: bare_forward(models, x, batch, layout) for layout in LAYOUTS}
+        for layout, per_batch in forwards.items():
+            keep(f"forward_{layout}", sum(per_batch))
+            keep(f"forward_{layout}_50k", projected(sum(per_batch), per_batch, target_batches))
+        forward_50k = min(projected(sum(b), b, target_batches) for b in forwards.values())
+        adjacent.append(keep_statistics()[1] / forward_50k)
     open("/proc/self/clear_refs", "w").write("5")  # the merge's own peak from here
     before = status_mb("VmRSS")
-    stats, seconds = timed(statistics, models, x, batch, positions)
-    keep("statistics", seconds)
+    stats = keep_statistics()[0]
     for _ in range(repeats if width <= 2 else 1):
         merged, phases = fixed_phases(models, stats)
         for name, value in phases.items():
@@ -187,37 +227,52 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
     for _ in range(repeats):
         reset = timed(lambda: reset_batchnorm(merged, x, batch_size=batch))[1]
         keep("bn_reset", reset if arch == "resnet20" else 0.0)
-    out = row(arch, width, n, images, best, status_mb("VmHWM"), before, positions)
+    out = row(arch, width, n, images, batch, best, status_mb("VmHWM"), before, positions)
     return out | adjacent_ratio(out, sorted(adjacent)[len(adjacent) // 2]) | {"layout": chosen}
 
 
 def adjacent_ratio(out: dict, statistics_ratio: float) -> dict:
-    """``ratio_50k`` again with the statistics pass taken as the median over repeats of its time
-    over the bare forward measured just before it (robust to load that changes between
-    phases, which best-of-repeats per phase is not)."""
+    """``ratio_50k`` again with the statistics pass taken as the median over repeats of its
+    projection over the bare forward's projection measured just before it (robust to load
+    that changes between phases, which best-of-repeats per phase is not)."""
     scale = PAPER_TARGET / out["images"]
     fixed = sum(out.get(k, 0.0) for k in FIXED_PHASES)
-    rest = (out["bn_reset"] * scale + fixed) / (out["forward"] * scale)
+    rest = (out["bn_reset"] * scale + fixed) / out["forward_50k"]
     return {"statistics_ratio_median": round(statistics_ratio, 3),
             "ratio_50k_adjacent": round(statistics_ratio + rest, 3),
             "load_1min": round(os.getloadavg()[0], 2)}
 
 
-def row(arch, width, n, images, best, peak, before, positions) -> dict:
+def row(arch, width, n, images, batch, best, peak, before, positions) -> dict:
+    """The row of one setting from its best times: ``ratio`` at the sample, ``ratio_50k``
+    with the statistics pass and the bare forward projected from their steady batches
+    (:func:`projected`), the BatchNorm reset scaled per image, the fixed phases as measured."""
     forward = min(best[f"forward_{layout}"] for layout in LAYOUTS)
+    forward_50k = min(best[f"forward_{layout}_50k"] for layout in LAYOUTS)
     fixed = sum(best.get(k, 0.0) for k in FIXED_PHASES)
     per_image = best["statistics"] + best["bn_reset"]
     scale = PAPER_TARGET / images
-    return {"arch": arch, "width": width, "N": n, "images": images,
+    at_50k = best["statistics_50k"] + best["bn_reset"] * scale + fixed
+    return {"arch": arch, "width": width, "N": n, "images": images, "batch": batch,
             "positions": "all" if positions is None else positions,
             **{k: round(v, 6) for k, v in best.items()},
-            "forward": round(forward, 6), "total": round(per_image + fixed, 6),
+            "forward": round(forward, 6), "forward_50k": round(forward_50k, 3),
+            "total": round(per_image + fixed, 6),
             "ratio": round((per_image + fixed) / forward, 3),
-            "ratio_50k": round((per_image * scale + fixed) / (forward * scale), 3),
+            "ratio_50k": round(at_50k / forward_50k, 3),
             "per_image_ratio": round(per_image / forward, 3),
+            "projection": "steady batches",
             "peak_gb": round(peak / 1024, 2),
             "merge_peak_extra_gb": round((peak - before) / 1024, 2),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu": cpu_name()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (rows measured on different machines say so)."""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 CODE = """
@@ -263,9 +318,10 @@ def paper_summary(rows: list[dict], base: int) -> str:
     """The Markdown section for ``cost_paper.md`` and the README."""
     from cost import markdown
 
-    cols = ["arch", "width", "N", "images", "layout", "forward", "layout_probe", "statistics",
-            "solve", "transforms", "averaging", "bn_reset", "total", "ratio", "ratio_50k",
-            "ratio_50k_adjacent", "peak_gb", "merge_peak_extra_gb", "load_1min"]
+    cols = ["arch", "width", "N", "images", "batch", "layout", "forward", "layout_probe",
+            "statistics", "solve", "transforms", "averaging", "bn_reset", "total", "ratio",
+            "projection", "ratio_50k", "ratio_50k_adjacent", "peak_gb", "merge_peak_extra_gb",
+            "load_1min", "cpu"]
     good = [r for r in rows if not r.get("error")]
     met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r in good
            if r.get("ratio_50k_adjacent", r["ratio_50k"]) <= 1.3]
@@ -277,24 +333,29 @@ def paper_summary(rows: list[dict], base: int) -> str:
     text = [f"Paper shapes (`python benchmarks/cost.py --paper`): VGG11 and ResNet20 on 3x32x32 "
             f"synthetic images, random models, {threads} threads, the `images` of each row "
             f"(`--paper-images` at x1, that / width^2 above, at least {MIN_IMAGES}; rows are "
-            "kept between runs, so each says its own); seconds; `layout`: the memory layout "
-            "the merge's passes chose (ccamerge/layout.py; empty: a row measured before that "
-            "choice existed, when the passes ran channels-last), `layout_probe` its one-time "
-            "probe; `forward` = the bare forward in its fastest layout; `ratio` = total / "
-            "forward at these images; "
-            f"`ratio_50k` = the same projected to {PAPER_TARGET} statistics images (per-image "
-            "phases scaled, solve and transforms as measured); `ratio_50k_adjacent` = the same "
+            "kept between runs, so each says its own, and its `cpu`) in equal batches of "
+            f"`batch` (at most {MAX_BATCH}, at least {MIN_BATCHES} batches); seconds; `layout`: "
+            "the memory layout the merge's passes chose (ccamerge/layout.py; empty: a row "
+            "measured before that choice existed, when the passes ran channels-last), "
+            "`layout_probe` its one-time probe; `forward` = the bare forward in its fastest "
+            "layout; `ratio` = total / forward at these images; "
+            f"`ratio_50k` = the same projected to {PAPER_TARGET} statistics images (solve and "
+            "transforms as measured) as `projection` says: `steady batches`: the statistics "
+            "pass and the bare forward as what each cost once (its first batch's extra, "
+            "finishing) plus the mean of their later batches per batch; `per image` (older rows, "
+            "one batch or more): every pass scaled with the images, what a pass costs once "
+            "counted per image, which overstates settings of one batch; "
+            "`ratio_50k_adjacent` = the same "
             "with the statistics pass as the median over repeats of its time over the bare "
             "forward measured just before it (the headline: robust to load that changes between "
             "phases); peak memory in GB (whole process, and added by the merge); `load_1min`: "
             "the machine's load average when the setting finished.", "",
-            *markdown(good, cols), "",
+            *markdown([{"projection": "per image", "batch": "", "cpu": ""} | r for r in good],
+                      cols), "",
             f"ratio_50k_adjacent at most 1.3: {', '.join(met) or 'nowhere'}; above: "
             f"{', '.join(missed) or 'nowhere'}."]
-    text += ["", f"Where a row's sample is one batch ({MAX_BATCH} images or fewer), what a pass "
-             "costs once (the first look at each point, kernel choices) is counted per image, so "
-             "the projection overstates that setting. Peak memory is the whole process at the "
-             "largest setting (the models, their copies, the merged model and the solves)."]
+    text += ["", "Peak memory is the whole process at the largest setting (the models, their "
+             "copies, the merged model and the solves)."]
     if failed:
         text += ["", "Did not complete: " + "; ".join(failed) + "."]
     return "\n".join(text) + "\n"

@@ -19,9 +19,21 @@ def test_a_setting_row_adds_up_and_projects_fixed_costs_away(arch, width):
     assert row["forward"] == min(row[f"forward_{k}"] for k in
                                  ("standard", "channels_last", "channels_last_weights"))
     assert row["ratio"] == pytest.approx(row["total"] / row["forward"], rel=1e-2)
-    assert row["per_image_ratio"] <= row["ratio_50k"] < row["ratio"]
+    assert row["ratio_50k"] < row["ratio"] and row["projection"] == "steady batches"
+    assert row["images"] == 2 * row["batch"]  # 8 images: two batches, the least to project
+    assert 0 < row["statistics_50k"] and 0 < row["forward_50k"]
     assert row["statistics_ratio_median"] > 0 and row["ratio_50k_adjacent"] > 0
     assert (row["bn_reset"] > 0) == (arch == "resnet20")
     assert row["peak_gb"] > 0 and row["merge_peak_extra_gb"] >= 0
     text = paper_summary([row, {"arch": arch, "width": 8, "N": 4, "error": "exit -9: killed"}], 8)
     assert f"{arch} x{width:g} N=2" in text and "Did not complete" in text
+
+
+def test_projection_keeps_the_once_cost_and_repeats_the_steady_batches():
+    from cost_paper import paper_batches, projected
+
+    # a first batch of 5 s (3 s of it once), steady batches of 2 s, 1 s to finish: 5 + 2 + 2 + 1
+    assert projected(10.0, [5.0, 2.0, 2.0], 100) == pytest.approx(4.0 + 100 * 2.0)
+    assert projected(6.0, [3.0, 3.0], 4) == pytest.approx(12.0)  # no once cost: linear
+    assert paper_batches(4000) == (4000, 500) and paper_batches(500) == (500, 250)
+    assert paper_batches(125) == (124, 62) and paper_batches(1001) == (999, 333)
