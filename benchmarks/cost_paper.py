@@ -14,9 +14,9 @@ Each setting runs in a fresh process (its peak memory is its own). Timed, interl
   weights as they are (how the merge runs) and channels-last images and weights; the fastest
   counts;
 * the merge's phases as ``ccamerge.api.merge`` runs them: the memory-layout probe (once per
-  process: model 0 on the quarters of one batch in each layout, :mod:`ccamerge.layout`; counted
-  as a one-time phase), statistics, solve, transforms (every model's state dict), averaging (and
-  the merged model), BatchNorm reset.
+  process: model 0 on one batch in each layout as a pass over 50 000 images probes,
+  :mod:`ccamerge.layout`; counted as a one-time phase), statistics, solve, transforms (every
+  model's state dict), averaging (and the merged model), BatchNorm reset.
 
 Per-image phases (the forwards, statistics, BatchNorm reset) are the best of ``--repeats`` runs;
 the solve, transforms and averaging, which do not depend on the data, are the best of
@@ -185,7 +185,7 @@ def status_mb(key: str) -> float:
 def measure(arch: str, width: float, n: int, images: int, repeats: int,
             positions=None) -> dict:
     """One setting's row (run it in a fresh process: see :func:`run_setting`)."""
-    from ccamerge.layout import choose_layout, forget_choices
+    from ccamerge.layout import choose_layout, forget_choices, long_pass
     from ccamerge.transform import reset_batchnorm
 
     models = [paper_model(arch, width, seed) for seed in range(n)]
@@ -206,7 +206,8 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
         return stats, projected(total, per_batch, target_batches)
 
     forget_choices()  # the merge's layout probe, once per process: a one-time phase of its own
-    chosen, probe = timed(choose_layout, models[0], x[:batch])
+    chosen, probe = timed(choose_layout, models[0], x[:batch], None,
+                          long_pass(PAPER_TARGET, batch))  # as a 50k-image pass probes
     keep("layout_probe", probe)
 
     adjacent = []  # statistics / bare forward of one repeat, both at 50k: under the same load

@@ -5,9 +5,13 @@ Which is faster depends on the model, its width and the device. On two CPU cores
 way, VGG11 x2 1.3x and x4 / x8 1.9x faster in the standard layout. A pass over many batches
 (the statistics pass, a BatchNorm reset) first times one model on the four quarters of its first
 batch (:data:`TRIAL`) and keeps the faster layout of the two warm tries: about one model's pass
-over one batch, once. The choice is remembered for the process, per model structure, batch shape,
-device and thread count, so later passes of such models (the BatchNorm reset of a merge after
-the statistics pass of its parents, every page of the dashboard) run in it at once.
+over one batch, once. A long pass (:data:`LONG_PASS` batches or more) makes its two deciding
+tries on the whole batch instead: on another 2-core CPU, VGG11 x1 ran 1.4x faster channels-last
+at batches of 500 but only ~10% faster on quarter batches, within that machine's noise, and the
+quarter probe once chose the standard layout. The choice is remembered for the process, per
+model structure, batch shape, device and thread count, so later passes of such models (the
+BatchNorm reset of a merge after the statistics pass of its parents, every page of the
+dashboard) run in it at once.
 
 Only float32 rounding depends on the layout (the convolutions add in another order): passes in
 one layout are bit for bit the same, but two processes can choose differently and differ in the
@@ -34,6 +38,9 @@ ENV_VAR = "CCAMERGE_LAYOUT"
 # An undecided pass's first inputs: the first two runs in each layout pay one-time costs (first
 # touch of the weights, kernel choices), the last two decide.
 TRIAL = ("standard", "channels_last", "channels_last", "standard")
+# From this many batches a pass decides on whole batches (2.5 of one model's batches, where the
+# quarters cost one): at most 2% of an N = 2 pass.
+LONG_PASS = 64
 _FORMATS = {"standard": torch.contiguous_format, "channels_last": torch.channels_last}
 
 _PINNED: ContextVar[str | None] = ContextVar("ccamerge_layout", default=None)
@@ -84,13 +91,16 @@ def in_layout(xb: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def choose_layout(model: nn.Module, xb: torch.Tensor,
-                  probe: Callable[[torch.Tensor], object] | None = None) -> str:
+                  probe: Callable[[torch.Tensor], object] | None = None,
+                  whole: bool = False) -> str:
     """The layout for passes of ``model`` over batches like ``xb`` ``[B, C, H, W]``: pinned
     (:func:`pinned_layout`), chosen before in this process for the same model structure, input
     shape, batch size, device and thread count, or chosen now by timing ``probe(part)`` (default
-    ``model(part)``, without gradients) on the parts of ``xb`` in the layouts of :data:`TRIAL`.
-    ``"n/a"`` for inputs that are not images. The probe's outputs are discarded; it must not
-    change the model (a BatchNorm net probes in eval mode)."""
+    ``model(part)``, without gradients) on the parts of ``xb`` in the layouts of :data:`TRIAL`:
+    its quarters, or with ``whole`` (a long pass: :func:`long_pass`) quarters for the two warm-up
+    tries and all of ``xb`` for the two that decide. ``"n/a"`` for inputs that are not images.
+    The probe's outputs are discarded; it must not change the model (a BatchNorm net probes in
+    eval mode)."""
     if xb.dim() != 4:
         return "n/a"
     pin = pinned_layout()
@@ -98,12 +108,21 @@ def choose_layout(model: nn.Module, xb: torch.Tensor,
         return pin
     key = (_structure(model), tuple(xb.shape), str(xb.device), torch.get_num_threads())
     if key not in _CHOSEN:
-        _CHOSEN[key] = _timed_choice(probe or model, xb)
+        _CHOSEN[key] = _timed_choice(probe or model, xb, whole)
     return _CHOSEN[key]
 
 
-def _timed_choice(probe: Callable[[torch.Tensor], object], xb: torch.Tensor) -> str:
+def long_pass(images: int | None, batch_size: int) -> bool:
+    """Whether a pass over ``images`` inputs (None: unknown) in batches of ``batch_size`` is long
+    enough (:data:`LONG_PASS` batches) to decide its layout on whole batches."""
+    return images is not None and images >= LONG_PASS * batch_size
+
+
+def _timed_choice(probe: Callable[[torch.Tensor], object], xb: torch.Tensor,
+                  whole: bool = False) -> str:
     parts = torch.tensor_split(xb, len(TRIAL)) if len(xb) >= len(TRIAL) else [xb] * len(TRIAL)
+    if whole:
+        parts = [*parts[:2], xb, xb]  # warm up on quarters, decide on the whole batch
     per_image = []
     with torch.no_grad():
         for layout, part in zip(TRIAL, parts, strict=True):

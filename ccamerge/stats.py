@@ -38,7 +38,7 @@ from ccamerge.devices import (
 )
 from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size, shard_source
 from ccamerge.errors import CcamergeError
-from ccamerge.layout import choose_layout, in_layout
+from ccamerge.layout import choose_layout, in_layout, long_pass
 from ccamerge.models import ARCHITECTURES
 from ccamerge.moments import (  # noqa: F401 - UNCENTRED_LIMIT, _add_chunk re-exported
     MAP_MIN_POSITIONS,
@@ -486,7 +486,7 @@ def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], sourc
     returns the number of inputs read and the memory layout image batches ran in
     (:func:`ccamerge.layout.choose_layout`)."""
     total, seen = source.size_hint(), 0
-    layout = None
+    layout, whole = None, long_pass(total, batch_size)
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
         captures = [[stack.enter_context(capture_features(m, spec, select, MapBuffers()))
@@ -502,7 +502,7 @@ def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], sourc
             discard([view[0] for view in captures])
 
         for xb, _ in source.batches(batch_size):
-            layout = layout or choose_layout(runners[0], xb, probe)
+            layout = layout or choose_layout(runners[0], xb, probe, whole)
             sampler.start_batch(first + seen, len(xb))
             with torch.no_grad():
                 xb = in_layout(xb, layout)

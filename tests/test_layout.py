@@ -80,6 +80,35 @@ def test_the_probe_tries_each_layout_on_a_quarter_of_the_batch_and_the_faster_wi
         assert chosen == ("channels_last" if slow == "standard" else "standard")
 
 
+def test_a_long_pass_decides_on_whole_batches_after_warming_up_on_quarters(monkeypatch):
+    from ccamerge import layout
+
+    model, xb = _vggs(1)[0], torch.randn(40, 3, 12, 12)
+    seen = []
+
+    def probe(part):
+        seen.append((_layout_of(part), len(part)))
+        if _layout_of(part) == "channels_last" and len(part) == 40:
+            time.sleep(0.02)
+
+    forget_choices()
+    assert choose_layout(model, xb, probe, whole=True) == "standard"
+    assert seen == [("standard", 10), ("channels_last", 10), ("channels_last", 40),
+                    ("standard", 40)]
+    assert layout.long_pass(64 * 40, 40) and not layout.long_pass(63 * 40, 40)
+    assert not layout.long_pass(None, 40)
+    monkeypatch.setattr(layout, "LONG_PASS", 2)
+    forget_choices()
+    sizes = []
+    monkeypatch.setattr(layout, "_timed_choice",
+                        lambda probe, xb, whole=False: sizes.append(whole) or "standard")
+    models = _vggs()
+    collect_statistics(models, build_spec(models[0]), torch.randn(16, 3, 12, 12), batch_size=8)
+    forget_choices()
+    collect_statistics(models, build_spec(models[0]), torch.randn(15, 3, 12, 12), batch_size=8)
+    assert sizes == [True, False]  # 2 batches: long here; 15 images: under 2 whole batches
+
+
 def test_a_choice_is_remembered_per_model_structure_and_batch_shape():
     model, calls = _vggs(1)[0], []
     first = choose_layout(model, torch.randn(8, 3, 12, 12), lambda part: calls.append(1))
