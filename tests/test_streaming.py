@@ -83,7 +83,8 @@ def test_image_folder_statistics_equal_the_stacked_tensor(tmp_path):
     _assert_same_statistics(streamed, stacked)
 
 
-def test_statistics_do_not_depend_on_the_batch_size():
+def test_statistics_do_not_depend_on_the_batch_size(pinned_layout):
+    """Each batch size probes its own layout; pinned, only the batching differs between runs."""
     x = torch.randn(300, 3, 6, 8, dtype=torch.float64)
     models = [m.double() for m in _models("vgg", width=0.25)]
     spec = build_spec(models[0])
@@ -94,7 +95,9 @@ def test_statistics_do_not_depend_on_the_batch_size():
         _assert_same_statistics(run, runs[0], rtol=1e-10)
     single = [collect_statistics([m.float() for m in models], spec, x.float(), batch_size=b)
               for b in (7, 300)]
-    _assert_same_statistics(single[0], single[1], rtol=1e-5)  # float32 products
+    # float32 convolutions and products, which round differently at other batch sizes: within
+    # the products' documented 3e-5 (ccamerge.moments; 1.4e-5 seen at conv3 in the standard layout)
+    _assert_same_statistics(single[0], single[1], rtol=3e-5)
 
 
 def test_a_dataloader_gives_the_same_merge_as_the_tensor(mlps, vgg_bn, digits):
