@@ -232,25 +232,52 @@ class MapBuffers:
     """Reused memory for standard-layout feature maps ``[B, C, H, W]`` copied to channels-last,
     whose samples ``[B*H*W, C]`` are then a view: one buffer per feature module and call, kept
     from batch to batch (a fresh map-sized allocation per batch costs page faults on the order of
-    the copy). Only for captures that are consumed before the next batch (the statistics pass)."""
+    the copy). Only for captures that are consumed before the next batch (the statistics pass).
+
+    Outputs read without a copy (channels-last maps, :class:`~ccamerge.moments.ChannelMaps`,
+    linear features) are watched: a later in-place op of the forward (``ReLU(inplace=True)``
+    after a captured BatchNorm) would change them before the fold. :meth:`overwritten` finds
+    those (torch's version counters) and such modules' outputs are copied from then on."""
 
     def __init__(self):
         self.flat: dict[tuple, torch.Tensor] = {}
+        self.copied: set[tuple] = set()  # keys whose outputs a later in-place op changes
+        self._watched: list[tuple[tuple, torch.Tensor, int]] = []
 
     def samples(self, key: tuple, out: torch.Tensor) -> Samples:
         """The samples ``[S, C]`` of a module's output: a standard-layout map of at least
         :data:`~ccamerge.moments.MAP_MIN_POSITIONS` positions on the CPU read in place
-        (:class:`~ccamerge.moments.ChannelMaps`), any other map through :meth:`channels_last`."""
+        (:class:`~ccamerge.moments.ChannelMaps`), any other map through :meth:`channels_last`
+        (a copy for the keys in ``copied``)."""
+        if key in self.copied:
+            return _as_samples(self.channels_last(key, out, copy=True))
         if (out.dim() == 4 and out.device.type == "cpu" and out.is_contiguous()
                 and not out.is_contiguous(memory_format=torch.channels_last)
                 and out.shape[2] * out.shape[3] >= MAP_MIN_POSITIONS):
-            return ChannelMaps(out.flatten(2))
-        return _as_samples(self.channels_last(key, out))
+            read = ChannelMaps(out.flatten(2))
+        else:
+            view = self.channels_last(key, out)
+            if view is not out:  # a copy: nothing later changes it
+                return _as_samples(view)
+            read = _as_samples(view)
+        self._watched.append((key, out, out._version))
+        return read
 
-    def channels_last(self, key: tuple, out: torch.Tensor) -> torch.Tensor:
-        """``out`` ``[B, C, H, W]`` itself when channels-last, else a channels-last copy in the
-        buffer of ``key`` (valid until the next call with ``key``)."""
-        if out.dim() != 4 or out.is_contiguous(memory_format=torch.channels_last):
+    def overwritten(self) -> bool:
+        """Whether an output read without a copy since the last call has been changed in place
+        since (those keys are copied from now on); forgets the outputs watched so far."""
+        changed = {key for key, out, version in self._watched if out._version != version}
+        self._watched.clear()
+        self.copied |= changed
+        return bool(changed)
+
+    def channels_last(self, key: tuple, out: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """``out`` ``[B, C, H, W]`` itself when channels-last (``copy``: a copy all the same),
+        else a channels-last copy in the buffer of ``key`` (valid until the next call with
+        ``key``); outputs of other ranks as they are (``copy``: cloned)."""
+        if out.dim() != 4:
+            return out.clone() if copy else out
+        if out.is_contiguous(memory_format=torch.channels_last) and not copy:
             return out
         b, c, h, w = out.shape
         flat = self.flat.get(key)
@@ -489,16 +516,22 @@ def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], sourc
     layout, whole = None, long_pass(total, batch_size)
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
-        captures = [[stack.enter_context(capture_features(m, spec, select, MapBuffers()))
-                     for m in runners] for spec, select in views]
+        buffers = [[MapBuffers() for _ in runners] for _ in views]
+        captures = [[stack.enter_context(capture_features(m, spec, select, kept))
+                     for m, kept in zip(runners, row, strict=True)]
+                    for (spec, select), row in zip(views, buffers, strict=True)]
 
         def discard(captured: Sequence[dict[str, list[torch.Tensor]]]) -> None:
             for chunks in (c for features in captured for c in features.values()):
                 chunks.clear()
 
+        def overwritten(models: slice = slice(None)) -> bool:  # every buffer forgets its watch
+            return any([kept.overwritten() for row in buffers for kept in row[models]])
+
         def probe(part: torch.Tensor) -> None:  # model 0 with its hooks, nothing folded
             sampler.start_batch(first + seen, len(part))
             runners[0](part)
+            overwritten(slice(0, 1))
             discard([view[0] for view in captures])
 
         for xb, _ in source.batches(batch_size):
@@ -508,6 +541,11 @@ def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], sourc
                 xb = in_layout(xb, layout)
                 for model in runners:
                     model(xb)
+                if overwritten():  # an in-place op changed a capture: again, copying it
+                    discard([c for view in captures for c in view])
+                    for model in runners:
+                        model(xb)
+                    overwritten()  # copies now: lets go of this batch's outputs
             fold(*captures)
             discard([c for view in captures for c in view])
             seen += len(xb)

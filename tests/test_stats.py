@@ -94,6 +94,18 @@ def test_missing_pair_is_a_clear_error(digits):
     assert full["fc1"].cov(1, 2).shape == (128, 128)
 
 
+def _joint_feature_covs(models, spec, x) -> dict[str, np.ndarray]:
+    """The oracle: ``{point: numpy.cov of every model's features side by side}``, read in the
+    models' own layout."""
+    feats = []
+    for m in models:
+        with capture_features(m, spec) as captured, torch.no_grad():
+            m(x)
+        feats.append({name: torch.cat(chunks).double().numpy()
+                      for name, chunks in captured.items()})
+    return {p.name: np.cov(np.hstack([f[p.name] for f in feats]).T) for p in spec.points}
+
+
 @pytest.mark.parametrize("layout", ["standard", "channels_last"])
 def test_every_point_and_pair_matches_numpy_and_models_are_untouched(digits, layout):
     """BatchNorm ResNet with stream points (several feature modules per point), uneven batches,
@@ -108,15 +120,9 @@ def test_every_point_and_pair_matches_numpy_and_models_are_untouched(digits, lay
     with pinned(layout):
         stats = collect_statistics(models, spec, x, pairs="all", batch_size=17)
     assert stats.layout == layout
-    feats = []
-    for m in models:
-        with capture_features(m, spec) as captured, torch.no_grad():
-            m(x)
-        feats.append({name: torch.cat(chunks).double().numpy()
-                      for name, chunks in captured.items()})
+    covs = _joint_feature_covs(models, spec, x)
     for point in spec.points:
-        n = point.width
-        joint = np.cov(np.hstack([f[point.name] for f in feats]).T)
+        n, joint = point.width, covs[point.name]
         for i in range(3):
             for j in range(3):
                 np.testing.assert_allclose(stats[point.name].cov(i, j),
@@ -363,15 +369,9 @@ def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, monkeypatch):
             got[layout] = collect_statistics(models, spec, x, batch_size=4, positions=positions)
         assert ("ChannelMaps" in read) == (layout == "standard" and positions is None)
         read.clear()
-    feats = []
-    for m in models:
-        with capture_features(m, spec) as captured, torch.no_grad():
-            m(x)
-        feats.append({name: torch.cat(chunks).double().numpy()
-                      for name, chunks in captured.items()})
+    covs = _joint_feature_covs(models, spec, x)
     for point in spec.points:
-        n = point.width
-        joint = np.cov(np.hstack([f[point.name] for f in feats]).T)
+        n, joint = point.width, covs[point.name]
         for i, j in [(0, 0), (1, 1), (0, 1)]:
             standard = got["standard"][point.name].cov(i, j)
             np.testing.assert_allclose(standard, got["channels_last"][point.name].cov(i, j),
@@ -379,3 +379,33 @@ def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, monkeypatch):
             if positions is None:
                 np.testing.assert_allclose(standard, joint[i * n:(i + 1) * n,
                                                            j * n:(j + 1) * n], atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [8, 32])
+@pytest.mark.parametrize("layout", ["standard", "channels_last"])
+def test_a_capture_that_a_later_in_place_op_changes_is_copied_before_it(size, layout):
+    """A BatchNorm read by a point and followed by ReLU(inplace=True): its outputs, read without
+    a copy (channels-last views, 32x32 standard maps in place), would be the ReLU's by the fold;
+    the pass sees the overwrite, runs the batch again copying them, and matches numpy.cov of the
+    BatchNorm's outputs (negative values and all)."""
+    from ccamerge.stats import output_spec
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
+                                    torch.nn.ReLU(inplace=True)).eval()
+        with torch.no_grad():
+            model[1].running_mean.normal_()
+        models.append(model)
+    spec = output_spec({"1": [6, 6]})
+    x = torch.randn(12, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with pinned(layout):
+        stats = collect_statistics(models, spec, x, batch_size=5)
+    with torch.no_grad():
+        feats = [m[:2](x).permute(0, 2, 3, 1).reshape(-1, 6).double().numpy() for m in models]
+    assert min(f.min() for f in feats) < 0
+    joint = np.cov(np.hstack(feats).T)
+    for i, j in [(0, 0), (1, 1), (0, 1)]:
+        np.testing.assert_allclose(stats["1"].cov(i, j), joint[i * 6:(i + 1) * 6, j * 6:(j + 1) * 6],
+                                   atol=1e-5)
