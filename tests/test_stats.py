@@ -407,5 +407,5 @@ def test_a_capture_that_a_later_in_place_op_changes_is_copied_before_it(size, la
     assert min(f.min() for f in feats) < 0
     joint = np.cov(np.hstack(feats).T)
     for i, j in [(0, 0), (1, 1), (0, 1)]:
-        np.testing.assert_allclose(stats["1"].cov(i, j), joint[i * 6:(i + 1) * 6, j * 6:(j + 1) * 6],
-                                   atol=1e-5)
+        block = joint[i * 6:(i + 1) * 6, j * 6:(j + 1) * 6]
+        np.testing.assert_allclose(stats["1"].cov(i, j), block, atol=1e-5)
