@@ -274,7 +274,7 @@ class MapBuffers:
     def channels_last(self, key: tuple, out: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """``out`` ``[B, C, H, W]`` itself when channels-last (``copy``: a copy all the same),
         else a channels-last copy in the buffer of ``key`` (valid until the next call with
-        ``key``); outputs of other ranks as they are (``copy``: cloned)."""
+        ``key``); outputs that are not ``[B, C, H, W]`` as they are (``copy``: cloned)."""
         if out.dim() != 4:
             return out.clone() if copy else out
         if out.is_contiguous(memory_format=torch.channels_last) and not copy:
