@@ -201,9 +201,10 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
 
     def keep_statistics() -> tuple:
         stats, total, per_batch = timed_statistics(models, x, batch, positions)
+        at_50k = projected(total, per_batch, target_batches)
         keep("statistics", total)
-        keep("statistics_50k", projected(total, per_batch, target_batches))
-        return stats, projected(total, per_batch, target_batches)
+        keep("statistics_50k", at_50k)
+        return stats, at_50k
 
     forget_choices()  # the merge's layout probe, once per process: a one-time phase of its own
     chosen, probe = timed(choose_layout, models[0], x[:batch], None,
@@ -212,12 +213,13 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
 
     adjacent = []  # statistics / bare forward of one repeat, both at 50k: under the same load
     for _ in range(repeats):
-        forwards = {layout: bare_forward(models, x, batch, layout) for layout in LAYOUTS}
-        for layout, per_batch in forwards.items():
+        forwards_50k = []
+        for layout in LAYOUTS:
+            per_batch = bare_forward(models, x, batch, layout)
+            forwards_50k.append(projected(sum(per_batch), per_batch, target_batches))
             keep(f"forward_{layout}", sum(per_batch))
-            keep(f"forward_{layout}_50k", projected(sum(per_batch), per_batch, target_batches))
-        forward_50k = min(projected(sum(b), b, target_batches) for b in forwards.values())
-        adjacent.append(keep_statistics()[1] / forward_50k)
+            keep(f"forward_{layout}_50k", forwards_50k[-1])
+        adjacent.append(keep_statistics()[1] / min(forwards_50k))
     open("/proc/self/clear_refs", "w").write("5")  # the merge's own peak from here
     before = status_mb("VmRSS")
     stats = keep_statistics()[0]
