@@ -66,19 +66,14 @@ class ChannelMaps:
         """The whole images holding about the first ``rows`` samples (at least one)."""
         return ChannelMaps(self.maps[:max(1, rows // self.maps.shape[2])])
 
-    def column_sums(self, square: bool = False) -> torch.Tensor:
-        """``[n]`` sums over the samples (of their squares with ``square``), float32."""
-        return (self.maps.square() if square else self.maps).sum((0, 2))
-
 
 Samples = torch.Tensor | ChannelMaps  # [S, n]
 
 
 def column_sums(samples: Samples, square: bool = False) -> torch.Tensor:
     """``[n]`` sums of samples ``[S, n]`` (of their squares with ``square``), float64."""
-    if isinstance(samples, ChannelMaps):
-        return samples.column_sums(square).to(torch.float64)
-    return (samples.square() if square else samples).sum(0).to(torch.float64)
+    values, dims = (samples.maps, (0, 2)) if isinstance(samples, ChannelMaps) else (samples, 0)
+    return (values.square() if square else values).sum(dims).to(torch.float64)
 
 
 def product(a: Samples, b: Samples) -> torch.Tensor:
