@@ -25,8 +25,10 @@ training images when the Debian package is installed, else digits.
 
 ``--paper`` measures the paper's architectures instead (VGG11 and ResNet20 on 3x32x32 images,
 x1..x8, N = 2 and 4; see ``cost_paper.py``), writing ``cost_paper.csv`` / ``cost_paper.md``; a
-rerun continues an interrupted one (settings already in the CSV are kept) unless ``--fresh``.
-The README's cost section gets both reports.
+rerun continues an interrupted one (settings already in the CSV for this machine are kept)
+unless ``--fresh``. A row is one setting on one machine (``cpu``: its model name and the vector
+instructions torch uses there): a run on another machine adds its rows beside the others, and
+``--paper-redo`` replaces only this machine's. The README's cost section gets both reports.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from cost_paper import (
     PAPER_IMAGES,
     PAPER_NS,
     PAPER_WIDTHS,
+    cpu_name,
     paper_rows,
     paper_summary,
     unavoidable_passes,
@@ -306,8 +309,8 @@ def main() -> None:
                         choices=["vgg11", "resnet20"], help="--paper: the architectures to "
                         "measure now")
     parser.add_argument("--paper-redo", action="store_true",
-                        help="--paper: measure --paper-widths x --paper-ns again (e.g. with more "
-                        "--paper-images), keeping the other rows")
+                        help="--paper: measure --paper-widths x --paper-ns again on this machine "
+                        "(e.g. with more --paper-images), keeping the other rows")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,9 +346,11 @@ def main() -> None:
 def paper(args, out: Path) -> None:
     done = [] if args.fresh else read_rows(out / "cost_paper.csv")
     if args.paper_redo:  # measure the named settings again, keep the others
+        here = cpu_name()
         done = [r for r in done if not (r["arch"] in args.paper_archs
                                         and float(r["width"]) in args.paper_widths
-                                        and int(r["N"]) in args.paper_ns)]
+                                        and int(r["N"]) in args.paper_ns
+                                        and (r.get("cpu") or "") == here)]
     rows = paper_rows(args.paper_archs, args.paper_widths, args.paper_ns, args.paper_images,
                       args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images))
     print(write_paper(rows, out, args.paper_images))

@@ -271,11 +271,20 @@ def row(arch, width, n, images, batch, best, peak, before, positions) -> dict:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (rows measured on different machines say so)."""
+    """The CPU's model name and the vector instructions torch uses on it, e.g. ``AMD EPYC
+    (AVX2)``: rows measured on different machines say so (two VMs both called "AMD EPYC" ran
+    the same GEMM at 0.8x and 1.25x their convolutions' rate)."""
+    model = "unknown"
     for line in open("/proc/cpuinfo"):
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def setting_key(row: dict) -> tuple:
+    """``(arch, width, N, cpu)``: a row is one setting on one machine."""
+    return row["arch"], float(row["width"]), int(row["N"]), row.get("cpu") or ""
 
 
 CODE = """
@@ -302,14 +311,14 @@ def run_setting(arch: str, width: float, n: int, images: int, repeats: int,
 
 def paper_rows(archs, widths, ns, base: int, repeats: int, done: list[dict],
                on_row) -> list[dict]:
-    """Every setting not in ``done`` (rows of an earlier, interrupted run), ``on_row(rows)``
-    after each."""
-    rows = list(done)
-    have = {(r["arch"], float(r["width"]), int(r["N"])) for r in done}
+    """Every setting not in ``done`` on this machine (rows of an earlier, interrupted run;
+    rows of other machines are kept beside), ``on_row(rows)`` after each."""
+    rows, here = list(done), cpu_name()
+    have = {setting_key(r) for r in done}
     for arch in archs:
         for width in widths:
             for n in ns:
-                if (arch, float(width), n) in have:
+                if (arch, float(width), n, here) in have:
                     continue
                 rows.append(run_setting(arch, width, n, images_for(width, base), repeats))
                 print(json.dumps(rows[-1]), flush=True)
@@ -325,18 +334,14 @@ def paper_summary(rows: list[dict], base: int) -> str:
             "statistics", "solve", "transforms", "averaging", "bn_reset", "total", "ratio",
             "projection", "ratio_50k", "ratio_50k_adjacent", "peak_gb", "merge_peak_extra_gb",
             "load_1min", "cpu"]
-    good = [r for r in rows if not r.get("error")]
-    met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r in good
-           if r.get("ratio_50k_adjacent", r["ratio_50k"]) <= 1.3]
-    missed = [f"{r['arch']} x{r['width']:g} N={r['N']} ({r.get('ratio_50k_adjacent')})"
-              for r in good if r.get("ratio_50k_adjacent", r["ratio_50k"]) > 1.3]
+    good = sorted((r for r in rows if not r.get("error")), key=machine_order)
     failed = [f"{r['arch']} x{r['width']:g} N={r['N']}: {r['error']}" for r in rows
               if r.get("error")]
     threads = good[0]["threads"] if good else torch.get_num_threads()
     text = [f"Paper shapes (`python benchmarks/cost.py --paper`): VGG11 and ResNet20 on 3x32x32 "
             f"synthetic images, random models, {threads} threads, the `images` of each row "
             f"(`--paper-images` at x1, that / width^2 above, at least {MIN_IMAGES}; rows are "
-            "kept between runs, so each says its own, and its `cpu`) in equal batches of "
+            "kept between runs, so each says its own) in equal batches of "
             f"`batch` (at most {MAX_BATCH}, at least {MIN_BATCHES} batches); seconds; `layout`: "
             "the memory layout the merge's passes chose (ccamerge/layout.py; empty: a row "
             "measured before that choice existed, when the passes ran channels-last), "
@@ -352,16 +357,39 @@ def paper_summary(rows: list[dict], base: int) -> str:
             "with the statistics pass as the median over repeats of its time over the bare "
             "forward measured just before it (the headline: robust to load that changes between "
             "phases); peak memory in GB (whole process, and added by the merge); `load_1min`: "
-            "the machine's load average when the setting finished.", "",
+            "the machine's load average when the setting finished; `cpu`: the machine, its model "
+            "name and the vector instructions torch used on it (blank: the first machine, not "
+            "recorded; a row is one setting on one machine, grouped by machine).", "",
             *markdown([{"projection": "per image", "batch": "", "cpu": ""} | r for r in good],
                       cols), "",
-            f"ratio_50k_adjacent at most 1.3: {', '.join(met) or 'nowhere'}; above: "
-            f"{', '.join(missed) or 'nowhere'}."]
+            *target_lines(good)]
     text += ["", "Peak memory is the whole process at the largest setting (the models, their "
              "copies, the merged model and the solves)."]
     if failed:
         text += ["", "Did not complete: " + "; ".join(failed) + "."]
     return "\n".join(text) + "\n"
+
+
+def machine_order(row: dict) -> tuple:
+    """Rows grouped by machine (the newest, with a named CPU, first), then by setting."""
+    arch, width, n, cpu = setting_key(row)
+    return not cpu, cpu, arch, width, n
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """One line per machine: the settings whose ``ratio_50k_adjacent`` is at most 1.3, and the
+    others with theirs."""
+    lines = []
+    for cpu in dict.fromkeys(setting_key(r)[3] for r in rows):
+        mine = [r for r in rows if setting_key(r)[3] == cpu]
+        ratio = {id(r): r.get("ratio_50k_adjacent", r["ratio_50k"]) for r in mine}
+        met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r in mine if ratio[id(r)] <= 1.3]
+        missed = [f"{r['arch']} x{r['width']:g} N={r['N']} ({ratio[id(r)]})" for r in mine
+                  if ratio[id(r)] > 1.3]
+        lines += [f"- {cpu or 'earlier machine (cpu not recorded)'}: ratio_50k_adjacent at "
+                  f"most 1.3: {', '.join(met) or 'nowhere'}; above: "
+                  f"{', '.join(missed) or 'nowhere'}."]
+    return lines
 
 
 def write_paper(rows: list[dict], out: Path, base: int) -> str:

@@ -297,7 +297,9 @@ def capture_features(model: nn.Module, spec: AlignmentSpec, select: Select | Non
     ``select(key, output)``: the samples ``[S, n]`` to keep of a module's output, ``key`` =
     ``(point name, index of the feature module in the point)`` (default: every sample).
     ``buffers``: standard-layout maps are copied into these reused buffers first (the samples
-    are then overwritten by a later forward: fold them before it)."""
+    are then overwritten by a later forward: fold them before it; outputs read in place are
+    watched, :class:`MapBuffers`). Without them every capture is a copy of its own, so an
+    in-place op after the module cannot change it."""
     modules = dict(model.named_modules())
     captured: dict[str, list[torch.Tensor]] = {p.name: [] for p in spec.points}
     handles = []
@@ -326,8 +328,16 @@ def _recorder(chunks: list, key: tuple[str, int], select: Select | None,
             return
         if buffers is not None:
             out = buffers.channels_last((*key, len(chunks)), out)
-        chunks.append(_as_samples(out) if select is None else select(key, out))
+        samples = _as_samples(out) if select is None else select(key, out)
+        if buffers is None and _shares_memory(samples, out):
+            samples = samples.clone()  # a later in-place op (ReLU(inplace=True)) would change it
+        chunks.append(samples)
     return hook
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is a view of ``b``'s memory."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def batch_features(model: nn.Module, spec: AlignmentSpec,

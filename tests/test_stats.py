@@ -409,3 +409,27 @@ def test_a_capture_that_a_later_in_place_op_changes_is_copied_before_it(size, la
     for i, j in [(0, 0), (1, 1), (0, 1)]:
         block = joint[i * 6:(i + 1) * 6, j * 6:(j + 1) * 6]
         np.testing.assert_allclose(stats["1"].cov(i, j), block, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["standard", "channels_last"])
+def test_captured_features_keep_the_values_a_later_in_place_op_overwrites(layout):
+    """``batch_features`` at a BatchNorm followed by ReLU(inplace=True) (its samples would be
+    views of the output in channels-last and of a [B, C] output) returns the BatchNorm's own
+    outputs, negative values and all, for maps and vectors alike."""
+    from ccamerge.stats import batch_features, output_spec
+
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                               torch.nn.ReLU(inplace=True)).eval()
+    dense = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.ReLU(inplace=True)).eval()
+    x = torch.randn(3, 3, 6, 6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        maps = conv[:2](x).permute(0, 2, 3, 1).reshape(-1, 4)
+        vectors = dense[:2](x[:, 0, 0, :5])
+    for model, inputs, expected in [(conv, x, maps), (dense, x[:, 0, 0, :5], vectors)]:
+        got = batch_features(model, output_spec({"1": [4]}), inputs)["1"]
+        assert expected.min() < 0
+        torch.testing.assert_close(got, expected)
