@@ -51,6 +51,7 @@ from cost_paper import (
     cpu_name,
     paper_rows,
     paper_summary,
+    setting_key,
     unavoidable_passes,
     write_paper,
 )
@@ -347,10 +348,9 @@ def paper(args, out: Path) -> None:
     done = [] if args.fresh else read_rows(out / "cost_paper.csv")
     if args.paper_redo:  # measure the named settings again, keep the others
         here = cpu_name()
-        done = [r for r in done if not (r["arch"] in args.paper_archs
-                                        and float(r["width"]) in args.paper_widths
-                                        and int(r["N"]) in args.paper_ns
-                                        and (r.get("cpu") or "") == here)]
+        named = {(a, float(w), n, here) for a in args.paper_archs for w in args.paper_widths
+                 for n in args.paper_ns}
+        done = [r for r in done if setting_key(r) not in named]
     rows = paper_rows(args.paper_archs, args.paper_widths, args.paper_ns, args.paper_images,
                       args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images))
     print(write_paper(rows, out, args.paper_images))

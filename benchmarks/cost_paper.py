@@ -381,11 +381,11 @@ def target_lines(rows: list[dict]) -> list[str]:
     others with theirs."""
     lines = []
     for cpu in dict.fromkeys(setting_key(r)[3] for r in rows):
-        mine = [r for r in rows if setting_key(r)[3] == cpu]
-        ratio = {id(r): r.get("ratio_50k_adjacent", r["ratio_50k"]) for r in mine}
-        met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r in mine if ratio[id(r)] <= 1.3]
-        missed = [f"{r['arch']} x{r['width']:g} N={r['N']} ({ratio[id(r)]})" for r in mine
-                  if ratio[id(r)] > 1.3]
+        mine = [(r, r.get("ratio_50k_adjacent", r["ratio_50k"])) for r in rows
+                if setting_key(r)[3] == cpu]
+        met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r, ratio in mine if ratio <= 1.3]
+        missed = [f"{r['arch']} x{r['width']:g} N={r['N']} ({ratio})" for r, ratio in mine
+                  if ratio > 1.3]
         lines += [f"- {cpu or 'earlier machine (cpu not recorded)'}: ratio_50k_adjacent at "
                   f"most 1.3: {', '.join(met) or 'nowhere'}; above: "
                   f"{', '.join(missed) or 'nowhere'}."]
