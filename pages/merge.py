@@ -145,10 +145,10 @@ if results["files"]:
     d1, d2 = st.columns(2)
     d1.download_button(f"Download merged model ({kind})", results["files"][chosen],
                        file_name=f"merged_{chosen}{suffix}", mime="application/octet-stream",
-                       key="download_model", icon=":material/download:")
+                       key="download_model", on_click="ignore", icon=":material/download:")
     d2.download_button("Download recipe (.json)", results["recipes"][chosen],
                        file_name=f"recipe_{chosen}.json", mime="application/json",
-                       key="download_recipe", icon=":material/receipt_long:")
+                       key="download_recipe", on_click="ignore", icon=":material/receipt_long:")
     replay = json.loads(results["recipes"][chosen]).get("replay", "")
     st.caption(f"`{replay}` redoes this merge and writes the same weights, run in a folder "
                "holding the recipe and the files it names (your uploads under the names you "
