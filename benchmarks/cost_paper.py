@@ -40,10 +40,11 @@ from pathlib import Path
 
 import torch
 
+from ccamerge.layout import CANDIDATES, in_layout, weights_in
+
 VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 PAPER_WIDTHS, PAPER_NS, PAPER_IMAGES, PAPER_TARGET = (1, 2, 4, 8), (2, 4), 512, 50_000
 MIN_IMAGES, MAX_BATCH, MIN_BATCHES = 8, 500, 2
-LAYOUTS = ("standard", "channels_last", "channels_last_weights")
 FIXED_PHASES = ("layout_probe", "solve", "transforms", "averaging")  # do not grow with the images
 
 
@@ -101,17 +102,10 @@ def unavoidable_passes(models, x: torch.Tensor, batch: int) -> list[float]:
 @torch.no_grad()
 def bare_forward(models, x: torch.Tensor, batch: int, layout: str) -> list[float]:
     """Seconds per batch of N eval passes (plus one train-mode pass for BatchNorm nets) over
-    ``x`` in ``layout`` (models converted in place for channels-last weights, then back)."""
-
-    cl = torch.channels_last
-    xs = x if layout == "standard" else x.contiguous(memory_format=cl)
-    if layout == "channels_last_weights":
-        for m in models:
-            m.to(memory_format=cl)
-    seconds = unavoidable_passes(models, xs, batch)
-    for m in models:
-        m.to(memory_format=torch.contiguous_format)
-    return seconds
+    ``x`` in ``layout`` (one of :data:`ccamerge.layout.CANDIDATES`, the weights converted as
+    the merge's passes convert them)."""
+    with weights_in(models, layout):
+        return unavoidable_passes(models, in_layout(x, layout), batch)
 
 
 def paper_batches(images: int) -> tuple[int, int]:
@@ -191,7 +185,7 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
     models = [paper_model(arch, width, seed) for seed in range(n)]
     images, batch = paper_batches(images)
     x, target_batches = paper_images(images), PAPER_TARGET / batch
-    for layout in LAYOUTS:  # one-time allocations and kernel choices go first
+    for layout in CANDIDATES:  # one-time allocations and kernel choices go first
         bare_forward(models, x[:2], 2, layout)
     statistics(models, x[:2], 2, positions)
     best: dict[str, float] = {}
@@ -214,7 +208,7 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
     adjacent = []  # statistics / bare forward of one repeat, both at 50k: under the same load
     for _ in range(repeats):
         forwards_50k = []
-        for layout in LAYOUTS:
+        for layout in CANDIDATES:
             per_batch = bare_forward(models, x, batch, layout)
             forwards_50k.append(projected(sum(per_batch), per_batch, target_batches))
             keep(f"forward_{layout}", sum(per_batch))
@@ -250,8 +244,8 @@ def row(arch, width, n, images, batch, best, peak, before, positions) -> dict:
     """The row of one setting from its best times: ``ratio`` at the sample, ``ratio_50k``
     with the statistics pass and the bare forward projected from their steady batches
     (:func:`projected`), the BatchNorm reset scaled per image, the fixed phases as measured."""
-    forward = min(best[f"forward_{layout}"] for layout in LAYOUTS)
-    forward_50k = min(best[f"forward_{layout}_50k"] for layout in LAYOUTS)
+    forward = min(best[f"forward_{layout}"] for layout in CANDIDATES)
+    forward_50k = min(best[f"forward_{layout}_50k"] for layout in CANDIDATES)
     fixed = sum(best.get(k, 0.0) for k in FIXED_PHASES)
     per_image = best["statistics"] + best["bn_reset"]
     scale = PAPER_TARGET / images

@@ -1,30 +1,39 @@
-"""The memory layout image passes run in: standard (NCHW) or channels-last (NHWC).
+"""The memory layout image passes run in: standard (NCHW), channels-last (NHWC) images, or
+channels-last images and convolution weights.
 
 Which is faster depends on the model, its width and the device. On two CPU cores, batches of
 500 3x32x32 images: ResNet20 runs 1.1-1.4x faster channels-last, VGG11 x1 about the same either
-way, VGG11 x2 1.3x and x4 / x8 1.9x faster in the standard layout. A pass over many batches
-(the statistics pass, a BatchNorm reset) first times one model on the four quarters of its first
-batch (:data:`TRIAL`) and keeps the faster layout of the two warm tries: about one model's pass
-over one batch, once. A long pass (:data:`LONG_PASS` batches or more) makes its two deciding
-tries on the whole batch instead: on another 2-core CPU, VGG11 x1 ran 1.4x faster channels-last
-at batches of 500 but only ~10% faster on quarter batches, within that machine's noise, and the
-quarter probe once chose the standard layout. The choice is remembered for the process, per
-model structure, batch shape, device and thread count, so later passes of such models (the
-BatchNorm reset of a merge after the statistics pass of its parents, every page of the
-dashboard) run in it at once.
+way, VGG11 x2 1.3x and x4 / x8 1.9x faster in the standard layout (on one AMD machine); on an
+AVX2 machine VGG11 x8 ran 1.24x faster with its weights channels-last too than with channels-last
+images alone (oneDNN then skips reordering the weights at every call). A pass over many batches
+(the statistics pass, a BatchNorm reset) first times one model on the six sixths of its first
+batch (:data:`TRIAL`) and keeps the fastest layout of the three warm tries: about one model's
+pass over one batch, once. A long pass (:data:`LONG_PASS` batches or more) makes its three
+deciding tries on the whole batch instead: on another 2-core CPU, VGG11 x1 ran 1.4x faster
+channels-last at batches of 500 but only ~10% faster on quarter batches, within that machine's
+noise, and the quarter probe once chose the standard layout. The choice is remembered for the
+process, per model structure, batch shape, device and thread count, so later passes of such
+models (the BatchNorm reset of a merge after the statistics pass of its parents, every page of
+the dashboard) run in it at once.
+
+``"channels_last_weights"`` converts the 4-d parameters of the models in place for the pass and
+restores their strides after (:func:`weights_in`): the caller's model is the one converted
+(runners share its parameters), so code running it at the same time still computes the same
+function, only in another layout.
 
 Only float32 rounding depends on the layout (the convolutions add in another order): passes in
 one layout are bit for bit the same, but two processes can choose differently and differ in the
-last bits. ``CCAMERGE_LAYOUT=standard`` or ``channels_last`` (environment, read
-at each pass, inherited by torchrun's workers) or :func:`pinned` (a block of code) fix it, for
-runs that must agree bit for bit.
+last bits. ``CCAMERGE_LAYOUT=standard``, ``channels_last`` or ``channels_last_weights``
+(environment, read at each pass, inherited by torchrun's workers) or :func:`pinned` (a block of
+code) fix it, for runs that must agree bit for bit.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -33,18 +42,23 @@ from torch import nn
 
 from ccamerge.errors import CcamergeError
 
-LAYOUTS = ("auto", "standard", "channels_last")
+LAYOUTS = ("auto", "standard", "channels_last", "channels_last_weights")
+CANDIDATES = LAYOUTS[1:]
 ENV_VAR = "CCAMERGE_LAYOUT"
-# An undecided pass's first inputs: the first two runs in each layout pay one-time costs (first
-# touch of the weights, kernel choices), the last two decide.
-TRIAL = ("standard", "channels_last", "channels_last", "standard")
-# From this many batches a pass decides on whole batches (2.5 of one model's batches, where the
-# quarters cost one): at most 2% of an N = 2 pass.
-LONG_PASS = 64
-_FORMATS = {"standard": torch.contiguous_format, "channels_last": torch.channels_last}
+# An undecided pass's first inputs: the first run in each layout pays one-time costs (first
+# touch of the weights, kernel choices), the last three decide.
+TRIAL = (*CANDIDATES, *reversed(CANDIDATES))
+# From this many batches a pass decides on whole batches (3.5 of one model's batches, where the
+# sixths cost one): at most 2% of an N = 2 pass.
+LONG_PASS = 96
+_FORMATS = {"standard": torch.contiguous_format, "channels_last": torch.channels_last,
+            "channels_last_weights": torch.channels_last}
 
 _PINNED: ContextVar[str | None] = ContextVar("ccamerge_layout", default=None)
 _CHOSEN: dict[tuple, str] = {}
+# Parameters converted by weights_in, by id: [parameter, its size and strides before, holders].
+_CONVERTED: dict[int, list] = {}
+_CONVERTING = threading.Lock()
 
 
 def check_layout(layout: str) -> str:
@@ -85,9 +99,59 @@ def _structure(model: nn.Module) -> tuple:
 
 
 def in_layout(xb: torch.Tensor, layout: str) -> torch.Tensor:
-    """``xb`` ``[B, C, H, W]`` in ``layout`` (``"standard"`` or ``"channels_last"``); other
-    inputs as they are."""
+    """``xb`` ``[B, C, H, W]`` in ``layout`` (one of :data:`CANDIDATES`: channels-last for both
+    channels-last layouts); other inputs as they are."""
     return xb.contiguous(memory_format=_FORMATS[layout]) if xb.dim() == 4 else xb
+
+
+@contextmanager
+def weights_in(models: nn.Module | Sequence[nn.Module], layout: str) -> Iterator[None]:
+    """With ``layout == "channels_last_weights"``: every 4-d parameter ``[O, I, kH, kW]`` of
+    ``models`` channels-last in place for the enclosed code (the same parameter objects, so
+    copies sharing them, such as the statistics pass's runners, and the caller's model see it),
+    back in its own strides after, also on an error. Memory-neutral: one tensor is copied at a
+    time and the old one freed. Nested or concurrent uses on the same parameters (two
+    dashboard sessions sharing cached models) convert once and restore when the last one
+    leaves. Other layouts: nothing happens."""
+    if layout != "channels_last_weights":
+        yield
+        return
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    held = _hold([p for m in models for p in m.parameters() if p.dim() == 4])
+    try:
+        yield
+    finally:
+        _release(held)
+
+
+def _hold(params: list[nn.Parameter]) -> list[int]:
+    held: list[int] = []
+    try:
+        with _CONVERTING, torch.no_grad():
+            for p in params:
+                if id(p) in held:  # a parameter shared between modules
+                    continue
+                entry = _CONVERTED.setdefault(id(p), [p, p.data.size(), p.data.stride(), 0])
+                entry[3] += 1
+                held.append(id(p))
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    except BaseException:
+        _release(held)
+        raise
+    return held
+
+
+def _release(held: list[int]) -> None:
+    with _CONVERTING, torch.no_grad():
+        for key in held:
+            entry = _CONVERTED[key]
+            entry[3] -= 1
+            if entry[3]:
+                continue
+            p, size, stride, _ = _CONVERTED.pop(key)
+            if p.data.stride() != stride:
+                p.data = torch.empty_strided(size, stride, dtype=p.dtype,
+                                             device=p.device).copy_(p.data)
 
 
 def choose_layout(model: nn.Module, xb: torch.Tensor,
@@ -97,10 +161,11 @@ def choose_layout(model: nn.Module, xb: torch.Tensor,
     (:func:`pinned_layout`), chosen before in this process for the same model structure, input
     shape, batch size, device and thread count, or chosen now by timing ``probe(part)`` (default
     ``model(part)``, without gradients) on the parts of ``xb`` in the layouts of :data:`TRIAL`:
-    its quarters, or with ``whole`` (a long pass: :func:`long_pass`) quarters for the two warm-up
-    tries and all of ``xb`` for the two that decide. ``"n/a"`` for inputs that are not images.
-    The probe's outputs are discarded; it must not change the model (a BatchNorm net probes in
-    eval mode)."""
+    its sixths, or with ``whole`` (a long pass: :func:`long_pass`) sixths for the three warm-up
+    tries and all of ``xb`` for the three that decide; ``model``'s weights are channels-last
+    (:func:`weights_in`) for the tries of ``"channels_last_weights"``, their conversion untimed.
+    ``"n/a"`` for inputs that are not images. The probe's outputs are discarded; it must not
+    change the model (a BatchNorm net probes in eval mode)."""
     if xb.dim() != 4:
         return "n/a"
     pin = pinned_layout()
@@ -108,7 +173,7 @@ def choose_layout(model: nn.Module, xb: torch.Tensor,
         return pin
     key = (_structure(model), tuple(xb.shape), str(xb.device), torch.get_num_threads())
     if key not in _CHOSEN:
-        _CHOSEN[key] = _timed_choice(probe or model, xb, whole)
+        _CHOSEN[key] = _timed_choice(model, probe or model, xb, whole)
     return _CHOSEN[key]
 
 
@@ -118,19 +183,21 @@ def long_pass(images: int | None, batch_size: int) -> bool:
     return images is not None and images >= LONG_PASS * batch_size
 
 
-def _timed_choice(probe: Callable[[torch.Tensor], object], xb: torch.Tensor,
+def _timed_choice(model: nn.Module, probe: Callable[[torch.Tensor], object], xb: torch.Tensor,
                   whole: bool = False) -> str:
-    parts = torch.tensor_split(xb, len(TRIAL)) if len(xb) >= len(TRIAL) else [xb] * len(TRIAL)
+    tries, warm = len(TRIAL), len(CANDIDATES)
+    parts = torch.tensor_split(xb, tries) if len(xb) >= tries else [xb] * tries
     if whole:
-        parts = [*parts[:2], xb, xb]  # warm up on quarters, decide on the whole batch
+        parts = [*parts[:warm], *[xb] * (tries - warm)]  # warm up on sixths, decide on wholes
     per_image = []
     with torch.no_grad():
         for layout, part in zip(TRIAL, parts, strict=True):
             part = in_layout(part, layout)
-            start = _clock(xb.device)
-            probe(part)
-            per_image.append(((_clock(xb.device) - start) / len(part), layout))
-    return min(per_image[2:])[1]  # the warm tries decide
+            with weights_in(model, layout):
+                start = _clock(xb.device)
+                probe(part)
+                per_image.append(((_clock(xb.device) - start) / len(part), layout))
+    return min(per_image[warm:])[1]  # the warm tries decide
 
 
 def _clock(device: torch.device) -> float:

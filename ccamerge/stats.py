@@ -38,7 +38,7 @@ from ccamerge.devices import (
 )
 from ccamerge.distributed import all_reduce_moments, batch_block, rank_and_size, shard_source
 from ccamerge.errors import CcamergeError
-from ccamerge.layout import choose_layout, in_layout, long_pass
+from ccamerge.layout import choose_layout, in_layout, long_pass, weights_in
 from ccamerge.models import ARCHITECTURES
 from ccamerge.moments import (  # noqa: F401 - UNCENTRED_LIMIT, _add_chunk re-exported
     MAP_MIN_POSITIONS,
@@ -545,7 +545,9 @@ def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], sourc
             discard([view[0] for view in captures])
 
         for xb, _ in source.batches(batch_size):
-            layout = layout or choose_layout(runners[0], xb, probe, whole)
+            if layout is None:
+                layout = choose_layout(runners[0], xb, probe, whole)
+                stack.enter_context(weights_in(runners, layout))
             sampler.start_batch(first + seen, len(xb))
             with torch.no_grad():
                 xb = in_layout(xb, layout)

@@ -8,6 +8,7 @@ to ``y @ T`` in the target basis. Producers of the point become ``T^T @ W`` and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ccamerge.data import as_source
-from ccamerge.layout import choose_layout, in_layout
+from ccamerge.layout import choose_layout, in_layout, weights_in
 from ccamerge.models import check_input_fit
 from ccamerge.spec import AlignmentSpec, Axis
 
@@ -191,16 +192,19 @@ def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
     place = norms[0].running_mean.device
     layout = None
     try:
-        for xb, _ in source.batches(batch_size):
-            xb = xb.to(place)
-            layout = layout or choose_layout(model, xb, lambda part: _in_eval(model, part))
-            xb = in_layout(xb, layout)
-            for m in norms:  # sample-weighted running average: a short last batch weighs less
-                m.momentum = len(xb) / (seen + len(xb))
-            model(xb)
-            seen += len(xb)
-            if progress and total:
-                progress(min(1.0, seen / total))
+        with contextlib.ExitStack() as stack:
+            for xb, _ in source.batches(batch_size):
+                xb = xb.to(place)
+                if layout is None:
+                    layout = choose_layout(model, xb, lambda part: _in_eval(model, part))
+                    stack.enter_context(weights_in(model, layout))
+                xb = in_layout(xb, layout)
+                for m in norms:  # sample-weighted running average: a short last batch weighs less
+                    m.momentum = len(xb) / (seen + len(xb))
+                model(xb)
+                seen += len(xb)
+                if progress and total:
+                    progress(min(1.0, seen / total))
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum

@@ -12,12 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def test_a_setting_row_adds_up_and_projects_fixed_costs_away(arch, width):
     from cost_paper import measure, paper_summary
 
+    from ccamerge.layout import CANDIDATES
+
     row = measure(arch, width, 2, 8, 1)
     phases = ["layout_probe", "statistics", "solve", "transforms", "averaging", "bn_reset"]
-    assert row["layout"] in ("standard", "channels_last") and row["layout_probe"] > 0
+    assert row["layout"] in CANDIDATES and row["layout_probe"] > 0
     assert row["total"] == pytest.approx(sum(row[p] for p in phases), abs=1e-3)
-    assert row["forward"] == min(row[f"forward_{k}"] for k in
-                                 ("standard", "channels_last", "channels_last_weights"))
+    assert row["forward"] == min(row[f"forward_{k}"] for k in CANDIDATES)
     assert row["ratio"] == pytest.approx(row["total"] / row["forward"], rel=1e-2)
     assert row["ratio_50k"] < row["ratio"] and row["projection"] == "steady batches"
     assert row["images"] == 2 * row["batch"]  # 8 images: two batches, the least to project

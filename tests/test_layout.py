@@ -11,12 +11,14 @@ import torch
 
 from ccamerge.errors import CcamergeError
 from ccamerge.layout import (
+    CANDIDATES,
     ENV_VAR,
     TRIAL,
     choose_layout,
     forget_choices,
     pinned,
     pinned_layout,
+    weights_in,
 )
 from ccamerge.models import build_model
 from ccamerge.spec import build_spec
@@ -32,8 +34,15 @@ def fresh_choices(monkeypatch):
     forget_choices()
 
 
-def _layout_of(xb: torch.Tensor) -> str:
-    return "standard" if xb.is_contiguous() else "channels_last"
+def _layout_of(xb: torch.Tensor, model: torch.nn.Module | None = None) -> str:
+    """The layout a probe sees: ``xb``'s, and with channels-last images ``model``'s first conv
+    weights."""
+    if xb.is_contiguous():
+        return "standard"
+    weight = next(p for p in model.parameters() if p.dim() == 4) if model else None
+    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last_weights"
+    return "channels_last"
 
 
 def _vggs(n: int = 2, batch_norm: bool = False) -> list[torch.nn.Module]:
@@ -63,45 +72,45 @@ def test_an_unknown_layout_fails_in_one_line(monkeypatch):
         collect_statistics(models, build_spec(models[0]), torch.randn(8, 3, 12, 12))
 
 
-def test_the_probe_tries_each_layout_on_a_quarter_of_the_batch_and_the_faster_wins():
+def test_the_probe_tries_each_layout_on_a_sixth_of_the_batch_and_the_fastest_wins():
     model = _vggs(1)[0]
-    xb = torch.randn(40, 3, 12, 12)
-    for slow in ("standard", "channels_last"):
+    xb = torch.randn(48, 3, 12, 12)
+    for fast in CANDIDATES:
         forget_choices()
         seen = []
 
-        def probe(part, slow=slow, seen=seen):
-            seen.append((_layout_of(part), len(part)))
-            if _layout_of(part) == slow:
+        def probe(part, fast=fast, seen=seen):
+            seen.append((_layout_of(part, model), len(part)))
+            if seen[-1][0] != fast:
                 time.sleep(0.02)
 
-        chosen = choose_layout(model, xb, probe)
-        assert seen == [(layout, 10) for layout in TRIAL]
-        assert chosen == ("channels_last" if slow == "standard" else "standard")
+        assert choose_layout(model, xb, probe) == fast
+        assert seen == [(layout, 8) for layout in TRIAL]
+        assert all(p.is_contiguous() for p in model.parameters())  # weights back after
 
 
-def test_a_long_pass_decides_on_whole_batches_after_warming_up_on_quarters(monkeypatch):
+def test_a_long_pass_decides_on_whole_batches_after_warming_up_on_sixths(monkeypatch):
     from ccamerge import layout
 
-    model, xb = _vggs(1)[0], torch.randn(40, 3, 12, 12)
+    model, xb = _vggs(1)[0], torch.randn(48, 3, 12, 12)
     seen = []
 
     def probe(part):
-        seen.append((_layout_of(part), len(part)))
-        if _layout_of(part) == "channels_last" and len(part) == 40:
+        seen.append((_layout_of(part, model), len(part)))
+        if seen[-1][0] != "standard" and len(part) == 48:
             time.sleep(0.02)
 
     forget_choices()
     assert choose_layout(model, xb, probe, whole=True) == "standard"
-    assert seen == [("standard", 10), ("channels_last", 10), ("channels_last", 40),
-                    ("standard", 40)]
-    assert layout.long_pass(64 * 40, 40) and not layout.long_pass(63 * 40, 40)
+    assert seen == [*[(layout, 8) for layout in CANDIDATES],
+                    *[(layout, 48) for layout in reversed(CANDIDATES)]]
+    assert layout.long_pass(96 * 40, 40) and not layout.long_pass(95 * 40, 40)
     assert not layout.long_pass(None, 40)
     monkeypatch.setattr(layout, "LONG_PASS", 2)
     forget_choices()
     sizes = []
     monkeypatch.setattr(layout, "_timed_choice",
-                        lambda probe, xb, whole=False: sizes.append(whole) or "standard")
+                        lambda model, probe, xb, whole=False: sizes.append(whole) or "standard")
     models = _vggs()
     collect_statistics(models, build_spec(models[0]), torch.randn(16, 3, 12, 12), batch_size=8)
     forget_choices()
@@ -130,7 +139,7 @@ def test_statistics_in_either_layout_agree_and_one_layout_repeats_bit_for_bit():
     spec, x = build_spec(models[0]), torch.randn(70, 3, 12, 12)
     options = dict(batch_size=32, positions=5, self_only=["features.0"])
     runs = {}
-    for layout in ("standard", "channels_last"):
+    for layout in CANDIDATES:
         with pinned(layout):
             runs[layout] = collect_statistics(models, spec, x, **options)
             assert runs[layout].collection()["layout"] == layout
@@ -140,8 +149,9 @@ def test_statistics_in_either_layout_agree_and_one_layout_repeats_bit_for_bit():
     assert chosen in runs and again.collection()["layout"] == chosen
     for name, point in runs["standard"].points.items():
         for block, cov in point.covs.items():
-            np.testing.assert_allclose(runs["channels_last"][name].covs[block], cov,
-                                       rtol=1e-5, atol=1e-6)
+            for layout in CANDIDATES[1:]:
+                np.testing.assert_allclose(runs[layout][name].covs[block], cov,
+                                           rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(auto[name].covs[block], runs[chosen][name].covs[block])
             np.testing.assert_array_equal(again[name].covs[block], auto[name].covs[block])
     np.testing.assert_array_equal(auto.self_only["features.0"].cov(1, 1),
@@ -159,3 +169,52 @@ def test_a_batchnorm_reset_probes_without_touching_the_running_statistics():
         assert torch.equal(auto.state_dict()[key], value), key
     assert not auto.training
     assert all(p.is_contiguous() for p in auto.parameters())
+
+
+def test_channels_last_weights_convert_the_callers_parameters_for_the_pass_and_restore_them():
+    models = _vggs()
+    models[1].to(memory_format=torch.channels_last)  # already channels-last: stays so
+    before = [[(p, p.detach().clone(), p.stride()) for p in m.parameters()] for m in models]
+    seen = []
+
+    def look(module, _inputs, _out):
+        seen.append(module.weight.is_contiguous(memory_format=torch.channels_last))
+
+    hooks = [m.features[0].register_forward_hook(look) for m in models]
+    with pinned("channels_last_weights"):
+        collect_statistics(models, build_spec(models[0]), torch.randn(20, 3, 12, 12),
+                           batch_size=10)
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(seen)  # the runners share the caller's converted parameters
+    for model, params in zip(models, before, strict=True):
+        for p, (same, value, stride) in zip(model.parameters(), params, strict=True):
+            assert p is same and p.stride() == stride and torch.equal(p, value)
+
+
+def test_nested_weight_conversions_restore_once_the_last_leaves_and_on_errors():
+    model = _vggs(1)[0]
+    weight = model.features[0].weight
+    cl = torch.channels_last
+    with weights_in(model, "channels_last_weights"):
+        with weights_in([model, model], "channels_last_weights"):
+            assert weight.is_contiguous(memory_format=cl)
+        assert weight.is_contiguous(memory_format=cl) and not weight.is_contiguous()
+    assert weight.is_contiguous()
+    with pytest.raises(RuntimeError, match="boom"), weights_in(model, "channels_last_weights"):
+        raise RuntimeError("boom")
+    assert weight.is_contiguous()
+    with weights_in(model, "channels_last"):
+        assert weight.is_contiguous()  # only the weights layout converts
+
+
+def test_a_batchnorm_reset_in_channels_last_weights_keeps_the_parameters_layout():
+    model = _vggs(1, batch_norm=True)[0]
+    x = torch.randn(40, 3, 12, 12)
+    with pinned("standard"):
+        want = reset_batchnorm(copy.deepcopy(model), x, batch_size=20)
+    with pinned("channels_last_weights"):
+        got = reset_batchnorm(model, x, batch_size=20)
+    assert all(p.is_contiguous() for p in got.parameters())
+    for key, value in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[key], value, rtol=1e-5, atol=1e-6)
