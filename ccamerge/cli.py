@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ccamerge import api, recipes, validate
+from ccamerge.allocator import keep_freed_memory
 from ccamerge.analysis.diagnose import diagnose
 from ccamerge.batchnorm import DEFAULT_POLICY, LEGACY_POLICY
 from ccamerge.cli_args import (
@@ -456,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status: 0 ok, 1 unexpected error (a bug), 2 user error
     (usage, bad input), 130 interrupted (Ctrl-C), 141 stdout closed (a broken pipe). Every
     failure prints exactly one line on stderr, never a traceback (``CCAMERGE_DEBUG=1`` shows
-    the traceback of an unexpected error)."""
+    the traceback of an unexpected error). Run as a program (``argv`` None), the process keeps
+    freed memory for reuse (:func:`ccamerge.allocator.keep_freed_memory`)."""
+    if argv is None:
+        keep_freed_memory()
     try:
         return _run(argv)
     except KeyboardInterrupt:
