@@ -385,8 +385,10 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     Collects, per merge point, every model's mean and covariance and the cross-covariances of
     ``pairs``: ``"reference"`` (reference with each other model) or ``"all"`` (every pair).
     Models run in eval mode as structural copies that share the callers' parameters (the
-    callers' modules, layout and mode are untouched); image batches run in the memory layout
-    :func:`ccamerge.layout.choose_layout` finds faster (``Statistics.layout``).
+    callers' modules and mode are untouched); image batches run in the memory layout
+    :func:`ccamerge.layout.choose_layout` finds faster (``Statistics.layout``), which for
+    ``"channels_last_weights"`` holds the callers' conv weights channels-last during the pass
+    and restores their strides after (:func:`ccamerge.layout.weights_in`).
 
     Models of one family whose widths differ are fine: each model's width at a point is read
     from its own spec for the built-in families (:func:`ccamerge.spec.model_widths`), from the
