@@ -5,7 +5,7 @@ Which is faster depends on the model, its width and the device. On two CPU cores
 500 3x32x32 images: ResNet20 runs 1.1-1.4x faster channels-last, VGG11 x1 about the same either
 way, VGG11 x2 1.3x and x4 / x8 1.9x faster in the standard layout (on one AMD machine); on an
 AVX2 machine VGG11 x8 ran 1.24x faster with its weights channels-last too than with channels-last
-images alone (oneDNN then skips reordering the weights at every call). A pass over many batches
+images alone, and on an Intel AVX-512 one ResNet20 x4 1.04x. A pass over many batches
 (the statistics pass, a BatchNorm reset) first times one model on the six sixths of its first
 batch (:data:`TRIAL`) and keeps the fastest layout of the three warm tries: about one model's
 pass over one batch, once. A long pass (:data:`LONG_PASS` batches or more) makes its three
