@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -56,8 +57,7 @@ _FORMATS = {"standard": torch.contiguous_format, "channels_last": torch.channels
 
 _PINNED: ContextVar[str | None] = ContextVar("ccamerge_layout", default=None)
 _CHOSEN: dict[tuple, str] = {}
-# Parameters converted by weights_in, by id: [parameter, its size and strides before, holders].
-_CONVERTED: dict[int, list] = {}
+_CONVERTED: dict[int, _Converted] = {}  # parameters converted by weights_in, by id
 _CONVERTING = threading.Lock()
 
 
@@ -117,22 +117,32 @@ def weights_in(models: nn.Module | Sequence[nn.Module], layout: str) -> Iterator
         yield
         return
     models = [models] if isinstance(models, nn.Module) else list(models)
-    held = _hold([p for m in models for p in m.parameters() if p.dim() == 4])
+    params = {id(p): p for m in models for p in m.parameters() if p.dim() == 4}  # shared: once
+    held = _hold(list(params.values()))
     try:
         yield
     finally:
         _release(held)
 
 
+@dataclass
+class _Converted:
+    """A parameter converted by :func:`weights_in`: its strides before, and how many hold it."""
+    param: nn.Parameter
+    size: torch.Size
+    stride: tuple[int, ...]
+    holders: int = 0
+
+
 def _hold(params: list[nn.Parameter]) -> list[int]:
+    """Convert each of ``params`` (distinct) to channels-last (a no-op where another holder
+    has); their ids, for :func:`_release`."""
     held: list[int] = []
     try:
         with _CONVERTING, torch.no_grad():
             for p in params:
-                if id(p) in held:  # a parameter shared between modules
-                    continue
-                entry = _CONVERTED.setdefault(id(p), [p, p.data.size(), p.data.stride(), 0])
-                entry[3] += 1
+                entry = _CONVERTED.setdefault(id(p), _Converted(p, p.data.size(), p.data.stride()))
+                entry.holders += 1
                 held.append(id(p))
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
     except BaseException:
@@ -142,15 +152,17 @@ def _hold(params: list[nn.Parameter]) -> list[int]:
 
 
 def _release(held: list[int]) -> None:
+    """Let go of ``held``; a parameter no one holds any more gets its own strides back."""
     with _CONVERTING, torch.no_grad():
         for key in held:
             entry = _CONVERTED[key]
-            entry[3] -= 1
-            if entry[3]:
+            entry.holders -= 1
+            if entry.holders:
                 continue
-            p, size, stride, _ = _CONVERTED.pop(key)
-            if p.data.stride() != stride:
-                p.data = torch.empty_strided(size, stride, dtype=p.dtype,
+            del _CONVERTED[key]
+            p = entry.param
+            if p.data.stride() != entry.stride:
+                p.data = torch.empty_strided(entry.size, entry.stride, dtype=p.dtype,
                                              device=p.device).copy_(p.data)
 
 
