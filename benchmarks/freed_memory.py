@@ -22,12 +22,12 @@ from pathlib import Path
 
 BATCH = 250
 CHILD = """
-import json, sys, time
+import json, sys
 sys.path.insert(0, 'benchmarks')
 import torch
 from ccamerge.allocator import keep_freed_memory
 from ccamerge.layout import pinned
-from cost_paper import bare_forward, paper_images, paper_model, statistics
+from cost_paper import bare_forward, paper_images, paper_model, statistics, timed_statistics
 kept = keep_freed_memory() if {keep} else False
 torch.set_num_threads(2)
 models = [paper_model({arch!r}, {width}, seed) for seed in range(2)]
@@ -38,9 +38,7 @@ with pinned("standard"):
     statistics(models, x[:{batch}], {batch}, None)
     for _ in range(2):
         best["forward"] = min(best["forward"], sum(bare_forward(models, x, {batch}, "standard")))
-        start = time.perf_counter()
-        statistics(models, x, {batch}, None)
-        best["statistics"] = min(best["statistics"], time.perf_counter() - start)
+        best["statistics"] = min(best["statistics"], timed_statistics(models, x, {batch}, None)[1])
 print(json.dumps(best | {{"kept": kept}}))
 """
 
