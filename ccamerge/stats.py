@@ -195,6 +195,7 @@ class Statistics:
     samples_per_rank: list[int] = field(default_factory=list)  # input rows each process read
     positions: int | float | None = None  # per conv map and image: all (None), k, or a fraction
     layout: str = "n/a"  # memory layout the image batches ran in (rank 0's): ccamerge.layout
+    products: str = "float32"  # precision of the per-batch products: ccamerge.moments.PRODUCTS
     # module -> its outputs' moments, each model with itself only (``cov(i, i)``), every position
     self_only: dict[str, PointStatistics] = field(default_factory=dict)
 
@@ -212,10 +213,12 @@ class Statistics:
 
     def collection(self) -> dict:
         """JSON-able: ``device``, ``world_size``, ``samples_per_rank`` (inputs, not feature-map
-        positions), their sum ``samples`` and the ``layout`` of the image batches."""
+        positions), their sum ``samples``, the ``layout`` of the image batches and the precision
+        of their ``products``."""
         return {"device": self.device, "world_size": self.world_size,
                 "samples_per_rank": list(self.samples_per_rank),
-                "samples": sum(self.samples_per_rank), "layout": self.layout}
+                "samples": sum(self.samples_per_rank), "layout": self.layout,
+                "products": self.products}
 
 
 def _as_samples(out: torch.Tensor) -> torch.Tensor:
@@ -377,7 +380,8 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
                        progress: Callable[[float], None] | None = None,
                        device: str | torch.device | None = None,
                        group: ProcessGroup | None = None, positions: int | float | None = None,
-                       seed: int = 0, self_only: Sequence[str] = ()) -> Statistics:
+                       seed: int = 0, self_only: Sequence[str] = (),
+                       products: str = "float32") -> Statistics:
     """One pass of all ``models`` over the inputs ``x``: a tensor ``[B, ...]`` or any data source
     (:func:`ccamerge.data.as_source`: a Dataset part, a DataLoader, an iterable of batches),
     streamed ``batch_size`` samples at a time, so memory does not grow with the data.
@@ -410,6 +414,11 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     covariance ``[C_i, C_i]``, no cross-covariances), over every position whatever
     ``positions`` (the mapped BatchNorm policy sets units to these moments and recomputes the
     running statistics on all positions: :mod:`ccamerge.batchnorm`); in ``Statistics.self_only``.
+
+    ``products``: the precision of the per-batch products, ``"float32"`` (exact up to float32
+    rounding) or ``"bfloat16"`` (centred bfloat16 products summed in float32: faster where the
+    CPU has AMX or AVX512-BF16, covariances to about 1e-3 relative; :mod:`ccamerge.moments`);
+    the accumulators are float64 either way. In ``Statistics.products``.
     """
     place = work_device(models, device)
     sampler = PositionSampler(positions, seed)
@@ -418,10 +427,10 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
     blocks = [(i, i) for i in range(len(models))] + _pairs_for(len(models), reference, pairs)
     runners, source = _runners(models, source, place)
     widths = _point_widths(models, runners, spec, probe)
-    main = _View.of(spec, widths, blocks, place)
+    main = _View.of(spec, widths, blocks, place, products)
     own_widths = module_widths(models, self_only)
     own = _View.of(output_spec(own_widths), own_widths, [(i, i) for i in range(len(models))],
-                   place)
+                   place, products)
 
     def fold(captures: list[dict[str, list[torch.Tensor]]],
              own_captures: list[dict[str, list[torch.Tensor]]]) -> None:
@@ -436,6 +445,7 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
                     samples_per_rank)
     stats.positions = sampler.positions
     stats.layout = layout
+    stats.products = products
     stats.self_only = _points(own.acc, own.spec, own_widths, len(models))
     return stats
 
@@ -452,10 +462,11 @@ class _View:
 
     @classmethod
     def of(cls, spec: AlignmentSpec, widths: dict[str, list[int]],
-           blocks: list[tuple[int, int]], place: torch.device) -> _View:
+           blocks: list[tuple[int, int]], place: torch.device,
+           products: str = "float32") -> _View:
         acc = {(p.name, i, j): CrossMoments(widths[p.name][i], widths[p.name][j], place)
                for p in spec.points for i, j in blocks}
-        return cls(spec, blocks, acc, _Workspace())
+        return cls(spec, blocks, acc, _Workspace(products))
 
     def fold(self, captures: list[dict[str, list[torch.Tensor]]]) -> None:
         """One batch of every model's captured samples (``captures[i]``: model i's)."""

@@ -168,7 +168,7 @@ def test_statistics_say_where_and_from_how_many_inputs_they_were_collected(digit
     collection = stats.collection()
     assert collection.pop("layout") in CANDIDATES  # digits are 1x8x8 images
     assert collection == {"device": "cpu", "world_size": 1, "samples_per_rank": [30],
-                          "samples": 30}
+                          "samples": 30, "products": "float32"}
 
 
 def _fold(samples, blocks, batch=1000):

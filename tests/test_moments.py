@@ -1,0 +1,124 @@
+"""bfloat16 products of the statistics pass (ccamerge.moments, products="bfloat16")."""
+
+import numpy as np
+import pytest
+import torch
+
+from ccamerge import moments
+from ccamerge.errors import CcamergeError
+from ccamerge.moments import ChannelMaps, _add_chunk, _Workspace, low_gram, low_product
+from ccamerge.spec import build_spec
+from ccamerge.stats import CrossMoments, collect_statistics
+
+
+def _fold(samples, blocks, products, batch):
+    """Moments of ``blocks`` of samples ``[S, n]`` per model (or ChannelMaps ``[B, n, P]``
+    batches given as lists), folded ``batch`` rows (or images) at a time."""
+    n = samples[0].shape[1]
+    acc = {("p", i, j): CrossMoments(n, n) for i, j in blocks}
+    workspace = _Workspace(products)
+    for start in range(0, len(samples[0]), batch):
+        chunk = [s[start:start + batch] for s in samples]
+        if samples[0].dim() == 3:
+            chunk = [ChannelMaps(c) for c in chunk]
+        _add_chunk(acc, "p", chunk, blocks, workspace)
+    return acc
+
+
+def _relu_models(rows, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) / n ** 0.5
+    plain = torch.relu(torch.randn(rows, n, generator=g) @ mix)
+    partner = torch.relu(plain @ mix + 0.3 * torch.randn(rows, n, generator=g))
+    offset = partner * 0.05 + 100.0  # units 100 standard deviations from zero
+    return [plain, partner, offset]
+
+
+def test_integer_samples_multiply_exactly_in_every_chunking(monkeypatch):
+    """Samples in {-1, 0, 1} are exact in bfloat16, and so is each chunk's product (integers
+    up to 256, chunks of at most 256 rows): the chunked product (rows not a multiple of the
+    chunk, few chunks held at once) is the exact integer product."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-1, 2, (10_000, 40), generator=g).to(torch.bfloat16)
+    b = torch.randint(-1, 2, (10_000, 24), generator=g).to(torch.bfloat16)
+    exact = a.double().numpy().T @ b.double().numpy()
+    for rows, held in [(256, 1 << 24), (100, 40 * 24 * 3), (33, 1)]:
+        monkeypatch.setattr(moments, "PRODUCT_ROWS", rows)
+        monkeypatch.setattr(moments, "PRODUCT_CHUNK_ELEMENTS", held)
+        got = low_product(a, b)
+        assert got.dtype == torch.float32
+        np.testing.assert_array_equal(got.double().numpy(), exact)
+    maps = torch.randint(-1, 2, (7, 40, 33), generator=g).to(torch.bfloat16)  # [B, n, P]
+    samples = maps.transpose(1, 2).reshape(-1, 40)
+    np.testing.assert_array_equal(low_product(ChannelMaps(maps), ChannelMaps(maps)).numpy(),
+                                  (samples.double().T @ samples.double()).numpy())
+
+
+@pytest.mark.parametrize("columns", [300, 2048])
+def test_bfloat16_self_products_are_exactly_symmetric(columns, monkeypatch):
+    monkeypatch.setattr(moments, "LOW_GRAM_MIN_COLUMNS", 2048)
+    a = torch.relu(torch.randn(5000, columns)).to(torch.bfloat16)
+    own = low_gram(a)
+    assert torch.equal(own, own.T)
+    reference = (a.double().T @ a.double())
+    # each chunk's product is rounded once to bfloat16 (relative 2^-8 at most)
+    assert float((own.double() - reference).abs().max() / reference.abs().max()) < 2 ** -8
+
+
+@pytest.mark.parametrize("layout", ["rows", "maps"])
+def test_bfloat16_moments_match_float64_within_the_sampling_spread(layout):
+    """Three models (one 100 standard deviations from zero), rows or standard-layout maps: the
+    bfloat16 covariances are within 2e-3 of std_i std_j of numpy's float64 ones, 20x below
+    the difference between the two halves of the data; the means within 1e-5 of a std."""
+    models = _relu_models(48_000, 64)
+    blocks = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2)]
+    if layout == "maps":  # [B, n, P] with P = 1200 positions
+        maps = [m.reshape(40, 1200, 64).transpose(1, 2).contiguous() for m in models]
+        acc = _fold(maps, blocks, "bfloat16", batch=10)
+    else:
+        acc = _fold(models, blocks, "bfloat16", batch=12_000)
+    joint = np.cov(torch.cat(models, 1).double().numpy().T)
+    halves = [np.cov(torch.cat(models, 1)[part].double().numpy().T)
+              for part in (slice(0, 24_000), slice(24_000, None))]
+    std = np.sqrt(np.diag(joint))
+    for i, j in blocks:
+        rows, cols = slice(i * 64, (i + 1) * 64), slice(j * 64, (j + 1) * 64)
+        scale = np.outer(std[rows], std[cols])
+        error = np.abs(acc[("p", i, j)].covariance - joint[rows, cols]) / scale
+        spread = np.abs(halves[0][rows, cols] - halves[1][rows, cols]) / scale
+        assert error.max() < 2 ** -8, (i, j, error.max())  # one rounding of a chunk, at most
+        assert error.mean() < spread.mean() / 20, (i, j, error.mean(), spread.mean())
+    for i in range(3):
+        mean = acc[("p", i, i)].mean_x.numpy()
+        exact = models[i].double().mean(0).numpy()
+        assert np.abs(mean - exact).max() < 1e-5 * std[i * 64:(i + 1) * 64].min()
+
+
+def test_a_vgg_pass_in_bfloat16_is_close_to_float32_and_says_so(digits):
+    from ccamerge.models import build_model
+
+    models = [build_model("vgg", cfg=[16, "M", 32], image_shape=[1, 8, 8]) for _ in range(2)]
+    for seed, model in enumerate(models):
+        torch.manual_seed(seed)
+        model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    spec = build_spec(models[0])
+    exact = collect_statistics(models, spec, digits.x_train[:400], batch_size=100)
+    low = collect_statistics(models, spec, digits.x_train[:400], batch_size=100,
+                             products="bfloat16")
+    assert low.products == "bfloat16" and low.collection()["products"] == "bfloat16"
+    assert exact.products == "float32"
+    for name, point in exact.points.items():
+        for (i, j), cov in point.covs.items():
+            scale = np.outer(point.std(i), point.std(j)) + 1e-12
+            error = np.abs(low[name].cov(i, j) - cov) / scale
+            assert error.max() < 1e-2, (name, i, j, error.max())
+        np.testing.assert_allclose(low[name].mean[0], point.mean[0], rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_precision_is_one_clear_error(digits):
+    from ccamerge.models import build_model
+
+    model = build_model("mlp", hidden=[8])
+    with pytest.raises(CcamergeError, match="products must be one of float32, bfloat16"):
+        collect_statistics([model, model], build_spec(model), digits.x_train[:20],
+                           products="float16")
