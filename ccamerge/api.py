@@ -54,6 +54,7 @@ from ccamerge.distributed import rank_and_size, reset_batchnorm_sharded
 from ccamerge.errors import CcamergeError
 from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method
+from ccamerge.moments import PRODUCTS
 from ccamerge.repair import repair as repair_units
 from ccamerge.spec import STREAM_POINTS, AlignmentSpec, resized_spec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
@@ -103,7 +104,7 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           statistics: Statistics | None = None, spec: AlignmentSpec | None = None,
           stream_points: str = "pooled", device=None, group=None, progress: Progress = _silent,
           widths: dict[str, int] | None = None, self_only: Sequence[str] = (),
-          **options) -> AlignResult:
+          products: str = "float32", **options) -> AlignResult:
     """Transforms bringing every model into the reference's basis (jointly for ZipIt).
 
     ``statistics``: reuse statistics collected earlier (same models and reference, and every
@@ -119,10 +120,14 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     ``Method.target_width``; see :mod:`ccamerge.methods.narrow`). ``self_only``: modules whose
     output moments the statistics pass also measures, each model with itself (the mapped
     BatchNorm reset's: :func:`ccamerge.batchnorm.moment_batchnorms`); only when collected here.
+    ``products``: the precision of the statistics pass's products, ``"float32"`` or
+    ``"bfloat16"`` (faster on CPUs with AMX or AVX512-BF16; see
+    :func:`ccamerge.stats.collect_statistics`); only when collected here.
     """
     spec_method: Method = get_method(method)
     resolved = spec_method.resolve(options)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
+    _check_choice("products", products, PRODUCTS)
     source = train_source(data)
     check_compatible(models, source, reference, method)
     models, place = place_models(models, device)
@@ -135,6 +140,7 @@ def align(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                                    reference=reference,
                                    pairs=spec_method.statistics, batch_size=batch_size,
                                    device=place, group=group, self_only=self_only,
+                                   products=products,
                                    progress=lambda f: progress(0.6 * f, "collecting statistics"))
     progress(0.6, f"solving {method}")
     ctx = AlignContext([m.state_dict() for m in models], spec, stats, reference, seed, widths)
@@ -213,7 +219,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
           sources: Sequence[str | None] | None = None, data_dir: str | None = None,
           statistics: Statistics | None = None, device=None, group=None,
           target_model: int | None = None, target_width: float | None = None,
-          progress: Progress = _silent, **options) -> MergeResult:
+          products: str = "float32", progress: Progress = _silent, **options) -> MergeResult:
     """Align ``models`` (N >= 2, one architecture) with ``method`` and average them.
 
     Models of one family whose widths differ merge with the methods that allow it
@@ -242,6 +248,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     ``reset_base_bn``: recompute the base models' BatchNorm statistics on the training data
     before anything else (on copies; the official code does this). ``stream_points``: see
     :func:`align`. ``statistics`` given with ``reset_base_bn`` must be those of the reset models.
+    ``products``: the precision of the alignment statistics' products (:func:`align`).
     ``sources``: the file each model was loaded from (default: each model's ``.source``) and
     ``data_dir``: the folder the dataset was read from, both recorded in the recipe.
     ``statistics``: reuse statistics collected earlier (:func:`align`), so several methods
@@ -263,6 +270,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
     check_policy(bn_policy)
     validate.flag("reset_base_bn", reset_base_bn)
     _check_choice("stream_points", stream_points, STREAM_POINTS)
+    _check_choice("products", products, PRODUCTS)
     recorded = model_sources(models, sources)
     _check_width_options(models, repair)
     shell, widths = target.plan(models, method, reference, target_width, data)
@@ -277,7 +285,7 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                     batch_size=batch_size, seed=seed, spec=spec, statistics=statistics,
                     stream_points=stream_points, group=group, progress=progress, widths=widths,
                     self_only=moment_batchnorms(models[0], bn_policy, bn_reset=bn_reset),
-                    **options)
+                    products=products, **options)
     progress(0.8, "averaging")
     weights = weights if weights is not None else [1.0 / len(models)] * len(models)
     merged, states = average_aligned(models, aligned, weights, reference, bn_policy,
@@ -296,7 +304,9 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
               "target_model": reference, "target_width": target_width,
               "target_widths": target_widths(aligned),
               "bn_reset": bn_reset, "bn_policy": bn_policy, "reset_base_bn": reset_base_bn,
-              "stream_points": stream_points, "repair": repair, "weights": weights,
+              "stream_points": stream_points, "repair": repair,
+              "products": products if aligned.statistics is None else aligned.statistics.products,
+              "weights": weights,
               "stats_samples": stats_samples, "seed": seed,
               "data": describe_data(data, data_dir), "models": recorded,
               "model_sha256": [getattr(m, "sha256", None) for m in models],
@@ -385,12 +395,12 @@ def finish_batchnorm(merged: nn.Module, models: Sequence[nn.Module], aligned: Al
 
 
 def collection_of(stats: Statistics | None, place: torch.device, group=None) -> dict:
-    """``{"device", "world_size", "samples_per_rank", "samples", "layout"}`` of a merge (no
-    samples for a data-free method)."""
+    """``{"device", "world_size", "samples_per_rank", "samples", "layout", "products"}`` of a
+    merge (no samples for a data-free method)."""
     if stats is not None:
         return stats.collection()
     return {"device": str(place), "world_size": rank_and_size(group)[1], "samples_per_rank": [],
-            "samples": 0, "layout": "n/a"}
+            "samples": 0, "layout": "n/a", "products": "n/a"}
 
 
 def _file_name(model: nn.Module) -> str | None:

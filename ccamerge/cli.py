@@ -167,8 +167,8 @@ def cmd_merge(args) -> dict:
                "reference": reference, "target_width": args.target_width,
                "bn_reset": not args.no_bn_reset,
                "bn_policy": args.bn_policy, "reset_base_bn": args.reset_base_bn,
-               "stream_points": args.stream_points, "repair": args.repair,
-               "stats_samples": args.stats_samples, "seed": args.seed,
+               "stream_points": args.stream_points, "products": args.products,
+               "repair": args.repair, "stats_samples": args.stats_samples, "seed": args.seed,
                "data": {"name": args.data, "data_dir": args.data_dir}, "models": args.models}
     get_method(args.method).resolve(request["options"])
     return _merge(request, args, inputs=args.models)
@@ -245,6 +245,7 @@ def _merge_as(request: dict, models, data, progress, ctx) -> api.MergeResult:
                      bn_policy=request.get("bn_policy", LEGACY_POLICY),
                      reset_base_bn=request.get("reset_base_bn", False),
                      stream_points=request.get("stream_points", "pooled"),
+                     products=request.get("products", "float32"),
                      repair=request.get("repair", False), weights=request.get("weights"),
                      target_width=request.get("target_width"),
                      stats_samples=request.get("stats_samples"), seed=request.get("seed", 0),
@@ -260,7 +261,8 @@ def _merge_only_settings(args, command: str, *, policy: bool = False) -> None:
         raise CcamergeError(f"--bn-policy {args.bn_policy} is available for merge and diagnose, "
                             f"not {command}")
     for flag, given in (("--reset-base-bn", args.reset_base_bn),
-                        ("--stream-points last", args.stream_points != "pooled")):
+                        ("--stream-points last", args.stream_points != "pooled"),
+                        ("--products bfloat16", args.products != "float32")):
         if given:
             raise CcamergeError(f"{flag} is available for merge, not {command}")
 

@@ -23,6 +23,7 @@ from ccamerge.errors import CcamergeError
 from ccamerge.files import MAX_RECIPE_BYTES, read_bytes, regular_file, sha256_file
 from ccamerge.io import MAX_BYTES, archive_info, read_info
 from ccamerge.methods import get_method
+from ccamerge.moments import PRODUCTS
 from ccamerge.spec import STREAM_POINTS
 from ccamerge.trace.torchscript import is_torchscript_archive
 
@@ -103,6 +104,8 @@ def _check_fields(recipe: dict) -> None:
     if recipe.get("stream_points", "pooled") not in STREAM_POINTS:
         raise CcamergeError(f"stream_points must be one of {STREAM_POINTS}, got "
                             f"{recipe['stream_points']!r}")
+    if recipe.get("products", "float32") not in PRODUCTS:
+        raise CcamergeError(f"products must be one of {PRODUCTS}, got {recipe['products']!r}")
     recorded_sha256(recipe)
     recorded_architectures(recipe)
     data_sha256 = data.get("sha256")

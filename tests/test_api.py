@@ -51,7 +51,8 @@ def test_the_recipe_is_complete_and_names_the_sources(mlps, digits):
         "method": "zipit", "options": {"alpha": 0.5, "beta": 0.125}, "reference": 0,
         "target_model": 0, "target_width": None, "target_widths": {"fc1": 64, "fc2": 64},
         "bn_reset": False, "bn_policy": "mapped", "reset_base_bn": False,
-        "stream_points": "pooled", "repair": False, "weights": [0.25, 0.75],
+        "stream_points": "pooled", "repair": False, "products": "float32",
+        "weights": [0.25, 0.75],
         "stats_samples": 500, "seed": 4, "models": ["a.safetensors", None],
         "model_sha256": [None, None], "model_files": [None, None],  # trained here, not loaded
         "data": {"name": "digits", "data_dir": "/data", "train_size": len(digits.y_train),
@@ -202,7 +203,7 @@ def test_merge_on_an_explicit_cpu_device_is_the_default_merge(mlps, digits):
     assert on_cpu.collection == {"device": "cpu", "world_size": 1,
                                  "samples_per_rank": [len(digits.y_train)],
                                  "samples": len(digits.y_train),
-                                 "layout": on_cpu.collection["layout"]}
+                                 "layout": on_cpu.collection["layout"], "products": "float32"}
     assert merge(mlps[:2], digits, "weight_matching").collection["samples"] == 0
 
 

@@ -10,6 +10,7 @@ from ccamerge import api, cli
 from ccamerge.cli import main
 from ccamerge.data import load_dataset
 from ccamerge.errors import CcamergeError
+from ccamerge.evaluate import evaluate_model
 from ccamerge.io import RECIPE_FILE, archive_info, load_archive_model, load_model
 from ccamerge.methods import METHODS, Alignment, Method, Option
 from ccamerge.methods.base import identity_transforms
@@ -72,6 +73,26 @@ def test_merge_writes_a_model_that_loads(zoo, tmp_path, capsys, method):
     wanted = api.merge([load_model(p) for p in zoo], load_dataset("digits"), method)
     assert wanted.recipe == recipe  # the CLI saves the API's recipe, nothing patched in
     assert all(torch.equal(t, merged.state_dict()[k]) for k, t in wanted.model.state_dict().items())
+
+
+def test_merge_with_bfloat16_products_records_them_and_replays(zoo, tmp_path, capsys):
+    out, again = tmp_path / "low.safetensors", tmp_path / "again.safetensors"
+    code, result, _ = run(capsys, "merge", *zoo, "--products", "bfloat16", "--out", str(out))
+    assert code == 0 and result["products"] == "bfloat16"
+    recipe = load_model(out).info["merge"]
+    assert recipe["products"] == "bfloat16"
+    exact = api.merge([load_model(p) for p in zoo], load_dataset("digits"), "cca")
+    assert exact.recipe["products"] == "float32"
+    digits = load_dataset("digits")
+    exact_accuracy = evaluate_model(exact.model, digits.x_test, digits.y_test)["accuracy"]
+    assert abs(result["accuracy"] - exact_accuracy) < 2.0
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    code, replayed, _ = run(capsys, "replay", str(tmp_path / "recipe.json"), "--out", str(again))
+    assert code == 0 and replayed["products"] == "bfloat16"
+    a, b = load_model(out).state_dict(), load_model(again).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    err = run_error(capsys, "interpolate", *zoo, "--products", "bfloat16")
+    assert "--products bfloat16 is available for merge, not interpolate" in err
 
 
 def test_replay_reproduces_the_same_weights(zoo, tmp_path, capsys):

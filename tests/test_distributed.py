@@ -149,7 +149,8 @@ def test_gloo_ranks_equal_one_process(pinned_layout, tmp_path, mlps, digits, lau
     blocks = [batch_block(rows, BATCH, r, world) for r in range(world)]
     assert ranks[0]["collection"] == {"device": "cpu", "world_size": world, "samples": rows,
                                       "samples_per_rank": [b.stop - b.start for b in blocks],
-                                      "layout": ranks[0]["collection"]["layout"]}
+                                      "layout": ranks[0]["collection"]["layout"],
+                                      "products": "float32"}
     for other in ranks[1:]:  # every rank holds the same merge
         for key, value in other["merged"].items():
             torch.testing.assert_close(value, ranks[0]["merged"][key], rtol=0, atol=0)
