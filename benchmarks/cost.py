@@ -28,7 +28,10 @@ x1..x8, N = 2 and 4; see ``cost_paper.py``), writing ``cost_paper.csv`` / ``cost
 rerun continues an interrupted one (settings already in the CSV for this machine are kept)
 unless ``--fresh``. A row is one setting on one machine (``cpu``: its model name and the vector
 instructions torch uses there): a run on another machine adds its rows beside the others, and
-``--paper-redo`` replaces only this machine's. The README's cost section gets both reports.
+``--paper-redo`` replaces only this machine's. ``--paper-products bfloat16`` and
+``--paper-allocator kept`` measure the statistics pass's bfloat16 products and the CLI's way of
+keeping freed memory (rows of their own beside the float32 / fixed-threshold ones). The README's
+cost section gets both reports.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import torch
 from cost_paper import (
+    ALLOCATORS,
     PAPER_IMAGES,
     PAPER_NS,
     PAPER_WIDTHS,
@@ -62,6 +66,7 @@ from ccamerge.data import available_datasets, load_dataset
 from ccamerge.methods import get_method
 from ccamerge.methods.base import AlignContext
 from ccamerge.models import build_model
+from ccamerge.moments import PRODUCTS
 from ccamerge.spec import build_spec
 from ccamerge.stats import channels_last, collect_statistics
 from ccamerge.transform import average_states, reset_batchnorm, with_state
@@ -309,6 +314,11 @@ def main() -> None:
     parser.add_argument("--paper-archs", nargs="+", default=["vgg11", "resnet20"],
                         choices=["vgg11", "resnet20"], help="--paper: the architectures to "
                         "measure now")
+    parser.add_argument("--paper-products", choices=list(PRODUCTS), default="float32",
+                        help="--paper: the statistics pass's products (collect_statistics)")
+    parser.add_argument("--paper-allocator", choices=list(ALLOCATORS), default="fixed",
+                        help="--paper: fixed (glibc's mmap threshold at 128 KiB: the live peak) "
+                        "or kept (freed memory kept for reuse, as the CLI runs)")
     parser.add_argument("--paper-redo", action="store_true",
                         help="--paper: measure --paper-widths x --paper-ns again on this machine "
                         "(e.g. with more --paper-images), keeping the other rows")
@@ -348,11 +358,12 @@ def paper(args, out: Path) -> None:
     done = [] if args.fresh else read_rows(out / "cost_paper.csv")
     if args.paper_redo:  # measure the named settings again, keep the others
         here = cpu_name()
-        named = {(a, float(w), n, here) for a in args.paper_archs for w in args.paper_widths
-                 for n in args.paper_ns}
+        named = {(a, float(w), n, here, args.paper_products, args.paper_allocator)
+                 for a in args.paper_archs for w in args.paper_widths for n in args.paper_ns}
         done = [r for r in done if setting_key(r) not in named]
     rows = paper_rows(args.paper_archs, args.paper_widths, args.paper_ns, args.paper_images,
-                      args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images))
+                      args.repeats, done, lambda rows: write_paper(rows, out, args.paper_images),
+                      products=args.paper_products, allocator=args.paper_allocator)
     print(write_paper(rows, out, args.paper_images))
     write_readme(args, out, (out / "cost_summary.md").read_text()
                  if (out / "cost_summary.md").exists() else "")

@@ -126,21 +126,22 @@ def projected(total: float, per_batch: list[float], batches: float) -> float:
     return total - len(per_batch) * steady + batches * steady
 
 
-def statistics(models, x, batch: int, positions, marks: list | None = None):
-    """The statistics pass as ``api.merge`` runs it; ``marks`` gets the clock at each batch's
-    end (its progress reports)."""
+def statistics(models, x, batch: int, positions, marks: list | None = None,
+               products: str = "float32"):
+    """The statistics pass as ``api.merge`` runs it (its products in ``products``); ``marks``
+    gets the clock at each batch's end (its progress reports)."""
     from ccamerge.spec import build_spec
     from ccamerge.stats import collect_statistics
 
     report = None if marks is None else (lambda _done: marks.append(time.perf_counter()))
     return collect_statistics(models, build_spec(models[0]), x, batch_size=batch,
-                              positions=positions, progress=report)
+                              positions=positions, progress=report, products=products)
 
 
-def timed_statistics(models, x, batch: int, positions):
+def timed_statistics(models, x, batch: int, positions, products: str = "float32"):
     """``(statistics, total seconds, seconds per batch)`` of one statistics pass."""
     marks = [time.perf_counter()]
-    stats = statistics(models, x, batch, positions, marks)
+    stats = statistics(models, x, batch, positions, marks, products)
     end = time.perf_counter()
     return stats, end - marks[0], [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
 
@@ -177,8 +178,13 @@ def status_mb(key: str) -> float:
 
 
 def measure(arch: str, width: float, n: int, images: int, repeats: int,
-            positions=None) -> dict:
-    """One setting's row (run it in a fresh process: see :func:`run_setting`)."""
+            positions=None, products: str = "float32", allocator: str = "fixed") -> dict:
+    """One setting's row (run it in a fresh process: see :func:`run_setting`), the statistics
+    pass's products in ``products``, under ``allocator`` (:data:`ALLOCATORS`)."""
+    if allocator == "kept":
+        from ccamerge.allocator import keep_freed_memory
+
+        keep_freed_memory()
     from ccamerge.layout import choose_layout, forget_choices, long_pass
     from ccamerge.transform import reset_batchnorm
 
@@ -187,14 +193,14 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
     x, target_batches = paper_images(images), PAPER_TARGET / batch
     for layout in CANDIDATES:  # one-time allocations and kernel choices go first
         bare_forward(models, x[:2], 2, layout)
-    statistics(models, x[:2], 2, positions)
+    statistics(models, x[:2], 2, positions, products=products)
     best: dict[str, float] = {}
 
     def keep(name: str, seconds: float) -> None:
         best[name] = min(best.get(name, float("inf")), seconds)
 
     def keep_statistics() -> tuple:
-        stats, total, per_batch = timed_statistics(models, x, batch, positions)
+        stats, total, per_batch = timed_statistics(models, x, batch, positions, products)
         at_50k = projected(total, per_batch, target_batches)
         keep("statistics", total)
         keep("statistics_50k", at_50k)
@@ -225,7 +231,8 @@ def measure(arch: str, width: float, n: int, images: int, repeats: int,
         reset = timed(lambda: reset_batchnorm(merged, x, batch_size=batch))[1]
         keep("bn_reset", reset if arch == "resnet20" else 0.0)
     out = row(arch, width, n, images, batch, best, status_mb("VmHWM"), before, positions)
-    return out | adjacent_ratio(out, sorted(adjacent)[len(adjacent) // 2]) | {"layout": chosen}
+    return (out | adjacent_ratio(out, sorted(adjacent)[len(adjacent) // 2])
+            | {"layout": chosen, "products": products, "allocator": allocator})
 
 
 def adjacent_ratio(out: dict, statistics_ratio: float) -> dict:
@@ -277,44 +284,57 @@ def cpu_name() -> str:
 
 
 def setting_key(row: dict) -> tuple:
-    """``(arch, width, N, cpu)``: a row is one setting on one machine."""
-    return row["arch"], float(row["width"]), int(row["N"]), row.get("cpu") or ""
+    """``(arch, width, N, cpu, products, allocator)``: a row is one setting on one machine
+    (rows from before the products and allocator choices: float32 under the fixed
+    threshold)."""
+    return (row["arch"], float(row["width"]), int(row["N"]), row.get("cpu") or "",
+            row.get("products") or "float32", row.get("allocator") or "fixed")
 
 
 CODE = """
 import json, sys
 sys.path.insert(0, 'benchmarks')
 from cost_paper import measure
-print(json.dumps(measure({arch!r}, {width}, {n}, {images}, {repeats}, {positions!r})))
+print(json.dumps(measure({arch!r}, {width}, {n}, {images}, {repeats}, {positions!r},
+                         {products!r}, {allocator!r})))
 """
+# How the setting's process allocates memory: "fixed": glibc's mmap threshold fixed at 128 KiB
+# (freed maps go back to the system at once: VmHWM is the live peak); "kept": freed memory kept
+# for reuse, as the CLI runs (ccamerge.allocator.keep_freed_memory; VmHWM is what it holds).
+ALLOCATORS = ("fixed", "kept")
 
 
 def run_setting(arch: str, width: float, n: int, images: int, repeats: int,
-                positions=None) -> dict:
+                positions=None, products: str = "float32", allocator: str = "fixed") -> dict:
     """:func:`measure` in a fresh Python process (a failure, e.g. out of memory, is a row)."""
     code = CODE.format(arch=arch, width=width, n=n, images=images, repeats=repeats,
-                       positions=positions)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                       positions=positions, products=products, allocator=allocator)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if allocator == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"arch": arch, "width": width, "N": n, "images": images,
                 "positions": "all" if positions is None else positions,
+                "products": products, "allocator": allocator,
                 "error": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def paper_rows(archs, widths, ns, base: int, repeats: int, done: list[dict],
-               on_row) -> list[dict]:
-    """Every setting not in ``done`` on this machine (rows of an earlier, interrupted run;
-    rows of other machines are kept beside), ``on_row(rows)`` after each."""
+               on_row, products: str = "float32", allocator: str = "fixed") -> list[dict]:
+    """Every setting not in ``done`` on this machine with these ``products`` and ``allocator``
+    (rows of an earlier, interrupted run; rows of other machines and conditions are kept
+    beside), ``on_row(rows)`` after each."""
     rows, here = list(done), cpu_name()
     have = {setting_key(r) for r in done}
     for arch in archs:
         for width in widths:
             for n in ns:
-                if (arch, float(width), n, here) in have:
+                if (arch, float(width), n, here, products, allocator) in have:
                     continue
-                rows.append(run_setting(arch, width, n, images_for(width, base), repeats))
+                rows.append(run_setting(arch, width, n, images_for(width, base), repeats,
+                                        products=products, allocator=allocator))
                 print(json.dumps(rows[-1]), flush=True)
                 on_row(rows)
     return rows
@@ -327,7 +347,7 @@ def paper_summary(rows: list[dict], base: int) -> str:
     cols = ["arch", "width", "N", "images", "batch", "layout", "forward", "layout_probe",
             "statistics", "solve", "transforms", "averaging", "bn_reset", "total", "ratio",
             "projection", "ratio_50k", "ratio_50k_adjacent", "peak_gb", "merge_peak_extra_gb",
-            "load_1min", "cpu"]
+            "load_1min", "products", "allocator", "cpu"]
     good = sorted((r for r in rows if not r.get("error")), key=machine_order)
     failed = [f"{r['arch']} x{r['width']:g} N={r['N']}: {r['error']}" for r in rows
               if r.get("error")]
@@ -353,8 +373,14 @@ def paper_summary(rows: list[dict], base: int) -> str:
             "phases); peak memory in GB (whole process, and added by the merge); `load_1min`: "
             "the machine's load average when the setting finished; `cpu`: the machine, its model "
             "name and the vector instructions torch used on it (blank: the first machine, not "
-            "recorded; a row is one setting on one machine, grouped by machine).", "",
-            *markdown([{"projection": "per image", "batch": "", "cpu": ""} | r for r in good],
+            "recorded; a row is one setting on one machine, grouped by machine); `products`: "
+            "the precision of the statistics pass's products (`--paper-products`; "
+            "`collect_statistics(products=...)`); `allocator`: `fixed`: glibc's mmap threshold "
+            "fixed at 128 KiB, so freed feature maps go back to the system and the peak is the "
+            "live peak; `kept`: freed memory kept for reuse, as the CLI runs "
+            "(`--paper-allocator`; ccamerge/allocator.py), forward and merge alike.", "",
+            *markdown([{"projection": "per image", "batch": "", "cpu": "",
+                        "products": "float32", "allocator": "fixed"} | r for r in good],
                       cols), "",
             *target_lines(good)]
     text += ["", "Peak memory is the whole process at the largest setting (the models, their "
@@ -365,22 +391,25 @@ def paper_summary(rows: list[dict], base: int) -> str:
 
 
 def machine_order(row: dict) -> tuple:
-    """Rows grouped by machine (the newest, with a named CPU, first), then by setting."""
-    arch, width, n, cpu = setting_key(row)
-    return not cpu, cpu, arch, width, n
+    """Rows grouped by machine (the newest, with a named CPU, first), then by condition
+    (products, allocator), then by setting."""
+    arch, width, n, cpu, products, allocator = setting_key(row)
+    return not cpu, cpu, products, allocator, arch, width, n
 
 
 def target_lines(rows: list[dict]) -> list[str]:
-    """One line per machine: the settings whose ``ratio_50k_adjacent`` is at most 1.3, and the
-    others with theirs."""
+    """One line per machine and condition (products, allocator): the settings whose
+    ``ratio_50k_adjacent`` is at most 1.3, and the others with theirs."""
     lines = []
-    for cpu in dict.fromkeys(setting_key(r)[3] for r in rows):
+    for group in dict.fromkeys(setting_key(r)[3:] for r in rows):
+        cpu, products, allocator = group
         mine = [(r, r.get("ratio_50k_adjacent", r["ratio_50k"])) for r in rows
-                if setting_key(r)[3] == cpu]
+                if setting_key(r)[3:] == group]
         met = [f"{r['arch']} x{r['width']:g} N={r['N']}" for r, ratio in mine if ratio <= 1.3]
         missed = [f"{r['arch']} x{r['width']:g} N={r['N']} ({ratio})" for r, ratio in mine
                   if ratio > 1.3]
-        lines += [f"- {cpu or 'earlier machine (cpu not recorded)'}: ratio_50k_adjacent at "
+        lines += [f"- {cpu or 'earlier machine (cpu not recorded)'}, {products} products, "
+                  f"{allocator} allocator: ratio_50k_adjacent at "
                   f"most 1.3: {', '.join(met) or 'nowhere'}; above: "
                   f"{', '.join(missed) or 'nowhere'}."]
     return lines

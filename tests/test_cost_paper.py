@@ -38,3 +38,19 @@ def test_projection_keeps_the_once_cost_and_repeats_the_steady_batches():
     assert projected(6.0, [3.0, 3.0], 4) == pytest.approx(12.0)  # no once cost: linear
     assert paper_batches(4000) == (4000, 500) and paper_batches(500) == (500, 250)
     assert paper_batches(125) == (124, 62) and paper_batches(1001) == (999, 333)
+
+
+def test_a_setting_runs_in_its_own_process_with_its_products_and_allocator():
+    """``run_setting`` passes the products and the allocator to the child (a row says both);
+    rows of other conditions are kept beside and grouped apart in the summary."""
+    from cost_paper import paper_summary, run_setting, setting_key
+
+    row = run_setting("vgg11", 0.125, 2, 8, 1, products="bfloat16", allocator="kept")
+    assert "error" not in row, row.get("error")
+    assert (row["products"], row["allocator"]) == ("bfloat16", "kept")
+    older = {k: v for k, v in row.items() if k not in ("products", "allocator")}
+    assert setting_key(older)[4:] == ("float32", "fixed")  # rows from before the choice
+    assert setting_key(row) != setting_key(older)
+    text = paper_summary([row, older], 8)
+    assert "bfloat16 products, kept allocator" in text
+    assert "float32 products, fixed allocator" in text
