@@ -1,6 +1,6 @@
-"""Does computing statistics from a subset of each feature map's positions change CCA merges?
+"""Do cheaper statistics (a subset of each map's positions, bfloat16 products) change CCA merges?
 
-    python benchmarks/positions_check.py [--variants 0.5 0.25 0.125 16 4] [--pool 4]
+    python benchmarks/positions_check.py [--variants 0.5 0.25 0.125 16 4 bfloat16] [--pool 4]
         [--seeds 0 1 2] [--gammas default selected] [--out benchmarks/results/positions_check.md]
 
 Trains (or reuses from ``benchmarks/cache/positions_check``, with the merges already done)
@@ -8,8 +8,10 @@ pools of ``--pool`` VGG and ResNet20 models (x1) on the reproduction's default d
 (Fashion-MNIST at 14x14 px, the same 4000 training images, 6 and 3 epochs, seeds 0..pool-1;
 ``reproduce.py``'s ``default`` profile),
 then merges every subset of 2..pool models with CCA (BatchNorm reset on) from statistics of the
-same 1000 training images: once with every position of every map, once per variant (a fraction
-of each map's positions per image, or a count) and position seed. ``--gammas``: CCA's default
+same 1000 training images: once with every position of every map in float32 products, once per
+variant (a fraction of each map's positions per image, or a count, per position seed; or
+``bfloat16``: every position, products in bfloat16, ``collect_statistics(products=...)``, one
+run: it has no seed). ``--gammas``: CCA's default
 options, and/or the gamma the reproduction selected on held-out data for these pools
 (``benchmarks/results/default/selected.csv``, setting "same", x1: the pools' first models are
 the reproduction's, trained with the same seeds and data). As a yardstick of how much a merge
@@ -47,9 +49,25 @@ from ccamerge.train import train_zoo
 MARGIN = 0.2  # accuracy points a default may cost at most (lower end of the 95% interval)
 
 
-def parse_variant(text: str) -> int | float:
-    """``"0.25"`` -> 0.25 (a fraction), ``"16"`` -> 16 (positions per image)."""
+PRODUCT_VARIANTS = ("bfloat16",)  # variants that change the products' precision, not positions
+
+
+def parse_variant(text: str) -> int | float | str:
+    """``"0.25"`` -> 0.25 (a fraction), ``"16"`` -> 16 (positions per image), ``"bfloat16"``
+    (every position, bfloat16 products)."""
+    if text in PRODUCT_VARIANTS:
+        return text
     return float(text) if "." in text else int(text)
+
+
+def variant_runs(variants: list, seeds: list[int]) -> list[tuple]:
+    """``(variant, seed)`` of every merge of a subset: every position (None), each positions
+    variant per seed, each products variant once, ``resample`` per seed."""
+    runs = [(None, 0)]
+    for variant in variants:
+        runs += [(variant, seeds[0])] if variant in PRODUCT_VARIANTS else \
+            [(variant, seed) for seed in seeds]
+    return runs + [("resample", seed) for seed in seeds]
 
 
 def train_pool(arch: str, data, profile: dict, size: int, cache: Path) -> list:
@@ -70,12 +88,13 @@ def selected_options(arch: str, path: Path) -> dict:
     raise SystemExit(f"no selected CCA options for {arch} x1 'same' in {path}")
 
 
-def merged_accuracy(models, data, x_stats, positions, seed: int, options: dict
-                    ) -> tuple[float, float]:
+def merged_accuracy(models, data, x_stats, positions, seed: int, options: dict,
+                    products: str = "float32") -> tuple[float, float]:
     """(test accuracy of the CCA merge, seconds of its statistics pass)."""
     spec = resolve_spec(models, x_stats)
     start = time.perf_counter()
-    stats = collect_statistics(models, spec, x_stats, positions=positions, seed=seed)
+    stats = collect_statistics(models, spec, x_stats, positions=positions, seed=seed,
+                               products=products)
     seconds = time.perf_counter() - start
     scores = score_merge(models, "cca", options, stats, spec, x_stats, data.x_test, data.y_test,
                          reference=0, bn_reset=True)
@@ -114,14 +133,14 @@ def run_arch(arch: str, data, profile: dict, args, samples: dict) -> list[dict]:
     for (label, options), n in itertools.product(gammas.items(), range(2, args.pool + 1)):
         for subset in itertools.combinations(range(args.pool), n):
             members = [models[i] for i in subset]
-            for variant, seed in [(None, 0), *itertools.product(args.variants, args.seeds),
-                                  *(("resample", s) for s in args.seeds)]:
+            for variant, seed in variant_runs(args.variants, args.seeds):
                 row = done.get(arch=arch, gamma=label, subset=subset, variant=variant, seed=seed)
                 if row is None:
                     x = samples[seed + 1] if variant == "resample" else samples[0]
-                    positions = None if variant == "resample" else variant
+                    low = variant in PRODUCT_VARIANTS
+                    positions = None if variant == "resample" or low else variant
                     accuracy, seconds = merged_accuracy(members, data, x, positions, seed,
-                                                        options)
+                                                        options, variant if low else "float32")
                     row = {"arch": arch, "gamma": label, "options": options, "N": n,
                            "subset": subset, "variant": variant, "seed": seed,
                            "accuracy": accuracy, "seconds": seconds}
@@ -168,12 +187,17 @@ def summarise(rows: list[dict], variants: list) -> list[dict]:
 
 def verdict(summary: list[dict]) -> str:
     """Which variants qualify (lower interval end above -MARGIN everywhere)."""
-    good = [v for v in dict.fromkeys(r["variant"] for r in summary) if v != "resample"
-            and all(r["ci_low"] >= -MARGIN for r in summary if r["variant"] == v)]
+    tried = [v for v in dict.fromkeys(r["variant"] for r in summary) if v != "resample"]
+    good = [v for v in tried
+            if all(r["ci_low"] >= -MARGIN for r in summary if r["variant"] == v)]
     if not good:
+        defaults = [text for kinds, text in (
+            ([v for v in tried if v not in PRODUCT_VARIANTS], "every position (positions=None)"),
+            ([v for v in tried if v in PRODUCT_VARIANTS], 'float32 products (products="float32")'),
+        ) if kinds]
         return (f"No variant keeps the lower end of the 95% interval above -{MARGIN} points for "
-                "both architectures and gammas: the default stays every position "
-                "(positions=None).")
+                "both architectures and gammas: the defaults stay " + " and ".join(defaults)
+                + ".")
     return ("Variants within the margin for both architectures and gammas: "
             + ", ".join(map(str, good)) + ".")
 
@@ -181,7 +205,8 @@ def verdict(summary: list[dict]) -> str:
 def report(rows, summary, args, profile, x_stats, seconds: float) -> str:
     columns = list(summary[0])
     command = " ".join(["python benchmarks/positions_check.py", *sys.argv[1:]])
-    lines = ["# Statistics from a subset of positions: effect on CCA merges", "",
+    lines = ["# Cheaper statistics (a subset of positions, bfloat16 products): effect on CCA "
+             "merges", "",
              f"`{command}`", "",
              f"Pools of {args.pool} models per architecture (x1), Fashion-MNIST at 14x14 px, "
              f"{profile['train']} training images (epochs {profile['epochs']}), every subset of "
