@@ -51,7 +51,7 @@ MAP_MIN_POSITIONS = 1024
 # The precisions the products of a pass can run in (``collect_statistics(products=...)``).
 PRODUCTS = ("float32", "bfloat16")
 # bfloat16 products are rounded to bfloat16 once per chunk of this many rows, so the output
-# rounding (relative 2^-9 per chunk) averages out over the chunks: max error / (std_i std_j) of
+# rounding (relative 2^-8 at most per chunk) averages out over the chunks: max error / (std_i std_j) of
 # a [256000, 256] ReLU covariance 3.8e-3 in one chunk, 8e-4 in chunks of 8192, 4e-4 in chunks of
 # 1024; time over one bfloat16 GEMM, 2 threads, at [256000, 256] / [16000, 1024] / [4000, 2048]:
 # 1.9 / 1.8 / 1.7 in chunks of 1024, 0.93 / 1.2 / 1.14 in chunks of 4096.
@@ -321,9 +321,10 @@ def _subtract_into(out: torch.Tensor, values: torch.Tensor, shift: torch.Tensor,
 
 def low_gram(a: Samples) -> torch.Tensor:
     """``a^T a`` ``[n, n]`` float32 of bfloat16 samples: :func:`low_product`, exactly symmetric
-    (from :data:`LOW_GRAM_MIN_COLUMNS` columns the row blocks of its upper triangle,
-    :func:`gram`; below, the product and its transpose averaged)."""
-    if not isinstance(a, ChannelMaps) and a.shape[1] >= LOW_GRAM_MIN_COLUMNS:
+    (on the CPU from :data:`LOW_GRAM_MIN_COLUMNS` columns the row blocks of its upper
+    triangle, :func:`gram`; else the product and its transpose averaged)."""
+    if (a.device.type == "cpu" and not isinstance(a, ChannelMaps)
+            and a.shape[1] >= LOW_GRAM_MIN_COLUMNS):
         return gram(a, low_product)
     out = low_product(a, a)
     return (out + out.T) / 2
