@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ccamerge.allocator import for_a_pass
 from ccamerge.layout import CANDIDATES, in_layout, weights_in
 
 VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
@@ -104,7 +105,7 @@ def bare_forward(models, x: torch.Tensor, batch: int, layout: str) -> list[float
     """Seconds per batch of N eval passes (plus one train-mode pass for BatchNorm nets) over
     ``x`` in ``layout`` (one of :data:`ccamerge.layout.CANDIDATES`, the weights converted as
     the merge's passes convert them)."""
-    with weights_in(models, layout):
+    with weights_in(models, layout), for_a_pass():  # as the merge's passes run
         return unavoidable_passes(models, in_layout(x, layout), batch)
 
 

@@ -5,7 +5,8 @@ asks for) does to the bare forward and to the statistics pass.
 
 Two random models of the paper's shapes (``cost_paper.paper_model``) on CIFAR-shaped images in
 batches of 250, the standard layout pinned. Each round runs two fresh processes, one with
-glibc's defaults and one after ``keep_freed_memory()`` (the setting lasts a process), in
+glibc's defaults and one after ``keep_freed_memory()`` (then each pass keeps freed memory
+while it runs: ``ccamerge.allocator.for_a_pass``, which ``cost_paper.bare_forward`` enters too), in
 alternating order so that load on the machine spreads over both; each process warms up on one
 batch, then times the bare forward (N eval passes, no hooks) and the statistics pass twice and
 keeps the faster of each. Prints the medians over rounds and writes ``freed_memory.md``.

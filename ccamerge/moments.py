@@ -51,10 +51,10 @@ MAP_MIN_POSITIONS = 1024
 # The precisions the products of a pass can run in (``collect_statistics(products=...)``).
 PRODUCTS = ("float32", "bfloat16")
 # bfloat16 products are rounded to bfloat16 once per chunk of this many rows, so the output
-# rounding (relative 2^-8 at most per chunk) averages out over the chunks: max error / (std_i std_j) of
-# a [256000, 256] ReLU covariance 3.8e-3 in one chunk, 8e-4 in chunks of 8192, 4e-4 in chunks of
-# 1024; time over one bfloat16 GEMM, 2 threads, at [256000, 256] / [16000, 1024] / [4000, 2048]:
-# 1.9 / 1.8 / 1.7 in chunks of 1024, 0.93 / 1.2 / 1.14 in chunks of 4096.
+# rounding (relative 2^-8 at most per chunk) averages out over the chunks: max error / (std_i
+# std_j) of a [256000, 256] ReLU covariance 3.8e-3 in one chunk, 8e-4 in chunks of 8192, 4e-4 in
+# chunks of 1024; time over one bfloat16 GEMM, 2 threads, at [256000, 256] / [16000, 1024] /
+# [4000, 2048]: 1.9 / 1.8 / 1.7 in chunks of 1024, 0.93 / 1.2 / 1.14 in chunks of 4096.
 PRODUCT_ROWS = 4096
 # The float32 subtraction before the rounding runs on blocks of this many elements (in cache).
 SUBTRACT_BLOCK_ELEMENTS = 1 << 18

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccamerge.allocator import for_a_pass
 from ccamerge.data import DataSource, as_source
 from ccamerge.devices import (
     exact_float32,
@@ -539,6 +540,7 @@ def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], sourc
     layout, whole = None, long_pass(total, batch_size)
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
+        stack.enter_context(for_a_pass())  # freed maps kept for the next batch, if asked
         buffers = [[MapBuffers() for _ in runners] for _ in views]
         captures = [[stack.enter_context(capture_features(m, spec, select, kept))
                      for m, kept in zip(runners, row, strict=True)]

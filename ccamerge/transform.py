@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ccamerge.allocator import for_a_pass
 from ccamerge.data import as_source
 from ccamerge.layout import choose_layout, in_layout, weights_in
 from ccamerge.models import check_input_fit
@@ -193,6 +194,7 @@ def reset_batchnorm(model: nn.Module, x, *, batch_size: int = 256,
     layout = None
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(for_a_pass())  # freed maps kept for the next batch, if asked
             for xb, _ in source.batches(batch_size):
                 xb = xb.to(place)
                 if layout is None:
