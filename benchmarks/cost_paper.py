@@ -59,8 +59,10 @@ def paper_model(arch: str, width: float, seed: int, init: str = "default") -> to
     torch.manual_seed(seed)
     if arch == "vgg11":
         model = build_model("vgg", cfg=VGG11, image_shape=[3, 32, 32], width=width).eval()
-    else:
+    elif arch == "resnet20":
         model = build_model("resnet20", image_shape=[3, 32, 32], width=width).eval()
+    else:
+        raise ValueError(f"no paper architecture {arch!r}: vgg11 or resnet20")
     if init == "kaiming":
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
@@ -317,7 +319,7 @@ def run_setting(arch: str, width: float, n: int, images: int, repeats: int,
     if done.returncode != 0:
         return {"arch": arch, "width": width, "N": n, "images": images,
                 "positions": "all" if positions is None else positions,
-                "products": products, "allocator": allocator,
+                "products": products, "allocator": allocator, "cpu": cpu_name(),
                 "error": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -54,3 +54,13 @@ def test_a_setting_runs_in_its_own_process_with_its_products_and_allocator():
     text = paper_summary([row, older], 8)
     assert "bfloat16 products, kept allocator" in text
     assert "float32 products, fixed allocator" in text
+
+
+def test_a_setting_that_fails_is_a_row_of_this_machine_and_condition():
+    """A failure (out of memory, a bad setting) is a row keyed like the setting it replaces, so
+    ``--paper-redo`` measures it again instead of keeping the stale error beside the new row."""
+    from cost_paper import cpu_name, run_setting, setting_key
+
+    row = run_setting("no_such_arch", 1, 2, 8, 1, products="bfloat16", allocator="kept")
+    assert row["error"].startswith("exit ")
+    assert setting_key(row) == ("no_such_arch", 1.0, 2, cpu_name(), "bfloat16", "kept")
