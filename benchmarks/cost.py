@@ -318,7 +318,7 @@ def main() -> None:
                         help="--paper: the statistics pass's products (collect_statistics)")
     parser.add_argument("--paper-allocator", choices=list(ALLOCATORS), default="fixed",
                         help="--paper: fixed (glibc's mmap threshold at 128 KiB: the live peak) "
-                        "or kept (freed memory kept for reuse, as the CLI runs)")
+                        "or kept (freed memory kept for reuse during each pass, as the CLI runs)")
     parser.add_argument("--paper-redo", action="store_true",
                         help="--paper: measure --paper-widths x --paper-ns again on this machine "
                         "(e.g. with more --paper-images), keeping the other rows")

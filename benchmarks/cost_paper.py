@@ -303,7 +303,8 @@ print(json.dumps(measure({arch!r}, {width}, {n}, {images}, {repeats}, {positions
 """
 # How the setting's process allocates memory: "fixed": glibc's mmap threshold fixed at 128 KiB
 # (freed maps go back to the system at once: VmHWM is the live peak); "kept": freed memory kept
-# for reuse, as the CLI runs (ccamerge.allocator.keep_freed_memory; VmHWM is what it holds).
+# for reuse during each pass and handed back after it, as the CLI runs
+# (ccamerge.allocator.keep_freed_memory, for_a_pass; VmHWM is what the process holds).
 ALLOCATORS = ("fixed", "kept")
 
 
@@ -380,7 +381,7 @@ def paper_summary(rows: list[dict], base: int) -> str:
             "the precision of the statistics pass's products (`--paper-products`; "
             "`collect_statistics(products=...)`); `allocator`: `fixed`: glibc's mmap threshold "
             "fixed at 128 KiB, so freed feature maps go back to the system and the peak is the "
-            "live peak; `kept`: freed memory kept for reuse, as the CLI runs "
+            "live peak; `kept`: freed memory kept for reuse during each pass, as the CLI runs "
             "(`--paper-allocator`; ccamerge/allocator.py), forward and merge alike.", "",
             *markdown([{"projection": "per image", "batch": "", "cpu": "",
                         "products": "float32", "allocator": "fixed"} | r for r in good],

@@ -196,10 +196,10 @@ def _add_chunk(acc: dict, name: str, samples: Sequence[Samples], blocks,
     checked on a point's first batch before its products, on later ones from the products'
     diagonals (a model that turns offset is multiplied again, centred); from then on for this
     point."""
-    count = samples[0].shape[0]
     if workspace.products == "bfloat16":
         _add_low_precision(acc, name, samples, blocks, workspace)
         return
+    count = samples[0].shape[0]
     workspace.first_look(name, samples)
     mats, shifts = zip(*(workspace.shifted(name, i, s) for i, s in enumerate(samples)),
                        strict=True)
