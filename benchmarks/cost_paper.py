@@ -16,7 +16,9 @@ Each setting runs in a fresh process (its peak memory is its own). Timed, interl
 * the merge's phases as ``ccamerge.api.merge`` runs them: the memory-layout probe (once per
   process: model 0 on one batch in each layout as a pass over 50 000 images probes,
   :mod:`ccamerge.layout`; counted as a one-time phase), statistics, solve, transforms (every
-  model's state dict), averaging (and the merged model), BatchNorm reset.
+  model's aligned entries, summed as they are made: :mod:`ccamerge.average`; rows before the
+  entry-at-a-time average held every aligned state dict here), averaging (the merged model
+  carrying the sums), BatchNorm reset.
 
 Per-image phases (the forwards, statistics, BatchNorm reset) are the best of ``--repeats`` runs;
 the solve, transforms and averaging, which do not depend on the data, are the best of
@@ -157,19 +159,20 @@ def timed(fn, *args):
 
 def fixed_phases(models, stats) -> tuple[torch.nn.Module, dict]:
     """Solve, transforms and averaging as ``api.merge`` runs them: ``(merged, seconds)``."""
-    from ccamerge.api import AlignResult, aligned_states
+    from ccamerge.api import AlignResult
+    from ccamerge.average import average_aligned_state
     from ccamerge.methods import get_method
     from ccamerge.methods.base import AlignContext
     from ccamerge.spec import build_spec
-    from ccamerge.transform import average_states, with_state
+    from ccamerge.transform import with_state
 
     info, spec = get_method("cca"), build_spec(models[0])
     ctx = AlignContext([m.state_dict() for m in models], spec, stats)
     options = info.resolve({})
     aligned, solve = timed(lambda: AlignResult(info.solve(ctx, **options), stats, spec, options))
-    states, transforms = timed(aligned_states, models, aligned)
     weights = [1.0 / len(models)] * len(models)
-    merged, averaging = timed(lambda: with_state(models[0], average_states(states, weights)))
+    state, transforms = timed(average_aligned_state, models, aligned.alignment, spec, weights)
+    merged, averaging = timed(with_state, models[0], state)
     return merged, {"solve": solve, "transforms": transforms, "averaging": averaging}
 
 

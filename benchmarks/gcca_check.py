@@ -76,7 +76,7 @@ def merged_scores(models, moments, method, options, stats, spec, x_stats, refere
     aligned = align(models, x_stats, method, reference=reference, statistics=stats, spec=spec,
                     **options)
     weights = weights or [1.0 / len(models)] * len(models)
-    merged, _states = average_aligned(models, aligned, weights, reference, DEFAULT_POLICY)
+    merged = average_aligned(models, aligned, weights, reference, DEFAULT_POLICY)
     if moments:
         bns = list(moments[0])
         targets = mapped_targets(moments, aligned.alignment.transforms,

@@ -23,6 +23,7 @@ from torch import nn
 from ccamerge import linalg, target, validate
 from ccamerge.analysis.shared import shared_spectrum_rows
 from ccamerge.analysis.spectra import HOLDOUT, MIN_HELDOUT, spectrum_rows
+from ccamerge.average import average_aligned_state, own_spec
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
     batchnorm_eps,
@@ -56,7 +57,7 @@ from ccamerge.evaluate import barrier, evaluate_model, labelled_source
 from ccamerge.methods import AlignContext, Alignment, Method, get_method
 from ccamerge.moments import PRODUCTS
 from ccamerge.repair import repair as repair_units
-from ccamerge.spec import STREAM_POINTS, AlignmentSpec, resized_spec, with_stream_points
+from ccamerge.spec import STREAM_POINTS, AlignmentSpec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
 from ccamerge.transform import (
     apply_transforms,
@@ -159,12 +160,6 @@ def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
     return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded, eps),
                                                   own_spec(spec, t), t), bns, eps)
             for m, t in zip(models, aligned.alignment.transforms, strict=True)]
-
-
-def own_spec(spec: AlignmentSpec, transforms: dict) -> AlignmentSpec:
-    """``spec`` (the reference's) at the widths of the model ``transforms`` map (the rows of
-    each ``T`` ``[n_i, n]``), its concatenation offsets moved to match."""
-    return resized_spec(spec, {name: t.width for name, t in transforms.items()})
 
 
 @dataclass
@@ -288,12 +283,12 @@ def merge(models: Sequence[nn.Module], data, method: str = "cca", *, reference: 
                     products=products, **options)
     progress(0.8, "averaging")
     weights = weights if weights is not None else [1.0 / len(models)] * len(models)
-    merged, states = average_aligned(models, aligned, weights, reference, bn_policy,
-                                     shell=shell.to(place) if shell is not None else None)
+    merged = average_aligned(models, aligned, weights, reference, bn_policy,
+                             shell=shell.to(place) if shell is not None else None)
     notes = sample_warnings(aligned.statistics)
     if repair:
         progress(0.85, "REPAIR: rescaling units")
-        notes += _repair(merged, models, states, weights, aligned, data, stats_samples, seed)
+        notes += _repair(merged, models, weights, aligned, bn_policy, data, stats_samples, seed)
     if bn_reset:
         progress(0.9, "setting BatchNorm statistics")
         fit = subsample(train_source(data), stats_samples, seed)
@@ -363,15 +358,15 @@ def reset_base_models(models: Sequence[nn.Module], x, *, batch_size: int = 256,
 def average_aligned(models: Sequence[nn.Module], aligned: AlignResult, weights: Sequence[float],
                     reference: int, bn_policy: str = DEFAULT_POLICY,
                     shell: nn.Module | None = None
-                    ) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
-    """The weighted average of the aligned models (a copy of the reference carrying it, or of
-    ``shell``, the merged model of a narrower ``target_width``) and the aligned state dicts
-    (BatchNorm folded first under the "mapped" policy)."""
-    states = aligned_states(models, aligned, folded_pairs(models[0], bn_policy))
-    if shell is not None:
-        states = [target.fit_static(s, shell) for s in states]
-    base = shell if shell is not None else models[reference]
-    return with_state(base, average_states(states, weights)), states
+                    ) -> nn.Module:
+    """The weighted average of the aligned models (BatchNorm folded first under the "mapped"
+    policy): a copy of the reference carrying it, or of ``shell``, the merged model of a
+    narrower ``target_width``. Built an entry at a time (:mod:`ccamerge.average`): no aligned
+    model is held."""
+    sizes = None if shell is None else {k: v.shape for k, v in shell.state_dict().items()}
+    state = average_aligned_state(models, aligned.alignment, aligned.spec, weights,
+                                  folded_pairs(models[0], bn_policy), sizes)
+    return with_state(shell if shell is not None else models[reference], state)
 
 
 def finish_batchnorm(merged: nn.Module, models: Sequence[nn.Module], aligned: AlignResult,
@@ -441,7 +436,7 @@ def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
     aligned = align(models, x_fit, method, reference=reference, statistics=stats, spec=spec,
                     **options)
     weights = [1.0 / len(models)] * len(models)
-    merged, _states = average_aligned(models, aligned, weights, reference, bn_policy)
+    merged = average_aligned(models, aligned, weights, reference, bn_policy)
     if bn_reset:
         train = train_source(x_fit)
         finish_batchnorm(merged, models, aligned, weights, bn_policy, train,
@@ -449,11 +444,13 @@ def score_merge(models, method: str, options: dict, stats, spec, x_fit, x_eval,
     return evaluate_model(merged, labelled_source(x_eval, y_eval))
 
 
-def _repair(merged, models, states, weights, aligned, data, stats_samples, seed) -> list[str]:
+def _repair(merged, models, weights, aligned, bn_policy, data, stats_samples,
+            seed) -> list[str]:
     """Apply REPAIR; returns warnings when it cannot act."""
     if get_method(aligned.method).joint:
         raise CcamergeError("REPAIR needs each model aligned to the reference; a joint method "
                             "such as zipit has no aligned endpoints")
+    states = aligned_states(models, aligned, folded_pairs(models[0], bn_policy))
     endpoints = [with_state(m, s) for m, s in zip(models, states, strict=True)]
     x = subsample(train_source(data), stats_samples, seed)
     fixed = repair_units(merged, endpoints, weights, aligned.spec, x)

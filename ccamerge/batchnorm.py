@@ -97,11 +97,27 @@ def fold_state(state: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]],
     default)."""
     out = dict(state)
     for conv, bn in pairs:
-        scale = state[f"{bn}.weight"] / torch.sqrt(state[f"{bn}.running_var"]
-                                                    + _eps(eps, bn))  # [C]
-        out[f"{conv}.weight"] = state[f"{conv}.weight"] * scale.view(-1, 1, 1, 1)
-        out[f"{bn}.bias"] = state[f"{bn}.bias"] - state[f"{bn}.running_mean"] * scale
+        out[f"{conv}.weight"] = folded_weight(state, conv, bn, eps)
+        out[f"{bn}.bias"] = folded_shift(state, bn, eps)
     return widen_static_vectors(out, [bn for _conv, bn in pairs], eps)
+
+
+def _fold_scale(state: Mapping[str, torch.Tensor], bn: str,
+                eps: Mapping[str, float] | None) -> torch.Tensor:
+    """``g / sqrt(rv + eps)`` ``[C]`` of BatchNorm ``bn``."""
+    return state[f"{bn}.weight"] / torch.sqrt(state[f"{bn}.running_var"] + _eps(eps, bn))
+
+
+def folded_weight(state: Mapping[str, torch.Tensor], conv: str, bn: str,
+                  eps: Mapping[str, float] | None = None) -> torch.Tensor:
+    """``conv``'s weight ``[C, ...]`` with BatchNorm ``bn``'s scale folded into its rows."""
+    return state[f"{conv}.weight"] * _fold_scale(state, bn, eps).view(-1, 1, 1, 1)
+
+
+def folded_shift(state: Mapping[str, torch.Tensor], bn: str,
+                 eps: Mapping[str, float] | None = None) -> torch.Tensor:
+    """The shift ``b - rm g / sqrt(rv + eps)`` ``[C]`` a folded BatchNorm ``bn`` keeps."""
+    return state[f"{bn}.bias"] - state[f"{bn}.running_mean"] * _fold_scale(state, bn, eps)
 
 
 def widen_static_vectors(state: dict[str, torch.Tensor], bns: Sequence[str],
@@ -112,11 +128,19 @@ def widen_static_vectors(state: dict[str, torch.Tensor], bns: Sequence[str],
     different widths changes ``C``."""
     out = dict(state)
     for bn in bns:
-        shift = state[f"{bn}.bias"]
-        out[f"{bn}.weight"] = torch.ones_like(shift)
-        out[f"{bn}.running_mean"] = torch.zeros_like(shift)
-        out[f"{bn}.running_var"] = torch.full_like(shift, 1.0 - _eps(eps, bn))
+        for kind in STATIC:
+            out[f"{bn}.{kind}"] = static_vector(kind, state[f"{bn}.bias"], _eps(eps, bn))
     return out
+
+
+def static_vector(kind: str, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """A folded BatchNorm's constant ``kind`` (one of :data:`STATIC`) at the size of its
+    ``shift`` ``[C]``: scale 1, running mean 0, running variance ``1 - eps``."""
+    if kind == "weight":
+        return torch.ones_like(shift)
+    if kind == "running_mean":
+        return torch.zeros_like(shift)
+    return torch.full_like(shift, 1.0 - eps)
 
 
 def batchnorm_eps(model: nn.Module, bns: Sequence[str]) -> dict[str, float]:

@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from ccamerge.data.fit import (
@@ -174,14 +173,6 @@ def traced_plan(models: Sequence[nn.Module], method: str, reference: int, target
         return None, None
     x = train_source(data).head(CHECK_INPUTS)
     return resized_model(models[reference], spec, widths, x, f"model {reference}"), widths
-
-
-def fit_static(state: dict[str, torch.Tensor], merged: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` with each 1-d entry that no transform resized (a folded BatchNorm's constant
-    scale and statistics, see :mod:`ccamerge.batchnorm`) cut to ``merged``'s size."""
-    shapes = {k: v.shape for k, v in merged.state_dict().items()}
-    return {k: v[:shapes[k][0]] if v.dim() == 1 and v.shape != shapes[k] else v
-            for k, v in state.items()}
 
 
 def truncated(model: nn.Module, target_width: float) -> nn.Module:

@@ -124,9 +124,28 @@ def apply_transforms(state: dict[str, torch.Tensor], spec: AlignmentSpec,
     (its widths and offsets: :func:`ccamerge.spec.resized_spec`).
     """
     out = dict(state)
-    for axis, matrix in _maps(spec, transforms):
-        out[axis.param] = _apply_along(out[axis.param], axis, matrix)
+    for param, maps in param_maps(spec, transforms).items():
+        out[param] = transformed_entry(out[param], maps)
     return out
+
+
+def param_maps(spec: AlignmentSpec, transforms: Transforms
+               ) -> dict[str, list[tuple[Axis, np.ndarray]]]:
+    """``{param: [(axis, matrix), ...]}``: the maps :func:`apply_transforms` applies to each
+    entry, in the order it applies them (a map only ever changes its own entry)."""
+    out: dict[str, list[tuple[Axis, np.ndarray]]] = {}
+    for axis, matrix in _maps(spec, transforms):
+        out.setdefault(axis.param, []).append((axis, matrix))
+    return out
+
+
+def transformed_entry(tensor: torch.Tensor, maps: Sequence[tuple[Axis, np.ndarray]]
+                      ) -> torch.Tensor:
+    """One state-dict entry after its ``maps`` (:func:`param_maps`); ``tensor`` itself when they
+    are all identities."""
+    for axis, matrix in maps:
+        tensor = _apply_along(tensor, axis, matrix)
+    return tensor
 
 
 def _maps(spec: AlignmentSpec, transforms: Transforms) -> list[tuple[Axis, np.ndarray]]:

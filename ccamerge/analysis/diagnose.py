@@ -167,7 +167,7 @@ def diagnose(models: Sequence[nn.Module], data, method: str = "cca", *, referenc
     stats = statistics
     report(0.3, "merging")
     weights = [1.0 / len(models)] * len(models)
-    merged, _states = average_aligned(models, aligned, weights, reference, bn_policy)
+    merged = average_aligned(models, aligned, weights, reference, bn_policy)
     merged_state = merged.state_dict()
     if bn_reset:
         finish_batchnorm(merged, models, aligned, weights, bn_policy, x, x_stats)
