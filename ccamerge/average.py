@@ -2,10 +2,11 @@
 
 ``average_states(aligned_states(...), weights)`` holds every model's aligned state dict at once:
 N - 1 more copies of the models' weights (the reference's identity maps share its tensors) on
-top of the models themselves, 7 GB for VGG11 x8 with N = 4. A merge needs only their average, so
+top of the models themselves, 6.6 GB for VGG11 x8 with N = 4. A merge needs only their average, so
 :func:`average_aligned_state` builds each entry of each model's aligned state from the model's
 own state dict (BatchNorm folded, maps applied: :func:`ccamerge.transform.param_maps`), adds it to
-that entry's float64 sum and drops it: at most one aligned tensor is alive. The arithmetic and
+that entry's float64 sum and drops it: one aligned tensor is alive at a time (two while the
+next is made). The arithmetic and
 its order are those of the held average, so the two agree bit for bit
 (``tests/test_average.py``).
 """
