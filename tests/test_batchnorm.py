@@ -39,7 +39,7 @@ def test_folding_keeps_the_function(vgg_bn, digits):
 
 
 def test_folding_uses_each_batchnorms_own_epsilon(vgg_bn, digits):
-    model = vgg_bn[0]
+    model = copy.deepcopy(vgg_bn[0])  # the fixture is shared by the session: leave it as it is
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.eps = 0.5  # far from torch's 1e-5: a fold that ignores it changes the function
