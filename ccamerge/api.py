@@ -23,20 +23,16 @@ from torch import nn
 from ccamerge import linalg, target, validate
 from ccamerge.analysis.shared import shared_spectrum_rows
 from ccamerge.analysis.spectra import HOLDOUT, MIN_HELDOUT, spectrum_rows
-from ccamerge.average import average_aligned_state, own_spec
+from ccamerge.average import aligned_entries, average_aligned_state
 from ccamerge.batchnorm import (
     DEFAULT_POLICY,
-    batchnorm_eps,
     carried_moments,
     check_policy,
-    fold_state,
     folded_pairs,
     mapped_targets,
     moment_batchnorms,
     output_moments,
     set_moments,
-    widen_static_vectors,
-    without_static_vectors,
     written_points,
 )
 from ccamerge.data import holdout_split
@@ -60,7 +56,6 @@ from ccamerge.repair import repair as repair_units
 from ccamerge.spec import STREAM_POINTS, AlignmentSpec, with_stream_points
 from ccamerge.stats import MIN_SAMPLES_PER_FEATURE, Statistics, collect_statistics
 from ccamerge.transform import (
-    apply_transforms,
     average_states,
     has_batchnorm,
     with_state,
@@ -154,12 +149,8 @@ def aligned_states(models: Sequence[nn.Module], aligned: AlignResult,
                    folded: Sequence[tuple[str, str]] = ()) -> list[dict[str, torch.Tensor]]:
     """Every model's state dict after its transforms; ``folded`` ``(conv, batchnorm)`` pairs are
     folded first and their BatchNorm scale and statistics left untransformed."""
-    bns = [bn for _conv, bn in folded]
-    spec = without_static_vectors(aligned.spec, bns)
-    eps = batchnorm_eps(models[0], bns)
-    return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded, eps),
-                                                  own_spec(spec, t), t), bns, eps)
-            for m, t in zip(models, aligned.alignment.transforms, strict=True)]
+    return [entries.state_dict()
+            for entries in aligned_entries(models, aligned.alignment, aligned.spec, folded)]
 
 
 @dataclass

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ccamerge.batchnorm import (
-    DEFAULT_EPS,
     STATIC,
     batchnorm_eps,
     folded_shift,
@@ -43,11 +42,7 @@ def average_aligned_state(models: Sequence[nn.Module], alignment: Alignment,
     folded first and their constant vectors left untransformed, as ``api.aligned_states`` builds
     it. ``sizes``: the merged model's entry shapes, when it is narrower (a ``target_width``);
     1-d entries no map resized are cut to them."""
-    bns = [bn for _conv, bn in folded]
-    spec = without_static_vectors(spec, bns)
-    eps = batchnorm_eps(models[0], bns)
-    sources = [AlignedEntries(m.state_dict(), own_spec(spec, ts), ts, folded, eps)
-               for m, ts in zip(models, alignment.transforms, strict=True)]
+    sources = aligned_entries(models, alignment, spec, folded)
     out = {}
     for key, value in models[0].state_dict().items():
         if not value.is_floating_point():
@@ -58,6 +53,18 @@ def average_aligned_state(models: Sequence[nn.Module], alignment: Alignment,
     return out
 
 
+def aligned_entries(models: Sequence[nn.Module], alignment: Alignment, spec: AlignmentSpec,
+                    folded: Sequence[tuple[str, str]] = ()) -> list[AlignedEntries]:
+    """Every model's aligned state at ``spec`` (the reference's), ``folded`` ``(conv,
+    batchnorm)`` pairs folded first and their constant vectors left untransformed, as entries
+    built on request (:class:`AlignedEntries`)."""
+    bns = [bn for _conv, bn in folded]
+    spec = without_static_vectors(spec, bns)
+    eps = batchnorm_eps(models[0], bns)
+    return [AlignedEntries(m.state_dict(), own_spec(spec, ts), ts, folded, eps)
+            for m, ts in zip(models, alignment.transforms, strict=True)]
+
+
 def own_spec(spec: AlignmentSpec, transforms: Transforms) -> AlignmentSpec:
     """``spec`` (the reference's) at the widths of the model ``transforms`` map (the rows of
     each ``T`` ``[n_i, n]``), its concatenation offsets moved to match."""
@@ -65,7 +72,8 @@ def own_spec(spec: AlignmentSpec, transforms: Transforms) -> AlignmentSpec:
 
 
 class AlignedEntries:
-    """One model's aligned state dict, built an entry at a time on request."""
+    """One model's aligned state dict, built an entry at a time on request; ``eps``: every
+    folded BatchNorm's own epsilon (:func:`ccamerge.batchnorm.batchnorm_eps`)."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], spec: AlignmentSpec,
                  transforms: Transforms, folded: Sequence[tuple[str, str]],
@@ -81,8 +89,12 @@ class AlignedEntries:
         transformed shift)."""
         if key in self.static:
             bn, kind = self.static[key]
-            return static_vector(kind, self.entry(f"{bn}.bias"), self.eps.get(bn, DEFAULT_EPS))
+            return static_vector(kind, self.entry(f"{bn}.bias"), self.eps[bn])
         return transformed_entry(self._folded(key), self.maps.get(key, ()))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole aligned state (entries no map changes are the model's own tensors)."""
+        return {key: self.entry(key) for key in self.state}
 
     def _folded(self, key: str) -> torch.Tensor:
         if key in self.folded_weights:

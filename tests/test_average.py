@@ -1,6 +1,7 @@
-"""The entry-at-a-time average of aligned models: bit for bit the average of the held aligned state
-dicts (BatchNorm folded or not, dense and permutation maps, unequal weights, models of different
-widths), and never more than one aligned tensor alive while it runs."""
+"""The entry-at-a-time average of aligned models, and the aligned state dicts built from the same
+entries: bit for bit what whole-state folds and maps build and their average (BatchNorm folded or
+not, dense and permutation maps, unequal weights, models of different widths); at most two
+aligned tensors alive while the average runs."""
 
 from __future__ import annotations
 
@@ -11,13 +12,29 @@ import torch
 from test_mixed_widths import duplicated
 
 from ccamerge import api, average
-from ccamerge.average import average_aligned_state
-from ccamerge.batchnorm import folded_pairs
-from ccamerge.transform import average_states
+from ccamerge.average import average_aligned_state, own_spec
+from ccamerge.batchnorm import (
+    batchnorm_eps,
+    fold_state,
+    folded_pairs,
+    widen_static_vectors,
+    without_static_vectors,
+)
+from ccamerge.transform import apply_transforms, average_states
+
+
+def held_states(models, aligned, folded):
+    """Every aligned state dict as whole-state operations build it: fold, map, constants."""
+    bns = [bn for _conv, bn in folded]
+    spec = without_static_vectors(aligned.spec, bns)
+    eps = batchnorm_eps(models[0], bns)
+    return [widen_static_vectors(apply_transforms(fold_state(m.state_dict(), folded, eps),
+                                                  own_spec(spec, t), t), bns, eps)
+            for m, t in zip(models, aligned.alignment.transforms, strict=True)]
 
 
 def held_average(models, aligned, weights, folded):
-    return average_states(api.aligned_states(models, aligned, folded), weights)
+    return average_states(held_states(models, aligned, folded), weights)
 
 
 def assert_same_state(a, b):
@@ -37,6 +54,9 @@ def test_streamed_average_equals_the_held_average_with_batchnorm(vgg_bn, digits,
     assert folded or policy == "paper"
     streamed = average_aligned_state(models, aligned.alignment, aligned.spec, weights, folded)
     assert_same_state(streamed, held_average(models, aligned, weights, folded))
+    for built, held in zip(api.aligned_states(models, aligned, folded),
+                           held_states(models, aligned, folded), strict=True):
+        assert_same_state(built, held)
 
 
 def test_streamed_average_equals_the_held_average_across_widths(mlps, digits):
@@ -44,6 +64,7 @@ def test_streamed_average_equals_the_held_average_across_widths(mlps, digits):
     aligned = api.align(models, digits.x_train[:600], "cca")
     streamed = average_aligned_state(models, aligned.alignment, aligned.spec, [0.5, 0.5])
     assert_same_state(streamed, held_average(models, aligned, [0.5, 0.5], ()))
+    assert_same_state(api.aligned_states(models, aligned)[1], held_states(models, aligned, ())[1])
     assert all(streamed[k].shape == v.shape for k, v in mlps[0].state_dict().items())
 
 
