@@ -1,4 +1,4 @@
-"""The statistics pass's three latest levers, each on and off, in one run.
+"""The statistics pass's four latest levers, each on and off, in one run.
 
     python benchmarks/pass_levers.py [--images 1000] [--repeats 3]
                                      [--out benchmarks/results/pass_levers.md]
@@ -8,13 +8,16 @@ On the paper's VGG11 and ResNet20 (3x32x32, random models, ``cost_paper.py``), N
 variant of :func:`ccamerge.stats.collect_statistics` runs in turn ``--repeats`` times and the
 fastest of each counts (other load on the machine only adds time):
 
-* ``before``: images channels-last (what every pass did before :mod:`ccamerge.layout`) and each
-  self block one GEMM (``ccamerge.moments.GRAM_BLOCKS`` emptied);
+* ``before``: images channels-last (what every pass did before :mod:`ccamerge.layout`), each
+  self block one GEMM (``ccamerge.moments.GRAM_BLOCKS`` emptied) and every product through
+  ``torch.mm`` (no oneDNN: :func:`ccamerge.moments.onednn_nt` answering None);
 * ``layout``: the layout :func:`ccamerge.layout.choose_layout` picks, self blocks one GEMM;
 * ``gram``: channels-last, self blocks as the row blocks of their upper triangle;
 * ``copy``: both, but every standard-layout map copied to channels-last (no
   :class:`ccamerge.moments.ChannelMaps`: ``MAP_MIN_POSITIONS`` out of reach);
-* ``after``: all three (the code as it is);
+* ``mkl``: the code as it is but every product through ``torch.mm`` (MKL on x86): maps read as
+  channels-last samples ``[S, n]``, no unit rows (:class:`ccamerge.moments.UnitRows`);
+* ``after``: all four (the code as it is);
 * the bare forward of the two models in either layout (no hooks), for statistics / forward.
 
 ``probe_s``: the one-time layout probe (model 0 on the quarters of one batch in each layout).
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 from cost import markdown
-from cost_paper import paper_images, paper_model
+from cost_paper import cpu_name, paper_images, paper_model
 
 import ccamerge.moments
 import ccamerge.stats
@@ -56,22 +59,27 @@ def forward(models, x, layout: str) -> None:
 
 def variants(models, spec, x) -> dict:
     """Name -> a call running that variant."""
-    def stats(layout: str, gram: bool, in_place: bool = True):
+    def stats(layout: str, gram: bool, in_place: bool = True, onednn: bool = True):
         def call():
             blocks, least = ccamerge.moments.GRAM_BLOCKS, ccamerge.stats.MAP_MIN_POSITIONS
+            checked = list(ccamerge.moments._ONEDNN)
             ccamerge.moments.GRAM_BLOCKS = blocks if gram else ()
             ccamerge.stats.MAP_MIN_POSITIONS = least if in_place else 2**62
+            if not onednn:
+                ccamerge.moments._ONEDNN[:] = [None]
             try:
                 with pinned(layout):
                     collect_statistics(models, spec, x, batch_size=BATCH)
             finally:
                 ccamerge.moments.GRAM_BLOCKS = blocks
                 ccamerge.stats.MAP_MIN_POSITIONS = least
+                ccamerge.moments._ONEDNN[:] = checked
         return call
     return {"forward_standard": lambda: forward(models, x, "standard"),
             "forward_channels_last": lambda: forward(models, x, "channels_last"),
-            "before": stats("channels_last", False, False), "layout": stats("auto", False),
-            "gram": stats("channels_last", True), "copy": stats("auto", True, False),
+            "before": stats("channels_last", False, False, False),
+            "layout": stats("auto", False), "gram": stats("channels_last", True),
+            "copy": stats("auto", True, False), "mkl": stats("auto", True, True, False),
             "after": stats("auto", True)}
 
 
@@ -102,6 +110,7 @@ def ratios(row: dict) -> dict:
             "layout lever (auto / channels-last)": round(row["after"] / row["gram"], 3),
             "gram lever (triangle / one GEMM)": round(row["after"] / row["layout"], 3),
             "maps lever (in place / copied)": round(row["after"] / row["copy"], 3),
+            "oneDNN lever (oneDNN / torch.mm)": round(row["after"] / row["mkl"], 3),
             "after / before": round(row["after"] / row["before"], 3),
             "probe / after": round(row["probe_s"] / row["after"], 3)}
 
@@ -123,8 +132,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = [ratios(r) for r in rows]
     command = " ".join(["python benchmarks/pass_levers.py", *sys.argv[1:]])
-    text = ["# The statistics pass's memory layout, symmetric self blocks and in-place maps, "
-            "on and off", "",
+    text = ["# The statistics pass's memory layout, symmetric self blocks, in-place maps and "
+            "oneDNN products, on and off", "",
+            f"cpu: {cpu_name()}", "",
             f"`{command}`", "", f"{torch.get_num_threads()} threads, N = 2, batches of {BATCH}; "
             "ratios of the fastest of the interleaved repeats (below 1: faster). stats/forward: "
             "over the bare forward in its faster layout.", "",

@@ -48,6 +48,18 @@ GRAM_BLOCKS = ((512, 4), (256, 2))
 # 0.61 at [500, 64, 32x32], 0.67 at [250, 256, 32x32], 0.92 at [125, 512, 32x32]; 0.90-1.07 at
 # 16x16 and 1.03-1.67 at 8x8 and below, where one GEMM over the whole batch wins.
 MAP_MIN_POSITIONS = 1024
+# Contiguous float32 products x @ y^T (x [n, S], y [n, S]: the contraction dim contiguous) go
+# through oneDNN's matmul rather than torch.mm (MKL): 345-400 GFLOP/s against 146-185 at S x n
+# = 128000 x 128 .. 4000 x 2048 on an AVX-512 AMD EPYC, 2 threads (MKL takes a slower path on
+# AMD CPUs). Samples [S, n] with n contiguous gain nothing from it (oneDNN reorders them first:
+# 54-204 GFLOP/s), and a channels-last map costs two copies to reach [n, S]: in the statistics
+# pass that lost (VGG11 x1 1.05x, ResNet20 x1 1.17x slower), so those stay on torch.mm.
+# With float32 products on the CPU and oneDNN there, every standard-layout map [B, n, P] is
+# copied to unit rows [n, B*P] (:class:`UnitRows`, runs of P; :class:`ccamerge.stats.MapBuffers`)
+# instead of to channels-last or read in place. Time of the three blocks of two models, copies
+# included, over the channels-last copy and torch.mm, 2 threads: 0.44-0.56 at n = 16..2048, P =
+# 16..256 (batches of 250-500); over in place (ChannelMaps, oneDNN per image): 0.21 at [500, 16,
+# 1024], 0.45 at [500, 64, 1024], 0.85-0.94 at 128-256 units, 1.05 at [125, 512, 1024].
 # The precisions the products of a pass can run in (``collect_statistics(products=...)``).
 PRODUCTS = ("float32", "bfloat16")
 # bfloat16 products are rounded to bfloat16 once per chunk of this many rows, so the output
@@ -93,25 +105,111 @@ class ChannelMaps:
         return ChannelMaps(self.maps[:max(1, rows // self.maps.shape[2])])
 
 
-Samples = torch.Tensor | ChannelMaps  # [S, n]
+class UnitRows:
+    """The ``S`` samples ``[S, n]`` of a feature map held as units by samples: ``rows``
+    ``[n, S]``, each unit's samples contiguous (a standard-layout map ``[B, n, P]`` copied as
+    ``[n, B, P]``, runs of ``P``: a cheaper copy than to channels-last). Products then contract
+    the contiguous dim (:func:`nt_product`), the form oneDNN multiplies fastest."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    @property
+    def shape(self) -> torch.Size:
+        n, count = self.rows.shape
+        return torch.Size((count, n))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def head(self, rows: int) -> UnitRows:
+        """The first ``rows`` samples (a strided view)."""
+        return UnitRows(self.rows[:, :rows])
+
+
+Samples = torch.Tensor | ChannelMaps | UnitRows  # [S, n]
+
+
+def _checked_onednn_op() -> Callable | None:
+    """oneDNN's float32 ``x @ y^T`` on the CPU (the matmul of torch's fused linear layers), or
+    None where this torch lacks it or it disagrees with a float64 product on a small check."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():
+            return None
+        x, y = torch.rand(24, 300, generator=torch.Generator().manual_seed(0)).split((16, 8))
+        with torch.no_grad():
+            got = op(x, y, None, "none", [], "")
+        if not torch.allclose(got.double(), x.double() @ y.double().T, rtol=1e-5):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda a, b: op(a, b, None, "none", [], "")
+
+
+_ONEDNN: list[Callable | None] = []  # the checked op (or None), decided once per process
+
+
+def onednn_nt() -> Callable | None:
+    """The checked oneDNN ``x @ y^T`` (:func:`nt_product`), or None where it is not there."""
+    if not _ONEDNN:
+        _ONEDNN.append(_checked_onednn_op())
+    return _ONEDNN[0]
+
+
+def nt_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y^T`` ``[m, k]`` of ``x`` ``[m, S]`` and ``y`` ``[k, S]``: contiguous float32 on the
+    CPU through oneDNN where it is there (:func:`onednn_nt`), else ``torch.mm``."""
+    fast = (x.device.type == "cpu" and x.dtype == y.dtype == torch.float32
+            and x.is_contiguous() and y.is_contiguous() and onednn_nt())
+    return fast(x, y) if fast else torch.mm(x, y.T)
 
 
 def column_sums(samples: Samples, square: bool = False) -> torch.Tensor:
     """``[n]`` sums of samples ``[S, n]`` (of their squares with ``square``), float64."""
-    values, dims = (samples.maps, (0, 2)) if isinstance(samples, ChannelMaps) else (samples, 0)
+    if isinstance(samples, ChannelMaps):
+        values, dims = samples.maps, (0, 2)
+    elif isinstance(samples, UnitRows):
+        values, dims = samples.rows, 1
+    else:
+        values, dims = samples, 0
     summed = values.square() if square else values
     total = torch.promote_types(values.dtype, torch.float32)  # bfloat16 sums in float32
     return summed.sum(dims, dtype=total).to(torch.float64)
 
 
 def product(a: Samples, b: Samples) -> torch.Tensor:
-    """``a^T b`` ``[n_a, n_b]`` of samples ``[S, n_a]``, ``[S, n_b]``."""
-    if isinstance(a, ChannelMaps):
-        out = torch.mm(a.maps[0], b.maps[0].T)
+    """``a^T b`` ``[n_a, n_b]`` of samples ``[S, n_a]``, ``[S, n_b]``: maps read in place summed
+    image by image, unit rows in one :func:`nt_product`, samples ``[S, n]`` as one GEMM."""
+    if isinstance(a, ChannelMaps) and isinstance(b, ChannelMaps):
+        out = nt_product(a.maps[0], b.maps[0])
         for image_a, image_b in zip(a.maps[1:], b.maps[1:], strict=True):
-            out.addmm_(image_a, image_b.T)
+            out.add_(nt_product(image_a, image_b))
         return out
-    return a.T @ b
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return _dense(a).T @ _dense(b)
+    return nt_product(_rows(a), _rows(b))
+
+
+def _dense(samples: Samples) -> torch.Tensor:
+    """Samples ``[S, n]`` as one tensor (a view of unit rows, a copy of maps)."""
+    if isinstance(samples, UnitRows):
+        return samples.rows.T
+    if isinstance(samples, ChannelMaps):
+        return samples.maps.transpose(1, 2).reshape(-1, samples.maps.shape[1])
+    return samples
+
+
+def _rows(samples: ChannelMaps | UnitRows) -> torch.Tensor:
+    """Samples as unit rows ``[n, S]`` (a copy of maps)."""
+    if isinstance(samples, ChannelMaps):
+        return samples.maps.transpose(0, 1).reshape(samples.maps.shape[1], -1)
+    return samples.rows
 
 
 class _Workspace:
@@ -168,6 +266,10 @@ class _Workspace:
             mean = maps.mean((0, 2))
             out = self.like(tuple(maps.shape), maps.dtype, maps.device, slot=i)
             return ChannelMaps(torch.sub(maps, mean[:, None], out=out)), mean
+        if isinstance(samples, UnitRows):
+            mean = samples.rows.mean(1)
+            out = self.like(tuple(samples.rows.shape), samples.dtype, samples.device, slot=i)
+            return UnitRows(torch.sub(samples.rows, mean[:, None], out=out)), mean
         mean = samples.mean(0)
         out = self.matrix(*samples.shape, samples.dtype, samples.device, slot=i)
         return torch.sub(samples, mean, out=out), mean
@@ -175,7 +277,7 @@ class _Workspace:
 
 def _head(samples: Samples, rows: int) -> Samples:
     """About the first ``rows`` samples (whole images of a :class:`ChannelMaps`)."""
-    return samples.head(rows) if isinstance(samples, ChannelMaps) else samples[:rows]
+    return samples.head(rows) if isinstance(samples, ChannelMaps | UnitRows) else samples[:rows]
 
 
 def _offset(sums: torch.Tensor, squares: torch.Tensor, count: int) -> torch.Tensor:
@@ -253,6 +355,8 @@ def _columns(samples: Samples, lo: int, hi: int) -> Samples:
     """Samples ``[S, hi - lo]`` of the units ``lo:hi`` (a view)."""
     if isinstance(samples, ChannelMaps):
         return ChannelMaps(samples.maps[:, lo:hi])
+    if isinstance(samples, UnitRows):
+        return UnitRows(samples.rows[lo:hi])
     return samples[:, lo:hi]
 
 
@@ -264,6 +368,7 @@ def _add_low_precision(acc: dict, name: str, samples: Sequence[Samples], blocks,
     ``[B, n, P]``), every block one chunked bfloat16 product summed in float32
     (:func:`low_product`; self blocks symmetric: :func:`low_gram`), folded in float64."""
     count = samples[0].shape[0]
+    samples = [_dense(s) if isinstance(s, UnitRows) else s for s in samples]
     lows = [_low_copy(name, i, s, workspace) for i, s in enumerate(samples)]
     for i, j in blocks:
         product_ij = (low_gram(lows[i].samples) if i == j

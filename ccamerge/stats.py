@@ -46,8 +46,10 @@ from ccamerge.moments import (  # noqa: F401 - UNCENTRED_LIMIT, _add_chunk re-ex
     UNCENTRED_LIMIT,
     ChannelMaps,
     Samples,
+    UnitRows,
     _add_chunk,
     _Workspace,
+    onednn_nt,
 )
 from ccamerge.positions import PositionSampler
 from ccamerge.spec import AlignmentSpec, MergePoint, model_widths
@@ -234,7 +236,9 @@ Select = Callable[[tuple[str, int], torch.Tensor], torch.Tensor]
 
 class MapBuffers:
     """Reused memory for standard-layout feature maps ``[B, C, H, W]`` copied to channels-last,
-    whose samples ``[B*H*W, C]`` are then a view: one buffer per feature module and call, kept
+    whose samples ``[B*H*W, C]`` are then a view, or with ``unit_rows`` (float32 products where
+    oneDNN is there) to unit rows ``[C, B*H*W]`` (:class:`~ccamerge.moments.UnitRows`): one
+    buffer per feature module and call, kept
     from batch to batch (a fresh map-sized allocation per batch costs page faults on the order of
     the copy). Only for captures that are consumed before the next batch (the statistics pass).
 
@@ -243,21 +247,26 @@ class MapBuffers:
     after a captured BatchNorm) would change them before the fold. :meth:`overwritten` finds
     those (torch's version counters) and such modules' outputs are copied from then on."""
 
-    def __init__(self):
+    def __init__(self, unit_rows: bool = False):
+        self.unit_rows = unit_rows
         self.flat: dict[tuple, torch.Tensor] = {}
         self.copied: set[tuple] = set()  # keys whose outputs a later in-place op changes
         self._watched: list[tuple[tuple, torch.Tensor, int]] = []
 
     def samples(self, key: tuple, out: torch.Tensor) -> Samples:
-        """The samples ``[S, C]`` of a module's output: a standard-layout map of at least
-        :data:`~ccamerge.moments.MAP_MIN_POSITIONS` positions on the CPU read in place
-        (:class:`~ccamerge.moments.ChannelMaps`), any other map through :meth:`channels_last`
+        """The samples ``[S, C]`` of a module's output: a standard-layout map on the CPU as
+        unit rows (:meth:`rows`) with ``unit_rows``, else read in place from
+        :data:`~ccamerge.moments.MAP_MIN_POSITIONS` positions
+        (:class:`~ccamerge.moments.ChannelMaps`); any other map through :meth:`channels_last`
         (a copy for the keys in ``copied``)."""
         if key in self.copied:
             return _as_samples(self.channels_last(key, out, copy=True))
-        if (out.dim() == 4 and out.device.type == "cpu" and out.is_contiguous()
-                and not out.is_contiguous(memory_format=torch.channels_last)
-                and out.shape[2] * out.shape[3] >= MAP_MIN_POSITIONS):
+        cpu_map = out.dim() == 4 and out.device.type == "cpu"
+        standard = (cpu_map and out.is_contiguous()
+                    and not out.is_contiguous(memory_format=torch.channels_last))
+        if standard and self.unit_rows:
+            return self.rows(key, out)
+        if standard and out.shape[2] * out.shape[3] >= MAP_MIN_POSITIONS:
             read = ChannelMaps(out.flatten(2))
         else:
             view = self.channels_last(key, out)
@@ -275,6 +284,23 @@ class MapBuffers:
         self.copied |= changed
         return bool(changed)
 
+    def rows(self, key: tuple, out: torch.Tensor) -> UnitRows:
+        """The samples of a standard-layout map ``out`` ``[B, C, H, W]`` as unit rows
+        ``[C, B*H*W]``, copied (runs of ``H*W``) into the buffer of ``key`` (valid until the
+        next call with it)."""
+        b, c, h, w = out.shape
+        target = self._buffer(key, out).view(c, b, h * w)
+        target.copy_(out.flatten(2).transpose(0, 1))
+        return UnitRows(target.view(c, b * h * w))
+
+    def _buffer(self, key: tuple, out: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of ``out``'s size, dtype and device for ``key``, kept between calls."""
+        flat = self.flat.get(key)
+        if (flat is None or flat.numel() < out.numel() or flat.dtype != out.dtype
+                or flat.device != out.device):
+            flat = self.flat[key] = torch.empty(out.numel(), dtype=out.dtype, device=out.device)
+        return flat[:out.numel()]
+
     def channels_last(self, key: tuple, out: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """``out`` ``[B, C, H, W]`` itself when channels-last (``copy``: a copy all the same),
         else a channels-last copy in the buffer of ``key`` (valid until the next call with
@@ -284,11 +310,7 @@ class MapBuffers:
         if out.is_contiguous(memory_format=torch.channels_last) and not copy:
             return out
         b, c, h, w = out.shape
-        flat = self.flat.get(key)
-        if (flat is None or flat.numel() < out.numel() or flat.dtype != out.dtype
-                or flat.device != out.device):
-            flat = self.flat[key] = torch.empty(out.numel(), dtype=out.dtype, device=out.device)
-        target = flat[:out.numel()].view(b, h, w, c).permute(0, 3, 1, 2)
+        target = self._buffer(key, out).view(b, h, w, c).permute(0, 3, 1, 2)
         return target.copy_(out)
 
 
@@ -440,7 +462,8 @@ def collect_statistics(models: Sequence[nn.Module], spec: AlignmentSpec, x, *,
         _check_finite(main.acc, spec, len(models))
 
     views = [(spec, sampler), (own.spec, None)]
-    seen, layout = _stream(runners, views, source, batch_size, sampler, first, fold, progress)
+    seen, layout = _stream(runners, views, source, batch_size, sampler, first, fold, progress,
+                           unit_rows=products == "float32" and onednn_nt() is not None)
     samples_per_rank = all_reduce_moments([*main.acc.values(), *own.acc.values()], seen, group)
     stats = _finish(main.acc, spec, widths, len(models), reference, pairs, place,
                     samples_per_rank)
@@ -531,17 +554,18 @@ def _shard(source: DataSource, batch_size: int, group: ProcessGroup | None
 
 def _stream(runners, views: Sequence[tuple[AlignmentSpec, Select | None]], source: DataSource,
             batch_size: int, sampler: PositionSampler, first: int, fold: Callable,
-            progress) -> tuple[int, str]:
+            progress, unit_rows: bool = False) -> tuple[int, str]:
     """Run every model on every batch with the features of each ``(spec, select)`` view
     captured, ``fold(*captures)`` after each batch (one list of per-model captures per view);
     returns the number of inputs read and the memory layout image batches ran in
-    (:func:`ccamerge.layout.choose_layout`)."""
+    (:func:`ccamerge.layout.choose_layout`). ``unit_rows``: standard-layout maps are copied as
+    unit rows (:class:`MapBuffers`)."""
     total, seen = source.size_hint(), 0
     layout, whole = None, long_pass(total, batch_size)
     with contextlib.ExitStack() as stack:
         stack.enter_context(exact_float32())
         stack.enter_context(for_a_pass())  # freed maps kept for the next batch, if asked
-        buffers = [[MapBuffers() for _ in runners] for _ in views]
+        buffers = [[MapBuffers(unit_rows) for _ in runners] for _ in views]
         captures = [[stack.enter_context(capture_features(m, spec, select, kept))
                      for m, kept in zip(runners, row, strict=True)]
                     for (spec, select), row in zip(views, buffers, strict=True)]

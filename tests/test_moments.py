@@ -122,3 +122,66 @@ def test_an_unknown_precision_is_one_clear_error(digits):
     with pytest.raises(CcamergeError, match="products must be one of float32, bfloat16"):
         collect_statistics([model, model], build_spec(model), digits.x_train[:20],
                            products="float16")
+
+
+needs_onednn = pytest.mark.skipif(moments.onednn_nt() is None,
+                                  reason="this torch has no oneDNN float32 matmul")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(64, 300), (300, 5000)])
+def test_onednn_products_match_float64(shape):
+    n, count = shape
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.relu(torch.randn(2 * n, count, generator=g)).split(n)
+    got = moments.nt_product(x, y)
+    want = x.double() @ y.double().T
+    assert got.dtype == torch.float32 and got.shape == (n, n)
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=0,
+                               atol=2e-6 * float(want.abs().max()))
+
+
+def test_without_onednn_products_are_torch_mm(monkeypatch):
+    """Where the oneDNN matmul is missing (or for other dtypes, strides, devices) the product
+    is ``torch.mm`` itself."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 70, generator=g), torch.randn(6, 70, generator=g)
+    assert torch.equal(moments.nt_product(x.double(), y.double()), x.double() @ y.double().T)
+    strided = torch.randn(70, 10, generator=g).T
+    assert torch.equal(moments.nt_product(strided, y), torch.mm(strided, y.T))
+    monkeypatch.setattr(moments, "_ONEDNN", [None])
+    assert torch.equal(moments.nt_product(x, y), torch.mm(x, y.T))
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_unit_rows_fold_like_their_samples_in_every_mix(onednn, monkeypatch):
+    """Samples held as unit rows ``[n, S]`` (300 units: the triangle's row blocks; a model
+    offset enough to be centred) fold into the moments numpy.cov gives their samples, also
+    beside a model whose samples are a matrix ``[S, n]`` or maps read in place; self blocks
+    exactly symmetric."""
+    from ccamerge.moments import UnitRows, gram
+
+    if not onednn:
+        monkeypatch.setattr(moments, "_ONEDNN", [None])
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.relu(torch.randn(6, 300, 4, 4, generator=g)) for _ in range(4)]
+    maps[2][:, :150] += 50.0
+    samples = [m.permute(0, 2, 3, 1).reshape(-1, 300) for m in maps]  # [B*H*W, n]
+    blocks = [(0, 0), (1, 1), (2, 2), (3, 3), (0, 1), (0, 2), (0, 3), (1, 3)]
+    acc = {("p", i, j): CrossMoments(300, 300) for i, j in blocks}
+    workspace = _Workspace()
+    for start in range(0, 6, 3):
+        images = slice(start, start + 3)
+        rows = [UnitRows(m[images].transpose(0, 1).reshape(300, -1)) for m in maps[:3]]
+        chunk = [rows[0], rows[1], rows[2] if start else samples[2][start * 16:(start + 3) * 16],
+                 ChannelMaps(maps[3][images].flatten(2))]
+        _add_chunk(acc, "p", chunk, blocks, workspace)
+    assert workspace.centre == {("p", 2)}
+    joint = np.cov(torch.cat(samples, 1).double().numpy().T)
+    std = np.sqrt(np.diag(joint))
+    for i, j in blocks:
+        got = acc[("p", i, j)].covariance
+        part = (slice(i * 300, (i + 1) * 300), slice(j * 300, (j + 1) * 300))
+        assert (np.abs(got - joint[part]) / np.outer(std[part[0]], std[part[1]])).max() < 3e-5
+    own = gram(UnitRows(maps[1].transpose(0, 1).reshape(300, -1)))
+    assert torch.equal(own, own.T)

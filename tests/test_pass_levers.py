@@ -13,10 +13,11 @@ def test_a_setting_times_every_variant_and_the_ratios_compare_them():
 
     row = setting("vgg11", 0.125, 12, 1)
     assert row["layout_chosen"] in CANDIDATES and row["probe_s"] > 0
-    for name in ("before", "layout", "gram", "copy", "after", "forward_standard",
+    for name in ("before", "layout", "gram", "copy", "mkl", "after", "forward_standard",
                  "forward_channels_last"):
         assert row[name] > 0, name
     table = ratios(row)
     assert table["after / before"] == round(row["after"] / row["before"], 3)
     assert table["gram lever (triangle / one GEMM)"] == round(row["after"] / row["layout"], 3)
     assert table["maps lever (in place / copied)"] == round(row["after"] / row["copy"], 3)
+    assert table["oneDNN lever (oneDNN / torch.mm)"] == round(row["after"] / row["mkl"], 3)

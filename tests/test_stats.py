@@ -348,12 +348,17 @@ def test_map_buffers_read_wide_standard_maps_in_place_and_copy_the_rest():
                        .reshape(-1, 3))
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("positions", [None, 0.25])
-def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, monkeypatch):
-    """VGG on 3x32x32 images: its first maps (32x32, read in place in the standard layout) and
-    the rest give the same moments in either layout, and, with every position, numpy.cov's."""
+def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, onednn, monkeypatch):
+    """VGG on 3x32x32 images: its first maps (32x32; in the standard layout unit rows with
+    oneDNN, else read in place) and the rest give the same moments in either layout, and, with
+    every position, numpy.cov's."""
     from ccamerge import moments
 
+    if not onednn:
+        monkeypatch.setattr(moments, "_ONEDNN", [None])
+    whole = "UnitRows" if moments.onednn_nt() is not None else "ChannelMaps"
     read = []
     product = moments.product
     monkeypatch.setattr(moments, "product",
@@ -367,7 +372,7 @@ def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, monkeypatch):
     for layout in ("standard", "channels_last"):
         with pinned(layout):
             got[layout] = collect_statistics(models, spec, x, batch_size=4, positions=positions)
-        assert ("ChannelMaps" in read) == (layout == "standard" and positions is None)
+        assert (whole in read) == (layout == "standard" and positions is None)
         read.clear()
     covs = _joint_feature_covs(models, spec, x)
     for point in spec.points:
@@ -433,3 +438,57 @@ def test_captured_features_keep_the_values_a_later_in_place_op_overwrites(layout
         got = batch_features(model, output_spec({"1": [4]}), inputs)["1"]
         assert expected.min() < 0
         torch.testing.assert_close(got, expected)
+
+
+def test_map_buffers_copy_standard_maps_to_unit_rows_in_memory_kept_per_key():
+    """With unit rows (float32 products, oneDNN there), every standard-layout map, of few
+    positions or many, becomes a copy ``[C, B*H*W]`` in the same memory from batch to batch;
+    channels-last maps stay views ``[S, C]`` and without unit rows wide maps are read in place."""
+    from ccamerge.moments import MAP_MIN_POSITIONS, ChannelMaps, UnitRows
+
+    buffers = MapBuffers(unit_rows=True)
+    assert 32 * 32 >= MAP_MIN_POSITIONS
+    for size in (2, 32):
+        out = torch.randn(3, 5, size, size)
+        want = out.permute(1, 0, 2, 3).reshape(5, -1)
+        read = buffers.samples(("p", size, 0), out)
+        assert isinstance(read, UnitRows) and read.shape == (3 * size * size, 5)
+        assert torch.equal(read.rows, want)
+        again = buffers.samples(("p", size, 0), out[:2] * 2)
+        assert again.rows.data_ptr() == read.rows.data_ptr()
+        assert torch.equal(again.rows, want[:, :2 * size * size] * 2)
+    last = torch.randn(2, 5, 4, 4).contiguous(memory_format=torch.channels_last)
+    view = buffers.samples(("q", 0, 0), last)
+    assert torch.equal(view, last.permute(0, 2, 3, 1).reshape(-1, 5))
+    assert view.data_ptr() == last.data_ptr()
+    assert isinstance(MapBuffers().samples(("r", 0, 0), torch.randn(2, 5, 32, 32)), ChannelMaps)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("layout", ["standard", "channels_last"])
+def test_a_pass_over_wide_maps_matches_numpy_with_or_without_onednn(onednn, layout, monkeypatch):
+    """A VGG whose maps have 64 and 96 channels, in either layout (standard: unit rows where
+    oneDNN is there; else samples ``[S, n]``): numpy.cov of its features, every block."""
+    from ccamerge import moments
+
+    if not onednn:
+        monkeypatch.setattr(moments, "_ONEDNN", [None])
+    read = []
+    product = moments.product
+    monkeypatch.setattr(moments, "product",
+                        lambda a, b: read.append(type(a).__name__) or product(a, b))
+    torch.manual_seed(0)
+    models = [build_model("vgg", cfg=[64, "M", 96], image_shape=[3, 16, 16]).eval()
+              for _ in range(2)]
+    spec = build_spec(models[0])
+    x = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with pinned(layout):
+        stats = collect_statistics(models, spec, x, batch_size=4)
+    used = onednn and layout == "standard" and moments.onednn_nt() is not None
+    assert ("UnitRows" in read) == used
+    covs = _joint_feature_covs(models, spec, x)
+    for point in spec.points:
+        n, joint = point.width, covs[point.name]
+        for i, j in [(0, 0), (1, 1), (0, 1)]:
+            np.testing.assert_allclose(stats[point.name].cov(i, j),
+                                       joint[i * n:(i + 1) * n, j * n:(j + 1) * n], atol=1e-5)
