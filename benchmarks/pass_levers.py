@@ -14,7 +14,8 @@ fastest of each counts (other load on the machine only adds time):
 * ``layout``: the layout :func:`ccamerge.layout.choose_layout` picks, self blocks one GEMM;
 * ``gram``: channels-last, self blocks as the row blocks of their upper triangle;
 * ``copy``: both, but every standard-layout map copied to channels-last (no
-  :class:`ccamerge.moments.ChannelMaps`: ``MAP_MIN_POSITIONS`` out of reach);
+  :class:`ccamerge.moments.ChannelMaps`: ``MAP_MIN_POSITIONS`` out of reach; where oneDNN is
+  there, standard-layout maps are unit rows either way, so this lever only acts without it);
 * ``mkl``: the code as it is but every product through ``torch.mm`` (MKL on x86): maps read as
   channels-last samples ``[S, n]``, no unit rows (:class:`ccamerge.moments.UnitRows`);
 * ``after``: all four (the code as it is);

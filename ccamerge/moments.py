@@ -1,8 +1,10 @@
 """One batch of features folded into streaming float64 moments: the statistics pass's hot path.
 
 Per merge point and batch, every model gives samples ``[S, n]``: for an image model in
-channels-last memory a view of its feature map; in the standard layout a channels-last copy, or,
-for maps of many positions on the CPU, the map itself read in place (:class:`ChannelMaps`).
+channels-last memory a view of its feature map; in the standard layout on the CPU with float32
+products and oneDNN, a copy as units by samples ``[n, S]`` (:class:`UnitRows`, multiplied by
+oneDNN: :func:`nt_product`); otherwise in the standard layout a channels-last copy, or, for maps
+of many positions on the CPU, the map itself read in place (:class:`ChannelMaps`).
 :func:`_add_chunk` multiplies only the covariance blocks asked for (each model with itself, as a
 symmetric product: :func:`gram`; and the pairs: the reference with each other model, or all
 pairs), as float32 products of the samples as they are, and folds them into the float64
