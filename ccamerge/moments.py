@@ -21,6 +21,7 @@ CPU has AMX or AVX512-BF16, at a relative error of the covariances near 1e-3 (se
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +52,8 @@ GRAM_BLOCKS = ((512, 4), (256, 2))
 # 16x16 and 1.03-1.67 at 8x8 and below, where one GEMM over the whole batch wins.
 MAP_MIN_POSITIONS = 1024
 # Contiguous float32 products x @ y^T (x [n, S], y [n, S]: the contraction dim contiguous) go
-# through oneDNN's matmul rather than torch.mm (MKL): 345-400 GFLOP/s against 146-185 at S x n
+# through oneDNN's matmul rather than torch.mm (MKL), unless a one-time check finds it slower
+# (:func:`_faster`): 345-400 GFLOP/s against 146-185 at S x n
 # = 128000 x 128 .. 4000 x 2048 on an AVX-512 AMD EPYC, 2 threads (MKL takes a slower path on
 # AMD CPUs). Samples [S, n] with n contiguous gain nothing from it (oneDNN reorders them first:
 # 54-204 GFLOP/s), and a channels-last map costs two copies to reach [n, S]: in the statistics
@@ -139,7 +141,9 @@ Samples = torch.Tensor | ChannelMaps | UnitRows  # [S, n]
 
 def _checked_onednn_op() -> Callable | None:
     """oneDNN's float32 ``x @ y^T`` on the CPU (the matmul of torch's fused linear layers), or
-    None where this torch lacks it or it disagrees with a float64 product on a small check."""
+    None where this torch lacks it, it disagrees with a float64 product on a small check, or it
+    is slower than ``torch.mm`` on samples ``[S, n]`` (:func:`_faster`: MKL may be the faster
+    one on other CPUs than the AMD EPYC where oneDNN measured 2x)."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         if not torch.backends.mkldnn.is_available():
@@ -151,14 +155,38 @@ def _checked_onednn_op() -> Callable | None:
             return None
     except (AttributeError, RuntimeError):
         return None
-    return lambda a, b: op(a, b, None, "none", [], "")
+    fast = lambda a, b: op(a, b, None, "none", [], "")  # noqa: E731
+    return fast if _faster(fast) else None
+
+
+def _faster(fast: Callable) -> bool:
+    """Whether ``fast`` multiplies unit rows ``[256, 8192]`` at least as fast as ``torch.mm``
+    multiplies the same samples ``[8192, 256]`` (the best of three each, about 30 ms in all)."""
+    rows = torch.rand(256, 8192, generator=torch.Generator().manual_seed(1))
+    samples = rows.T.contiguous()
+    with torch.no_grad():
+        times = [_best_time(lambda: fast(rows, rows)),
+                 _best_time(lambda: samples.T @ samples)]
+    return times[0] <= times[1]
+
+
+def _best_time(call: Callable, tries: int = 3) -> float:
+    """The fastest of ``tries`` timed calls after one untimed, in seconds."""
+    call()
+    best = math.inf
+    for _ in range(tries):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 _ONEDNN: list[Callable | None] = []  # the checked op (or None), decided once per process
 
 
 def onednn_nt() -> Callable | None:
-    """The checked oneDNN ``x @ y^T`` (:func:`nt_product`), or None where it is not there."""
+    """The checked oneDNN ``x @ y^T`` (:func:`nt_product`), or None where it is not there or
+    not faster (decided on first use, once per process)."""
     if not _ONEDNN:
         _ONEDNN.append(_checked_onednn_op())
     return _ONEDNN[0]

@@ -141,6 +141,18 @@ def test_onednn_products_match_float64(shape):
                                atol=2e-6 * float(want.abs().max()))
 
 
+@needs_onednn
+def test_onednn_is_kept_only_where_it_is_not_slower_than_torch_mm(monkeypatch):
+    timed = []
+    monkeypatch.setattr(moments, "_best_time", lambda call, tries=3: timed.pop(0))
+    timed[:] = [2.0, 1.0]  # oneDNN's time, then torch.mm's
+    assert moments._checked_onednn_op() is None
+    timed[:] = [1.0, 1.0]
+    fast = moments._checked_onednn_op()
+    x = torch.rand(3, 40)
+    assert fast is not None and torch.allclose(fast(x, x), x @ x.T)
+
+
 def test_without_onednn_products_are_torch_mm(monkeypatch):
     """Where the oneDNN matmul is missing (or for other dtypes, strides, devices) the product
     is ``torch.mm`` itself."""
