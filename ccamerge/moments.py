@@ -43,21 +43,24 @@ FIRST_LOOK_ROWS = 16_384
 # A model's product with itself, A^T A, is symmetric: on the CPU, from 256 columns, it is
 # multiplied as the k row blocks of its upper triangle (k = 2; 4 from 512 columns) and mirrored.
 # Time over one GEMM, 2 threads: 0.89 at [128000, 256], 0.75 at [32000, 512], 0.70 at [8000,
-# 1024]; no gain below 256 columns (1.0-1.3). BLAS ssyrk was slower than MKL's GEMM there.
+# 1024]; no gain below 256 columns (1.0-1.3). BLAS ssyrk was slower than MKL's GEMM there. On
+# unit rows through oneDNN (AVX-512 AMD EPYC): 0.79 at [128000, 256], 0.74 at [32000, 512],
+# 0.64 at [16000, 1024], 0.63 at [4000, 2048].
 GRAM_BLOCKS = ((512, 4), (256, 2))
-# A standard-layout feature map of at least this many positions per image is read in place on
-# the CPU (:class:`ChannelMaps`: products summed image by image) instead of copied to
-# channels-last. Time over copy-then-products, two models (2 self blocks, 1 pair), 2 threads:
-# 0.61 at [500, 64, 32x32], 0.67 at [250, 256, 32x32], 0.92 at [125, 512, 32x32]; 0.90-1.07 at
-# 16x16 and 1.03-1.67 at 8x8 and below, where one GEMM over the whole batch wins.
+# Without unit rows (below: bfloat16 products, or no oneDNN), a standard-layout feature map of at
+# least this many positions per image is read in place on the CPU (:class:`ChannelMaps`:
+# products summed image by image) instead of copied to channels-last. Time over
+# copy-then-products, two models (2 self blocks, 1 pair), 2 threads: 0.61 at [500, 64, 32x32],
+# 0.67 at [250, 256, 32x32], 0.92 at [125, 512, 32x32]; 0.90-1.07 at 16x16 and 1.03-1.67 at
+# 8x8 and below, where one GEMM over the whole batch wins.
 MAP_MIN_POSITIONS = 1024
 # Contiguous float32 products x @ y^T (x [n, S], y [n, S]: the contraction dim contiguous) go
 # through oneDNN's matmul rather than torch.mm (MKL), unless a one-time check finds it slower
-# (:func:`_faster`): 345-400 GFLOP/s against 146-185 at S x n
-# = 128000 x 128 .. 4000 x 2048 on an AVX-512 AMD EPYC, 2 threads (MKL takes a slower path on
-# AMD CPUs). Samples [S, n] with n contiguous gain nothing from it (oneDNN reorders them first:
-# 54-204 GFLOP/s), and a channels-last map costs two copies to reach [n, S]: in the statistics
-# pass that lost (VGG11 x1 1.05x, ResNet20 x1 1.17x slower), so those stay on torch.mm.
+# (:func:`_faster`): 345-400 GFLOP/s against 146-185 at S x n = 128000 x 128 .. 4000 x 2048 on
+# an AVX-512 AMD EPYC, 2 threads (MKL takes a slower path on AMD CPUs). Samples [S, n] with n
+# contiguous gain nothing from it (oneDNN reorders them first: 54-204 GFLOP/s), and a
+# channels-last map costs two copies to reach [n, S]: in the statistics pass that lost (VGG11 x1
+# 1.05x, ResNet20 x1 1.17x slower), so those stay on torch.mm.
 # With float32 products on the CPU and oneDNN there, every standard-layout map [B, n, P] is
 # copied to unit rows [n, B*P] (:class:`UnitRows`, runs of P; :class:`ccamerge.stats.MapBuffers`)
 # instead of to channels-last or read in place. Time of the three blocks of two models, copies

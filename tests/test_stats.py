@@ -348,6 +348,28 @@ def test_map_buffers_read_wide_standard_maps_in_place_and_copy_the_rest():
                        .reshape(-1, 3))
 
 
+def _spied_products(monkeypatch, onednn: bool) -> list[str]:
+    """The type names of the first samples of every cross product the pass multiplies from
+    now on; without ``onednn``, the pass runs as where oneDNN is missing."""
+    from ccamerge import moments
+
+    if not onednn:
+        monkeypatch.setattr(moments, "_ONEDNN", [None])
+    read = []
+    product = moments.product
+    monkeypatch.setattr(moments, "product",
+                        lambda a, b: read.append(type(a).__name__) or product(a, b))
+    return read
+
+
+def _two_vggs(cfg: list, size: int) -> tuple:
+    """Two random eval VGGs of ``cfg`` on 3 x size x size images, their spec and 10 images."""
+    torch.manual_seed(0)
+    models = [build_model("vgg", cfg=cfg, image_shape=[3, size, size]).eval() for _ in range(2)]
+    x = torch.randn(10, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return models, build_spec(models[0]), x
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("positions", [None, 0.25])
 def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, onednn, monkeypatch):
@@ -356,18 +378,9 @@ def test_a_32px_vgg_pass_matches_numpy_in_both_layouts(positions, onednn, monkey
     every position, numpy.cov's."""
     from ccamerge import moments
 
-    if not onednn:
-        monkeypatch.setattr(moments, "_ONEDNN", [None])
+    read = _spied_products(monkeypatch, onednn)
     whole = "UnitRows" if moments.onednn_nt() is not None else "ChannelMaps"
-    read = []
-    product = moments.product
-    monkeypatch.setattr(moments, "product",
-                        lambda a, b: read.append(type(a).__name__) or product(a, b))
-    torch.manual_seed(0)
-    models = [build_model("vgg", cfg=[8, "M", 16], image_shape=[3, 32, 32]).eval()
-              for _ in range(2)]
-    spec = build_spec(models[0])
-    x = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    models, spec, x = _two_vggs([8, "M", 16], 32)
     got = {}
     for layout in ("standard", "channels_last"):
         with pinned(layout):
@@ -471,17 +484,8 @@ def test_a_pass_over_wide_maps_matches_numpy_with_or_without_onednn(onednn, layo
     oneDNN is there; else samples ``[S, n]``): numpy.cov of its features, every block."""
     from ccamerge import moments
 
-    if not onednn:
-        monkeypatch.setattr(moments, "_ONEDNN", [None])
-    read = []
-    product = moments.product
-    monkeypatch.setattr(moments, "product",
-                        lambda a, b: read.append(type(a).__name__) or product(a, b))
-    torch.manual_seed(0)
-    models = [build_model("vgg", cfg=[64, "M", 96], image_shape=[3, 16, 16]).eval()
-              for _ in range(2)]
-    spec = build_spec(models[0])
-    x = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    read = _spied_products(monkeypatch, onednn)
+    models, spec, x = _two_vggs([64, "M", 96], 16)
     with pinned(layout):
         stats = collect_statistics(models, spec, x, batch_size=4)
     used = onednn and layout == "standard" and moments.onednn_nt() is not None
