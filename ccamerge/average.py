@@ -13,7 +13,7 @@ its order are those of the held average, so the two agree bit for bit
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from ccamerge.batchnorm import (
 )
 from ccamerge.methods import Alignment
 from ccamerge.spec import AlignmentSpec, resized_spec
-from ccamerge.transform import Transforms, param_maps, transformed_entry
+from ccamerge.transform import Transforms, param_maps, transformed_entry, weighted_sum
 
 
 def average_aligned_state(models: Sequence[nn.Module], alignment: Alignment,
@@ -49,7 +49,7 @@ def average_aligned_state(models: Sequence[nn.Module], alignment: Alignment,
             out[key] = value.clone()
             continue
         entries = (_cut(s.entry(key), key, sizes) for s in sources)
-        out[key] = _weighted_sum(entries, weights)
+        out[key] = weighted_sum(entries, weights)
     return out
 
 
@@ -103,16 +103,6 @@ class AlignedEntries:
         if key in self.folded_shifts:
             return folded_shift(self.state, self.folded_shifts[key], self.eps)
         return self.state[key]
-
-
-def _weighted_sum(entries: Iterator[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_i weights[i] * entries[i]`` in float64, in the first entry's dtype."""
-    acc, dtype = None, None
-    for w, value in zip(weights, entries, strict=True):
-        if acc is None:
-            acc, dtype = torch.zeros_like(value, dtype=torch.float64), value.dtype
-        acc += w * value.to(torch.float64)
-    return acc.to(dtype)
 
 
 def _cut(value: torch.Tensor, key: str, sizes: Mapping[str, torch.Size] | None) -> torch.Tensor:

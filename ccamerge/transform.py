@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,11 +173,19 @@ def average_states(states: Sequence[dict[str, torch.Tensor]],
         if not first.is_floating_point():
             out[key] = first.clone()
             continue
-        acc = torch.zeros_like(first, dtype=torch.float64)
-        for w, state in zip(weights, states, strict=True):
-            acc += w * state[key].to(torch.float64)
-        out[key] = acc.to(first.dtype)
+        out[key] = weighted_sum((state[key] for state in states), weights)
     return out
+
+
+def weighted_sum(entries: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i weights[i] * entries[i]`` in float64, in the first entry's dtype (each entry
+    may be made as it is needed: only the sum and one entry are held)."""
+    acc, dtype = None, None
+    for w, value in zip(weights, entries, strict=True):
+        if acc is None:
+            acc, dtype = torch.zeros_like(value, dtype=torch.float64), value.dtype
+        acc += w * value.to(torch.float64)
+    return acc.to(dtype)
 
 
 def with_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
