@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from ccamerge.analysis.diagnose import partial_curve
-from ccamerge.api import align, aligned_states
-from ccamerge.transform import average_states
+from ccamerge.api import align
+from ccamerge.average import average_aligned_state
 
 
 def partial_merges(models: Sequence[nn.Module], data, method: str, *, reference: int = 0,
@@ -24,7 +24,8 @@ def partial_merges(models: Sequence[nn.Module], data, method: str, *, reference:
     (the reference alone, after its BatchNorm reset when ``bn_reset``) .. all (the merge)."""
     aligned = align(models, data, method, reference=reference, stats_samples=stats_samples,
                     seed=seed, **options)
-    merged = average_states(aligned_states(models, aligned))
+    weights = [1.0 / len(models)] * len(models)
+    merged = average_aligned_state(models, aligned.alignment, aligned.spec, weights)
     rows = partial_curve(models[reference], merged, aligned.spec, data, bn_reset)
     return {"method": method, "points": aligned.spec.names,
             "accuracy": [r["accuracy"] for r in rows], "loss": [r["loss"] for r in rows]}
