@@ -238,9 +238,9 @@ class MapBuffers:
     """Reused memory for standard-layout feature maps ``[B, C, H, W]`` copied to channels-last,
     whose samples ``[B*H*W, C]`` are then a view, or with ``unit_rows`` (float32 products where
     oneDNN is there) to unit rows ``[C, B*H*W]`` (:class:`~ccamerge.moments.UnitRows`): one
-    buffer per feature module and call, kept
-    from batch to batch (a fresh map-sized allocation per batch costs page faults on the order of
-    the copy). Only for captures that are consumed before the next batch (the statistics pass).
+    buffer per feature module and call, kept from batch to batch (a fresh map-sized allocation
+    per batch costs page faults on the order of the copy). Only for captures that are consumed
+    before the next batch (the statistics pass).
 
     Outputs read without a copy (channels-last maps, :class:`~ccamerge.moments.ChannelMaps`,
     linear features) are watched: a later in-place op of the forward (``ReLU(inplace=True)``
