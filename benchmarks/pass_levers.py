@@ -1,4 +1,4 @@
-"""The statistics pass's four latest levers, each on and off, in one run.
+"""The statistics pass's latest levers, each on and off, in one run.
 
     python benchmarks/pass_levers.py [--images 1000] [--repeats 3]
                                      [--out benchmarks/results/pass_levers.md]
@@ -10,7 +10,8 @@ fastest of each counts (other load on the machine only adds time):
 
 * ``before``: images channels-last (what every pass did before :mod:`ccamerge.layout`), each
   self block one GEMM (``ccamerge.moments.GRAM_BLOCKS`` emptied) and every product through
-  ``torch.mm`` (no oneDNN: :func:`ccamerge.moments.onednn_nt` answering None);
+  ``torch.mm`` (no oneDNN: :func:`ccamerge.moments.onednn_nt` and ``onednn_tn`` answering
+  None);
 * ``layout``: the layout :func:`ccamerge.layout.choose_layout` picks, self blocks one GEMM;
 * ``gram``: channels-last, self blocks as the row blocks of their upper triangle;
 * ``copy``: both, but every standard-layout map copied to channels-last (no
@@ -18,6 +19,8 @@ fastest of each counts (other load on the machine only adds time):
   there, standard-layout maps are unit rows either way, so this lever only acts without it);
 * ``mkl``: the code as it is but every product through ``torch.mm`` (MKL on x86): maps read as
   channels-last samples ``[S, n]``, no unit rows (:class:`ccamerge.moments.UnitRows`);
+* ``mkl_samples``: the code as it is but samples ``[S, n]`` (channels-last maps) multiplied by
+  ``torch.mm`` rather than oneDNN's weight gradient (:func:`ccamerge.moments.tn_product`);
 * ``after``: all four (the code as it is);
 * the bare forward of the two models in either layout (no hooks), for statistics / forward.
 
@@ -60,27 +63,27 @@ def forward(models, x, layout: str) -> None:
 
 def variants(models, spec, x) -> dict:
     """Name -> a call running that variant."""
-    def stats(layout: str, gram: bool, in_place: bool = True, onednn: bool = True):
+    def stats(layout: str, gram: bool, in_place: bool = True, without: tuple = ()):
         def call():
             blocks, least = ccamerge.moments.GRAM_BLOCKS, ccamerge.stats.MAP_MIN_POSITIONS
-            checked = list(ccamerge.moments._ONEDNN)
+            checked = {form: ccamerge.moments._onednn(form) for form in ("nt", "tn")}
             ccamerge.moments.GRAM_BLOCKS = blocks if gram else ()
             ccamerge.stats.MAP_MIN_POSITIONS = least if in_place else 2**62
-            if not onednn:
-                ccamerge.moments._ONEDNN[:] = [None]
+            ccamerge.moments._ONEDNN.update(dict.fromkeys(without))
             try:
                 with pinned(layout):
                     collect_statistics(models, spec, x, batch_size=BATCH)
             finally:
                 ccamerge.moments.GRAM_BLOCKS = blocks
                 ccamerge.stats.MAP_MIN_POSITIONS = least
-                ccamerge.moments._ONEDNN[:] = checked
+                ccamerge.moments._ONEDNN.update(checked)
         return call
     return {"forward_standard": lambda: forward(models, x, "standard"),
             "forward_channels_last": lambda: forward(models, x, "channels_last"),
-            "before": stats("channels_last", False, False, False),
+            "before": stats("channels_last", False, False, ("nt", "tn")),
             "layout": stats("auto", False), "gram": stats("channels_last", True),
-            "copy": stats("auto", True, False), "mkl": stats("auto", True, True, False),
+            "copy": stats("auto", True, False), "mkl": stats("auto", True, True, ("nt", "tn")),
+            "mkl_samples": stats("auto", True, True, ("tn",)),
             "after": stats("auto", True)}
 
 
@@ -112,6 +115,8 @@ def ratios(row: dict) -> dict:
             "gram lever (triangle / one GEMM)": round(row["after"] / row["layout"], 3),
             "maps lever (in place / copied)": round(row["after"] / row["copy"], 3),
             "oneDNN lever (oneDNN / torch.mm)": round(row["after"] / row["mkl"], 3),
+            "oneDNN samples lever (oneDNN / torch.mm for [S, n])":
+                round(row["after"] / row["mkl_samples"], 3),
             "after / before": round(row["after"] / row["before"], 3),
             "probe / after": round(row["probe_s"] / row["after"], 3)}
 

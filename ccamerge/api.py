@@ -381,12 +381,12 @@ def finish_batchnorm(merged: nn.Module, models: Sequence[nn.Module], aligned: Al
 
 
 def collection_of(stats: Statistics | None, place: torch.device, group=None) -> dict:
-    """``{"device", "world_size", "samples_per_rank", "samples", "layout", "products"}`` of a
-    merge (no samples for a data-free method)."""
+    """``{"device", "world_size", "samples_per_rank", "samples", "layout", "products",
+    "threads"}`` of a merge (no samples for a data-free method)."""
     if stats is not None:
         return stats.collection()
     return {"device": str(place), "world_size": rank_and_size(group)[1], "samples_per_rank": [],
-            "samples": 0, "layout": "n/a", "products": "n/a"}
+            "samples": 0, "layout": "n/a", "products": "n/a", "threads": "n/a"}
 
 
 def _file_name(model: nn.Module) -> str | None:

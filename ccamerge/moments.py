@@ -1,7 +1,8 @@
 """One batch of features folded into streaming float64 moments: the statistics pass's hot path.
 
 Per merge point and batch, every model gives samples ``[S, n]``: for an image model in
-channels-last memory a view of its feature map; in the standard layout on the CPU with float32
+channels-last memory a view of its feature map (multiplied on the CPU by oneDNN as well:
+:func:`tn_product`); in the standard layout on the CPU with float32
 products and oneDNN, a copy as units by samples ``[n, S]`` (:class:`UnitRows`, multiplied by
 oneDNN: :func:`nt_product`); otherwise in the standard layout a channels-last copy, or, for maps
 of many positions on the CPU, the map itself read in place (:class:`ChannelMaps`).
@@ -67,6 +68,27 @@ MAP_MIN_POSITIONS = 1024
 # included, over the channels-last copy and torch.mm, 2 threads: 0.44-0.56 at n = 16..2048, P =
 # 16..256 (batches of 250-500); over in place (ChannelMaps, oneDNN per image): 0.21 at [500, 16,
 # 1024], 0.45 at [500, 64, 1024], 0.85-0.94 at 128-256 units, 1.05 at [125, 512, 1024].
+# Contiguous float32 samples [S, n] (n contiguous: channels-last maps, linear features) are
+# multiplied, a^T b, as the weight gradient of a 1x1 convolution by oneDNN on their rows viewed
+# as channels-last maps [S / R, n, R, 1] with R = TN_POSITIONS (no copy; the S mod R rows left
+# over by torch.mm), unless a one-time check finds it slower than torch.mm. AVX-512 AMD EPYC, 2
+# threads, GFLOP/s against torch.mm (MKL): self products 255-375 against 130-180, pairs of two
+# maps 170-325 against 140-180 at S x n = 128000 x 128 .. 8000 x 512; 115-190 against 95-130 at
+# 512000 x 64, where both are bound by memory. Views of R = 4..1024 rows and the map's own
+# [B, n, H, W] were within the repeats' spread of each other but for R <= 16 at 128 units
+# (0.6-0.75x). Column slices are strided (oneDNN copies them first: 7-240 GFLOP/s), so a self
+# product of such samples is multiplied whole, not as its triangle's row blocks: 2 threads at
+# 300 GFLOP/s for the whole beat MKL's triangle (0.75-0.89 of one GEMM at 130-180).
+TN_POSITIONS = 256
+# ... but only products of at least TN_MIN_MACS multiply-adds (S n_a n_b) over at least
+# TN_MIN_ROWS_PER_UNIT S per unit (S >= that * max(n_a, n_b)). Time over torch.mm, same VM: 0.54-
+# 0.72 from [3000, 128] and [32000, 32] (33M) up to [16000, 1024]; 0.96 at [4096, 2048]; but 1.0-
+# 1.2 at [1437, 128] (24M) and [4000, 64] (16M), where the call's own cost counts, and 1.2-2.2 at
+# [500, 512], [1000, 1024] and [2000, 2048], too few rows per unit to share out. Smaller products
+# (a small MLP's features) then also stay bit for bit what they were, whatever the thread count
+# (oneDNN's rounding depends on it; MKL's did not here).
+TN_MIN_MACS = 1 << 25
+TN_MIN_ROWS_PER_UNIT = 2
 # The precisions the products of a pass can run in (``collect_statistics(products=...)``).
 PRODUCTS = ("float32", "bfloat16")
 # bfloat16 products are rounded to bfloat16 once per chunk of this many rows, so the output
@@ -151,25 +173,71 @@ def _checked_onednn_op() -> Callable | None:
         op = torch.ops.mkldnn._linear_pointwise
         if not torch.backends.mkldnn.is_available():
             return None
+        fast = lambda a, b: op(a, b, None, "none", [], "")  # noqa: E731
         x, y = torch.rand(24, 300, generator=torch.Generator().manual_seed(0)).split((16, 8))
         with torch.no_grad():
-            got = op(x, y, None, "none", [], "")
+            got = fast(x, y)
         if not torch.allclose(got.double(), x.double() @ y.double().T, rtol=1e-5):
             return None
     except (AttributeError, RuntimeError):
         return None
-    fast = lambda a, b: op(a, b, None, "none", [], "")  # noqa: E731
-    return fast if _faster(fast) else None
-
-
-def _faster(fast: Callable) -> bool:
-    """Whether ``fast`` multiplies unit rows ``[256, 8192]`` at least as fast as ``torch.mm``
-    multiplies the same samples ``[8192, 256]`` (the best of three each, about 30 ms in all)."""
     rows = torch.rand(256, 8192, generator=torch.Generator().manual_seed(1))
-    samples = rows.T.contiguous()
+    return fast if _faster(lambda: fast(rows, rows), rows.T.contiguous()) else None
+
+
+def _checked_onednn_tn() -> Callable | None:
+    """``a^T b`` of contiguous float32 samples ``[S, n_a]``, ``[S, n_b]`` on the CPU through
+    oneDNN's convolution weight gradient (:func:`_weight_gradient_product`), or None where
+    this torch lacks it, it disagrees with a float64 product on a small check, or it is slower
+    than ``torch.mm`` (:func:`_faster`)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        a, b = torch.rand(2 * TN_POSITIONS + 7, 40,
+                          generator=torch.Generator().manual_seed(0)).split((24, 16), dim=1)
+        a, b = a.contiguous(), b.contiguous()
+        with torch.no_grad():
+            got = _weight_gradient_product(a, b)
+        if not torch.allclose(got.double(), a.double().T @ b.double(), rtol=1e-5):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    samples = torch.rand(8192, 256, generator=torch.Generator().manual_seed(1))
+    fast = lambda: _weight_gradient_product(samples, samples)  # noqa: E731
+    return _weight_gradient_product if _faster(fast, samples) else None
+
+
+def _weight_gradient_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` ``[n_a, n_b]`` of contiguous samples ``a`` ``[S, n_a]``, ``b`` ``[S, n_b]`` as the
+    weight gradient of a 1x1 convolution: its first rows viewed as channels-last maps ``[S / R,
+    n, R, 1]`` (``R`` = :data:`TN_POSITIONS`, no copy), the ``S mod R`` left over by
+    ``torch.mm``."""
+    count = a.shape[0] // TN_POSITIONS * TN_POSITIONS
+    if count == 0:
+        return a.T @ b
+    shape = (a.shape[1], b.shape[1], 1, 1)
+    out = torch.ops.aten.convolution_backward(
+        _as_maps(a, count), _as_maps(b, count), _ZERO.expand(shape), None, [1, 1], [0, 0],
+        [1, 1], False, [0, 0], 1, [False, True, False])[1].view(shape[:2])
+    return out.addmm_(a[count:].T, b[count:]) if count < a.shape[0] else out
+
+
+_ZERO = torch.zeros(())  # the 1x1 convolution's weights: only their shape is read
+
+
+def _as_maps(samples: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` (a multiple of :data:`TN_POSITIONS`) rows of contiguous samples
+    ``[S, n]`` as a channels-last map ``[count / R, n, R, 1]`` (a view)."""
+    n = samples.shape[1]
+    return samples.as_strided((count // TN_POSITIONS, n, TN_POSITIONS, 1),
+                              (TN_POSITIONS * n, 1, n, n))
+
+
+def _faster(fast: Callable, samples: torch.Tensor) -> bool:
+    """Whether the call ``fast`` is at least as fast as ``torch.mm`` computing ``samples^T
+    samples`` (``[8192, 256]``: the best of three each, about 30 ms in all)."""
     with torch.no_grad():
-        times = [_best_time(lambda: fast(rows, rows)),
-                 _best_time(lambda: samples.T @ samples)]
+        times = [_best_time(fast), _best_time(lambda: samples.T @ samples)]
     return times[0] <= times[1]
 
 
@@ -184,23 +252,57 @@ def _best_time(call: Callable, tries: int = 3) -> float:
     return best
 
 
-_ONEDNN: list[Callable | None] = []  # the checked op (or None), decided once per process
+# The checked oneDNN products (or None), decided once per process: "nt" (unit rows, x @ y^T) and
+# "tn" (samples [S, n], a^T b).
+_ONEDNN: dict[str, Callable | None] = {}
+_CHECKS = {"nt": _checked_onednn_op, "tn": _checked_onednn_tn}
+
+
+def _onednn(form: str) -> Callable | None:
+    if form not in _ONEDNN:
+        _ONEDNN[form] = _CHECKS[form]()
+    return _ONEDNN[form]
 
 
 def onednn_nt() -> Callable | None:
     """The checked oneDNN ``x @ y^T`` (:func:`nt_product`), or None where it is not there or
     not faster (decided on first use, once per process)."""
-    if not _ONEDNN:
-        _ONEDNN.append(_checked_onednn_op())
-    return _ONEDNN[0]
+    return _onednn("nt")
+
+
+def onednn_tn() -> Callable | None:
+    """The checked oneDNN ``a^T b`` of samples ``[S, n]`` (:func:`tn_product`), or None where it
+    is not there or not faster (decided on first use, once per process)."""
+    return _onednn("tn")
 
 
 def nt_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x @ y^T`` ``[m, k]`` of ``x`` ``[m, S]`` and ``y`` ``[k, S]``: contiguous float32 on the
     CPU through oneDNN where it is there (:func:`onednn_nt`), else ``torch.mm``."""
-    fast = (x.device.type == "cpu" and x.dtype == y.dtype == torch.float32
-            and x.is_contiguous() and y.is_contiguous() and onednn_nt())
+    fast = _fast_form(x, y) and onednn_nt()
     return fast(x, y) if fast else torch.mm(x, y.T)
+
+
+def tn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` ``[n_a, n_b]`` of samples ``a`` ``[S, n_a]`` and ``b`` ``[S, n_b]``: contiguous
+    float32 on the CPU through oneDNN where it is there (:func:`onednn_tn`), else
+    ``torch.mm``."""
+    fast = _tn_worth_it(a, b) and onednn_tn()
+    return fast(a, b) if fast else a.T @ b
+
+
+def _tn_worth_it(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether samples ``a`` ``[S, n_a]``, ``b`` ``[S, n_b]`` are in oneDNN's form and large
+    enough for it to pay (:data:`TN_MIN_MACS`, :data:`TN_MIN_ROWS_PER_UNIT`)."""
+    rows, widest = a.shape[0], max(a.shape[1], b.shape[1])
+    return (_fast_form(a, b) and rows * a.shape[1] * b.shape[1] >= TN_MIN_MACS
+            and rows >= TN_MIN_ROWS_PER_UNIT * widest)
+
+
+def _fast_form(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether both operands are contiguous float32 CPU tensors (what oneDNN takes as is)."""
+    return (a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and a.is_contiguous() and b.is_contiguous())
 
 
 def column_sums(samples: Samples, square: bool = False) -> torch.Tensor:
@@ -218,14 +320,15 @@ def column_sums(samples: Samples, square: bool = False) -> torch.Tensor:
 
 def product(a: Samples, b: Samples) -> torch.Tensor:
     """``a^T b`` ``[n_a, n_b]`` of samples ``[S, n_a]``, ``[S, n_b]``: maps read in place summed
-    image by image, unit rows in one :func:`nt_product`, samples ``[S, n]`` as one GEMM."""
+    image by image, unit rows in one :func:`nt_product`, samples ``[S, n]`` in one
+    :func:`tn_product`."""
     if isinstance(a, ChannelMaps) and isinstance(b, ChannelMaps):
         out = nt_product(a.maps[0], b.maps[0])
         for image_a, image_b in zip(a.maps[1:], b.maps[1:], strict=True):
             out.add_(nt_product(image_a, image_b))
         return out
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return _dense(a).T @ _dense(b)
+        return tn_product(_dense(a), _dense(b))
     return nt_product(_rows(a), _rows(b))
 
 
@@ -370,7 +473,7 @@ def gram(a: Samples, multiply: Callable[[Samples, Samples], torch.Tensor] = prod
     columns the row blocks of its upper triangle, each mirrored (:data:`GRAM_BLOCKS`), each
     block ``multiply(a_cols, b_cols)`` (:func:`product`; :func:`low_product` for bfloat16)."""
     n = a.shape[1]
-    k = next((k for cols, k in GRAM_BLOCKS if n >= cols), 1) if a.device.type == "cpu" else 1
+    k = next((k for cols, k in GRAM_BLOCKS if n >= cols), 1) if _in_blocks(a) else 1
     if k == 1:
         return multiply(a, a)
     out = None
@@ -382,6 +485,14 @@ def gram(a: Samples, multiply: Callable[[Samples, Samples], torch.Tensor] = prod
         out[lo:hi, lo:] = rows
         out[hi:, lo:hi] = rows[:, hi - lo:].T
     return out
+
+
+def _in_blocks(samples: Samples) -> bool:
+    """Whether a self product is multiplied as the row blocks of its triangle: on the CPU, but
+    not samples ``[S, n]`` that oneDNN multiplies whole (:data:`TN_POSITIONS`)."""
+    whole = (isinstance(samples, torch.Tensor) and _tn_worth_it(samples, samples)
+             and onednn_tn() is not None)
+    return samples.device.type == "cpu" and not whole
 
 
 def _columns(samples: Samples, lo: int, hi: int) -> Samples:

@@ -199,6 +199,8 @@ class Statistics:
     positions: int | float | None = None  # per conv map and image: all (None), k, or a fraction
     layout: str = "n/a"  # memory layout the image batches ran in (rank 0's): ccamerge.layout
     products: str = "float32"  # precision of the per-batch products: ccamerge.moments.PRODUCTS
+    # torch threads the pass ran with (rank 0's): oneDNN's products round by the thread count
+    threads: int = 1
     # module -> its outputs' moments, each model with itself only (``cov(i, i)``), every position
     self_only: dict[str, PointStatistics] = field(default_factory=dict)
 
@@ -216,12 +218,13 @@ class Statistics:
 
     def collection(self) -> dict:
         """JSON-able: ``device``, ``world_size``, ``samples_per_rank`` (inputs, not feature-map
-        positions), their sum ``samples``, the ``layout`` of the image batches and the precision
-        of their ``products``."""
+        positions), their sum ``samples``, the ``layout`` of the image batches, the precision
+        of their ``products`` and the torch ``threads`` of the pass (the last bits of oneDNN's
+        products depend on the layout and the thread count)."""
         return {"device": self.device, "world_size": self.world_size,
                 "samples_per_rank": list(self.samples_per_rank),
                 "samples": sum(self.samples_per_rank), "layout": self.layout,
-                "products": self.products}
+                "products": self.products, "threads": self.threads}
 
 
 def _as_samples(out: torch.Tensor) -> torch.Tensor:
@@ -665,7 +668,8 @@ def _finish(acc, spec, widths: dict[str, list[int]], num_models, reference, pair
             device: torch.device, samples_per_rank: list[int]) -> Statistics:
     """The accumulated moments as numpy float64 :class:`Statistics` (on the host)."""
     return Statistics(_points(acc, spec, widths, num_models), num_models, reference, pairs,
-                      str(device), len(samples_per_rank), list(samples_per_rank))
+                      str(device), len(samples_per_rank), list(samples_per_rank),
+                      threads=torch.get_num_threads())
 
 
 def _points(acc, spec, widths: dict[str, list[int]], num_models: int

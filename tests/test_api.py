@@ -203,7 +203,8 @@ def test_merge_on_an_explicit_cpu_device_is_the_default_merge(mlps, digits):
     assert on_cpu.collection == {"device": "cpu", "world_size": 1,
                                  "samples_per_rank": [len(digits.y_train)],
                                  "samples": len(digits.y_train),
-                                 "layout": on_cpu.collection["layout"], "products": "float32"}
+                                 "layout": on_cpu.collection["layout"], "products": "float32",
+                                 "threads": torch.get_num_threads()}
     assert merge(mlps[:2], digits, "weight_matching").collection["samples"] == 0
 
 

@@ -150,7 +150,8 @@ def test_gloo_ranks_equal_one_process(pinned_layout, tmp_path, mlps, digits, lau
     assert ranks[0]["collection"] == {"device": "cpu", "world_size": world, "samples": rows,
                                       "samples_per_rank": [b.stop - b.start for b in blocks],
                                       "layout": ranks[0]["collection"]["layout"],
-                                      "products": "float32"}
+                                      "products": "float32",
+                                      "threads": ranks[0]["collection"]["threads"]}
     for other in ranks[1:]:  # every rank holds the same merge
         for key, value in other["merged"].items():
             torch.testing.assert_close(value, ranks[0]["merged"][key], rtol=0, atol=0)

@@ -161,8 +161,84 @@ def test_without_onednn_products_are_torch_mm(monkeypatch):
     assert torch.equal(moments.nt_product(x.double(), y.double()), x.double() @ y.double().T)
     strided = torch.randn(70, 10, generator=g).T
     assert torch.equal(moments.nt_product(strided, y), torch.mm(strided, y.T))
-    monkeypatch.setattr(moments, "_ONEDNN", [None])
+    monkeypatch.setattr(moments, "_ONEDNN", {"nt": None, "tn": None})
     assert torch.equal(moments.nt_product(x, y), torch.mm(x, y.T))
+
+
+needs_onednn_tn = pytest.mark.skipif(moments.onednn_tn() is None,
+                                     reason="this torch has no oneDNN convolution weight gradient")
+
+
+@needs_onednn_tn
+@pytest.mark.parametrize("rows", [100, 512, 1000, 5000])
+def test_onednn_sample_products_match_float64(rows):
+    """``a^T b`` of samples ``[S, n]`` through oneDNN's weight gradient: fewer rows than one
+    view (torch.mm alone), a whole number of views, and views plus the rows left over."""
+    g = torch.Generator().manual_seed(rows)
+    a, b = torch.relu(torch.randn(rows, 300, generator=g)).split((120, 180), dim=1)
+    a, b = a.contiguous(), b.contiguous()
+    got = moments._weight_gradient_product(a, b)
+    want = a.double().T @ b.double()
+    assert got.dtype == torch.float32 and got.shape == (120, 180)
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=0,
+                               atol=2e-6 * float(want.abs().max()))
+
+
+@needs_onednn_tn
+def test_onednn_sample_products_are_kept_only_where_not_slower(monkeypatch):
+    timed = []
+    monkeypatch.setattr(moments, "_best_time", lambda call, tries=3: timed.pop(0))
+    timed[:] = [1.5, 1.0]  # oneDNN's time, then torch.mm's
+    assert moments._checked_onednn_tn() is None
+    timed[:] = [0.5, 1.0]
+    assert moments._checked_onednn_tn() is moments._weight_gradient_product
+
+
+@needs_onednn_tn
+def test_only_large_sample_products_go_through_onednn(monkeypatch):
+    """oneDNN multiplies samples ``[S, n]`` from :data:`TN_MIN_MACS` multiply-adds and
+    :data:`TN_MIN_ROWS_PER_UNIT` rows per unit; smaller products stay ``torch.mm``, bit for bit."""
+    used = []
+    fast = moments.onednn_tn()
+    monkeypatch.setitem(moments._ONEDNN, "tn", lambda a, b: used.append(a.shape) or fast(a, b))
+    g = torch.Generator().manual_seed(0)
+    large = torch.randn(8192, 64, generator=g)  # 33.5M multiply-adds, 128 rows per unit
+    assert large.shape[0] * 64 * 64 >= moments.TN_MIN_MACS
+    moments.tn_product(large, large)
+    assert used == [large.shape]
+    for small in (torch.randn(4000, 64, generator=g), torch.randn(1000, 1024, generator=g)):
+        assert torch.equal(moments.tn_product(small, small), small.T @ small)
+    assert used == [large.shape]
+
+
+def test_sample_products_fall_back_to_torch_mm(monkeypatch):
+    """Other dtypes and strided samples, or no oneDNN: ``torch.mm`` itself, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(600, 10, generator=g), torch.randn(600, 7, generator=g)
+    assert torch.equal(moments.tn_product(a.double(), b.double()), a.double().T @ b.double())
+    strided = torch.randn(10, 600, generator=g).T
+    assert torch.equal(moments.tn_product(strided, b), strided.T @ b)
+    monkeypatch.setattr(moments, "_ONEDNN", {"nt": None, "tn": None})
+    assert torch.equal(moments.tn_product(a, b), a.T @ b)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_a_wide_self_product_of_samples_is_whole_only_with_onednn(onednn, monkeypatch):
+    """A self product of 300 columns: oneDNN multiplies contiguous samples whole (its column
+    slices would be copied); ``torch.mm`` multiplies the triangle's row blocks. Both equal
+    the float64 product."""
+    if not onednn:
+        monkeypatch.setattr(moments, "_ONEDNN", {"nt": None, "tn": None})
+    calls = []
+    multiply = lambda a, b: calls.append(b.shape[1]) or moments.product(a, b)  # noqa: E731
+    a = torch.relu(torch.randn(700, 300, generator=torch.Generator().manual_seed(3)))
+    assert 700 * 300 * 300 >= moments.TN_MIN_MACS and 700 >= 2 * 300  # large enough
+    got = moments.gram(a, multiply)
+    whole = onednn and moments.onednn_tn() is not None
+    assert calls == ([300] if whole else [300, 150])
+    want = a.double().T @ a.double()
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=0,
+                               atol=2e-6 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("onednn", [True, False])
@@ -173,8 +249,11 @@ def test_unit_rows_fold_like_their_samples_in_every_mix(onednn, monkeypatch):
     exactly symmetric."""
     from ccamerge.moments import UnitRows, gram
 
-    if not onednn:
-        monkeypatch.setattr(moments, "_ONEDNN", [None])
+    if onednn:  # every product of samples [S, n] too, however small
+        monkeypatch.setattr(moments, "TN_MIN_MACS", 0)
+        monkeypatch.setattr(moments, "TN_MIN_ROWS_PER_UNIT", 0)
+    else:
+        monkeypatch.setattr(moments, "_ONEDNN", {"nt": None, "tn": None})
     g = torch.Generator().manual_seed(0)
     maps = [torch.relu(torch.randn(6, 300, 4, 4, generator=g)) for _ in range(4)]
     maps[2][:, :150] += 50.0

@@ -168,7 +168,8 @@ def test_statistics_say_where_and_from_how_many_inputs_they_were_collected(digit
     collection = stats.collection()
     assert collection.pop("layout") in CANDIDATES  # digits are 1x8x8 images
     assert collection == {"device": "cpu", "world_size": 1, "samples_per_rank": [30],
-                          "samples": 30, "products": "float32"}
+                          "samples": 30, "products": "float32",
+                          "threads": torch.get_num_threads()}
 
 
 def _fold(samples, blocks, batch=1000):
@@ -350,12 +351,19 @@ def test_map_buffers_read_wide_standard_maps_in_place_and_copy_the_rest():
 
 def _spied_products(monkeypatch, onednn: bool) -> list[str]:
     """The type names of the first samples of every cross product the pass multiplies from
-    now on; without ``onednn``, the pass runs as where oneDNN is missing."""
+    now on, and "oneDNN [S, n]" for each product of samples ``[S, n]`` oneDNN multiplies;
+    without ``onednn``, the pass runs as where oneDNN is missing."""
     from ccamerge import moments
 
-    if not onednn:
-        monkeypatch.setattr(moments, "_ONEDNN", [None])
     read = []
+    if onednn:  # every product of samples [S, n] too, however small
+        monkeypatch.setattr(moments, "TN_MIN_MACS", 0)
+        monkeypatch.setattr(moments, "TN_MIN_ROWS_PER_UNIT", 0)
+    checked = {"nt": moments.onednn_nt(), "tn": moments.onednn_tn()} if onednn else {}
+    if checked.get("tn"):
+        tn = checked["tn"]
+        checked["tn"] = lambda a, b: read.append("oneDNN [S, n]") or tn(a, b)
+    monkeypatch.setattr(moments, "_ONEDNN", {"nt": None, "tn": None} | checked)
     product = moments.product
     monkeypatch.setattr(moments, "product",
                         lambda a, b: read.append(type(a).__name__) or product(a, b))
@@ -490,6 +498,8 @@ def test_a_pass_over_wide_maps_matches_numpy_with_or_without_onednn(onednn, layo
         stats = collect_statistics(models, spec, x, batch_size=4)
     used = onednn and layout == "standard" and moments.onednn_nt() is not None
     assert ("UnitRows" in read) == used
+    samples = onednn and layout == "channels_last" and moments.onednn_tn() is not None
+    assert ("oneDNN [S, n]" in read) == samples
     covs = _joint_feature_covs(models, spec, x)
     for point in spec.points:
         n, joint = point.width, covs[point.name]
