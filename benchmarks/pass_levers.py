@@ -136,8 +136,13 @@ def main() -> None:
         images = max(BATCH, round(args.images / width**2))
         rows.append(setting(arch, width, images, args.repeats))
         print(rows[-1], flush=True)
-    table = [ratios(r) for r in rows]
     command = " ".join(["python benchmarks/pass_levers.py", *sys.argv[1:]])
+    print(write(rows, Path(args.out), command))
+
+
+def write(rows: list[dict], out: Path, command: str) -> str:
+    """The levers' table of the measured ``rows`` (:func:`setting`) written to ``out``."""
+    table = [ratios(r) for r in rows]
     text = ["# The statistics pass's memory layout, symmetric self blocks, in-place maps and "
             "oneDNN products, on and off", "",
             f"cpu: {cpu_name()}", "",
@@ -146,8 +151,8 @@ def main() -> None:
             "over the bare forward in its faster layout.", "",
             *markdown(table, list(table[0])), "", "Seconds:", "",
             *markdown(rows, list(rows[0]))]
-    Path(args.out).write_text("\n".join(text) + "\n")
-    print("\n".join(text))
+    out.write_text("\n".join(text) + "\n")
+    return "\n".join(text)
 
 
 if __name__ == "__main__":
