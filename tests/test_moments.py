@@ -125,7 +125,7 @@ def test_an_unknown_precision_is_one_clear_error(digits):
 
 
 needs_onednn = pytest.mark.skipif(moments.onednn_nt() is None,
-                                  reason="this torch has no oneDNN float32 matmul")
+                                  reason="oneDNN float32 matmul missing, or slower here")
 
 
 @needs_onednn
@@ -134,23 +134,32 @@ def test_onednn_products_match_float64(shape):
     n, count = shape
     g = torch.Generator().manual_seed(n)
     x, y = torch.relu(torch.randn(2 * n, count, generator=g)).split(n)
-    got = moments.nt_product(x, y)
-    want = x.double() @ y.double().T
-    assert got.dtype == torch.float32 and got.shape == (n, n)
+    _assert_float32_of(moments.nt_product(x, y), x.double() @ y.double().T)
+
+
+def _assert_float32_of(got: torch.Tensor, want: torch.Tensor) -> None:
+    """``got`` is a float32 product of ``want``'s shape, within float32 rounding of the float64
+    ``want``."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
     np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=0,
                                atol=2e-6 * float(want.abs().max()))
 
 
 @needs_onednn
-def test_onednn_is_kept_only_where_it_is_not_slower_than_torch_mm(monkeypatch):
+@pytest.mark.parametrize("form", ["nt", "tn"])
+def test_a_onednn_product_is_kept_only_where_it_is_not_slower_than_torch_mm(form, monkeypatch):
+    """Both checks (unit rows ``x @ y^T``, samples ``a^T b``) keep oneDNN only where their
+    timing finds it at least as fast as ``torch.mm``."""
+    if form == "tn" and moments.onednn_tn() is None:
+        pytest.skip("oneDNN weight-gradient product missing, or slower here")
     timed = []
     monkeypatch.setattr(moments, "_best_time", lambda call, tries=3: timed.pop(0))
-    timed[:] = [2.0, 1.0]  # oneDNN's time, then torch.mm's
-    assert moments._checked_onednn_op() is None
+    timed[:] = [1.5, 1.0]  # oneDNN's time, then torch.mm's
+    assert moments._CHECKS[form]() is None
     timed[:] = [1.0, 1.0]
-    fast = moments._checked_onednn_op()
-    x = torch.rand(3, 40)
-    assert fast is not None and torch.allclose(fast(x, x), x @ x.T)
+    fast = moments._CHECKS[form]()
+    x = torch.rand(300, 40)
+    assert fast is not None and torch.allclose(fast(x, x), x.T @ x if form == "tn" else x @ x.T)
 
 
 def test_without_onednn_products_are_torch_mm(monkeypatch):
@@ -165,8 +174,8 @@ def test_without_onednn_products_are_torch_mm(monkeypatch):
     assert torch.equal(moments.nt_product(x, y), torch.mm(x, y.T))
 
 
-needs_onednn_tn = pytest.mark.skipif(moments.onednn_tn() is None,
-                                     reason="this torch has no oneDNN convolution weight gradient")
+needs_onednn_tn = pytest.mark.skipif(
+    moments.onednn_tn() is None, reason="oneDNN weight-gradient product missing, or slower here")
 
 
 @needs_onednn_tn
@@ -177,21 +186,7 @@ def test_onednn_sample_products_match_float64(rows):
     g = torch.Generator().manual_seed(rows)
     a, b = torch.relu(torch.randn(rows, 300, generator=g)).split((120, 180), dim=1)
     a, b = a.contiguous(), b.contiguous()
-    got = moments._weight_gradient_product(a, b)
-    want = a.double().T @ b.double()
-    assert got.dtype == torch.float32 and got.shape == (120, 180)
-    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=0,
-                               atol=2e-6 * float(want.abs().max()))
-
-
-@needs_onednn_tn
-def test_onednn_sample_products_are_kept_only_where_not_slower(monkeypatch):
-    timed = []
-    monkeypatch.setattr(moments, "_best_time", lambda call, tries=3: timed.pop(0))
-    timed[:] = [1.5, 1.0]  # oneDNN's time, then torch.mm's
-    assert moments._checked_onednn_tn() is None
-    timed[:] = [0.5, 1.0]
-    assert moments._checked_onednn_tn() is moments._weight_gradient_product
+    _assert_float32_of(moments._weight_gradient_product(a, b), a.double().T @ b.double())
 
 
 @needs_onednn_tn
@@ -236,9 +231,7 @@ def test_a_wide_self_product_of_samples_is_whole_only_with_onednn(onednn, monkey
     got = moments.gram(a, multiply)
     whole = onednn and moments.onednn_tn() is not None
     assert calls == ([300] if whole else [300, 150])
-    want = a.double().T @ a.double()
-    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=0,
-                               atol=2e-6 * float(want.abs().max()))
+    _assert_float32_of(got, a.double().T @ a.double())
 
 
 @pytest.mark.parametrize("onednn", [True, False])
