@@ -189,6 +189,16 @@ def test_onednn_sample_products_match_float64(rows):
     _assert_float32_of(moments._weight_gradient_product(a, b), a.double().T @ b.double())
 
 
+def test_onednn_sample_products_of_row_slices_read_their_own_rows():
+    """Contiguous samples that start inside a larger buffer (a storage offset, as the pass's
+    reused buffers hand out): the maps' view starts at the slice, not at the buffer."""
+    g = torch.Generator().manual_seed(3)
+    buffer = torch.relu(torch.randn(1337, 64, generator=g))
+    a, b = buffer[37:37 + 700], buffer[600:1300]
+    assert a.is_contiguous() and a.storage_offset() == 37 * 64
+    _assert_float32_of(moments._weight_gradient_product(a, b), a.double().T @ b.double())
+
+
 @needs_onednn_tn
 def test_only_large_sample_products_go_through_onednn(monkeypatch):
     """oneDNN multiplies samples ``[S, n]`` from :data:`TN_MIN_MACS` multiply-adds and
