@@ -68,11 +68,14 @@ def point_shapes(model: torch.nn.Module, image: torch.Tensor) -> list[tuple[int,
 
 def product_macs(shapes: list[tuple[int, int]], models: int, triangles: bool = False) -> int:
     """Multiply-adds per image of the statistics pass's products: per point of ``P`` positions
-    and ``n`` units, ``models`` self products and ``models - 1`` reference pairs."""
-    total = 0
+    and ``n`` units, ``models`` self products and the pairs ``collect_statistics`` multiplies by
+    default (the reference with each other model)."""
+    from ccamerge.stats import _pairs_for
+
+    pairs, total = len(_pairs_for(models, 0, "reference")), 0
     for positions, units in shapes:
         own = units * (units + 1) // 2 if triangles else units * units
-        total += positions * (models * own + (models - 1) * units * units)
+        total += positions * (models * own + pairs * units * units)
     return total
 
 
